@@ -1,0 +1,1 @@
+"""The gamma cost model: specs, presets, HF config loading, closed form, JAX reference, timeline."""

@@ -1,0 +1,197 @@
+"""Frozen specs of the three things gamma depends on: the model, the system, the workload.
+
+All validation lives here (`SpecError` names the offending field); everything
+downstream may assume valid specs. Units are SI: bytes, seconds, B/s, FLOP/s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+# Bytes per element. Block-scaled formats include their scales:
+# mxfp4 = 4-bit values + one 8-bit scale per 32 (4.25 bits, OCP MX spec);
+# nvfp4 = 4-bit values + one fp8 scale per 16 (4.5 bits).
+DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "mxfp4": 4.25 / 8,
+    "nvfp4": 4.5 / 8,
+}
+
+
+class SpecError(ValueError):
+    """Bad input. The message names the field; the CLI prints it and exits with code 2."""
+
+
+def dtype_bytes(name: str, field_name: str = "dtype") -> float:
+    try:
+        return DTYPE_BYTES[name]
+    except KeyError:
+        known = ", ".join(DTYPE_BYTES)
+        raise SpecError(f"{field_name}: unknown dtype {name!r} (known: {known})") from None
+
+
+def _check(name: str, value, *, positive=False, integer=False, at_least=None, at_most=None):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SpecError(f"{name}: must be finite, got {value!r}")
+    if integer and value != int(value):
+        raise SpecError(f"{name}: must be an integer, got {value!r}")
+    if positive and value <= 0:
+        raise SpecError(f"{name}: must be > 0, got {value!r}")
+    if value < 0:
+        raise SpecError(f"{name}: must be >= 0, got {value!r}")
+    if at_least is not None and value < at_least:
+        raise SpecError(f"{name}: must be >= {at_least}, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise SpecError(f"{name}: must be <= {at_most}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One MoE model as the cost model sees it (seed symbols in brackets)."""
+
+    name: str
+    n_moe_layers: int  # [L] layers with routed experts; dense layers don't count
+    n_experts: int  # [E] routed experts per MoE layer (shared experts excluded)
+    top_k: int  # [k] routed experts chosen per token
+    hidden: int  # [d] activations per token
+    expert_intermediate: int  # [I] intermediate size of one routed expert
+    n_layers: int = 0  # all decoder layers (0: same as n_moe_layers)
+    n_shared_experts: int = 0  # always resident, never moved by either strategy
+    shared_intermediate: int = 0  # intermediate size of the shared expert(s) in total
+    expert_dtype: str = "bf16"  # [f_E] storage dtype of routed expert weights
+    act_dtype: str = "bf16"  # [f_a] activation dtype
+    n_group: int = 1  # DeepSeek group-limited routing: expert groups per layer
+    topk_group: int = 1  # ... groups a token may pick from
+    gated: bool = True  # gated MLP (3 matrices) or plain (2)
+    source: str = ""
+
+    def __post_init__(self):
+        for f in ("n_moe_layers", "n_experts", "top_k", "hidden", "expert_intermediate"):
+            _check(f, getattr(self, f), positive=True, integer=True)
+        for f in ("n_layers", "n_shared_experts", "shared_intermediate"):
+            _check(f, getattr(self, f), integer=True)
+        if self.top_k > self.n_experts:
+            raise SpecError(f"top_k: k={self.top_k} exceeds the {self.n_experts} experts (E)")
+        if self.n_layers and self.n_layers < self.n_moe_layers:
+            raise SpecError(f"n_layers: {self.n_layers} < n_moe_layers {self.n_moe_layers}")
+        _check("n_group", self.n_group, positive=True, integer=True)
+        _check("topk_group", self.topk_group, positive=True, integer=True, at_most=self.n_group)
+        if self.n_experts % self.n_group:
+            raise SpecError(f"n_group: {self.n_group} does not divide E={self.n_experts}")
+        dtype_bytes(self.expert_dtype, "expert_dtype")
+        dtype_bytes(self.act_dtype, "act_dtype")
+
+    @property
+    def expert_params(self) -> int:
+        """[S_E] parameters of one routed expert: gate, up and down projections."""
+        return (3 if self.gated else 2) * self.hidden * self.expert_intermediate
+
+    @property
+    def f_e(self) -> float:
+        return DTYPE_BYTES[self.expert_dtype]
+
+    @property
+    def f_a(self) -> float:
+        return DTYPE_BYTES[self.act_dtype]
+
+    @property
+    def expert_bytes(self) -> float:
+        """S_E * f_E: what one expert costs to move over the host link."""
+        return self.expert_params * self.f_e
+
+    def with_(self, **changes) -> ModelSpec:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One GPU in its machine: host link, network, and the roofline for T_B."""
+
+    name: str
+    b_pcie: float  # [B_pcie] host-to-device bandwidth, B/s
+    b_net: float  # [B_net] per-GPU scale-out bandwidth, B/s per direction
+    alpha_pcie: float = 0.0  # latency of one expert copy, s
+    alpha_net: float = 0.0  # latency of one collective (dispatch or combine), s
+    hbm_bw: float = 3.35e12  # HBM bandwidth, B/s (roofline for T_B)
+    peak_flops: float = 989e12  # dense bf16 FLOP/s (roofline for T_B)
+    gpus_per_node: int = 8
+    host_link: str = ""
+    network: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        for f in ("b_pcie", "b_net", "hbm_bw", "peak_flops"):
+            _check(f, getattr(self, f), positive=True)
+        for f in ("alpha_pcie", "alpha_net"):
+            _check(f, getattr(self, f))
+        _check("gpus_per_node", self.gpus_per_node, positive=True, integer=True)
+
+    def with_(self, **changes) -> SystemSpec:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prefill of `tokens` tokens, or decode of a batch of `batch` for `steps` steps.
+
+    The seed: for decode, replace N_t by N_OS. Per step a batch of B tokens uses
+    min(k B, E) experts, and both overheads are paid once per step.
+    """
+
+    tokens: int = 0  # [N_t] prefill tokens
+    decode: bool = False
+    batch: int = 1  # [B] decode batch (tokens per step)
+    steps: int = 1  # [N_OS] decode steps (output sequence length)
+
+    def __post_init__(self):
+        _check("tokens", self.tokens, integer=True)
+        _check("batch", self.batch, positive=True, integer=True)
+        _check("steps", self.steps, positive=True, integer=True)
+        if not self.decode and self.tokens < 1:
+            raise SpecError(f"tokens: a prefill needs at least 1 token, got {self.tokens}")
+
+    @property
+    def tokens_per_pass(self) -> int:
+        """Tokens in one forward pass: N_t for prefill, B for a decode step."""
+        return self.batch if self.decode else self.tokens
+
+    @property
+    def passes(self) -> int:
+        """Forward passes that each pay the overheads: 1 for prefill, N_OS for decode."""
+        return self.steps if self.decode else 1
+
+
+@dataclass(frozen=True)
+class Options:
+    """The extensions past the seed (DESIGN.md §2). Defaults reproduce the seed exactly."""
+
+    fanout: float | None = None  # [phi] remote destinations per token and direction
+    ep_ranks: int | None = None  # R: derive phi from R ranks with uniform placement
+    dispatch_dtype: str | None = None  # activations sent to experts (default: act dtype)
+    combine_dtype: str | None = None  # expert outputs sent back (default: act dtype)
+    resident_fraction: float = 0.0  # [h] share of used experts already on the GPU
+    routing: str = "worst"  # worst: min(kN, E) (the seed); uniform: E(1-(1-k/E)^N)
+
+    def __post_init__(self):
+        if self.fanout is not None and self.ep_ranks is not None:
+            raise SpecError("fanout: give either a fan-out or a number of EP ranks, not both")
+        if self.fanout is not None:
+            _check("fanout", self.fanout, positive=True)
+        if self.ep_ranks is not None:
+            _check("ep_ranks", self.ep_ranks, positive=True, integer=True)
+        _check("resident_fraction", self.resident_fraction, at_most=1.0)
+        for f in ("dispatch_dtype", "combine_dtype"):
+            if getattr(self, f) is not None:
+                dtype_bytes(getattr(self, f), f)
+        if self.routing not in ("worst", "uniform"):
+            raise SpecError(f"routing: unknown routing {self.routing!r} (closed form: worst, uniform)")
+
+
+def as_dict(spec) -> dict:
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}

@@ -1,0 +1,1 @@
+"""Experiments, the report and the command-line interface."""

@@ -1,0 +1,72 @@
+"""`moelab` command line: a thin dispatcher over one module per command.
+
+Each command module (`experiments/cmd_<name>.py`) defines `HELP`, `add_arguments(parser)`
+and `run(args) -> int`, and imports jax, triton or torch only inside `run`, so that
+`moelab gamma` starts fast. Bad input raises `SpecError`: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module; the order is the order of `moelab --help`.
+COMMANDS = {
+    "gamma": "moelab.experiments.cmd_gamma",
+    "tipping": "moelab.experiments.cmd_tipping",
+    "presets": "moelab.experiments.cmd_presets",
+    "sweep": "moelab.experiments.cmd_sweep",
+    "ep": "moelab.experiments.cmd_ep",
+    "bench": "moelab.experiments.cmd_bench",
+    "calibrate": "moelab.experiments.cmd_calibrate",
+    "experiment": "moelab.experiments.cmd_experiment",
+    "report": "moelab.experiments.cmd_report",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        self.exit(2, f"moelab: error: {message}\n")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="moelab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            # Only the chosen command's module is imported: the others stay cold.
+            sub.add_parser(name)
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # command not built yet
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moelab.costmodel.specs import SpecError
+
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.error(f"command {args.command!r} is not available in this build")
+    try:
+        return int(args._run(args) or 0)
+    except SpecError as e:
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels for MoE data movement, each public op beside its plain reference."""

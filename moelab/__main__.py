@@ -1,0 +1,3 @@
+from moelab.experiments.cli import main
+
+raise SystemExit(main())
