@@ -1,0 +1,47 @@
+"""Atomic result files: nothing half-written is ever left on disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=1, default=float) + "\n")
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_rows(folder, stem: str, rows: list[dict]) -> tuple[Path, Path]:
+    """Save result rows as `<stem>.json` and `<stem>.csv` in `folder`."""
+    folder = Path(folder)
+    return write_json(folder / f"{stem}.json", rows), write_atomic(
+        folder / f"{stem}.csv", rows_to_csv(rows)
+    )
