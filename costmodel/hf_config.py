@@ -1,0 +1,133 @@
+"""Read a Hugging Face `config.json` of any MoE family into a ModelSpec.
+
+Families name the same things differently; each lookup below lists the names it tries,
+in order. Presets are stored as their published config.json, so presets and a user's
+file go through this one reader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moelab.costmodel.specs import ModelSpec, SpecError
+
+EXPERTS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
+TOP_K = ("num_experts_per_tok", "experts_per_token", "moe_top_k", "num_experts_per_token")
+HIDDEN = ("hidden_size", "d_model", "n_embd")
+LAYERS = ("num_hidden_layers", "n_layers", "num_layers")
+# Expert width: the MoE-specific field wins over the dense one where both exist.
+EXPERT_INTERMEDIATE = ("moe_intermediate_size", "ffn_hidden_size", "intermediate_size")
+
+TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16",
+                "float": "fp32"}
+QUANT_METHODS = {"fp8": "fp8", "mxfp4": "mxfp4", "nvfp4": "nvfp4", "modelopt_fp4": "nvfp4"}
+
+
+def _flatten(cfg: dict) -> dict:
+    """One flat view: Llama 4 keeps the text model in text_config, DBRX its MoE in ffn_config."""
+    flat = dict(cfg)
+    for nested in ("text_config", "ffn_config"):
+        sub = cfg.get(nested)
+        if isinstance(sub, dict):
+            flat.update({k: v for k, v in sub.items() if k not in flat or flat[k] is None})
+    return flat
+
+
+def _first(cfg: dict, names: tuple[str, ...], what: str, required: bool = True):
+    for name in names:
+        value = cfg.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpecError(f"config.json: {name} ({what}) must be an integer, got {value!r}")
+            return value
+    if required:
+        raise SpecError(f"config.json: no {what} (looked for {', '.join(names)})")
+    return None
+
+
+def _moe_layer_count(cfg: dict, n_layers: int) -> int:
+    """Layers with routed experts, from whichever layout field the family uses."""
+    if isinstance(cfg.get("moe_layers"), list):  # an explicit list (some Llama 4 configs)
+        return len(cfg["moe_layers"])
+    layers = range(n_layers)
+    if cfg.get("first_k_dense_replace") is not None:  # DeepSeek, Kimi, GLM-4.5
+        first, freq = cfg["first_k_dense_replace"], cfg.get("moe_layer_freq") or 1
+        return sum(1 for i in layers if i >= first and i % freq == 0)
+    if cfg.get("decoder_sparse_step") is not None or cfg.get("mlp_only_layers"):  # Qwen MoE
+        step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or [])
+        return sum(1 for i in layers if i not in dense and (i + 1) % step == 0)
+    if cfg.get("interleave_moe_layer_step") is not None:  # Llama 4
+        step = cfg["interleave_moe_layer_step"]
+        return sum(1 for i in layers if (i + 1) % step == 0)
+    return n_layers
+
+
+def _expert_dtype(cfg: dict, act_dtype: str) -> str:
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict):
+        method = str(quant.get("quant_method", "")).lower()
+        if method in QUANT_METHODS:
+            return QUANT_METHODS[method]
+        if quant.get("fmt") in ("e4m3", "float8_e4m3fn"):
+            return "fp8"
+    return act_dtype
+
+
+def model_from_config(cfg, name: str = "config.json", source: str = "") -> ModelSpec:
+    """ModelSpec from a parsed config.json; SpecError for dense models and unknown layouts."""
+    if not isinstance(cfg, dict):
+        raise SpecError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
+    flat = _flatten(cfg)
+    n_experts = _first(flat, EXPERTS, "routed experts", required=False)
+    if not n_experts:
+        model_type = flat.get("model_type", "unknown model_type")
+        raise SpecError(
+            f"config.json: {model_type} is not a mixture of experts: no routed experts "
+            f"(looked for {', '.join(EXPERTS)})"
+        )
+    hidden = _first(flat, HIDDEN, "hidden size")
+    n_layers = _first(flat, LAYERS, "layer count")
+    intermediate = _first(flat, EXPERT_INTERMEDIATE, "expert intermediate size")
+    act_dtype = TORCH_DTYPES.get(str(flat.get("torch_dtype") or flat.get("dtype") or "bfloat16"),
+                                 "bf16")
+    n_shared = flat.get("n_shared_experts") or 0
+    shared_intermediate = n_shared * intermediate
+    if flat.get("shared_expert_intermediate_size"):  # qwen2_moe: one wide shared expert
+        n_shared, shared_intermediate = 1, flat["shared_expert_intermediate_size"]
+    elif flat.get("model_type") in ("llama4", "llama4_text"):  # one shared expert per MoE layer
+        n_shared, shared_intermediate = 1, intermediate
+    return ModelSpec(
+        name=name,
+        n_moe_layers=_moe_layer_count(flat, n_layers),
+        n_experts=n_experts,
+        top_k=_first(flat, TOP_K, "experts per token"),
+        hidden=hidden,
+        expert_intermediate=intermediate,
+        n_layers=n_layers,
+        n_shared_experts=n_shared,
+        shared_intermediate=shared_intermediate,
+        expert_dtype=_expert_dtype(flat, act_dtype),
+        act_dtype=act_dtype,
+        n_group=flat.get("n_group") or 1,
+        topk_group=flat.get("topk_group") or 1,
+        source=source or str(cfg.get("_moelab_source", "")),
+    )
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"model: cannot read {path}: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"config.json: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def model_from_file(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    name = path.parent.name if path.name == "config.json" else path.stem
+    return model_from_config(load_config(path), name=name, source=f"file {path}")

@@ -1,0 +1,112 @@
+"""Model and system presets, read from data files that carry their sources.
+
+- Models: `presets/models/<name>.json`, each the model's published HF config.json plus a
+  `_moelab_source` key; read by the same loader as a user's file.
+- Systems: `presets/systems.json`: GPUs, host links and networks, each with its source.
+  A system preset is a GPU with its usual host link and network; either can be swapped.
+  Nominal (datasheet) figures by default, as the seed uses; `measured=True` takes the
+  measured figure where a public source gives one.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from moelab.costmodel.hf_config import model_from_config, model_from_file
+from moelab.costmodel.specs import SpecError, SystemSpec
+
+PRESETS = Path(__file__).parent / "presets"
+GB = 1e9  # the seed's GB/s are 1e9 B/s
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith(".json") or "/" in name or Path(name).is_file()
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (PRESETS / "models").glob("*.json"))
+
+
+def load_model(name: str):
+    """A preset name (see `model_names()`) or a path to a local config.json."""
+    if _is_path(name):
+        return model_from_file(name)
+    path = PRESETS / "models" / f"{name}.json"
+    if not path.is_file():
+        raise SpecError(
+            f"model: unknown preset {name!r} (known: {', '.join(model_names())}; "
+            "or give a path to a config.json)"
+        )
+    cfg = json.loads(path.read_text())
+    return model_from_config(cfg, name=name, source=cfg.get("_moelab_source", ""))
+
+
+@cache
+def system_table() -> dict:
+    return json.loads((PRESETS / "systems.json").read_text())
+
+
+def system_names() -> list[str]:
+    return sorted(system_table()["gpus"])
+
+
+def _pick(table: str, name: str) -> dict:
+    entries = system_table()[table]
+    if name not in entries:
+        raise SpecError(f"{table[:-1]}: unknown preset {name!r} (known: {', '.join(entries)})")
+    return entries[name]
+
+
+def _bandwidth(link: dict, measured: bool) -> float:
+    value = link.get("measured_GBps") if measured else None
+    return (value or link["bandwidth_GBps"]) * GB
+
+
+def load_system(name: str = "h100-sxm", host_link: str | None = None,
+                network: str | None = None, measured: bool = False,
+                latencies: bool = False) -> SystemSpec:
+    """A GPU preset with its host link and network, or a path to a system JSON file.
+
+    A system file (as `moelab calibrate` writes) holds SystemSpec's fields in SI units.
+    `latencies=True` takes the links' published latencies; the seed ignores them (0).
+    """
+    if _is_path(name):
+        return _system_from_file(name)
+    gpu = _pick("gpus", name)
+    link_name, net_name = host_link or gpu["host_link"], network or gpu["network"]
+    link, net = _pick("host_links", link_name), _pick("networks", net_name)
+    return SystemSpec(
+        name=name,
+        b_pcie=_bandwidth(link, measured),
+        b_net=_bandwidth(net, measured),
+        alpha_pcie=(link.get("latency_us") or 0) * 1e-6 if latencies else 0.0,
+        alpha_net=(net.get("latency_us") or 0) * 1e-6 if latencies else 0.0,
+        hbm_bw=gpu["hbm_TBps"] * 1e12,
+        peak_flops=gpu["bf16_dense_TFLOPs"] * 1e12,
+        gpus_per_node=gpu["gpus_per_node"],
+        host_link=link_name,
+        network=net_name,
+        source=f"{gpu['source']}; {link_name}: {link['source']}; {net_name}: {net['source']}",
+    )
+
+
+def _system_from_file(path: str) -> SystemSpec:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SpecError(f"system: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"system: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"system: {path} must hold a JSON object")
+    known = set(SystemSpec.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"system: {path} has unknown field(s) {', '.join(unknown)}")
+    for required in ("b_pcie", "b_net"):
+        if required not in data:
+            raise SpecError(f"system: {path} lacks {required} (B/s)")
+    data.setdefault("name", Path(path).stem)
+    return SystemSpec(**data)

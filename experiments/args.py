@@ -1,0 +1,107 @@
+"""Command-line flags shared by the commands that evaluate gamma, and their translation to specs.
+
+Flags take human units (GB/s = 1e9 B/s, µs); specs and JSON are SI.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, Workload
+
+DTYPES = sorted(DTYPE_BYTES)
+
+
+def add_model_system_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and system")
+    g.add_argument("--model", default="deepseek-r1",
+                   help="preset name (moelab presets) or path to a HF config.json [deepseek-r1]")
+    g.add_argument("--system", default="h100-sxm",
+                   help="GPU preset or path to a system JSON (moelab calibrate) [h100-sxm]")
+    g.add_argument("--host-link", help="host-link preset replacing the system's (e.g. pcie-gen4-x16)")
+    g.add_argument("--network", help="network preset replacing the system's (e.g. roce-100g)")
+    g.add_argument("--measured-links", action="store_true",
+                   help="use measured link bandwidths where published, not nominal ones")
+    g.add_argument("--b-pcie", type=float, metavar="GB/s", help="host-link bandwidth [preset]")
+    g.add_argument("--b-net", type=float, metavar="GB/s", help="network bandwidth [preset]")
+    g.add_argument("--expert-dtype", choices=DTYPES, help="expert weight dtype [config]")
+    g.add_argument("--act-dtype", choices=DTYPES, help="activation dtype [config]")
+
+
+def add_workload_args(p: argparse.ArgumentParser, tokens_default: int | None = 4096) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--tokens", type=int, default=None, metavar="N_t",
+                   help=f"prefill tokens [{tokens_default}]")
+    g.add_argument("--decode", action="store_true", help="decode instead of prefill")
+    g.add_argument("--batch", type=int, default=1, metavar="B", help="decode batch [1]")
+    g.add_argument("--steps", type=int, default=1, metavar="N_OS", help="decode steps [1]")
+    p.set_defaults(_tokens_default=tokens_default)
+
+
+def add_option_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("past the seed (defaults reproduce the seed)")
+    g.add_argument("--dispatch-dtype", choices=DTYPES, help="dtype of activations sent [act]")
+    g.add_argument("--combine-dtype", choices=DTYPES, help="dtype of expert outputs returned [act]")
+    fan = g.add_mutually_exclusive_group()
+    fan.add_argument("--fanout", type=float, metavar="PHI", help="remote destinations per token [1]")
+    fan.add_argument("--ep-ranks", type=int, metavar="R",
+                     help="derive the fan-out from R EP ranks, experts spread uniformly")
+    g.add_argument("--alpha-pcie-us", type=float, metavar="µs", help="latency per expert copy [0]")
+    g.add_argument("--alpha-net-us", type=float, metavar="µs", help="latency per collective [0]")
+    g.add_argument("--latencies", action="store_true",
+                   help="take both latencies from the link presets")
+    g.add_argument("--resident-fraction", type=float, default=0.0, metavar="H",
+                   help="share of used experts already on the GPU [0]")
+
+
+def build_specs(args) -> tuple[ModelSpec, object, Workload, Options]:
+    """Specs from parsed flags; every bad value raises SpecError naming its flag."""
+    from moelab.costmodel.presets import load_model, load_system
+
+    model = load_model(args.model)
+    changes = {k: v for k, v in (("expert_dtype", args.expert_dtype),
+                                 ("act_dtype", args.act_dtype)) if v}
+    model = model.with_(**changes) if changes else model
+
+    system = load_system(args.system, host_link=args.host_link, network=args.network,
+                         measured=args.measured_links,
+                         latencies=getattr(args, "latencies", False))
+    overrides = {}
+    for flag, field, scale in (("b_pcie", "b_pcie", 1e9), ("b_net", "b_net", 1e9),
+                               ("alpha_pcie_us", "alpha_pcie", 1e-6),
+                               ("alpha_net_us", "alpha_net", 1e-6)):
+        value = getattr(args, flag, None)
+        if value is not None:
+            _check_flag(flag, value, positive=field.startswith("b_"))
+            overrides[field] = value * scale
+    system = system.with_(**overrides) if overrides else system
+
+    workload = build_workload(args)
+    options = Options(
+        fanout=getattr(args, "fanout", None),
+        ep_ranks=getattr(args, "ep_ranks", None),
+        dispatch_dtype=getattr(args, "dispatch_dtype", None),
+        combine_dtype=getattr(args, "combine_dtype", None),
+        resident_fraction=getattr(args, "resident_fraction", 0.0),
+        routing="uniform" if getattr(args, "routing", "worst") == "uniform" else "worst",
+    )
+    return model, system, workload, options
+
+
+def build_workload(args) -> Workload:
+    if args.decode:
+        if args.tokens is not None:
+            raise SpecError("--tokens: give --tokens for prefill or --decode --batch B, not both")
+        return Workload(decode=True, batch=args.batch, steps=args.steps)
+    tokens = args.tokens if args.tokens is not None else args._tokens_default
+    return Workload(tokens=tokens)
+
+
+def _check_flag(flag: str, value: float, positive: bool) -> None:
+    name = "--" + flag.replace("_", "-")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SpecError(f"{name}: must be finite, got {value}")
+    if positive and value <= 0:
+        raise SpecError(f"{name}: must be > 0, got {value}")
+    if value < 0:
+        raise SpecError(f"{name}: must be >= 0, got {value}")

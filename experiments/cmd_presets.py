@@ -1,0 +1,68 @@
+"""`moelab presets`: the model and system presets, with their sources."""
+
+from __future__ import annotations
+
+import json
+
+HELP = "list model and system presets with their key figures and sources"
+
+
+def add_arguments(p):
+    p.add_argument("kind", nargs="?", choices=("models", "systems", "all"), default="all")
+    p.add_argument("--json", action="store_true", help="print JSON (SI units)")
+
+
+def rows(kind: str) -> dict:
+    from moelab.costmodel.presets import load_model, load_system, model_names, system_names
+
+    out = {}
+    if kind in ("models", "all"):
+        out["models"] = []
+        for name in model_names():
+            m = load_model(name)
+            out["models"].append({
+                "name": name, "L": m.n_moe_layers, "layers": m.n_layers, "E": m.n_experts,
+                "k": m.top_k, "d": m.hidden, "I": m.expert_intermediate,
+                "S_E": m.expert_params, "shared": m.n_shared_experts,
+                "expert_dtype": m.expert_dtype, "expert_bytes": m.expert_bytes,
+                "n_group": m.n_group, "topk_group": m.topk_group, "source": m.source})
+    if kind in ("systems", "all"):
+        out["systems"] = []
+        for name in system_names():
+            s = load_system(name)
+            out["systems"].append({
+                "name": name, "b_pcie": s.b_pcie, "b_net": s.b_net, "host_link": s.host_link,
+                "network": s.network, "hbm_bw": s.hbm_bw, "peak_flops": s.peak_flops,
+                "gpus_per_node": s.gpus_per_node, "source": s.source})
+    return out
+
+
+def run(args) -> int:
+    data = rows(args.kind)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    from moelab.experiments.show import console
+    from rich.table import Table
+
+    out = console()
+    if "models" in data:
+        t = Table(title="models (HF config.json presets)", title_justify="left")
+        for col in ("name", "L (MoE)", "E", "k", "d", "I", "S_E", "expert dtype", "S_E f_E"):
+            t.add_column(col, justify="left" if col in ("name", "expert dtype") else "right")
+        for m in data["models"]:
+            t.add_row(m["name"], str(m["L"]), str(m["E"]), str(m["k"]), str(m["d"]),
+                      str(m["I"]), f"{m['S_E'] / 1e6:.1f}M", m["expert_dtype"],
+                      f"{m['expert_bytes'] / 1e6:.1f} MB")
+        out.print(t)
+    if "systems" in data:
+        t = Table(title="systems (nominal links; --measured-links for measured)",
+                  title_justify="left")
+        for col in ("name", "host link", "B_pcie", "network", "B_net", "HBM", "bf16"):
+            t.add_column(col)
+        for s in data["systems"]:
+            t.add_row(s["name"], s["host_link"], f"{s['b_pcie'] / 1e9:g} GB/s", s["network"],
+                      f"{s['b_net'] / 1e9:g} GB/s", f"{s['hbm_bw'] / 1e12:g} TB/s",
+                      f"{s['peak_flops'] / 1e12:g} TFLOP/s")
+        out.print(t)
+    return 0
