@@ -29,6 +29,7 @@ FACTS = {
     "gpt-oss-20b": (2880, 32, 4, 2880, 24, 24, 0),
     "glm-4.5": (5120, 160, 8, 1536, 92, 89, 1),
     "dbrx": (6144, 16, 4, 10752, 40, 40, 0),
+    "olmoe-1b-7b": (2048, 64, 8, 1024, 16, 16, 0),  # not in FACTS.md: its config.json
 }
 
 # Expert weight storage each file must declare (FACTS.md notes column).
@@ -72,6 +73,9 @@ def _figures(cfg):
         shared = 1 if cfg.get("shared_expert_intermediate_size", 0) > 0 else 0
         return (cfg["hidden_size"], cfg["num_experts"], cfg["num_experts_per_tok"],
                 cfg["moe_intermediate_size"], n, moe, shared)
+    if mt == "olmoe":  # every layer routed, experts as wide as intermediate_size
+        return (cfg["hidden_size"], cfg["num_experts"], cfg["num_experts_per_tok"],
+                cfg["intermediate_size"], n, n, 0)
     if mt in ("mixtral", "gpt_oss"):
         return (cfg["hidden_size"], cfg["num_local_experts"], cfg["num_experts_per_tok"],
                 cfg["intermediate_size"], n, n, 0)
