@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SystemSpec, Workload
 
 # --- used experts -------------------------------------------------------------------
@@ -41,7 +42,14 @@ def n_used_uniform(tokens, k, n_experts):
     Each expert is chosen by a token with probability k/E, independently across tokens.
     """
     E = np.asarray(n_experts, dtype=np.float64)
-    return E * -np.expm1(np.multiply(tokens, np.log1p(-np.divide(k, E))))
+    return E * _hit_probability(tokens, np.divide(k, E))
+
+
+def _hit_probability(tokens, q):
+    """1 - (1 - q)^N_t, accurate for small q (expm1/log1p), exact at q = 1 and N_t = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = -np.expm1(np.multiply(tokens, np.log1p(-q)))
+    return np.where(np.asarray(tokens) == 0, 0.0, np.where(q >= 1, 1.0, p))
 
 
 def n_used_marginals(tokens, q):
@@ -55,7 +63,7 @@ def n_used_marginals(tokens, q):
 
         raise SpecError("marginals: each per-expert probability must lie in [0, 1]")
     t = np.asarray(tokens, dtype=np.float64)[..., None]
-    return np.sum(-np.expm1(t * np.log1p(-np.minimum(q, 1 - 1e-300))) * (q > 0), axis=-1)
+    return np.sum(_hit_probability(t, q), axis=-1)
 
 
 # --- fan-out ------------------------------------------------------------------------

@@ -117,9 +117,10 @@ def run(args) -> int:
 
 
 def print_table(out: dict) -> None:
+    from rich.table import Table
+
     from moelab.experiments.show import console as make_console
     from moelab.experiments.show import fmt
-    from rich.table import Table
 
     m, w = out["model"], out["workload"]
     where = (f"decode, batch {w['batch']} x {w['steps']} steps" if w["decode"]

@@ -42,8 +42,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
-    from moelab.experiments.show import console
     from rich.table import Table
+
+    from moelab.experiments.show import console
 
     out = console()
     if "models" in data:

@@ -44,8 +44,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows if args.all_models else rows[0], indent=1))
         return 0
-    from moelab.experiments.show import console, fmt
     from rich.table import Table
+
+    from moelab.experiments.show import console, fmt
 
     t = Table(title="tipping point N_t* (offload wins above it)", title_justify="left")
     for col in ("model", "system", "gamma at N_t=1", "N_t*"):

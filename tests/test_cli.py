@@ -1,0 +1,147 @@
+"""The command line as a user meets it: JSON, tables, and one clear line for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moelab.costmodel.presets import load_system, system_names
+from moelab.experiments.cli import main
+
+SEED = ["--model", "deepseek-r1", "--b-pcie", "64", "--b-net", "50", "--expert-dtype", "fp8",
+        "--act-dtype", "bf16"]
+
+
+def run_json(capsys, *argv):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_seed_example_json(capsys):
+    out = run_json(capsys, "gamma", *SEED, "--tokens", "4096")
+    assert out["gamma"] == pytest.approx(75)
+    assert out["tipping_tokens"] == 307200
+    assert out["decision"] == "ep"
+    for key in ("n_ue", "t_p_overhead_s", "t_ep_overhead_s", "fanout", "f_e", "f_a",
+                "b_pcie", "b_net"):
+        assert key in out
+    assert out["b_pcie"] == 64e9 and out["b_net"] == 50e9 and out["f_e"] == 1 and out["f_a"] == 2
+
+
+def test_seed_decode_batch_one(capsys):
+    out = run_json(capsys, "gamma", *SEED, "--decode", "--batch", "1", "--steps", "100")
+    assert out["gamma"] == pytest.approx(9600)
+    assert out["tipping_tokens"] is None
+
+
+def test_offload_wins_past_the_tipping_point(capsys):
+    out = run_json(capsys, "gamma", *SEED, "--tokens", "400000")
+    assert out["decision"] == "offload" and out["gamma"] < 1
+
+
+def test_extensions_flags(capsys):
+    out = run_json(capsys, "gamma", *SEED, "--tokens", "4096", "--ep-ranks", "32",
+                   "--dispatch-dtype", "fp8", "--alpha-net-us", "20", "--resident-fraction", "0.5")
+    assert out["fanout"] == pytest.approx(7.04, abs=0.01)
+    assert out["f_dispatch"] == 1 and out["f_combine"] == 2
+    assert out["alpha_net_s"] == pytest.approx(20e-6)
+    assert out["gamma"] < 75  # fan-out and residency both favour offload here
+
+
+def test_uniform_routing(capsys):
+    out = run_json(capsys, "gamma", *SEED, "--tokens", "16", "--routing", "uniform")
+    assert out["n_ue"] == pytest.approx(101.96, abs=0.01)
+
+
+def test_table_names_the_three_factors(capsys):
+    assert main(["gamma", *SEED, "--tokens", "4096"]) == 0
+    text = capsys.readouterr().out
+    for word in ("model", "system", "query", "decides", "307,200", "75"):
+        assert word in text
+
+
+def test_tipping_and_presets(capsys):
+    out = run_json(capsys, "tipping", *SEED)
+    assert out["tipping_tokens"] == pytest.approx(307200)
+    rows = run_json(capsys, "presets")
+    assert {"deepseek-r1", "mixtral-8x7b", "qwen3-235b-a22b"} <= {m["name"] for m in rows["models"]}
+    assert {"h100-sxm", "h200-sxm", "b200", "gb200", "gh200"} <= {s["name"] for s in rows["systems"]}
+    table = run_json(capsys, "tipping", "--all-models")
+    assert len(table) == len(rows["models"])
+
+
+@pytest.mark.parametrize("name", system_names())
+def test_every_system_preset(name):
+    s = load_system(name)
+    assert s.b_pcie > 0 and s.b_net > 0 and s.source
+    assert load_system(name, measured=True).b_pcie > 0
+
+
+def test_system_file(tmp_path, capsys):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"b_pcie": 32e9, "b_net": 50e9, "source": "test"}))
+    out = run_json(capsys, "gamma", "--system", str(path), "--tokens", "4096",
+                   "--expert-dtype", "fp8")
+    assert out["b_pcie"] == 32e9 and out["gamma"] == pytest.approx(150)
+
+
+BAD = [
+    (["gamma", "--tokens", "-5"], "tokens"),
+    (["gamma", "--decode", "--batch", "0"], "batch"),
+    (["gamma", "--b-pcie", "0"], "--b-pcie"),
+    (["gamma", "--b-net", "-1"], "--b-net"),
+    (["gamma", "--b-net", "nan"], "--b-net"),
+    (["gamma", "--alpha-net-us", "-3"], "--alpha-net-us"),
+    (["gamma", "--resident-fraction", "2"], "resident_fraction"),
+    (["gamma", "--model", "no-such-model"], "unknown preset"),
+    (["gamma", "--system", "no-such-gpu"], "unknown preset"),
+    (["gamma", "--expert-dtype", "int3"], "--expert-dtype"),
+    (["gamma", "--tokens", "lots"], "--tokens"),
+    (["gamma", "--fanout", "2", "--ep-ranks", "4"], "--ep-ranks"),
+    (["gamma", "--routing", "zipf:1.1"], "--routing"),
+    (["gamma", "--tokens", "5", "--decode"], "--tokens"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, field", BAD)
+def test_bad_input_exit_2_one_line(argv, field, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert field in err[0]
+
+
+@pytest.mark.parametrize(
+    "content, field",
+    [
+        ('{"num_local_experts": 8,', "not valid JSON"),  # malformed
+        ('{"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, '
+         '"intermediate_size": 16}', "not a mixture of experts"),  # dense
+        ('{"num_local_experts": 4, "num_experts_per_tok": 6, "hidden_size": 8, '
+         '"num_hidden_layers": 2, "intermediate_size": 16}', "top_k"),  # k > E
+    ],
+)
+def test_bad_config_files(tmp_path, capsys, content, field):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    assert main(["gamma", "--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+
+
+def test_subprocess_no_traceback_and_light_imports():
+    # A real process: exit code 2, one line, no traceback ...
+    bad = subprocess.run([sys.executable, "-m", "moelab", "gamma", "--b-pcie", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    # ... and `moelab gamma` imports none of jax, triton or torch.
+    probe = ("import sys; from moelab.experiments.cli import main; main(['gamma', '--json']); "
+             "heavy = [m for m in ('jax', 'triton', 'torch') if m in sys.modules]; "
+             "sys.stderr.write(repr(heavy))")
+    ok = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stderr.strip() == "[]"
