@@ -20,6 +20,8 @@ def fmt(x: float | None) -> str:
         return "0"
     if abs(x) >= 1 and abs(x) < 1e12 and abs(x - round(x)) < 1e-9 * abs(x):
         return f"{round(x):,}"
+    if 1e3 <= abs(x) < 1e12:
+        return f"{x:,.0f}"
     if abs(x) >= 1e5 or abs(x) < 1e-3:
         return f"{x:.3g}"
     return f"{x:,.4g}"
