@@ -1,0 +1,434 @@
+"""beyond-seed: how each of the seed's simplifications moves the decision, one at a time and together.
+
+Start from the seed's gamma for DeepSeek-R1 at one prefill size, change one thing, and
+record gamma_variant / gamma_seed (a tornado chart of log10 changes):
+- fan-out phi: experts spread uniformly over R EP ranks (closed_form.fanout_uniform);
+- dispatch in fp8, combine in bf16 (as DeepEP does);
+- measured link bandwidths instead of nominal ones (presets' measured figures);
+- latency per collective alpha_net, fitted to DeepEP's low-latency kernels (experiment validation);
+- latency per expert copy alpha_pcie, from a GPU calibration where one exists;
+- residency h: half of the GPU's memory caches experts, uniform routing (hit rate = cached share);
+- expected N_ue under uniform routing instead of the worst case;
+- overlap of transfers with compute (costmodel.timeline: per-expert copies, two micro-batches).
+"""
+
+from __future__ import annotations
+
+NAME = "beyond-seed"
+SUMMARY = (
+    "fan-out, dtypes, measured links, latencies, residency, routing, overlap: each one's effect on gamma"
+)
+VERSION = "1"
+DEPENDS = (
+    "moelab.costmodel.closed_form",
+    "moelab.costmodel.presets",
+    "moelab.costmodel.specs",
+    "moelab.costmodel.timeline",
+    "moelab.experiments.exp_validation",
+)
+
+
+def INPUTS(cfg):
+    from moelab.costmodel.presets import PRESETS
+
+    files = [
+        PRESETS / "models" / f"{cfg['model']}.json",
+        PRESETS / "systems.json",
+        PRESETS / "published.json",
+    ]
+    return files + _calibration_files()
+
+
+def _calibration_files():
+    from pathlib import Path
+
+    results = Path(__file__).parent / "results"
+    return sorted(results.glob("*/calibrate.json")) if results.is_dir() else []
+
+
+def config(quick: bool) -> dict:
+    return {
+        "model": "deepseek-r1",
+        "system": "h100-sxm",
+        "tokens": 4096,
+        "ep_ranks": 32,  # DeepSeek's prefill unit (DeepSeek-V3 report §3.4)
+        "dispatch_dtype": "fp8",
+        "combine_dtype": "bf16",
+        "hbm_share_for_experts": 0.5,
+        "microbatches": 2,  # DeepSeek's two-micro-batch overlap
+        "curve_points": 25 if quick else 60,
+        "overlap_points": 6 if quick else 16,
+    }
+
+
+def STEPS(cfg) -> int:
+    return 4
+
+
+def _fitted_alpha_net():
+    """alpha_net from the validation experiment's named fit, or None with the reason."""
+    try:
+        from moelab.experiments.exp_validation import fitted_alpha_net
+    except ImportError:
+        return None, "validation experiment not available yet"
+    try:
+        return fitted_alpha_net()
+    except (OSError, KeyError, ValueError) as e:
+        return None, f"fit not available: {e}"
+
+
+def _measured_alpha_pcie():
+    """Per-copy host-link latency from a GPU calibration file, or None with the reason."""
+    import json
+
+    for path in _calibration_files():
+        data = json.loads(path.read_text())
+        value = data.get("alpha_pcie") if isinstance(data, dict) else None
+        if value:
+            return float(value), f"measured by moelab calibrate ({path.parent.name})"
+    return None, "not measured on a GPU yet"
+
+
+def variants(cfg, model, system):
+    """name -> (system, options, source): each simplification of the seed removed on its own."""
+    from moelab.costmodel.presets import load_system, system_table
+    from moelab.costmodel.specs import Options
+
+    hbm = system_table()["gpus"][cfg["system"]]["hbm_GB"] * 1e9
+    all_experts = model.n_moe_layers * model.n_experts * model.expert_bytes
+    h = min(1.0, cfg["hbm_share_for_experts"] * hbm / all_experts)
+    alpha_net, alpha_net_src = _fitted_alpha_net()
+    alpha_pcie, alpha_pcie_src = _measured_alpha_pcie()
+    measured = load_system(cfg["system"], measured=True)
+    out = {
+        f"fan-out: EP{cfg['ep_ranks']}, uniform placement": (
+            system,
+            Options(ep_ranks=cfg["ep_ranks"]),
+            "closed_form.fanout_uniform",
+        ),
+        f"dtypes: dispatch {cfg['dispatch_dtype']}, combine {cfg['combine_dtype']}": (
+            system,
+            Options(dispatch_dtype=cfg["dispatch_dtype"], combine_dtype=cfg["combine_dtype"]),
+            "DeepEP's FP8 dispatch / BF16 combine",
+        ),
+        "measured links": (
+            measured,
+            Options(),
+            f"{measured.host_link} and {measured.network} measured figures",
+        ),
+        f"residency h = {h:.3f}": (
+            system,
+            Options(resident_fraction=h),
+            f"{cfg['hbm_share_for_experts']:.0%} of {hbm / 1e9:g} GB HBM caches experts, uniform routing",
+        ),
+        "expected N_ue (uniform routing)": (system, Options(routing="uniform"), "E (1 - (1 - k/E)^N_t)"),
+    }
+    if alpha_net is not None:
+        out[f"alpha_net = {alpha_net * 1e6:.0f} µs per collective"] = (
+            system.with_(alpha_net=alpha_net),
+            Options(),
+            alpha_net_src,
+        )
+    if alpha_pcie is not None:
+        out[f"alpha_pcie = {alpha_pcie * 1e6:.1f} µs per copy"] = (
+            system.with_(alpha_pcie=alpha_pcie),
+            Options(),
+            alpha_pcie_src,
+        )
+    combined_system = measured.with_(alpha_net=alpha_net or 0.0, alpha_pcie=alpha_pcie or 0.0)
+    combined = Options(
+        ep_ranks=cfg["ep_ranks"],
+        dispatch_dtype=cfg["dispatch_dtype"],
+        combine_dtype=cfg["combine_dtype"],
+        resident_fraction=h,
+        routing="uniform",
+    )
+    missing = {
+        "alpha_net": alpha_net_src if alpha_net is None else None,
+        "alpha_pcie": alpha_pcie_src if alpha_pcie is None else None,
+    }
+    return out, (combined_system, combined), missing
+
+
+def run(cfg: dict, ctx) -> None:
+    import math
+
+    import numpy as np
+
+    from moelab.costmodel import closed_form as cf
+    from moelab.costmodel.presets import load_model, load_system
+    from moelab.costmodel.specs import Options, Workload
+    from moelab.experiments.show import fmt
+
+    model = load_model(cfg["model"])
+    system = load_system(cfg["system"])
+    work = Workload(tokens=cfg["tokens"])
+    seed = cf.evaluate(model, system, work)
+    singles, (sys_all, opt_all), missing = variants(cfg, model, system)
+    for what, why in missing.items():
+        if why:
+            ctx.note(f"{what}: {why}; left out of the variants.")
+
+    rows = [_row("seed", "the seed's assumptions", seed, seed)]
+    for name, (s, o, src) in singles.items():
+        rows.append(_row(name, src, cf.evaluate(model, s, work, o), seed))
+    rows.append(
+        _row(
+            "all of the above together",
+            "every variant above at once",
+            cf.evaluate(model, sys_all, work, opt_all),
+            seed,
+        )
+    )
+    ctx.advance()
+
+    # Overlap: the timeline on top of the seed, and on top of everything else.
+    overlap_rows, overlap_note = [], None
+    try:
+        from moelab.costmodel.timeline import overlap_gammas
+    except ImportError:
+        overlap_gammas = None
+        overlap_note = "overlap: costmodel.timeline not available yet"
+        ctx.note(overlap_note)
+    if overlap_gammas is not None:
+        for label, s, o in (
+            ("overlap (timeline, 2 micro-batches)", system, Options()),
+            ("all together + overlap", sys_all, opt_all),
+        ):
+            ov = overlap_gammas(model, s, work, o, microbatches=cfg["microbatches"])
+            overlap_rows.append(
+                {
+                    "variant": label,
+                    "gamma": ov["gamma_overlap"],
+                    "ratio_to_seed": ov["gamma_overlap"] / seed.gamma,
+                    "t_p_overhead_s": ov["t_p_overhead_overlap_s"],
+                    "t_ep_overhead_s": ov["t_ep_overhead_overlap_s"],
+                    "t_b_s": ov["t_b_s"],
+                    "tipping_tokens": None,
+                    "source": "costmodel.timeline.overlap_gammas",
+                }
+            )
+        rows.extend(overlap_rows)
+    ctx.rows("variants", rows)
+    ctx.advance()
+
+    tokens = np.geomspace(1, 1e7, cfg["curve_points"])
+    curves = {"seed": cf.gamma_of_tokens(model, system, Options(), tokens)}
+    for name, (s, o, _) in singles.items():
+        curves[name] = cf.gamma_of_tokens(model, s, o, tokens)
+    curves["all together"] = cf.gamma_of_tokens(model, sys_all, opt_all, tokens)
+    overlap_curve = None
+    if overlap_gammas is not None:
+        t_ov = np.geomspace(64, 1e7, cfg["overlap_points"])
+        overlap_curve = (
+            t_ov,
+            np.array(
+                [
+                    overlap_gammas(
+                        model, system, Workload(tokens=int(t)), Options(), microbatches=cfg["microbatches"]
+                    )["gamma_overlap"]
+                    for t in t_ov
+                ]
+            ),
+        )
+    ctx.rows(
+        "curves",
+        [{"tokens": float(t), **{n: float(c[i]) for n, c in curves.items()}} for i, t in enumerate(tokens)],
+    )
+    ctx.advance()
+
+    sweeps = _sweeps(model, system, work, cfg)
+    ctx.rows("sweeps", sweeps)
+    _plot_tornado(ctx, rows, seed, cfg)
+    _plot_curves(ctx, tokens, curves, overlap_curve, cfg)
+    _plot_sweeps(ctx, sweeps, seed, cfg)
+    ctx.advance()
+
+    def g(x):
+        return "∞ (EP overhead fully hidden)" if math.isinf(x) else fmt(x)
+
+    table = "| variant | gamma | × seed | N_t* (tokens) | source |\n|---|---|---|---|---|\n"
+    for r in rows:
+        tip = (
+            fmt(r["tipping_tokens"])
+            if r["tipping_tokens"]
+            else ("none" if "overlap" not in r["variant"] else "—")
+        )
+        table += f"| {r['variant']} | {g(r['gamma'])} | {g(r['ratio_to_seed'])} | {tip} | {r['source']} |\n"
+    together = next(r for r in rows if r["variant"] == "all of the above together")
+    ctx.summary.update(
+        {
+            "gamma_seed": seed.gamma,
+            "gamma_all_together": together["gamma"],
+            "tipping_all_together": together["tipping_tokens"],
+        }
+    )
+    notes = "".join(f"\n- {n}" for n in ctx.notes)
+    single_rows = [r for r in rows[1 : len(singles) + 1]]
+    biggest = max(single_rows, key=lambda r: abs(math.log(r["ratio_to_seed"])))
+    ctx.section(f"""
+{model.name} on {system.name}, prefill of {cfg["tokens"]:,} tokens. The seed's gamma is {fmt(seed.gamma)}
+(N_t* = {fmt(seed.tipping_tokens)}). Each row removes one simplification; the last rows combine them.
+Together they move gamma by ×{fmt(together["ratio_to_seed"])} to {fmt(together["gamma"])} and the tipping
+point to {fmt(together["tipping_tokens"]) if together["tipping_tokens"] else "none"} tokens: the decision at
+{cfg["tokens"]:,} tokens {"is" if (together["gamma"] > 1) == (seed.gamma > 1) else "is no longer"}
+{"EP" if together["gamma"] > 1 else "offload"}. The largest single effect is "{biggest["variant"]}"
+(×{fmt(biggest["ratio_to_seed"])}). With top-{model.top_k} routing over {cfg["ep_ranks"]} ranks a token's
+activations travel to {fmt(cf.fanout_uniform(cfg["ep_ranks"], model.n_experts, model.top_k))} remote ranks,
+not one as the seed assumes.
+With overlap, an overhead that fits under the compute disappears: gamma then compares what is left.
+{notes}
+
+{table}""")
+
+
+def _row(name, source, r, seed) -> dict:
+    return {
+        "variant": name,
+        "gamma": r.gamma,
+        "ratio_to_seed": r.gamma / seed.gamma,
+        "t_p_overhead_s": r.t_p_overhead,
+        "t_ep_overhead_s": r.t_ep_overhead,
+        "t_b_s": r.t_b,
+        "fanout": r.fanout,
+        "n_ue": r.n_ue,
+        "tipping_tokens": r.tipping_tokens,
+        "source": source,
+    }
+
+
+def _sweeps(model, system, work, cfg) -> list[dict]:
+    """gamma at the chosen N_t as one parameter moves over its range, the others at the seed's values."""
+    import numpy as np
+
+    from moelab.costmodel import closed_form as cf
+    from moelab.costmodel.specs import Options
+
+    t = work.tokens
+    rows = []
+    for h in np.linspace(0, 0.99, 34):
+        rows.append(
+            {
+                "parameter": "resident_fraction",
+                "value": float(h),
+                "gamma": float(cf.gamma_of_tokens(model, system, Options(resident_fraction=float(h)), t)),
+            }
+        )
+    for R in (2, 4, 8, 16, 32, 64, 128, 256):
+        rows.append(
+            {
+                "parameter": "ep_ranks",
+                "value": R,
+                "gamma": float(cf.gamma_of_tokens(model, system, Options(ep_ranks=R), t)),
+            }
+        )
+    for a in np.linspace(0, 500e-6, 26):
+        rows.append(
+            {
+                "parameter": "alpha_net_s",
+                "value": float(a),
+                "gamma": float(cf.gamma_of_tokens(model, system.with_(alpha_net=float(a)), Options(), t)),
+            }
+        )
+        rows.append(
+            {
+                "parameter": "alpha_pcie_s",
+                "value": float(a),
+                "gamma": float(cf.gamma_of_tokens(model, system.with_(alpha_pcie=float(a)), Options(), t)),
+            }
+        )
+    return rows
+
+
+def _plot_tornado(ctx, rows, seed, cfg) -> None:
+    import math
+
+    import numpy as np
+
+    from moelab.experiments import plots
+
+    shown = [r for r in rows if r["variant"] != "seed"]
+    values = [math.log10(r["ratio_to_seed"]) if math.isfinite(r["ratio_to_seed"]) else np.nan for r in shown]
+    finite = [v for v in values if np.isfinite(v)]
+    span = max([abs(v) for v in finite] + [abs(math.log10(1 / seed.gamma))]) * 1.15
+    fig, ax = plots.figure(width=8, height=0.45 * len(shown) + 1.6)
+    y = np.arange(len(shown))[::-1]
+    for yi, v, r in zip(y, values, shown, strict=True):
+        if np.isfinite(v):
+            ax.barh(yi, v, color=plots.OFFLOAD_COLOR if v < 0 else plots.EP_COLOR)
+            ax.text(
+                v,
+                yi,
+                f" ×{r['ratio_to_seed']:.3g} → {r['gamma']:.3g} ",
+                va="center",
+                ha="left" if v >= 0 else "right",
+                fontsize=7,
+            )
+        else:
+            ax.text(
+                0, yi, " gamma = ∞: the EP overhead hides entirely behind compute", va="center", fontsize=7
+            )
+    flip = math.log10(1 / seed.gamma)
+    ax.axvline(
+        flip, color="black", ls="--", lw=1, label=f"gamma = 1 (×{1 / seed.gamma:.3g}): the decision flips"
+    )
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_yticks(y, [r["variant"] for r in shown], fontsize=8)
+    ax.set_xlim(-span, span)
+    ax.set_xlabel(f"log10(gamma / seed gamma) at N_t = {cfg['tokens']:,} [log10 ratio]")
+    ax.set_ylabel("simplification removed [variant]")
+    ax.set_title(f"What moves the decision: seed gamma = {seed.gamma:.3g}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ctx.plot(
+        fig,
+        "tornado",
+        f"Each simplification of the seed removed on its own (and all together): change "
+        f"of log10 gamma at N_t = {cfg['tokens']:,}; left of the dashed line offload would win.",
+    )
+
+
+def _plot_curves(ctx, tokens, curves, overlap_curve, cfg) -> None:
+    from moelab.experiments import plots
+
+    fig, ax = plots.figure(width=8, height=5)
+    for name, c in curves.items():
+        style = (
+            {"color": "black", "lw": 2.5}
+            if name == "seed"
+            else ({"color": "tab:purple", "lw": 2.5} if name == "all together" else {"lw": 1})
+        )
+        ax.loglog(tokens, c, label=name, **style)
+    if overlap_curve is not None:
+        t, g = overlap_curve
+        ax.loglog(t, g, "s--", ms=3, color="tab:brown", label="overlap (timeline); gaps: EP fully hidden")
+    plots.gamma_line(ax, label="gamma = 1")
+    ax.set_xlabel("prefill tokens N_t [tokens]")
+    ax.set_ylabel(plots.GAMMA_LABEL)
+    ax.set_title("gamma vs N_t for each variant: where each crosses 1 is its tipping point", fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.grid(True, which="both", alpha=0.3)
+    ctx.plot(fig, "variants_vs_tokens", "gamma vs prefill tokens for the seed and each variant.")
+
+
+def _plot_sweeps(ctx, sweeps, seed, cfg) -> None:
+    from moelab.experiments import plots
+
+    fig, axes = plots.figure(ncols=2, width=9, height=7.5, nrows=2)
+    panels = [
+        ("resident_fraction", 1.0, "resident fraction h [share of used experts]", "linear"),
+        ("ep_ranks", 1.0, "EP ranks R (fan-out from uniform placement) [ranks]", "log"),
+        ("alpha_net_s", 1e6, "alpha_net, latency per collective [µs]", "linear"),
+        ("alpha_pcie_s", 1e6, "alpha_pcie, latency per expert copy [µs]", "linear"),
+    ]
+    for ax, (param, scale, label, xscale) in zip(axes.ravel(), panels, strict=True):
+        pts = [r for r in sweeps if r["parameter"] == param]
+        ax.plot([r["value"] * scale for r in pts], [r["gamma"] for r in pts], "o-", ms=3)
+        ax.set_xscale(xscale)
+        ax.set_yscale("log")
+        plots.gamma_line(ax, label="gamma = 1")
+        ax.axhline(seed.gamma, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(label)
+        ax.set_ylabel("gamma [ratio]")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"One parameter at a time, N_t = {cfg['tokens']:,} (dotted: the seed's gamma)", fontsize=10)
+    ctx.plot(fig, "sweeps", "gamma as residency, EP ranks and the two latencies each move over their range.")
