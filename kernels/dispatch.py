@@ -1,0 +1,267 @@
+"""Dispatch: permute token rows into an expert-contiguous, block-padded buffer.
+
+    layout = dispatch(hidden, topk_ids, num_experts, block_m=64)
+    y = grouped_gemm(layout.hidden, layout.block_expert, ...)   # one expert per block
+    out = combine(y, layout, topk_weights)                        # moelab.kernels.combine
+
+The layout is the contract of DESIGN.md §5 (`DispatchLayout` below documents each field).
+Rows of one expert keep token order, then j order (pair i = t*k + j): the order is fixed by
+construction (a sort inside each block of pairs plus a scan over blocks), never by atomics,
+so the layout is the same on every run and every device. The kernels are in
+`_dispatch_triton.py`; the plain reference the tests compare against is
+`reference.dispatch_reference`.
+
+Sizing without a host synchronization: the number of used rows is only known on the
+device, so `hidden` gets the static bound
+
+    N_pad = floor((P + min(P, E) * (block_m - 1)) / block_m) * block_m,   P = N_t * k,
+
+(at most min(P, E) experts are used, each wastes at most block_m - 1 rows of padding; the
+used rows are a multiple of block_m, so rounding the bound down still holds them).
+Padding rows of `hidden` (and of `scales`) are left unwritten: `src_token == -1` marks them
+and `block_expert == -1` marks whole blocks past the used rows; a grouped GEMM computes
+garbage there that combine never reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_GROUP = 128  # columns per fp8 scale (per token), as DeepEP's dispatch
+INDEX_DTYPE = torch.int32
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests patch it to poison the memory)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def padded_rows(n_tokens: int, k: int, num_experts: int, block_m: int) -> int:
+    """N_pad: rows of the dispatched buffer, a bound on the used rows (module docstring)."""
+    pairs = n_tokens * k
+    return (pairs + min(pairs, num_experts) * (block_m - 1)) // block_m * block_m
+
+
+@dataclass
+class DispatchLayout:
+    """Where every token-expert pair went. Integer fields are int32 on hidden's device.
+
+    N_t tokens, k experts per token, E experts, N_pad = `padded_rows(N_t, k, E, block_m)`.
+    """
+
+    # [N_pad, d] token rows grouped by expert; group e is rows offsets[e] : offsets[e] +
+    # counts[e]; rows up to offsets[e+1] are padding (unwritten). None from `route()`.
+    hidden: torch.Tensor | None
+    counts: torch.Tensor  # [E] rows routed to each expert (pairs with that id)
+    # [E+1] first row of each expert's group, multiples of block_m; offsets[E] = used rows
+    offsets: torch.Tensor
+    src_token: torch.Tensor  # [N_pad] token of each row, -1 for padding rows
+    slot: torch.Tensor  # [N_t, k] row of pair (t, j) in hidden, -1 where topk_ids is -1
+    block_expert: torch.Tensor  # [N_pad // block_m] expert of each block of rows, -1 past offsets[E]
+    block_m: int  # rows per block: every group starts at a multiple of it
+    # [N_pad, d // 128] float32, only with quantize_fp8: row r, columns 128g..128g+127 of
+    # the source token equal hidden[r].float() * scales[r, g] up to fp8 rounding.
+    scales: torch.Tensor | None = None
+    # Only with ep_ranks=R (rank of expert e = e // (E/R)). Experts are contiguous per rank
+    # when rows are ordered by expert, so rows for rank r are already one contiguous range:
+    rank_counts: torch.Tensor | None = None  # [R] pairs sent to each rank (padding excluded)
+    rank_offsets: torch.Tensor | None = None  # [R+1] first row for each rank (= offsets[r*E/R])
+
+    def __post_init__(self):
+        for name in ("counts", "offsets", "src_token", "slot", "block_expert"):
+            t = getattr(self, name)
+            if t.dtype != INDEX_DTYPE:
+                raise TypeError(f"DispatchLayout.{name}: dtype {t.dtype}, expected {INDEX_DTYPE}")
+        if self.offsets.shape != (self.counts.shape[0] + 1,):
+            raise ValueError("DispatchLayout.offsets: expected E+1 entries")
+        n_pad = self.src_token.shape[0]
+        if n_pad % self.block_m or self.block_expert.shape != (n_pad // self.block_m,):
+            raise ValueError("DispatchLayout.block_expert: expected N_pad / block_m entries")
+        if self.hidden is not None and self.hidden.shape[0] != n_pad:
+            raise ValueError("DispatchLayout.hidden: expected N_pad rows")
+        if self.scales is not None and self.scales.dtype != torch.float32:
+            raise TypeError("DispatchLayout.scales: expected float32")
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_pad(self) -> int:
+        return self.src_token.shape[0]
+
+    def used_experts(self) -> torch.Tensor:
+        """Experts with at least one row, ascending (int64). Host sync: see `used_experts`."""
+        return used_experts(self.counts)
+
+
+def used_experts(counts) -> torch.Tensor:
+    """Experts with count > 0, ascending, int64, on counts' device.
+
+    Accepts a DispatchLayout too. Its size depends on the data, so this synchronizes with
+    the host (torch.nonzero); the counts exist as soon as the routing launch has run,
+    before the rows are scattered, so a prefetcher can start copying weights while the
+    scatter runs.
+    """
+    if isinstance(counts, DispatchLayout):
+        counts = counts.counts
+    return torch.nonzero(counts > 0).flatten().to(torch.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------
+
+
+def _check_ids(topk_ids: torch.Tensor, num_experts: int, check_ids: bool):
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError("topk_ids: expected a 2-D tensor [N_t, k]")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids: dtype {topk_ids.dtype}, expected int32 or int64")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    if check_ids and topk_ids.numel():
+        # Host synchronization: the ids live on the device; one bool comes back.
+        bad = ((topk_ids < -1) | (topk_ids >= num_experts)).any()
+        if bad.item():
+            lo, hi = int(topk_ids.min()), int(topk_ids.max())
+            raise ValueError(
+                f"topk_ids: ids must lie in [-1, {num_experts}) (-1 = not routed), "
+                f"found values in [{lo}, {hi}]"
+            )
+
+
+def _check_block_m(block_m):
+    if not isinstance(block_m, int) or block_m < 1:
+        raise ValueError(f"block_m: expected a positive int, got {block_m!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------
+
+
+def route(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int = 64,
+    *,
+    check_ids: bool = True,
+    config=None,
+) -> DispatchLayout:
+    """The layout's metadata only (histogram, block-padded scan, slots): hidden is None.
+
+    One launch when all pairs fit one block of the routing kernel, else two.
+    """
+    from moelab.kernels import _dispatch_triton as K
+    from moelab.kernels.tuning import dispatch_config
+
+    _check_block_m(block_m)
+    _check_ids(topk_ids, num_experts, check_ids)
+    n_tokens, k = topk_ids.shape
+    device = topk_ids.device
+    E, P = num_experts, n_tokens * k
+    n_pad = padded_rows(n_tokens, k, E, block_m)
+    cfg = config or dispatch_config(n_tokens, k, E, 0, False, device)
+
+    if P == 0:  # nothing routed (no tokens or k = 0): no launch, N_pad = 0
+        zeros = torch.zeros((E + 1,), dtype=INDEX_DTYPE, device=device)
+        empty = torch.zeros((0,), dtype=INDEX_DTYPE, device=device)
+        slot = torch.full((n_tokens, k), -1, dtype=INDEX_DTYPE, device=device)
+        return DispatchLayout(None, zeros[:E].clone(), zeros, empty, slot, empty.clone(), block_m)
+
+    ids = topk_ids.contiguous().view(-1)
+    counts = _empty((E,), INDEX_DTYPE, device)
+    offsets = _empty((E + 1,), INDEX_DTYPE, device)
+    slot = _empty((n_tokens, k), INDEX_DTYPE, device)
+    src_token = _empty((n_pad,), INDEX_DTYPE, device)
+    block_expert = _empty((n_pad // block_m,), INDEX_DTYPE, device)
+
+    block_p = max(16, min(cfg.block_p, triton_next_pow2(P)))
+    n_blocks = max(1, math.ceil(P / block_p))
+    block_e = triton_next_pow2(E + 1)  # one spare bin for the -1 ids
+    block_r = max(16, min(cfg.block_r, triton_next_pow2(max(1, math.ceil(n_pad / n_blocks)))))
+    rows_per_prog = math.ceil(math.ceil(n_pad / n_blocks) / block_r) * block_r
+    hist = _empty((n_blocks, E), INDEX_DTYPE, device)
+    table = _empty((n_blocks, 3, block_e), INDEX_DTYPE, device)
+    if n_blocks > 1:
+        K._histogram_kernel[(n_blocks,)](
+            ids, hist, P, E, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=cfg.route_warps
+        )
+    K._route_kernel[(n_blocks,)](
+        ids, hist, table, counts, offsets, slot, src_token, block_expert,
+        P, E, n_pad, block_m, k, n_blocks, rows_per_prog,
+        BLOCK_P=block_p, BLOCK_E=block_e, LOG2_BLOCK_E=block_e.bit_length() - 1,
+        BLOCK_B=max(1, min(cfg.block_b, triton_next_pow2(n_blocks))), BLOCK_R=block_r,
+        ONE_BLOCK=n_blocks == 1, num_warps=cfg.route_warps,
+    )  # fmt: skip
+    return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m)
+
+
+def dispatch(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int = 64,
+    quantize_fp8: bool = False,
+    ep_ranks: int | None = None,
+    *,
+    check_ids: bool = True,
+    config=None,
+) -> DispatchLayout:
+    """Permute token rows into expert groups (DESIGN.md §5).
+
+    hidden [N_t, d] float (any strides); topk_ids [N_t, k] int32/int64 in [-1, E), -1 =
+    not routed here (dropped or remote). quantize_fp8: rows stored as float8_e4m3fn with
+    per-token, per-128-column float32 scales (d must be a multiple of 128). ep_ranks=R:
+    also per-rank counts/offsets (E must be a multiple of R). check_ids=False skips the
+    id range check and its host synchronization (for callers whose ids are known good).
+    config: a tuning.DispatchConfig (default: the tuned one for this device and shape).
+    """
+    from moelab.kernels import _dispatch_triton as K
+    from moelab.kernels.tuning import dispatch_config
+
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError("hidden: expected a 2-D tensor [N_t, d]")
+    if not hidden.dtype.is_floating_point or hidden.dtype == FP8_DTYPE:
+        raise TypeError(f"hidden: dtype {hidden.dtype}, expected float32, bfloat16 or float16")
+    if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 and (topk_ids.shape[0] != hidden.shape[0]):
+        raise ValueError(f"topk_ids: {topk_ids.shape[0]} tokens, hidden has {hidden.shape[0]} rows")
+    if isinstance(topk_ids, torch.Tensor) and topk_ids.device != hidden.device:
+        raise ValueError(f"topk_ids: on {topk_ids.device}, hidden on {hidden.device}")
+    n_tokens, d = hidden.shape
+    if quantize_fp8 and d % FP8_GROUP:
+        raise ValueError(f"hidden: fp8 dispatch needs d % {FP8_GROUP} == 0, got d={d}")
+    if ep_ranks is not None and (not isinstance(ep_ranks, int) or ep_ranks < 1 or num_experts % ep_ranks):
+        raise ValueError(f"ep_ranks: must divide num_experts={num_experts}, got {ep_ranks!r}")
+    k = topk_ids.shape[1] if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 else 0
+    cfg = config or dispatch_config(n_tokens, k, num_experts, d, quantize_fp8, hidden.device)
+
+    layout = route(topk_ids, num_experts, block_m, check_ids=check_ids, config=cfg)
+    n_pad = layout.n_pad
+    out = _empty((n_pad, d), FP8_DTYPE if quantize_fp8 else hidden.dtype, hidden.device)
+    scales = _empty((n_pad, d // FP8_GROUP), torch.float32, hidden.device) if quantize_fp8 else None
+    block_d = FP8_GROUP if quantize_fp8 else min(cfg.block_d, max(16, triton_next_pow2(d)))
+    if n_tokens and d and k:
+        grid = (math.ceil(n_tokens / cfg.block_t), math.ceil(d / block_d))
+        K._scatter_kernel[grid](
+            hidden, layout.slot, out, scales if quantize_fp8 else out,
+            n_tokens, d, k, hidden.stride(0), hidden.stride(1), out.stride(0),
+            scales.stride(0) if quantize_fp8 else 0, float(torch.finfo(FP8_DTYPE).max),
+            BLOCK_T=cfg.block_t, BLOCK_D=block_d, QUANT=quantize_fp8,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    layout.hidden, layout.scales = out, scales
+    if ep_ranks is not None:
+        per_rank = num_experts // ep_ranks
+        layout.rank_counts = layout.counts.view(ep_ranks, per_rank).sum(1, dtype=INDEX_DTYPE)
+        layout.rank_offsets = layout.offsets[::per_rank].contiguous()
+    return layout
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

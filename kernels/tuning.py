@@ -1,0 +1,247 @@
+"""Block sizes, warps and stages of dispatch and combine: tuned per device, loaded at run time.
+
+Tuned configs are data: `kernels/tuned/<device-slug>.json` (slug of the CUDA device name,
+e.g. `nvidia-h200`), one entry per (op, shape class). A missing file, device or entry
+falls back to `DEFAULTS`. `autotune()` measures a small grid of candidates on the GPU at
+one representative shape per class (bounded by a time budget) and writes the file.
+
+Shape classes are by tokens per pass (the other dimensions move the optimum little for
+these memory-bound kernels): decode batches, small and large prefills.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache, partial
+from pathlib import Path
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+
+# (upper bound on tokens, class name), ascending
+TOKEN_CLASSES = ((64, "decode"), (1024, "small"), (8192, "prefill"), (None, "large"))
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    block_p: int = 1024  # pairs per routing program (power of two); the sort size
+    block_b: int = 32  # histogram rows read per step by each routing program
+    block_r: int = 1024  # padding rows classified per step
+    route_warps: int = 8
+    block_t: int = 4  # tokens per scatter program
+    block_d: int = 1024  # columns per scatter program (fp8: always 128, the scale group)
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    block_t: int = 4
+    block_d: int = 1024
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+DEFAULTS = {"dispatch": DispatchConfig(), "dispatch_fp8": DispatchConfig(block_t=16),
+            "combine": CombineConfig()}  # fmt: skip
+
+
+def device_slug(device=None) -> str:
+    """'nvidia-h200' for a CUDA device named 'NVIDIA H200'; 'cpu' without CUDA."""
+    import torch
+
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def token_class(n_tokens: int) -> str:
+    for bound, name in TOKEN_CLASSES:
+        if bound is None or n_tokens <= bound:
+            return name
+    raise AssertionError("unreachable")
+
+
+@lru_cache(maxsize=16)
+def _load(slug: str) -> dict:
+    path = TUNED_DIR / f"{slug}.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text()).get("configs", {})
+
+
+def _lookup(op: str, n_tokens: int, device, cls):
+    slug = device_slug(device)
+    entry = _load(slug).get(f"{op}:{token_class(n_tokens)}")
+    default = DEFAULTS[op]
+    if not entry:
+        return default
+    known = {f.name for f in fields(cls)}
+    return replace(default, **{k: int(v) for k, v in entry.items() if k in known})
+
+
+def dispatch_config(n_tokens, k, num_experts, d, quantize_fp8, device) -> DispatchConfig:
+    return _lookup("dispatch_fp8" if quantize_fp8 else "dispatch", n_tokens, device, DispatchConfig)
+
+
+def combine_config(n_tokens, k, d, device) -> CombineConfig:
+    return _lookup("combine", n_tokens, device, CombineConfig)
+
+
+# ------------------------------------------------------------------------------------------
+# autotuning (GPU only)
+# ------------------------------------------------------------------------------------------
+
+# one representative shape per class: (tokens, d, k, E), DeepSeek-R1-like
+TUNE_SHAPES = {"decode": (64, 7168, 8, 256), "small": (512, 7168, 8, 256),
+               "prefill": (4096, 7168, 8, 256)}  # fmt: skip
+
+
+def _candidates(op: str):
+    if op == "combine":
+        for bt in (1, 2, 4, 8):
+            for bd in (1024, 2048):
+                for w in (4, 8):
+                    yield CombineConfig(block_t=bt, block_d=bd, num_warps=w)
+    else:
+        fp8 = op == "dispatch_fp8"
+        for bt in (4, 8, 16, 32) if fp8 else (1, 2, 4, 8):
+            for bd in (128,) if fp8 else (1024, 2048):
+                for w in (4, 8):
+                    yield DispatchConfig(block_t=bt, block_d=bd, num_warps=w)
+
+
+def _route_candidates():
+    for bp in (256, 512, 1024, 2048):
+        for w in (4, 8):
+            yield {"block_p": bp, "route_warps": w}
+
+
+def _close(want, got):
+    import torch
+
+    return torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def _same_layout(ref, compare_rows, got):
+    import torch
+
+    if not torch.equal(got.slot, ref.slot):
+        return False
+    rows = ref.src_token >= 0
+    return not compare_rows or torch.equal(got.hidden[rows], ref.hidden[rows])
+
+
+def _best(op, cls, candidates, run, check, left, log):
+    """The fastest candidate config whose output passes `check`; (None, inf) if none."""
+    import triton
+
+    best, best_t = None, float("inf")
+    for cand in candidates:
+        if left() <= 0:
+            log(f"tune {op}:{cls}: time budget spent")
+            break
+        try:
+            if not check(run(config=cand)):
+                log(f"tune {op}:{cls} {cand}: wrong result, skipped")
+                continue
+            t = triton.testing.do_bench(partial(run, config=cand), warmup=5, rep=20)
+        except Exception as e:  # a config that fails to compile is just not a candidate
+            log(f"tune {op}:{cls} {cand}: {type(e).__name__}: {e}")
+            continue
+        if t < best_t:
+            best, best_t = cand, t
+    if best is not None:
+        log(f"tune {op}:{cls}: {best_t * 1e3:.1f} us with {asdict(best)}")
+    return best, best_t
+
+
+def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> dict:
+    """Measure candidates on this GPU and write tuned/<slug>.json; returns the file's dict.
+
+    Order: prefill shapes first (they matter most), each op's candidates measured with
+    triton.testing.do_bench; stops trying new candidates when the budget is spent (the
+    best so far is kept). Every candidate's output is checked against the reference
+    before it may win.
+    """
+    import torch
+    import triton
+
+    from moelab.kernels.combine import combine
+    from moelab.kernels.dispatch import dispatch, route
+    from moelab.kernels.reference import combine_reference, dispatch_reference
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("autotune needs a CUDA device")
+    t0 = time.perf_counter()
+    dev = torch.device("cuda")
+    slug = device_slug(dev)
+    result = {"device": torch.cuda.get_device_name(dev), "slug": slug,
+              "torch": torch.__version__, "triton": triton.__version__, "configs": {},
+              "timings_us": {}}  # fmt: skip
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def left():
+        return budget_s - (time.perf_counter() - t0)
+
+    for cls in ("prefill", "decode", "small"):
+        n, d, k, E = TUNE_SHAPES[cls]
+        x = torch.randn(n, d, device=dev, dtype=torch.bfloat16, generator=gen)
+        ids = torch.rand(n, E, device=dev, generator=gen).topk(k, dim=1).indices.to(torch.int32)
+        w = torch.rand(n, k, device=dev, generator=gen)
+        ref = dispatch_reference(x, ids, E, 64)
+        for op in ("dispatch", "combine", "dispatch_fp8"):
+            if op == "combine":
+                run = partial(combine, ref.hidden, ref, w)
+                want = combine_reference(ref.hidden, ref, w).float()
+                check = partial(_close, want)
+            else:
+                run = partial(dispatch, x, ids, E, 64, op == "dispatch_fp8", check_ids=False)
+                check = partial(_same_layout, ref, op == "dispatch")
+            best, best_t = _best(op, cls, _candidates(op), run, check, left, log)
+            if best is not None:
+                result["configs"][f"{op}:{cls}"] = asdict(best)
+                result["timings_us"][f"{op}:{cls}"] = best_t * 1e3
+        # the routing kernel's own parameters, on top of the best scatter config
+        key = f"dispatch:{cls}"
+        base = DispatchConfig(**result["configs"].get(key, asdict(DEFAULTS["dispatch"])))
+        cands = (replace(base, **rc) for rc in _route_candidates())
+        run = partial(route, ids, E, 64, check_ids=False)
+        best, best_t = _best("route", cls, cands, run, partial(_same_layout, ref, False), left, log)
+        if best is not None:
+            result["configs"][key] = asdict(best)
+            result["timings_us"][f"route:{cls}"] = best_t * 1e3
+    # "large" is not measured (it would not fit the budget): it takes the prefill configs
+    for op in ("dispatch", "dispatch_fp8", "combine"):
+        if f"{op}:prefill" in result["configs"]:
+            result["configs"].setdefault(f"{op}:large", result["configs"][f"{op}:prefill"])
+    result["elapsed_s"] = time.perf_counter() - t0
+    from moelab.experiments.io import write_json
+
+    path = (Path(out_dir) if out_dir else TUNED_DIR) / f"{slug}.json"
+    write_json(path, result)
+    _load.cache_clear()
+    log(f"tuned configs written to {path} ({result['elapsed_s']:.0f} s)")
+    return result
+
+
+def main(argv=None) -> int:
+    """python -m moelab.kernels.tuning [--budget S] [--out DIR]"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m moelab.kernels.tuning", description=__doc__)
+    p.add_argument("--budget", type=float, default=60.0, help="seconds to spend at most")
+    p.add_argument("--out", help="folder for <slug>.json (default: kernels/tuned)")
+    args = p.parse_args(argv)
+    autotune(args.budget, Path(args.out) if args.out else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""Dispatch kernels against the plain reference: named edge cases, errors, properties.
+
+Runs the Triton kernels in the interpreter on CPU (conftest), or compiled on a GPU with
+MOELAB_GPU_TESTS=1 (ci/gpu-check), where the full-size case marked `gpu` runs too.
+Every kernel output is poisoned before the run (NaN / -7777), so an element the kernel
+should have written but did not fails the comparison.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelab.kernels import dispatch as dispatch_mod
+from moelab.kernels.combine import combine
+from moelab.kernels.dispatch import DispatchLayout, dispatch, padded_rows, route, used_experts
+from moelab.kernels.reference import dequantize_fp8_reference, dispatch_reference
+from moelab.kernels.tuning import DispatchConfig
+
+ON_GPU = bool(os.environ.get("MOELAB_GPU_TESTS")) and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+POISON_INT = -7777
+INT_FIELDS = ("counts", "offsets", "src_token", "slot", "block_expert")
+
+
+def _poisoned_empty(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(POISON_INT)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every tensor the kernels allocate starts as NaN / -7777."""
+    monkeypatch.setattr(dispatch_mod, "_empty", _poisoned_empty)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def make_ids(n_tokens, k, E, kind="topk", seed=0, device=DEVICE, dtype=torch.int32):
+    """Routings: distinct experts per token (top-k), all to expert 0, or with dropped pairs."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "one":
+        ids = torch.zeros(n_tokens, k, dtype=torch.int64)
+    else:
+        ids = torch.rand(n_tokens, E, generator=g).argsort(dim=1)[:, :k]
+        if kind == "drop":  # about a third of the pairs not routed here
+            ids[torch.rand(n_tokens, k, generator=g) < 0.35] = -1
+        if kind == "few":  # empty experts: only experts 0, 3 and E-1 used
+            choices = torch.tensor([0, 3 % E, E - 1])
+            ids = choices[torch.randint(0, 3, (n_tokens, k), generator=g)]
+    return ids.to(dtype).to(device)
+
+
+def check_layout(got: DispatchLayout, hidden, topk_ids, E, block_m, quantize_fp8=False):
+    """The integer layout equals the reference exactly; meaningful rows equal the sources."""
+    ref = dispatch_reference(hidden, topk_ids, E, block_m, quantize_fp8)
+    for name in INT_FIELDS:
+        a, b = getattr(got, name), getattr(ref, name)
+        assert a.dtype == torch.int32, name
+        assert torch.equal(a, b), f"{name}: {a.tolist()} != {b.tolist()}"
+    assert got.hidden.shape == (padded_rows(*topk_ids.shape, E, block_m), hidden.shape[1])
+    rows = got.src_token >= 0
+    if quantize_fp8:
+        assert got.hidden.dtype == torch.float8_e4m3fn
+        torch.testing.assert_close(got.scales[rows], ref.scales[rows], rtol=1e-6, atol=0)
+        # fp8 round trip: within half an e4m3 step (2^-4 relative) of the source rows
+        x = hidden[got.src_token[rows].long()].float()
+        back = dequantize_fp8_reference(got.hidden[rows], got.scales[rows])
+        step = got.scales[rows].repeat_interleave(128, dim=1)
+        assert ((back - x).abs() <= x.abs() * 2**-4 + step * 2**-9 + 1e-12).all()
+        if not ON_GPU:  # same rounding rule as torch: equal values (a -0 may come out as +0)
+            assert torch.equal(got.hidden[rows].float(), ref.hidden[rows].float())
+    else:
+        assert got.hidden.dtype == hidden.dtype
+        # a permutation copies bits: compare exactly
+        assert torch.equal(got.hidden[rows], ref.hidden[rows])
+    return ref
+
+
+# small routing blocks: several programs of the routing kernel, so the histogram launch and
+# the scan over blocks run even at these small shapes
+MULTI = DispatchConfig(block_p=16, block_b=2, block_r=16, block_t=2, block_d=16)
+
+
+@pytest.mark.parametrize(
+    "n_tokens, d, k, E, block_m, kind, dtype, config",
+    [
+        (0, 32, 2, 4, 4, "topk", torch.float32, None),  # N_t = 0: nothing routed
+        (1, 32, 2, 4, 4, "topk", torch.float32, None),  # one token
+        (3, 32, 2, 8, 16, "topk", torch.bfloat16, None),  # N_t < block_m
+        (40, 32, 3, 13, 8, "topk", torch.float32, MULTI),  # prime E, several routing blocks
+        (40, 48, 1, 8, 4, "topk", torch.bfloat16, MULTI),  # k = 1, d not a power of two
+        (20, 32, 7, 7, 4, "topk", torch.float32, MULTI),  # k = E: every token to every expert
+        (30, 32, 4, 5, 8, "one", torch.float32, MULTI),  # all pairs to one expert (duplicates)
+        (10, 32, 2, 64, 4, "topk", torch.bfloat16, None),  # mostly empty experts (E >> pairs)
+        (33, 32, 3, 9, 4, "few", torch.float32, MULTI),  # empty experts between used ones
+        (50, 32, 4, 16, 8, "drop", torch.bfloat16, MULTI),  # ids of -1 (dropped / remote)
+        (17, 32, 3, 6, 1, "drop", torch.float32, None),  # block_m = 1: no padding at all
+        (24, 64, 2, 256, 64, "topk", torch.bfloat16, None),  # E = 256 and block_m = 64 as R1
+    ],
+)
+def test_dispatch_matches_reference(n_tokens, d, k, E, block_m, kind, dtype, config, device):
+    hidden = torch.randn(n_tokens, d, dtype=dtype, device=device)
+    ids = make_ids(n_tokens, k, E, kind, device=device)
+    got = dispatch(hidden, ids, E, block_m, config=config)
+    check_layout(got, hidden, ids, E, block_m)
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_non_contiguous_inputs(ids_dtype, device):
+    # hidden: every other column of a wider tensor; ids: a transposed view
+    base = torch.randn(21, 80, device=device)
+    hidden = base[:, ::2]
+    ids = make_ids(21, 3, 11, "drop", device=device, dtype=ids_dtype).t().contiguous().t()
+    assert not hidden.is_contiguous() and not ids.is_contiguous()
+    got = dispatch(hidden, ids, 11, 4, config=MULTI)
+    check_layout(got, hidden, ids, 11, 4)
+
+
+@pytest.mark.parametrize("n_tokens, config", [(5, None), (37, MULTI)])
+def test_fp8_dispatch(n_tokens, config, device):
+    # rows with zeros, tiny and huge values: the scale floor and the saturation are exercised
+    hidden = torch.randn(n_tokens, 256, dtype=torch.bfloat16, device=device)
+    hidden[0] = 0
+    hidden[1, :128] *= 1e-6
+    hidden[-1, 5] = 1e4
+    ids = make_ids(n_tokens, 2, 6, "drop", device=device)
+    got = dispatch(hidden, ids, 6, 8, quantize_fp8=True, config=config)
+    check_layout(got, hidden, ids, 6, 8, quantize_fp8=True)
+    assert got.scales.shape == (got.n_pad, 2)
+
+
+def test_ep_rank_grouping(device):
+    E, R = 12, 4
+    hidden = torch.randn(40, 32, device=device)
+    ids = make_ids(40, 3, E, "drop", device=device)
+    got = dispatch(hidden, ids, E, 4, ep_ranks=R, config=MULTI)
+    ref = check_layout(got, hidden, ids, E, 4)
+    rank_of = torch.arange(E, device=device) // (E // R)
+    valid = ids >= 0
+    want = torch.bincount(rank_of[ids[valid].long()], minlength=R)
+    assert torch.equal(got.rank_counts, want.to(torch.int32))
+    assert torch.equal(got.rank_offsets, ref.offsets[:: E // R])
+    # every row of rank r's range holds a pair routed to one of rank r's experts
+    for r in range(R):
+        lo, hi = got.rank_offsets[r].item(), got.rank_offsets[r + 1].item()
+        rows = torch.arange(lo, hi, device=device)
+        rows = rows[got.src_token[lo:hi] >= 0]
+        t = got.src_token[rows].long()
+        hit = (ids[t].long() // (E // R) == r) & (got.slot[t] == rows[:, None])
+        assert hit.any(dim=1).all()
+
+
+def test_used_experts(device):
+    ids = make_ids(33, 3, 9, "few", device=device)
+    lay = route(ids, 9, 4, config=MULTI)
+    want = torch.unique(ids[ids >= 0]).to(torch.int64)
+    assert torch.equal(used_experts(lay.counts), want)
+    assert torch.equal(lay.used_experts(), want)
+    assert torch.equal(used_experts(lay), want)
+    assert used_experts(lay.counts).dtype == torch.int64
+
+
+def test_route_needs_no_hidden(device):
+    ids = make_ids(19, 2, 5, "drop", device=device)
+    lay = route(ids, 5, 4)
+    ref = dispatch_reference(torch.zeros(19, 1, device=device), ids, 5, 4)
+    assert lay.hidden is None
+    for name in INT_FIELDS:
+        assert torch.equal(getattr(lay, name), getattr(ref, name)), name
+
+
+def test_deterministic(device):
+    hidden = torch.randn(24, 32, device=device)
+    ids = make_ids(24, 4, 8, "topk", device=device)
+    a = dispatch(hidden, ids, 8, 8, config=MULTI)
+    b = dispatch(hidden, ids, 8, 8, config=MULTI)
+    for name in INT_FIELDS:
+        assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_id", [-2, 6, 1000])
+def test_out_of_range_id_raises(bad_id, device):
+    ids = make_ids(4, 2, 6, device=device)
+    ids[2, 1] = bad_id
+    with pytest.raises(ValueError, match=r"topk_ids: ids must lie in \[-1, 6\)"):
+        dispatch(torch.randn(4, 32, device=device), ids, 6)
+
+
+@pytest.mark.parametrize(
+    "hidden_shape, hidden_dtype, ids, kwargs, error, match",
+    [
+        ((4, 32), torch.float32, torch.zeros(4, 2), {}, TypeError, "topk_ids: dtype"),  # float ids
+        ((4, 32), torch.int32, torch.zeros(4, 2, dtype=torch.int32), {}, TypeError, "hidden: dtype"),
+        ((4, 32), torch.float32, torch.zeros(8, dtype=torch.int32), {}, ValueError, "topk_ids: expected"),
+        ((4, 32), torch.float32, torch.zeros(5, 2, dtype=torch.int32), {}, ValueError, "5 tokens"),
+        ((4,), torch.float32, torch.zeros(4, 2, dtype=torch.int32), {}, ValueError, "hidden: expected"),
+        ((4, 32), torch.float32, torch.zeros(4, 2, dtype=torch.int32), {"quantize_fp8": True},
+         ValueError, "multiple of 128|d % 128"),  # fp8 needs whole 128-column groups
+        ((4, 32), torch.float32, torch.zeros(4, 2, dtype=torch.int32), {"ep_ranks": 4},
+         ValueError, "ep_ranks"),  # 6 experts do not split over 4 ranks
+        ((4, 32), torch.float32, torch.zeros(4, 2, dtype=torch.int32), {"block_m": 0},
+         ValueError, "block_m"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises(hidden_shape, hidden_dtype, ids, kwargs, error, match, device):
+    hidden = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device)
+    with pytest.raises(error, match=match):
+        dispatch(hidden, ids.to(device), 6, **kwargs)
+
+
+# --- properties ---------------------------------------------------------------------------
+
+
+@st.composite
+def routings(draw):
+    """Small routings: empty inputs, duplicate ids, -1 ids and empty experts allowed."""
+    n_tokens = draw(st.integers(0, 40))
+    E = draw(st.integers(1, 17))
+    k = draw(st.integers(1, 4))
+    block_m = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    flat = draw(st.lists(st.integers(-1, E - 1), min_size=n_tokens * k, max_size=n_tokens * k))
+    ids = torch.tensor(flat, dtype=torch.int32).view(n_tokens, k).to(DEVICE)
+    block_p = draw(st.sampled_from([16, 32, 1024]))  # 16/32: several routing programs
+    config = DispatchConfig(block_p=block_p, block_b=2, block_r=16, block_t=4, block_d=16)
+    seed = draw(st.integers(0, 2**16))
+    return ids, E, block_m, config, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(routings())
+def test_layout_properties(case):
+    ids, E, block_m, config, seed = case
+    n_tokens, k = ids.shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, 16, generator=g).to(DEVICE)
+    lay = dispatch(hidden, ids, E, block_m, config=config)
+    ref = check_layout(lay, hidden, ids, E, block_m)  # layout equals the reference exactly
+
+    valid = ids >= 0
+    slot, src = lay.slot.long(), lay.src_token.long()
+    offsets, counts = lay.offsets.long(), lay.counts.long()
+    # offsets block-aligned, each group sized by its count, counts sum to the valid pairs
+    assert (offsets % block_m == 0).all() and offsets[0] == 0
+    assert torch.equal(offsets[1:] - offsets[:-1], (counts + block_m - 1) // block_m * block_m)
+    assert counts.sum() == valid.sum()
+    # slot is a bijection from the valid pairs onto the non-padding rows
+    assert (slot[~valid] == -1).all()
+    used_rows = slot[valid]
+    assert used_rows.unique().numel() == used_rows.numel()
+    assert torch.equal(used_rows.sort().values, torch.nonzero(src >= 0).flatten())
+    # src_token and slot are mutually inverse
+    t_of_pair = torch.arange(n_tokens, device=ids.device)[:, None].expand(n_tokens, k)
+    assert torch.equal(src[used_rows], t_of_pair[valid])
+    # rows of one expert keep (t, j) order; each row lies in its expert's group
+    e = ids.long()[valid]
+    assert ((used_rows >= offsets[e]) & (used_rows < offsets[e] + counts[e])).all()
+    pair_index = torch.arange(n_tokens * k, device=ids.device).view(n_tokens, k)[valid]
+    by_row = pair_index[used_rows.argsort()]
+    assert (by_row[1:] > by_row[:-1])[e[used_rows.argsort()][1:] == e[used_rows.argsort()][:-1]].all()
+    # permuted rows equal their source rows
+    assert torch.equal(lay.hidden[used_rows], hidden[t_of_pair[valid]])
+    assert ref.n_pad == lay.n_pad
+
+
+@settings(max_examples=25, deadline=None)
+@given(routings())
+def test_combine_of_dispatch_is_weighted_sum(case):
+    """Identity experts: combine(dispatch(x)) = sum_j w[t,j] x_t over the routed pairs."""
+    ids, E, block_m, config, seed = case
+    n_tokens, k = ids.shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, 16, generator=g).to(DEVICE)
+    w = torch.rand(n_tokens, k, generator=g).to(DEVICE)
+    lay = dispatch(hidden, ids, E, block_m, config=config)
+    out = combine(lay.hidden, lay, w)
+    want = hidden * torch.where(ids >= 0, w, 0.0).sum(1, keepdim=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+# --- full size, compiled (ci/gpu-check) ---------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="full-size case runs compiled on a GPU (MOELAB_GPU_TESTS=1)")
+@pytest.mark.parametrize("quantize_fp8", [False, True])
+def test_full_size_r1_prefill(quantize_fp8):
+    # DeepSeek-R1 prefill: 4096 tokens x 7168, top-8 of 256, block_m 64
+    n_tokens, d, k, E = 4096, 7168, 8, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n_tokens, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    ids = torch.rand(n_tokens, E, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
+    ids[:7, 3] = -1  # a few dropped pairs
+    lay = dispatch(hidden, ids, E, 64, quantize_fp8=quantize_fp8)
+    check_layout(lay, hidden, ids, E, 64, quantize_fp8)
+    if not quantize_fp8:
+        w = torch.rand(n_tokens, k, device="cuda", generator=g)
+        out = combine(lay.hidden, lay, w)
+        want = hidden.float() * torch.where(ids >= 0, w, 0.0).sum(1, keepdim=True)
+        torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
