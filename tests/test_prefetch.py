@@ -305,3 +305,50 @@ _STORE = tiny(scale=1 / 128)
 SchedulerMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=20,
                                               deadline=None)
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+# --- the benchmark and calibrate run end to end (CPU fallback here, CUDA on a GPU) --------
+
+
+def test_bench_prefetch_rows(tmp_path):
+    import argparse
+
+    from moelab.kernels.prefetch_bench import bench_prefetch
+
+    rows = bench_prefetch(argparse.Namespace(quick=True, out=str(tmp_path), json=False))
+    paths = {r["path"] for r in rows}
+    assert {"memcpy", "copy", "gather", "gather_kernel", "overlap_copy", "cache_lru"} <= paths
+    # Every transfer was checked byte for byte before it was timed.
+    assert all(r["correct"] for r in rows if "correct" in r)
+    for r in rows:
+        if r["path"] in ("copy", "gather", "gather_kernel"):
+            assert r["bandwidth_Bps"] > 0 and r["ratio_to_memcpy"] > 0
+    lru = {r["slots"]: r for r in rows if r["path"] == "cache_lru"}
+    belady = {r["slots"]: r for r in rows if r["path"] == "cache_belady"}
+    assert all(belady[s]["misses"] <= lru[s]["misses"] for s in lru)
+
+
+def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
+    import json
+
+    from moelab.experiments.cli import main
+
+    out = tmp_path / "system.json"
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    sys_ = presets.load_system(str(out))
+    assert sys_.b_pcie == data["b_pcie"] > 0 and sys_.hbm_bw > 0 and sys_.peak_flops > 0
+    assert "not measurable on one GPU" in data["source"]
+    if not GPU:
+        assert data["name"] == "cpu-standin" and "STAND-IN" in data["source"]
+    capsys.readouterr()
+    assert main(["gamma", "--system", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["b_pcie"] == data["b_pcie"]
+
+
+def test_calibrate_latency_fit():
+    from moelab.experiments.cmd_calibrate import _fit_latency
+
+    sizes = [4096, 65536, 1 << 20, 1 << 24]
+    alpha, bw = _fit_latency(sizes, [5e-6 + s / 50e9 for s in sizes])
+    assert alpha == pytest.approx(5e-6, rel=1e-6) and bw == pytest.approx(50e9, rel=1e-6)

@@ -1,0 +1,234 @@
+"""`moelab calibrate`: measure this machine and write a system file for `--system path.json`.
+
+Measured on the GPU (CUDA events, medians):
+- b_pcie: host -> device copy from pinned memory (the largest size), B/s;
+- alpha_pcie: the intercept of a least-squares fit t(size) = alpha + size / B over copies
+  from 4 KiB to 64 MiB: the fixed cost of one copy, s;
+- hbm_bw: device -> device copy, bytes read + written per second;
+- peak_flops: a bf16 GEMM (8192^3, 4096^3 with --quick): achieved, not the datasheet's;
+- dispatch / combine GB/s through `moelab.kernels.bench` when it is there (reported only:
+  the system file has no field for them).
+Not measurable on one GPU: b_net and alpha_net (the network) and gpus_per_node come from a
+preset (--network, default: the --system preset's network, guessed from the device name);
+"source" in the file says which numbers were measured and which were taken.
+
+Without a GPU the same measurements run on the CPU as clearly labelled stand-ins (host
+memcpy for the host link and HBM, an fp32 GEMM for FLOP/s; name "cpu-standin") so that
+the pipeline `calibrate -> gamma --system` can be exercised; the file says so in "source".
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+HELP = "measure host link, device copy, GEMM and latency; write a system file (--system)"
+
+# Substring of torch.cuda.get_device_name() -> system preset.
+_DEVICE_PRESETS = [("GH200", "gh200"), ("GB200", "gb200"), ("B200", "b200"),
+                   ("H200", "h200-sxm"), ("H800", "h800-sxm"), ("H100", "h100-sxm")]
+
+
+def add_arguments(p):
+    p.add_argument("--out", help="write the system file here (JSON, SI units)")
+    p.add_argument("--system", help="preset for what one GPU cannot measure (network, GPUs "
+                                    "per node) [guessed from the device name, else h100-sxm]")
+    p.add_argument("--network", help="network preset for b_net and alpha_net [the system's]")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    p.add_argument("--json", action="store_true", help="print the system and the measurements")
+
+
+def _median(fn, sync, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _timer(cuda: bool):
+    """Median seconds of a callable: CUDA events on a GPU (device time), wall time on a CPU."""
+    import torch
+
+    if not cuda:
+        return lambda fn, repeats: _median(fn, lambda: None, repeats)
+
+    def timed(fn, repeats):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()  # host synchronization: wait for this measurement
+            times.append(start.elapsed_time(end) * 1e-3)
+        return statistics.median(times)
+
+    return timed
+
+
+def _fit_latency(sizes, times) -> tuple[float, float]:
+    """Least squares t = alpha + size / B; returns (alpha >= 0, B)."""
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(times) / n
+    sxx = sum((x - mx) ** 2 for x in sizes)
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, times, strict=True)) / sxx
+    alpha = my - slope * mx
+    return max(alpha, 0.0), (1.0 / slope if slope > 0 else float("inf"))
+
+
+def measure(quick: bool) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    timed = _timer(cuda)
+    repeats = 5 if quick else 10
+    big = (256 if quick else 1024) << 20  # bytes of the bandwidth copies
+    m: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+               "torch": torch.__version__, "cuda": cuda}
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)  # one core's memcpy: steady on a shared machine
+        big = (32 if quick else 128) << 20
+    try:
+        dev = torch.device("cuda" if cuda else "cpu")
+        host = torch.empty(big, dtype=torch.uint8, pin_memory=cuda).fill_(1)
+        dst = torch.empty(big, dtype=torch.uint8, device=dev)
+        # Host link: pinned host -> device (on a CPU: memcpy, the stand-in).
+        t = timed(lambda: dst.copy_(host, non_blocking=True), repeats)
+        m["h2d_Bps"] = big / t
+        if cuda:
+            t = timed(lambda: host.copy_(dst, non_blocking=True), repeats)
+            m["d2h_Bps"] = big / t
+        # Latency: copies from 4 KiB to 64 MiB, fit t = alpha + size / B.
+        sizes = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+        sizes = [s for s in sizes if s <= big]
+        small_times = [timed(lambda s=s: dst[:s].copy_(host[:s], non_blocking=True),
+                             repeats * 4) for s in sizes]
+        m["copy_sizes_bytes"] = sizes
+        m["copy_times_s"] = small_times
+        m["alpha_pcie_s"], m["h2d_fit_Bps"] = _fit_latency(sizes, small_times)
+        m["small_copy_s"] = small_times[0]
+        # Device memory: device -> device copy moves each byte twice (read and write).
+        other = torch.empty_like(dst)
+        t = timed(lambda: other.copy_(dst), repeats)
+        m["d2d_copy_Bps"] = 2 * big / t
+        # GEMM.
+        n = (4096 if quick else 8192) if cuda else (512 if quick else 1024)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        a = torch.randn((n, n), device=dev, dtype=dtype)
+        b = torch.randn((n, n), device=dev, dtype=dtype)
+        t = timed(lambda: a @ b, repeats)
+        m["gemm"] = {"n": n, "dtype": str(dtype).removeprefix("torch."), "seconds": t}
+        m["gemm_flops"] = 2 * n**3 / t
+    finally:
+        torch.set_num_threads(threads)
+    m["dispatch_combine"] = _dispatch_combine(quick)
+    return m
+
+
+def _dispatch_combine(quick: bool) -> dict:
+    """Dispatch and combine GB/s from the kernels' own benchmarks, if they are built."""
+    import argparse
+    import contextlib
+    import io
+
+    try:
+        from moelab.kernels import bench
+    except ImportError as e:
+        return {"skipped": f"moelab.kernels.bench not available ({e})"}
+    out = {}
+    for name in ("dispatch", "combine"):
+        fn = getattr(bench, f"bench_{name}", None)
+        if fn is None:
+            out[name] = {"skipped": f"no bench_{name}"}
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # their table is not ours
+                rows = fn(argparse.Namespace(quick=True, out=None, json=False, name=name))
+        except Exception as e:  # a benchmark that cannot run here is reported, not fatal
+            out[name] = {"skipped": f"{type(e).__name__}: {e}"}
+            continue
+        rates = [v for r in rows for k, v in r.items()
+                 if isinstance(v, int | float) and k.endswith("Bps")]
+        out[name] = {"max_Bps": max(rates) if rates else None, "rows": len(rows)}
+    return out
+
+
+def _guess_preset(device: str) -> str:
+    for key, preset in _DEVICE_PRESETS:
+        if key in device:
+            return preset
+    return "h100-sxm"
+
+
+def run(args) -> int:
+    import datetime
+
+    from moelab.costmodel.presets import load_system
+    from moelab.costmodel.specs import SystemSpec, as_dict
+
+    m = measure(args.quick)
+    preset_name = args.system or _guess_preset(m["device"])
+    preset = load_system(preset_name, network=args.network, latencies=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if m["cuda"]:
+        name = f"calibrated-{preset_name}"
+        how = (f"measured by moelab calibrate on {m['device']} {date}: b_pcie (pinned H2D "
+               f"copy), alpha_pcie (fit over copy sizes), hbm_bw (D2D copy), peak_flops "
+               f"(achieved {m['gemm']['dtype']} GEMM {m['gemm']['n']}^3)")
+    else:
+        name = "cpu-standin"
+        how = (f"CPU STAND-IN, no GPU (moelab calibrate on the CPU, {date}): b_pcie and "
+               f"alpha_pcie from host memcpy, hbm_bw from memcpy, peak_flops from an fp32 "
+               f"GEMM on one core; not a host link, for exercising the pipeline only")
+    system = SystemSpec(
+        name=name,
+        b_pcie=m["h2d_Bps"],
+        b_net=preset.b_net,
+        alpha_pcie=m["alpha_pcie_s"],
+        alpha_net=preset.alpha_net,
+        hbm_bw=m["d2d_copy_Bps"],
+        peak_flops=m["gemm_flops"],
+        gpus_per_node=preset.gpus_per_node,
+        host_link="measured" if m["cuda"] else "cpu memcpy (stand-in)",
+        network=preset.network,
+        source=(f"{how}; taken from preset {preset_name}: b_net, alpha_net ({preset.network}, "
+                f"not measurable on one GPU), gpus_per_node"),
+    )
+    data = as_dict(system)
+    if args.out:
+        from moelab.experiments.io import write_json
+
+        path = write_json(args.out, data)
+        load_system(str(path))  # the file must load as `--system path.json` reads it
+    if args.json:
+        print(json.dumps({"system": data, "measurements": m, "out": args.out}, indent=1,
+                         default=float))
+        return 0
+    if not m["cuda"]:
+        print("calibrate: no GPU: CPU stand-ins below (host memcpy, not a host link)")
+    print(f"device        {m['device']}")
+    print(f"host link     {m['h2d_Bps'] / 1e9:8.2f} GB/s H2D"
+          + (f", {m['d2h_Bps'] / 1e9:.2f} GB/s D2H" if "d2h_Bps" in m else ""))
+    print(f"latency       {m['alpha_pcie_s'] * 1e6:8.2f} µs per copy (fit), "
+          f"{m['small_copy_s'] * 1e6:.2f} µs for 4 KiB")
+    print(f"device copy   {m['d2d_copy_Bps'] / 1e9:8.1f} GB/s (read + write)")
+    print(f"GEMM          {m['gemm_flops'] / 1e12:8.1f} TFLOP/s ({m['gemm']['dtype']}, "
+          f"n={m['gemm']['n']})")
+    for k, v in m["dispatch_combine"].items():
+        if isinstance(v, dict) and v.get("max_Bps"):
+            print(f"{k:13} {v['max_Bps'] / 1e9:8.1f} GB/s")
+        else:
+            print(f"{k:13} {v if isinstance(v, str) else v.get('skipped', v)}")
+    print(f"network       {system.b_net / 1e9:8.1f} GB/s from preset {system.network} "
+          "(not measured)")
+    if args.out:
+        print(f"wrote {args.out}: use it with --system {args.out}")
+    return 0
