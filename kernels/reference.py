@@ -89,3 +89,9 @@ def combine_torch(expert_out, order, topk_weights):
                       dtype=torch.float32)  # fmt: skip
     out.index_add_(0, order // k, expert_out.float() * w[:, None])
     return out.to(expert_out.dtype)
+
+
+def combine_torch_gather(expert_out, slot, topk_weights):
+    """Gather-sum: out[t] = sum_j w[t,j] * expert_out[slot[t,j]] in fp32 (all slots valid)."""
+    rows = expert_out[slot.long()].float()  # [N_t, k, d]
+    return (rows * topk_weights.float()[..., None]).sum(1).to(expert_out.dtype)
