@@ -4,8 +4,8 @@ An experiment is a module `moelab.experiments.exp_<name>` with
 
     NAME     the command-line name ("seed-r1")
     SUMMARY  one line for `moelab experiment list`
-    VERSION  code version string: bump it when the experiment's code changes its results
-    DEPENDS  modules whose source goes into the cache key (their results change with them;
+    VERSION  code version string (the module's own source is in the cache key as well)
+    DEPENDS  other modules whose source goes into the cache key (their results change with them;
              a module that is missing counts as "missing", so the experiment reruns when it lands)
     INPUTS   optional function(cfg) -> list of data files whose contents go into the cache key
     config(quick: bool) -> dict      everything that determines the results (JSON-able)
@@ -97,7 +97,8 @@ def cache_key(exp: ModuleType, cfg: dict) -> dict:
         "name": exp.NAME,
         "version": exp.VERSION,
         "config": cfg,
-        "depends": {m: module_digest(m) for m in getattr(exp, "DEPENDS", ())},
+        # The experiment's own source too: an edit that forgets to bump VERSION still reruns.
+        "depends": {m: module_digest(m) for m in (exp.__name__, *getattr(exp, "DEPENDS", ()))},
         "inputs": {f: _file_digest(Path(f)) for f in files},
     }
 
