@@ -36,6 +36,8 @@ def add_arguments(p):
                                     "per node) [guessed from the device name, else h100-sxm]")
     p.add_argument("--network", help="network preset for b_net and alpha_net [the system's]")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="skip the dispatch/combine kernel benchmarks (moelab bench dispatch)")
     p.add_argument("--json", action="store_true", help="print the system and the measurements")
 
 
@@ -83,7 +85,7 @@ def _fit_latency(sizes, times) -> tuple[float, float]:
     return max(alpha, 0.0), (1.0 / slope if slope > 0 else float("inf"))
 
 
-def measure(quick: bool) -> dict:
+def measure(quick: bool, kernels: bool = True) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -129,12 +131,17 @@ def measure(quick: bool) -> dict:
         m["gemm_flops"] = 2 * n**3 / t
     finally:
         torch.set_num_threads(threads)
-    m["dispatch_combine"] = _dispatch_combine(quick)
+    if not kernels:
+        m["dispatch_combine"] = {"skipped": "--no-kernels"}
+    elif not cuda:
+        m["dispatch_combine"] = {"skipped": "no GPU: the Triton kernels need one"}
+    else:
+        m["dispatch_combine"] = _dispatch_combine()
     return m
 
 
-def _dispatch_combine(quick: bool) -> dict:
-    """Dispatch and combine GB/s from the kernels' own benchmarks, if they are built."""
+def _dispatch_combine() -> dict:
+    """Dispatch and combine GB/s from the kernels' own benchmarks (their quick shapes)."""
     import argparse
     import contextlib
     import io
@@ -155,9 +162,12 @@ def _dispatch_combine(quick: bool) -> dict:
         except Exception as e:  # a benchmark that cannot run here is reported, not fatal
             out[name] = {"skipped": f"{type(e).__name__}: {e}"}
             continue
-        rates = [v for r in rows for k, v in r.items()
-                 if isinstance(v, int | float) and k.endswith("Bps")]
-        out[name] = {"max_Bps": max(rates) if rates else None, "rows": len(rows)}
+        # The kernel's achieved B/s per shape (rows without one: no GPU, or a failed check).
+        shapes = {str(r.get("shape", i)): r["bandwidth_Bps"] for i, r in enumerate(rows)
+                  if isinstance(r.get("bandwidth_Bps"), int | float)}
+        out[name] = {"bandwidth_Bps": shapes, "max_Bps": max(shapes.values(), default=None)}
+        if not shapes:
+            out[name]["skipped"] = "no kernel timing (the Triton kernels need a GPU)"
     return out
 
 
@@ -174,7 +184,7 @@ def run(args) -> int:
     from moelab.costmodel.presets import load_system
     from moelab.costmodel.specs import SystemSpec, as_dict
 
-    m = measure(args.quick)
+    m = measure(args.quick, kernels=not args.no_kernels)
     preset_name = args.system or _guess_preset(m["device"])
     preset = load_system(preset_name, network=args.network, latencies=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -222,11 +232,15 @@ def run(args) -> int:
     print(f"device copy   {m['d2d_copy_Bps'] / 1e9:8.1f} GB/s (read + write)")
     print(f"GEMM          {m['gemm_flops'] / 1e12:8.1f} TFLOP/s ({m['gemm']['dtype']}, "
           f"n={m['gemm']['n']})")
-    for k, v in m["dispatch_combine"].items():
+    dc = m["dispatch_combine"]
+    if "skipped" in dc:
+        print(f"dispatch/combine skipped: {dc['skipped']}")
+    for k, v in ({} if "skipped" in dc else dc).items():
         if isinstance(v, dict) and v.get("max_Bps"):
-            print(f"{k:13} {v['max_Bps'] / 1e9:8.1f} GB/s")
+            shapes = ", ".join(f"{s} {b / 1e9:.1f}" for s, b in v["bandwidth_Bps"].items())
+            print(f"{k:13} {v['max_Bps'] / 1e9:8.1f} GB/s best ({shapes})")
         else:
-            print(f"{k:13} {v if isinstance(v, str) else v.get('skipped', v)}")
+            print(f"{k:13} skipped: {v if isinstance(v, str) else v.get('skipped', v)}")
     print(f"network       {system.b_net / 1e9:8.1f} GB/s from preset {system.network} "
           "(not measured)")
     if args.out:

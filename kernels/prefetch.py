@@ -466,6 +466,10 @@ class Prefetcher:
         # Gather path: one launch per expert on row views, so the index tensors are a
         # constant [0] made once (making them per launch would be a host copy each).
         self._zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if cuda:
+            # Host synchronization, once: the side stream must not read the slots' or the
+            # index's memory before the kernels that made them have run.
+            torch.cuda.synchronize(self.device)
 
     # --- transfers ---
     def _issue_copy(self, layer: int, expert: int, slot: int):
