@@ -168,9 +168,11 @@ def simulate_ep(
 def _scalar(x) -> float:
     import numpy as np
 
+    from moelab.costmodel.specs import SpecError
+
     a = np.asarray(x, dtype=float)
     if a.size != 1:
-        raise ValueError("overlap_gammas takes one configuration (scalar inputs), got an array")
+        raise SpecError("overlap: the timeline takes one configuration, not a sweep")
     return float(a.reshape(()))
 
 

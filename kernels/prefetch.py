@@ -4,7 +4,7 @@ The offload side of gamma (T_P) assumes every used expert crosses the host link 
 nothing overlaps. This module builds the real path and measures it:
 
 - `HostExpertStore`: each layer's routed experts in (pinned) host memory, one contiguous,
-  16-byte aligned block per expert (gate, up, down back to back), from a `ModelSpec`.
+  256-byte aligned block per expert (gate, up, down back to back), from a `ModelSpec`.
 - `ExpertCache`: C device slots and the slot table (layer, expert) -> slot. Pure
   bookkeeping: LRU eviction, or Belady (evict the expert used farthest in the future,
   optimal given the routing: the bound LRU is measured against). Slots in use by an
