@@ -325,6 +325,9 @@ class _CudaLanes:
     def synchronize(self) -> None:
         self.side.synchronize()  # host synchronization: waits for every issued transfer
 
+    def close(self) -> None:
+        self.synchronize()
+
 
 class _ThreadLanes:
     """CPU stand-in for streams: a worker thread runs the transfer lane's queue in order;
@@ -342,6 +345,8 @@ class _ThreadLanes:
     def _run(self):
         while True:
             fn = self._queue.get()
+            if fn is None:  # close()
+                return
             try:
                 if self._error is None or isinstance(fn, _SetEvent):
                     fn()  # after a failure only events are set, so that nobody waits forever
@@ -377,6 +382,11 @@ class _ThreadLanes:
     def synchronize(self) -> None:
         self.side_record().wait()
         self._check()
+
+    def close(self) -> None:
+        """Finish the queued transfers, then end the worker thread."""
+        self._queue.put(None)
+        self._worker.join()
 
 
 class _SetEvent:
@@ -545,6 +555,10 @@ class Prefetcher:
 
     def synchronize(self) -> None:
         self.lanes.synchronize()
+
+    def close(self) -> None:
+        """Wait for the issued transfers and stop the transfer lane (its thread on a CPU)."""
+        self.lanes.close()
 
     # --- lookahead ---
     def _learn(self, layer: int, experts: list[int]) -> None:

@@ -137,6 +137,7 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
             t = _median_time(fetch_all, sync, repeats)
             row.update(seconds=t, bandwidth_Bps=nbytes / t, ratio_to_memcpy=t_memcpy / t)
         rows.append(row)
+        pf.close()
 
     # The gather kernel alone: all n blocks in one launch.
     words, dst = store.words(1), slots.view(torch.int32)
@@ -208,6 +209,7 @@ def _overlap_rows(store, n, device, sync, repeats, base) -> list[dict]:
                      "gemm_reps": reps, "gemm_to_copy": t_gemm / t_copy,
                      "hidden_fraction": hidden,
                      "correct": _check(pf, layer[0], experts)})
+        pf.close()
     return rows
 
 

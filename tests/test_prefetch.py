@@ -299,6 +299,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for fetch in self.open:
             fetch.release()
         self.pf.synchronize()
+        self.pf.close()
 
 
 _STORE = tiny(scale=1 / 128)
