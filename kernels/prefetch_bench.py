@@ -19,8 +19,10 @@ speeds, labelled so, never host-link speeds.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
+import sys
 import time
 
 # (preset, experts per measured batch): about 0.3-0.7 GB per batch on a GPU.
@@ -59,12 +61,15 @@ def _check(pf, layer, experts) -> bool:
 def bench_prefetch(args) -> list[dict]:
     import torch
 
+    # With --json, stdout carries only the rows (cmd_bench prints them): the table and the
+    # notes go to stderr.
+    say = functools.partial(print, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     cuda = torch.cuda.is_available()
     if not cuda:
         # The gather kernel can only run in Triton's interpreter here; it must be on
         # before the kernel module is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        print("prefetch: no GPU. CPU fallback: a worker thread plays the side stream, the "
+        say("prefetch: no GPU. CPU fallback: a worker thread plays the side stream, the "
               "gather kernel runs in Triton's interpreter, blocks are shrunk "
               f"{round(1 / CPU_SCALE)}x; speeds below are CPU memory speeds, not a host link.")
     from moelab.costmodel import presets
@@ -90,7 +95,7 @@ def bench_prefetch(args) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     rows += _cache_rows(common, quick)
-    _print(rows, cuda)
+    _print(rows, cuda, say)
     return rows
 
 
@@ -241,31 +246,31 @@ def _fmt_bw(x) -> str:
     return f"{x / 1e9:8.2f}" if isinstance(x, float) else f"{'-':>8}"
 
 
-def _print(rows, cuda) -> None:
+def _print(rows, cuda, say=print) -> None:
     unit = "GB/s" if cuda else "GB/s (CPU memory, not a host link)"
-    print(f"{'model':15} {'path':15} {'route':20} {'expert MB':>9} {'GB/s':>8}  vs memcpy  ok"
+    say(f"{'model':15} {'path':15} {'route':20} {'expert MB':>9} {'GB/s':>8}  vs memcpy  ok"
           f"   ({unit})")
     for r in rows:
         if "bandwidth_Bps" in r or r["path"] in ("copy", "gather", "gather_kernel"):
             ratio = r.get("ratio_to_memcpy")
             ratio_s = f"{ratio:9.3f}" if ratio is not None else f"{'-':>9}"
-            print(f"{r['model']:15} {r['path']:15} {str(r['route']):20} "
+            say(f"{r['model']:15} {r['path']:15} {str(r['route']):20} "
                   f"{r['expert_bytes'] / 1e6:9.3f} {_fmt_bw(r.get('bandwidth_Bps'))}  {ratio_s}  "
                   f"{'yes' if r['correct'] else 'NO: not timed'}")
-    print()
-    print(f"{'model':15} {'overlap':15} {'t_copy ms':>9} {'t_gemm ms':>9} {'t_both ms':>9} "
+    say()
+    say(f"{'model':15} {'overlap':15} {'t_copy ms':>9} {'t_gemm ms':>9} {'t_both ms':>9} "
           "hidden (of the copy)")
     for r in rows:
         if r["path"].startswith("overlap_"):
-            print(f"{r['model']:15} {r['path']:15} {r['t_copy_s'] * 1e3:9.2f} "
+            say(f"{r['model']:15} {r['path']:15} {r['t_copy_s'] * 1e3:9.2f} "
                   f"{r['t_gemm_s'] * 1e3:9.2f} {r['t_both_s'] * 1e3:9.2f} "
                   f"{r['hidden_fraction']:6.3f}")
-    print()
+    say()
     for r in rows:
         if r["path"].startswith("cache_"):
-            print(f"cache {r['path'][6:]:7} slots {r['slots']:3}: hit rate {r['hit_rate']:.3f} "
+            say(f"cache {r['path'][6:]:7} slots {r['slots']:3}: hit rate {r['hit_rate']:.3f} "
                   f"({r['hits']}/{r['accesses']})")
-    print()
+    say()
     gathers = [r for r in rows if r["path"] in ("gather", "gather_kernel") and "ratio_to_memcpy" in r]
     hidden = [r for r in rows if r["path"] == "overlap_copy"]
     if gathers:
@@ -274,10 +279,10 @@ def _print(rows, cuda) -> None:
             best[r["model"]] = max(best.get(r["model"], 0.0), r["ratio_to_memcpy"])
         worst = min(best.values())
         verdict = ("met" if worst >= GOAL else "NOT met") if cuda else "no verdict on a CPU"
-        print(f"goal: zero-copy gather >= {GOAL:.0%} of pinned memcpy (best launch per model): "
+        say(f"goal: zero-copy gather >= {GOAL:.0%} of pinned memcpy (best launch per model): "
               f"worst model {worst:.3f} -> {verdict}")
     if hidden:
         worst = min(r["hidden_fraction"] for r in hidden)
         verdict = ("met" if worst >= GOAL else "NOT met") if cuda else "no verdict on a CPU"
-        print(f"goal: prefetch >= {GOAL:.0%} hidden behind a GEMM of equal length (copy "
+        say(f"goal: prefetch >= {GOAL:.0%} hidden behind a GEMM of equal length (copy "
               f"engine): worst model {worst:.3f} -> {verdict}")
