@@ -15,6 +15,8 @@ returns the one that worked; `moelab bench prefetch` reports it):
   Triton whose Python side refuses CPU tensors.
 - "cuda_view": a CUDA tensor aliasing the pinned memory, made by torch from a
   `__cuda_array_interface__` (the view vLLM builds for its UVA offload).
+The first launch in a process checks that the route moved the right bytes (one host
+synchronization) before it is kept; a route that raises or moves wrong bytes is skipped.
 Under the interpreter (no GPU) everything is a CPU tensor: "interpreter".
 """
 
@@ -153,15 +155,24 @@ def gather_blocks(
         "data_ptr": lambda: _HostPointer(src),
         "cuda_view": lambda: _cuda_view(src, dst.device),
     }
-    tried = [host_path] if host_path else ([_HOST_PATH["path"]] if _HOST_PATH else list(routes))
+    if host_path is None and _HOST_PATH:
+        launch(routes[_HOST_PATH["path"]]())
+        return _HOST_PATH["path"]
     errors = []
-    for name in tried:
+    for name in [host_path] if host_path else list(routes):
         try:
             launch(routes[name]())
+            # Host synchronization, once per process (or per forced route): a route must
+            # move the right bytes, not only launch, before it is trusted.
+            torch.cuda.synchronize(dst.device)
+            moved = dst[dst_idx].cpu()
+            if not torch.equal(moved, src[src_idx.cpu()]):
+                raise RuntimeError("launched, but the slots do not hold the host blocks")
         except Exception as e:  # a refusal of this route: try the next one
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        _HOST_PATH.setdefault("path", name)
+        if host_path is None:
+            _HOST_PATH["path"] = name
         return name
     raise RuntimeError("gather_blocks: no way to pass pinned host memory to Triton: "
                        + "; ".join(errors))

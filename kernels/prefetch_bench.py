@@ -103,7 +103,7 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
     """memcpy roof, both prefetcher paths, the gather kernel alone, the overlap: one model."""
     import torch
 
-    from moelab.kernels._gather_triton import gather_blocks
+    from moelab.kernels._gather_triton import HOST_PATHS, gather_blocks
     from moelab.kernels.prefetch import HostExpertStore, Prefetcher
 
     cuda = device.type == "cuda"
@@ -147,17 +147,27 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
     # The gather kernel alone: all n blocks in one launch.
     words, dst = store.words(1), slots.view(torch.int32)
     idx = torch.arange(n, dtype=torch.int64, device=device)
-    configs = [(4096, 8)] if quick or not cuda else [(4096, 8), (8192, 8), (16384, 16)]
-    for block, warps in configs:
+    # Launch shapes, with the route the process settled on; then (GPU) every way of passing
+    # the host pointer, forced one by one, so the rows say which ones Triton accepts.
+    configs = [(4096, 8, None)] if quick or not cuda else [(4096, 8, None), (8192, 8, None),
+                                                           (16384, 16, None)]
+    if cuda:
+        configs += [(4096, 8, r) for r in HOST_PATHS]
+    for block, warps, forced in configs:
         dst.fill_(-7777)
-        route = gather_blocks(words, idx, dst, idx, block=block, num_warps=warps)
+        row = {**base, "path": "gather_kernel" if forced is None else "gather_route",
+               "block": block, "num_warps": warps}
+        launch = functools.partial(gather_blocks, words, idx, dst, idx, block=block,
+                                   num_warps=warps, host_path=forced)
+        try:
+            row["route"] = launch()
+        except RuntimeError as e:  # this route is refused here: reported, not timed
+            rows.append({**row, "route": forced, "correct": False, "error": str(e)[:300]})
+            continue
         sync()
-        ok = torch.equal(dst.cpu(), words[:n])
-        row = {**base, "path": "gather_kernel", "route": route, "block": block,
-               "num_warps": warps, "correct": ok}
-        if ok:
-            t = _median_time(lambda b=block, w=warps: gather_blocks(
-                words, idx, dst, idx, block=b, num_warps=w), sync, repeats)
+        row["correct"] = torch.equal(dst.cpu(), words[:n])
+        if row["correct"]:
+            t = _median_time(launch, sync, repeats)
             row.update(seconds=t, bandwidth_Bps=nbytes / t, ratio_to_memcpy=t_memcpy / t)
         rows.append(row)
 
@@ -251,12 +261,14 @@ def _print(rows, cuda, say=print) -> None:
     say(f"{'model':15} {'path':15} {'route':20} {'expert MB':>9} {'GB/s':>8}  vs memcpy  ok"
           f"   ({unit})")
     for r in rows:
-        if "bandwidth_Bps" in r or r["path"] in ("copy", "gather", "gather_kernel"):
+        if "bandwidth_Bps" in r or r["path"] in ("copy", "gather", "gather_kernel",
+                                                  "gather_route"):
             ratio = r.get("ratio_to_memcpy")
             ratio_s = f"{ratio:9.3f}" if ratio is not None else f"{'-':>9}"
             say(f"{r['model']:15} {r['path']:15} {str(r['route']):20} "
                   f"{r['expert_bytes'] / 1e6:9.3f} {_fmt_bw(r.get('bandwidth_Bps'))}  {ratio_s}  "
-                  f"{'yes' if r['correct'] else 'NO: not timed'}")
+                  f"{'yes' if r['correct'] else 'NO: not timed'}"
+                  + (f"  ({r['error']})" if "error" in r else ""))
     say()
     say(f"{'model':15} {'overlap':15} {'t_copy ms':>9} {'t_gemm ms':>9} {'t_both ms':>9} "
           "hidden (of the copy)")
@@ -271,7 +283,8 @@ def _print(rows, cuda, say=print) -> None:
             say(f"cache {r['path'][6:]:7} slots {r['slots']:3}: hit rate {r['hit_rate']:.3f} "
                   f"({r['hits']}/{r['accesses']})")
     say()
-    gathers = [r for r in rows if r["path"] in ("gather", "gather_kernel") and "ratio_to_memcpy" in r]
+    gathers = [r for r in rows if r["path"] in ("gather", "gather_kernel", "gather_route")
+               and "ratio_to_memcpy" in r]
     hidden = [r for r in rows if r["path"] == "overlap_copy"]
     if gathers:
         best = {}
