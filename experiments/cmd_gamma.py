@@ -107,10 +107,19 @@ def _plain(x):
     return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
 
 
+def _finite_or_null(obj):
+    """Strict JSON has no inf or NaN: a gamma with nothing left to hide behind is null."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def run(args) -> int:
     out = compute(args)
     if args.json:
-        print(json.dumps(out, indent=1))
+        print(json.dumps(_finite_or_null(out), indent=1, allow_nan=False))
     else:
         print_table(out)
     return 0
