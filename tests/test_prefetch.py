@@ -327,6 +327,12 @@ def test_bench_prefetch_rows(tmp_path):
     lru = {r["slots"]: r for r in rows if r["path"] == "cache_lru"}
     belady = {r["slots"]: r for r in rows if r["path"] == "cache_belady"}
     assert all(belady[s]["misses"] <= lru[s]["misses"] for s in lru)
+    goals = rows[-1]
+    assert goals["path"] == "goals" and goals["hidden_fraction_worst"] is not None
+    best_gather = max(r["ratio_to_memcpy"] for r in rows if r["path"] == "gather_kernel")
+    assert goals["gather_ratio_worst"] <= best_gather
+    if not GPU:  # no verdict from a CPU
+        assert goals["goal_gather_ratio_met"] is None and goals["goal_hidden_fraction_met"] is None
 
 
 def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
