@@ -32,6 +32,12 @@ def add_arguments(p):
                    help="elasticities d ln(gamma)/d ln(theta) (JAX grad)")
     g.add_argument("--overlap", action="store_true",
                    help="also gamma with transfers overlapped with compute (timeline)")
+    g.add_argument("--lookahead", action="store_true",
+                   help="with --overlap: prefetch layer l+1's predicted experts during layer l")
+    g.add_argument("--hit-rate", type=float, default=1.0,
+                   help="with --lookahead: share of predicted experts that are right [1]")
+    g.add_argument("--microbatches", type=int, default=2,
+                   help="with --overlap: EP micro-batches overlapping compute and network [2]")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
 
 
@@ -92,7 +98,13 @@ def compute(args) -> dict:
     if args.overlap:
         from moelab.costmodel.timeline import overlap_gammas
 
-        out.update(overlap_gammas(model, system, workload, options))
+        if not 0 <= args.hit_rate <= 1:
+            raise SpecError(f"--hit-rate: must be in [0, 1], got {args.hit_rate}")
+        if args.microbatches < 1:
+            raise SpecError(f"--microbatches: must be >= 1, got {args.microbatches}")
+        out.update(overlap_gammas(model, system, workload, options,
+                                  lookahead=int(args.lookahead), hit_rate=args.hit_rate,
+                                  microbatches=args.microbatches))
     if args.sensitivities:
         from moelab.costmodel.reference import sensitivities
 
@@ -168,6 +180,8 @@ def print_table(out: dict) -> None:
     if "gamma_overlap" in out:
         t.add_section()
         t.add_row("gamma overlapped", "transfers hidden behind compute", fmt(out["gamma_overlap"]))
+        t.add_row("  with an oracle prefetch", "next layer's experts known early",
+                  fmt(out.get("gamma_overlap_oracle")))
     console = make_console()
     console.print(t)
     winner = "OFFLOAD over the host link" if out["decision"] == "offload" else "EXPERT PARALLELISM"

@@ -145,3 +145,13 @@ def test_subprocess_no_traceback_and_light_imports():
              "sys.stderr.write(repr(heavy))")
     ok = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stderr.strip() == "[]"
+
+
+def test_overlap_reports_both_gammas(capsys):
+    out = run_json(capsys, "gamma", *SEED, "--tokens", "4096", "--overlap")
+    assert out["gamma"] == pytest.approx(75)
+    for key in ("gamma_overlap", "t_p_overhead_overlap_s", "t_ep_overhead_overlap_s"):
+        assert key in out
+    # Overlap can only hide time: neither overhead grows.
+    assert out["t_p_overhead_overlap_s"] <= out["t_p_overhead_s"] * (1 + 1e-9)
+    assert out["t_ep_overhead_overlap_s"] <= out["t_ep_overhead_s"] * (1 + 1e-9)
