@@ -131,8 +131,8 @@ def _route_kernel(
         m_r = o_r < N_pad
         # binary search: the last expert whose group starts at or before the row
         b_lo = tl.zeros([BLOCK_R], dtype=tl.int32)
-        for s in tl.static_range(LOG2_BLOCK_E - 1, -1, -1):
-            b_cand = b_lo + (1 << s)
+        for s in tl.static_range(LOG2_BLOCK_E):
+            b_cand = b_lo + (BLOCK_E >> (s + 1))  # steps BLOCK_E/2, BLOCK_E/4, ..., 1
             b_v = tl.load(p_table + BLOCK_E + b_cand, mask=b_cand < BLOCK_E, other=2147483647)
             b_lo = tl.where(b_v <= o_r, b_cand, b_lo)
         b_real_end = tl.load(p_table + 2 * BLOCK_E + b_lo)

@@ -181,23 +181,24 @@ def route(
     src_token = _empty((n_pad,), INDEX_DTYPE, device)
     block_expert = _empty((n_pad // block_m,), INDEX_DTYPE, device)
 
-    block_p = max(16, min(cfg.block_p, triton_next_pow2(P)))
+    # tl.histogram (compiled) needs a multiple of 32 bins and, to count each element once,
+    # at least one element per thread: BLOCK_P >= 32 * warps, BLOCK_E >= 32.
+    block_p = max(32, min(cfg.block_p, triton_next_pow2(P)))
+    warps = max(1, min(cfg.route_warps, block_p // 32))
     n_blocks = max(1, math.ceil(P / block_p))
-    block_e = triton_next_pow2(E + 1)  # one spare bin for the -1 ids
+    block_e = max(32, triton_next_pow2(E + 1))  # one spare bin (at least) for the -1 ids
     block_r = max(16, min(cfg.block_r, triton_next_pow2(max(1, math.ceil(n_pad / n_blocks)))))
     rows_per_prog = math.ceil(math.ceil(n_pad / n_blocks) / block_r) * block_r
     hist = _empty((n_blocks, E), INDEX_DTYPE, device)
     table = _empty((n_blocks, 3, block_e), INDEX_DTYPE, device)
     if n_blocks > 1:
-        K._histogram_kernel[(n_blocks,)](
-            ids, hist, P, E, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=cfg.route_warps
-        )
+        K._histogram_kernel[(n_blocks,)](ids, hist, P, E, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=warps)
     K._route_kernel[(n_blocks,)](
         ids, hist, table, counts, offsets, slot, src_token, block_expert,
         P, E, n_pad, block_m, k, n_blocks, rows_per_prog,
         BLOCK_P=block_p, BLOCK_E=block_e, LOG2_BLOCK_E=block_e.bit_length() - 1,
         BLOCK_B=max(1, min(cfg.block_b, triton_next_pow2(n_blocks))), BLOCK_R=block_r,
-        ONE_BLOCK=n_blocks == 1, num_warps=cfg.route_warps,
+        ONE_BLOCK=n_blocks == 1, num_warps=warps,
     )  # fmt: skip
     return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m)
 

@@ -57,7 +57,15 @@ def device_slug(device=None) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         return "cpu"
-    name = torch.cuda.get_device_name(device)
+    index = device.index if device is not None and device.index is not None else None
+    return _cuda_slug(torch.cuda.current_device() if index is None else index)
+
+
+@lru_cache(maxsize=16)
+def _cuda_slug(index: int) -> str:
+    import torch
+
+    name = torch.cuda.get_device_name(index)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -103,16 +111,18 @@ TUNE_SHAPES = {"decode": (64, 7168, 8, 256), "small": (512, 7168, 8, 256),
                "prefill": (4096, 7168, 8, 256)}  # fmt: skip
 
 
-def _candidates(op: str):
+def _candidates(op: str, cls: str):
+    # decode: few tokens, so narrower column blocks give the GPU more programs
+    widths = (256, 512, 1024) if cls == "decode" else (1024, 2048)
     if op == "combine":
         for bt in (1, 2, 4, 8):
-            for bd in (1024, 2048):
+            for bd in widths:
                 for w in (4, 8):
                     yield CombineConfig(block_t=bt, block_d=bd, num_warps=w)
     else:
         fp8 = op == "dispatch_fp8"
         for bt in (4, 8, 16, 32) if fp8 else (1, 2, 4, 8):
-            for bd in (128,) if fp8 else (1024, 2048):
+            for bd in (128,) if fp8 else widths:
                 for w in (4, 8):
                     yield DispatchConfig(block_t=bt, block_d=bd, num_warps=w)
 
@@ -204,7 +214,7 @@ def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> 
             else:
                 run = partial(dispatch, x, ids, E, 64, op == "dispatch_fp8", check_ids=False)
                 check = partial(_same_layout, ref, op == "dispatch")
-            best, best_t = _best(op, cls, _candidates(op), run, check, left, log)
+            best, best_t = _best(op, cls, _candidates(op, cls), run, check, left, log)
             if best is not None:
                 result["configs"][f"{op}:{cls}"] = asdict(best)
                 result["timings_us"][f"{op}:{cls}"] = best_t * 1e3

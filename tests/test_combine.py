@@ -138,7 +138,7 @@ def test_bad_input_raises(change, error, match, device):
         combine(y, lay, w)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=8 if ON_GPU else 30, deadline=None)
 @given(
     n_tokens=st.integers(0, 30),
     k=st.integers(1, 4),
