@@ -26,7 +26,9 @@ import statistics
 import time
 from functools import partial
 
-GOALS = {"ratio_to_copy": 0.8, "speedup_vs_torch": 2.0, "metadata_time_s": 10e-6}
+# the issue's goals at the R1 prefill shape; the metadata goal is on the GPU's time (CUDA
+# graph replay): Python's launch overhead is the caller's, not the kernels'
+GOALS = {"ratio_to_copy": 0.8, "speedup_vs_torch": 2.0, "metadata_graph_time_s": 10e-6}
 # (preset, mode, tokens per pass); decode: a batch of that many tokens
 SHAPES = [
     ("deepseek-r1", "prefill", 4096),
@@ -65,6 +67,20 @@ def _time(fn, cuda: bool, quick: bool) -> tuple[float, float, float]:
         times.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
     return statistics.median(times), q[0], q[3]
+
+
+def _graph_time(fn, cuda: bool) -> float | None:
+    """Median seconds of fn replayed as a CUDA graph: the GPU's time without Python's
+    launch overhead (which dominates small shapes). None off the GPU or if capture fails."""
+    if not cuda:
+        return None
+    import triton
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=[0.5])[0] * 1e-3
+    except Exception as e:  # not capturable: report without it
+        print(f"  (CUDA graph timing unavailable: {type(e).__name__}: {e})")
+        return None
 
 
 def _env(cuda: bool) -> dict:
@@ -125,36 +141,32 @@ def _header(env, what):
     print(f"moelab bench {what} on {where}; torch {env['torch']}, triton {env['triton']}")
 
 
-def _print_rows(rows, kernel_cols):
-    cols = ["shape", *kernel_cols]
-    print("  ".join(f"{c:>14}" if i else f"{c:<28}" for i, c in enumerate(cols)))
+# table columns: header -> (row key in SI, scale, decimals)
+COLUMNS = {
+    "kernel_us": ("time_s", 1e6, 1),
+    "graph_us": ("graph_time_s", 1e6, 1),
+    "GB/s": ("bandwidth_Bps", 1e-9, 0),
+    "x_copy": ("ratio_to_copy", 1, 2),
+    "x_torch": ("speedup_vs_torch", 1, 2),
+    "meta_us": ("metadata_time_s", 1e6, 1),
+    "meta_graph_us": ("metadata_graph_time_s", 1e6, 1),
+    "torch_us": ("torch_time_s", 1e6, 1),
+    "copy GB/s": ("copy_bandwidth_Bps", 1e-9, 0),
+}
+
+
+def _print_rows(rows, headers):
+    """A plain table: µs and GB/s from the SI fields of the rows; '-' where not measured."""
+    print(f"{'shape':<28}" + "".join(f"{h:>14}" for h in headers))
     for r in rows:
-        cells = [r["shape"]]
-        for c in kernel_cols:
-            v = r.get(c)
-            if v is None:
-                cells.append("-")
-            elif c.endswith("_us"):
-                cells.append(f"{v:.1f}")
-            elif c.endswith("GB/s"):
-                cells.append(f"{v:.0f}")
-            elif isinstance(v, float):
-                cells.append(f"{v:.2f}")
-            else:
-                cells.append(str(v))
-        print("  ".join(f"{c:>14}" if i else f"{c:<28}" for i, c in enumerate(cells)))
+        cells = []
+        for h in headers:
+            key, scale, decimals = COLUMNS[h]
+            v = r.get(key)
+            cells.append("-" if v is None else f"{v * scale:.{decimals}f}")
+        print(f"{r['shape']:<28}" + "".join(f"{c:>14}" for c in cells))
         if r.get("error"):
             print(f"    FAILED correctness check, not timed: {r['error']}")
-
-
-def _human(row, prefix, key_time="time_s", key_bw="bandwidth_Bps"):
-    """Table columns in µs and GB/s from the SI fields of a row."""
-    out = {}
-    if row.get(key_time) is not None:
-        out[f"{prefix}_us"] = row[key_time] * 1e6
-    if row.get(key_bw) is not None:
-        out[f"{prefix} GB/s"] = row[key_bw] / 1e9
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,18 +237,8 @@ def bench_dispatch(args) -> list[dict]:
             if cuda or interpret:
                 _bench_dispatch_kernel(row, x, ids, E, fp8, cuda, quick)
             rows.append(row)
-    _print_rows(
-        [
-            dict(
-                r,
-                **_human(r, "kernel"),
-                **_human(r, "torch", "torch_time_s", None),
-                **_human(r, "meta", "metadata_time_s", None),
-            )
-            for r in rows
-        ],  # fmt: skip
-        ["kernel_us", "kernel GB/s", "ratio_to_copy", "speedup_vs_torch", "meta_us", "torch_us"],
-    )
+    headers = ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_torch", "torch_us"]
+    _print_rows(rows, headers + ["meta_us", "meta_graph_us"])
     _print_goals(rows, "dispatch")
     return rows
 
@@ -254,9 +256,13 @@ def _bench_dispatch_kernel(row, x, ids, E, fp8, cuda, quick):
         row["error"] = err
         return
     t, t20, t80 = _time(lambda: dispatch(x, ids, E, BLOCK_M, quantize_fp8=fp8, check_ids=False), cuda, quick)
-    meta = _time(lambda: route(ids, E, BLOCK_M, check_ids=False), cuda, quick)[0]
+    run_route = partial(route, ids, E, BLOCK_M, check_ids=False)
+    meta = _time(run_route, cuda, quick)[0]
+    meta_graph = _graph_time(run_route, cuda)
+    graph = _graph_time(partial(dispatch, x, ids, E, BLOCK_M, quantize_fp8=fp8, check_ids=False), cuda)
     nbytes = _dispatch_bytes(x, ids, lay.n_pad, fp8)
     copy = _copy_time(nbytes, x.device, cuda, quick)
+    row.update(graph_time_s=graph, metadata_graph_time_s=meta_graph)
     row.update(time_s=t, time_s_p20=t20, time_s_p80=t80, metadata_time_s=meta, bytes=nbytes,
                bandwidth_Bps=nbytes / t, copy_time_s=copy, copy_bandwidth_Bps=nbytes / copy,
                ratio_to_copy=copy / t, speedup_vs_torch=row["torch_time_s"] / t)  # fmt: skip
@@ -323,10 +329,7 @@ def bench_combine(args) -> list[dict]:
             y = lay.hidden  # identity experts: the dispatched rows (padding rows are zero)
             _bench_combine_kernel(row, y, lay, w, combine_reference, cuda, quick)
         rows.append(row)
-    _print_rows(
-        [dict(r, **_human(r, "kernel"), **_human(r, "torch", "torch_time_s", None)) for r in rows],
-        ["kernel_us", "kernel GB/s", "ratio_to_copy", "speedup_vs_torch", "torch_us"],
-    )
+    _print_rows(rows, ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_torch", "torch_us"])
     _print_goals(rows, "combine")
     return rows
 
@@ -349,6 +352,7 @@ def _bench_combine_kernel(row, y, lay, w, combine_reference, cuda, quick):
         row["error"] = err
         return
     t, t20, t80 = _time(lambda: combine(y, lay, w), cuda, quick)
+    row["graph_time_s"] = _graph_time(lambda: combine(y, lay, w), cuda)
     tokens, d = out.shape
     pairs = int((lay.slot >= 0).sum())
     # in: the routed rows, weights, slot; out: one row per token
