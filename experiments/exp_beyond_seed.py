@@ -83,7 +83,9 @@ def _measured_alpha_pcie():
 
     for path in _calibration_files():
         data = json.loads(path.read_text())
-        value = data.get("alpha_pcie") if isinstance(data, dict) else None
+        # A CPU stand-in (no GPU) is not a host-link measurement.
+        real = isinstance(data, dict) and data.get("name") != "cpu-standin"
+        value = data.get("alpha_pcie") if real else None
         if value:
             return float(value), f"measured by moelab calibrate ({path.parent.name})"
     return None, "not measured on a GPU yet"

@@ -163,3 +163,46 @@ def test_quick_report_writes_markdown_and_html_with_images(tmp_path):
             assert (tmp_path / line[line.index("](") + 2 : -1]).is_file()
     again = report.build(tmp_path, quick=True, names=names, progress=False)
     assert all(e["cached"] for e in again["experiments"])
+
+
+def test_kernels_without_gpu_results_says_so(tmp_path, monkeypatch):
+    from moelab.experiments import exp_kernels
+
+    monkeypatch.setattr(exp_kernels, "RESULTS", tmp_path / "results")
+    out = runner.run_experiment(exp_kernels, tmp_path / "out")
+    assert any("not measured on a GPU yet" in n for n in out.manifest["notes"])
+    assert out.manifest["plots"] == []
+
+
+def test_kernels_reads_gpu_results(tmp_path, monkeypatch):
+    """A results folder as ci/gpu-check writes it (rows from a GPU): tables and plots come from it."""
+    from moelab.experiments import exp_kernels
+
+    dev = tmp_path / "results" / "nvidia-h200"
+    dev.mkdir(parents=True)
+    row = {
+        "op": "dispatch",
+        "shape": "deepseek-r1 prefill 4096",
+        "tokens": 4096,
+        "d": 7168,
+        "k": 8,
+        "E": 256,
+        "device": "NVIDIA H200",
+        "ok": True,
+        "time_s": 1e-4,
+        "bandwidth_Bps": 2.5e12,
+        "copy_bandwidth_Bps": 3.0e12,
+        "ratio_to_copy": 0.83,
+        "speedup_vs_torch": 3.0,
+        "metadata_time_s": 8e-6,
+    }
+    (dev / "bench_dispatch.json").write_text(json.dumps([row]))
+    (dev / "bench_combine.json").write_text(json.dumps([{**row, "op": "combine", "metadata_time_s": None}]))
+    monkeypatch.setattr(exp_kernels, "RESULTS", tmp_path / "results")
+    out = runner.run_experiment(exp_kernels, tmp_path / "out")
+    assert [p["stem"] for p in out.manifest["plots"]] == ["dispatch_nvidia-h200", "combine_nvidia-h200"]
+    section = (out.folder / "section.md").read_text()
+    assert "2,500" in section and "0.83" in section  # GB/s and ratio from the rows
+    # New results change the cache key: the experiment reruns.
+    (dev / "bench_dispatch.json").write_text(json.dumps([{**row, "bandwidth_Bps": 2.6e12}]))
+    assert not runner.run_experiment(exp_kernels, tmp_path / "out").cached
