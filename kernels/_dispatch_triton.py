@@ -172,10 +172,10 @@ def _scatter_kernel(
     stride_xd,
     stride_om,
     stride_sm,
-    fp8_max,  # largest finite fp8 value (448 for e4m3fn)
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_D: tl.constexpr,  # columns per program; QUANT: the scale group (128)
     QUANT: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # largest finite fp8 value (448.0 for e4m3fn)
 ):
     """grid (cdiv(N_t, BLOCK_T), cdiv(d, BLOCK_D)): each row tile read once, stored k times."""
     i_t = tl.program_id(0)
@@ -189,9 +189,12 @@ def _scatter_kernel(
     if QUANT:
         b_xf = b_x.to(tl.float32)
         # per token and 128 columns, as DeepEP: the group's absolute max maps to fp8_max
-        # (floored so that an all-zero group gets a finite scale).
-        b_scale = tl.maximum(tl.max(tl.abs(b_xf), axis=1), 1e-4) / fp8_max  # [BT]
-        b_out = _round_to_e4m3(b_xf / b_scale[:, None], fp8_max).to(tl.float8e4nv)
+        # (floored so that an all-zero group gets a finite scale). div_rn: IEEE division,
+        # as torch's; a plain `/` compiles to an approximate division on NVIDIA GPUs.
+        b_amax = tl.maximum(tl.max(tl.abs(b_xf), axis=1), 1e-4)  # [BT]
+        b_scale = tl.math.div_rn(b_amax, tl.full([BLOCK_T], FP8_MAX, tl.float32))
+        b_q = tl.math.div_rn(b_xf, tl.broadcast_to(b_scale[:, None], [BLOCK_T, BLOCK_D]))
+        b_out = _round_to_e4m3(b_q, FP8_MAX).to(tl.float8e4nv)
     else:
         b_out = b_x
     for j in range(k):
