@@ -1,0 +1,303 @@
+"""The whole gamma model computed from concrete routings, in JAX (DESIGN.md §3.2).
+
+A routing is int32 expert ids `[L, N_t, k]` (one forward pass; `routing.py` draws them).
+From it, per layer, exact counts (no expectation formula anywhere):
+
+    N_ue      experts used: a scatter of ones into [E], summed
+    n_e       tokens per expert: a scatter-add into [E]
+    phi_t     remote EP ranks token t sends to: distinct ranks among its k experts, minus
+              its own; experts e live on rank e R // E (contiguous blocks of E/R),
+              token t on rank t R // N_t, rank r on node r // gpus_per_node
+    nodes_t   remote nodes likewise (what per-node deduplication would send)
+
+then the bytes each strategy moves and its time, with the closed form's structure:
+
+    offload: (1 - h) N_ue,l experts of S_E f_E bytes each, + alpha_pcie per copy
+    EP:      sum_t phi_t rows of d (f_dispatch + f_combine) bytes, + 2 alpha_net
+    T_P - T_B  = passes sum_l (1-h) N_ue,l (alpha_pcie + S_E f_E / B_pcie)
+    T_EP - T_B = passes sum_l (2 alpha_net + sum_t phi_t,l d (f_dispatch + f_combine) / B_net)
+    gamma      = (T_P - T_B) / (T_EP - T_B)
+
+Without EP ranks every token goes to `fanout` destinations (1: the seed). Each Monte Carlo
+sample is one forward pass of L layers; decode's N_OS steps scale both overheads alike.
+
+Public: `route_counts`, `rank_traffic`, `overheads`, `evaluate_routes`,
+`gamma_distribution` (what `moelab gamma --samples` reports), `sensitivities`
+(d ln gamma / d ln theta by jax.grad, for `moelab gamma --sensitivities`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moelab.costmodel import routing as rt
+from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload
+from moelab.costmodel.sweep import formula, params_of
+
+# --- counts of one layer -------------------------------------------------------------------
+
+
+def _distinct(vals: jax.Array, n: int) -> jax.Array:
+    """[N] number of distinct values in each row of vals [N, k] (values in [0, n)).
+
+    Bit sets in uint32 words, one OR per id and word, then a popcount: no [N, n] one-hot.
+    """
+    count = jnp.zeros(vals.shape[:-1], jnp.int32)
+    bit = jnp.left_shift(jnp.uint32(1), (vals & 31).astype(jnp.uint32))
+    for w in range((n + 31) // 32):
+        bits = bit if n <= 32 else jnp.where((vals >> 5) == w, bit, jnp.uint32(0))
+        mask = jax.lax.reduce(bits, jnp.uint32(0), jax.lax.bitwise_or, (vals.ndim - 1,))
+        count = count + jax.lax.population_count(mask).astype(jnp.int32)
+    return count
+
+
+def home_ranks(tokens: int, ranks: int) -> jax.Array:
+    """[N_t] rank holding each token: contiguous blocks, as shard_map splits a batch."""
+    return (jnp.arange(tokens, dtype=jnp.int32) * ranks) // tokens
+
+
+def expert_ranks(ids: jax.Array, n_experts: int, ranks: int) -> jax.Array:
+    """Rank holding each expert id: contiguous blocks of E/R experts."""
+    return (ids * ranks) // n_experts
+
+
+def layer_stats(ids: jax.Array, n_experts: int, ranks: int = 0,
+                gpus_per_node: int = 8) -> dict[str, jax.Array]:
+    """Exact counts of one layer's routing ids [N_t, k]:
+
+    n_used (scalar), remote_ranks [N_t], remote_nodes [N_t] (zeros without ranks).
+    """
+    N = ids.shape[0]
+    used = jnp.zeros(n_experts, jnp.int32).at[ids.reshape(-1)].set(1)
+    out = {"n_used": used.sum()}
+    if ranks:
+        home = home_ranks(N, ranks)[:, None]
+        r = expert_ranks(ids, n_experts, ranks)  # [N, k]
+        out["remote_ranks"] = _distinct(r, ranks) - jnp.any(r == home, -1)
+        n_nodes = -(-ranks // gpus_per_node)
+        node, home_node = r // gpus_per_node, home // gpus_per_node
+        out["remote_nodes"] = _distinct(node, n_nodes) - jnp.any(node == home_node, -1)
+    else:
+        out["remote_ranks"] = out["remote_nodes"] = jnp.zeros(N, jnp.int32)
+    return out
+
+
+@partial(jax.jit, static_argnames=("n_experts", "ranks", "gpus_per_node"))
+def route_counts(routes: jax.Array, n_experts: int, ranks: int = 0,
+                 gpus_per_node: int = 8) -> dict[str, jax.Array]:
+    """Counts of a routing [L, N_t, k]: n_used [L], tokens_per_expert [L, E],
+    remote_ranks [L, N_t], remote_nodes [L, N_t]."""
+    out = jax.vmap(lambda ids: layer_stats(ids, n_experts, ranks, gpus_per_node))(routes)
+    L = routes.shape[0]
+    layer = jnp.broadcast_to(jnp.arange(L)[:, None, None], routes.shape)
+    out["tokens_per_expert"] = jnp.zeros((L, n_experts), jnp.int32).at[layer, routes].add(1)
+    return out
+
+
+def rank_traffic(ids, n_experts: int, ranks: int) -> np.ndarray:
+    """[R, R] token rows rank a sends to rank b for one layer's ids [N_t, k] (numpy): a token
+    goes once to every rank holding one of its experts (experts on one rank share the row).
+    The diagonal is what stays local; the off-diagonal sum is sum_t phi_t."""
+    ids = np.asarray(ids, np.int64)
+    N = ids.shape[0]
+    hit = np.zeros((N, ranks), np.int64)
+    hit[np.arange(N)[:, None], ids * ranks // n_experts] = 1
+    traffic = np.zeros((ranks, ranks), np.int64)
+    np.add.at(traffic, np.arange(N) * ranks // max(N, 1), hit)
+    return traffic
+
+
+# --- bytes and times ---------------------------------------------------------------------------
+
+
+def overheads(n_used, destinations, p) -> dict:
+    """Bytes and times of both strategies from per-layer counts (jnp, broadcasts, vmaps).
+
+    n_used [..., L] experts used per layer; destinations [..., L] token rows sent per layer
+    and direction (sum_t phi_t; N_t per layer in the seed); p: `sweep.params_of` fields.
+    """
+    expert_bytes = p["matrices"] * p["hidden"] * p["expert_intermediate"] * p["f_e"]
+    moved = (1 - p["resident_fraction"]) * n_used  # experts copied over the host link
+    rows = p["fanout"] * destinations
+    # .sum, not jnp.sum: numpy float64 inputs stay float64 (jax would make them float32).
+    bytes_p = p["passes"] * (moved * expert_bytes).sum(-1)
+    bytes_ep = p["passes"] * (rows * p["hidden"] * (p["f_dispatch"] + p["f_combine"])).sum(-1)
+    L = np.shape(n_used)[-1]
+    t_p = p["passes"] * (moved * p["alpha_pcie"]).sum(-1) + bytes_p / p["b_pcie"]
+    t_ep = p["passes"] * L * 2 * p["alpha_net"] + bytes_ep / p["b_net"]
+    return {"bytes_offload": bytes_p, "bytes_ep": bytes_ep, "t_p_overhead": t_p,
+            "t_ep_overhead": t_ep, "gamma": t_p / t_ep}
+
+
+def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
+                    options: Options | None, routes) -> dict:
+    """The whole model for one concrete routing [L, N_t, k] of one forward pass."""
+    options = options or Options()
+    routes = check_routes(routes, model, workload)
+    R = options.ep_ranks or 0
+    c = route_counts(routes, model.n_experts, R, system.gpus_per_node)
+    N = routes.shape[1]
+    dest = c["remote_ranks"].sum(-1) if R else jnp.full(routes.shape[0], N, jnp.int32)
+    p = params_of(model, system, workload, options)
+    res = {k: float(v) for k, v in overheads(c["n_used"].astype(jnp.float32),
+                                             dest.astype(jnp.float32), p).items()}
+    res.update(
+        n_ue=float(c["n_used"].mean()),
+        n_ue_per_layer=np.asarray(c["n_used"]),
+        tokens_per_expert=np.asarray(c["tokens_per_expert"]),
+        fanout=float(p["fanout"] * dest.mean() / N),
+    )
+    if R:
+        res["fanout_nodes"] = float(c["remote_nodes"].mean())
+    return res
+
+
+def check_routes(routes, model: ModelSpec, workload: Workload) -> jax.Array:
+    routes = np.asarray(routes)
+    L, N, k = model.n_moe_layers, workload.tokens_per_pass, model.top_k
+    if routes.shape != (L, N, k):
+        raise SpecError(f"routing: expected ids of shape [L={L}, N_t={N}, k={k}], "
+                        f"got {routes.shape}")
+    if routes.size and (routes.min() < 0 or routes.max() >= model.n_experts):
+        raise SpecError(f"routing: expert ids must lie in [0, {model.n_experts})")
+    return jnp.asarray(routes, jnp.int32)
+
+
+# --- Monte Carlo -------------------------------------------------------------------------------
+
+# Ids (or Gumbel scores) per compiled call: bounds memory whatever the sample count.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int, tokens: int,
+                 width: int, n_experts: int, ranks: int = 0,
+                 gpus_per_node: int = 8) -> dict[str, np.ndarray]:
+    """Per-layer counts of `samples` forward passes: n_used, remote_ranks and remote_nodes
+    (summed over tokens), each [samples, L].
+
+    Sample s is the routing `routing.layers(gen, fold_in(key, s), L)`: layer-samples are
+    independent, so they are flattened into one index m = s L + l and run in chunks of
+    fixed size (one compilation) whose ids fit in `_CHUNK_ELEMENTS` (`width`: elements
+    per token the generator touches, k for uniform, E for Gumbel scores).
+    """
+    total = samples * n_layers
+    chunk = int(min(total, max(1, _CHUNK_ELEMENTS // max(1, tokens * width))))
+    run = _stats_runner(gen, n_layers, n_experts, ranks, gpus_per_node)
+    parts = []
+    for start in range(0, total, chunk):
+        m = jnp.minimum(jnp.arange(start, start + chunk, dtype=jnp.int32), total - 1)
+        parts.append(run(key, m))
+    cols = [np.concatenate([np.asarray(p[i]) for p in parts])[:total] for i in range(3)]
+    return {name: col.reshape(samples, n_layers)
+            for name, col in zip(("n_used", "remote_ranks", "remote_nodes"), cols, strict=True)}
+
+
+@lru_cache(maxsize=32)
+def _stats_runner(gen: rt.Generator, n_layers: int, n_experts: int, ranks: int,
+                  gpus_per_node: int):
+    """The compiled Monte Carlo chunk, cached: one compilation per generator and shape."""
+
+    @jax.jit
+    def run(key, m):
+        def one(m):
+            s, l = m // n_layers, m % n_layers
+            ids = gen(jax.random.fold_in(jax.random.fold_in(key, s), l), l)
+            st = layer_stats(ids, n_experts, ranks, gpus_per_node)
+            return st["n_used"], st["remote_ranks"].sum(), st["remote_nodes"].sum()
+
+        return jax.vmap(one)(m)
+
+    return run
+
+
+def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
+                       options: Options | None, routing: str, samples: int,
+                       seed: int = 0) -> dict:
+    """gamma over `samples` sampled routings of one forward pass (Monte Carlo).
+
+    routing: uniform | zipf:S | dirichlet:A | groups (model.n_group / topk_group) |
+    logits:PATH.npy | hist:PATH.npy or .json. A logits file with exactly N_t tokens is
+    evaluated as it is (one sample); otherwise its tokens are resampled.
+    """
+    options = options or Options()
+    spec = rt.parse(routing)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise SpecError(f"samples: must be an integer >= 1, got {samples!r}")
+    L, N, E, k = model.n_moe_layers, workload.tokens_per_pass, model.n_experts, model.top_k
+    R = options.ep_ranks or 0
+    key = jax.random.key(seed)
+
+    if spec.kind == "logits" and rt.logits_routes(spec.path, L, E, k).shape[1] == N:
+        routes = rt.logits_routes(spec.path, L, E, k)
+        c = route_counts(jnp.asarray(routes), E, R, system.gpus_per_node)
+        stats = {n: np.asarray(c[n]).reshape(1, L, -1).sum(-1)
+                 for n in ("remote_ranks", "remote_nodes")}
+        stats["n_used"] = np.asarray(c["n_used"]).reshape(1, L)
+    else:
+        gen = rt.layer_generator(spec, L, N, E, k, model.n_group, model.topk_group)
+        width = k if spec.kind in ("uniform", "logits") else E
+        stats = sample_stats(gen, key, samples, L, N, width, E, R, system.gpus_per_node)
+
+    n_used = stats["n_used"].astype(np.float64)
+    dest = stats["remote_ranks"].astype(np.float64) if R else np.full(n_used.shape, float(N))
+    p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
+    res = overheads(n_used, dest, p)
+    gamma = np.asarray(res["gamma"], np.float64)
+    out = {
+        "gamma_mean": float(gamma.mean()),
+        "gamma_p05": float(np.percentile(gamma, 5)),
+        "gamma_p95": float(np.percentile(gamma, 95)),
+        "gamma_std": float(gamma.std(ddof=1)) if gamma.size > 1 else 0.0,
+        "n_ue_mean": float(n_used.mean()),
+        "n_ue_std": float(n_used.std(ddof=1)) if n_used.size > 1 else 0.0,
+        "t_p_overhead_mean": float(np.mean(res["t_p_overhead"])),
+        "t_ep_overhead_mean": float(np.mean(res["t_ep_overhead"])),
+        "offload_win_fraction": float(np.mean(gamma < 1)),
+        "ep_win_fraction": float(np.mean(gamma > 1)),
+        "samples": int(gamma.size),
+        "routing": str(spec),
+    }
+    if R:
+        out["fanout_mean"] = float(dest.mean() / N)
+        out["fanout_nodes_mean"] = float(stats["remote_nodes"].mean() / N)
+    return out
+
+
+# --- sensitivities -----------------------------------------------------------------------------
+
+# Continuous parameters of `sweep.formula`, in the order they are reported.
+SENSITIVITY_PARAMS = ("tokens", "b_pcie", "b_net", "alpha_pcie", "alpha_net", "hidden",
+                      "expert_intermediate", "f_e", "f_dispatch", "f_combine", "fanout",
+                      "resident_fraction", "n_experts", "top_k", "ep_ranks")
+
+
+def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
+                  options: Options | None = None) -> dict[str, float]:
+    """Elasticities d ln(gamma) / d ln(theta) = theta d ln(gamma)/d theta, by jax.grad.
+
+    Differentiates the closed form in jax.numpy (`sweep.formula`, with N_ue by
+    options.routing), so that tokens, E and k are continuous; a parameter at 0
+    (latencies, residency) has elasticity 0. `f_a` is the elasticity of the activation
+    dtype: the sum over dispatch and combine of those that default to it. `fanout` is
+    d ln gamma / d ln phi, also when phi is derived from EP ranks; `ep_ranks` only with
+    ranks. L, passes and T_B cancel in gamma and are not listed.
+    """
+    options = options or Options()
+    p = params_of(model, system, workload, options)
+    names = [n for n in SENSITIVITY_PARAMS if n != "ep_ranks" or options.ep_ranks]
+    x = {n: jnp.float32(p[n]) for n in names}
+    fixed = {n: jnp.float32(v) for n, v in p.items() if n not in x}
+    k_max = model.top_k if options.ep_ranks else 0
+
+    def log_gamma(x):
+        return jnp.log(formula({**fixed, **x}, k_max)["gamma"])
+
+    grads = jax.grad(log_gamma)(x)
+    out = {n: float(x[n] * grads[n]) for n in names}
+    out["f_a"] = (out["f_dispatch"] * (options.dispatch_dtype is None)
+                  + out["f_combine"] * (options.combine_dtype is None))
+    return out

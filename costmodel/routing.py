@@ -1,0 +1,271 @@
+"""Concrete routings for the JAX reference: int32 expert ids `[L, N_t, k]`, seeded, jit-able.
+
+Every generator draws one layer, `[N_t, k]` ids from a `jax.random` key; `layers()` stacks
+L independent layers. Within a token the k ids are distinct (top-k without replacement).
+
+- `uniform`: every k-subset of the E experts equally likely (Floyd's algorithm, k draws
+  per token instead of E Gumbel scores: what makes R1-scale Monte Carlo affordable).
+- `popular`: successive sampling without replacement from a popularity vector p over
+  experts (Gumbel top-k of log p). `zipf_logp`, `dirichlet_logp`, `hist_logp` make p.
+- `group_limited`: DeepSeek-V3's node-limited top-k: a token scores every expert,
+  keeps the `topk_group` of `n_group` groups with the best top-2 score sum, then takes
+  its top-k inside them.
+- `from_logits`: top-k of router logits the user supplies (a .npy file).
+
+`parse(spec)` reads the CLI's routing strings: uniform | zipf:S | dirichlet:A | groups |
+logits:PATH.npy | hist:PATH.npy/.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moelab.costmodel.specs import SpecError
+
+Generator = Callable[[jax.Array, int], jax.Array]  # (key, layer index) -> [N_t, k] int32
+
+
+# --- one layer ------------------------------------------------------------------------
+
+
+def uniform(key: jax.Array, tokens: int, n_experts: int, k: int) -> jax.Array:
+    """[tokens, k] int32: each token a uniformly random k-subset of range(n_experts).
+
+    Floyd's algorithm: for j = E-k .. E-1 draw t uniform in [0, j]; take t, or j when t
+    was already taken. Every k-subset comes out with probability 1/C(E, k) (the order of
+    the ids within a token is not uniform, and nothing downstream depends on it).
+    A draw in [0, n) is (u * n) >> b from b = 32 - bits(E) random bits u: exact integer
+    arithmetic; each value's probability is off by at most n / 2^b (3e-5 relative at
+    E = 256), far below what any Monte Carlo run here can resolve.
+    """
+    E = int(n_experts)
+    if not 0 < k <= E:
+        raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
+    b = 32 - max(E, 2).bit_length()
+    # Slot-major [k, N]: each Floyd step is one contiguous vector op.
+    u = jax.random.bits(key, (k, tokens), jnp.uint32) >> (32 - b)
+    out = []
+    for j in range(k):
+        n = E - k + j + 1  # draw in [0, n)
+        t = ((u[j] * jnp.uint32(n)) >> b).astype(jnp.int32)
+        if out:
+            taken = out[0] == t
+            for prev in out[1:]:
+                taken = taken | (prev == t)
+            t = jnp.where(taken, jnp.int32(n - 1), t)
+        out.append(t)
+    return jnp.stack(out, axis=-1)
+
+
+def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
+    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp).
+
+    Top-k of log p + Gumbel noise draws the first expert with probability p_e, the next
+    from the rest renormalized, and so on (the Gumbel top-k trick). Experts with
+    p = 0 (logp = -inf) are never drawn; at least k must have p > 0.
+    """
+    g = jax.random.gumbel(key, (tokens, logp.shape[-1]), jnp.float32)
+    return jax.lax.top_k(g + logp.astype(jnp.float32), k)[1].astype(jnp.int32)
+
+
+def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
+                  topk_group: int, logp: jax.Array | None = None) -> jax.Array:
+    """[tokens, k]: DeepSeek-V3 group-limited top-k on random scores.
+
+    Scores are Gumbel noise (+ log p when given), so without groups this is `popular`.
+    As in DeepSeek-V3's router: a group's score is the sum of its two best expert
+    scores (the best one when a group has one expert); a token keeps its `topk_group`
+    best groups and picks its top-k experts among theirs. Groups are contiguous blocks
+    of E / n_group experts, which is what lets a placement map a group onto a node.
+    """
+    per_group = n_experts // n_group
+    if topk_group * per_group < k:
+        raise SpecError(f"topk_group: {topk_group} groups of {per_group} experts hold fewer "
+                        f"than k={k} experts")
+    s = jax.random.gumbel(key, (tokens, n_experts), jnp.float32)
+    if logp is not None:
+        s = s + logp.astype(jnp.float32)
+    grouped = s.reshape(tokens, n_group, per_group)
+    group_score = jax.lax.top_k(grouped, min(2, per_group))[0].sum(-1)  # [N, G]
+    keep = jax.lax.top_k(group_score, topk_group)[1]  # [N, topk_group]
+    group_mask = jnp.zeros((tokens, n_group), bool).at[jnp.arange(tokens)[:, None], keep].set(True)
+    masked = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(tokens, n_experts)
+    return jax.lax.top_k(masked, k)[1].astype(jnp.int32)
+
+
+def from_logits(logits: jax.Array, k: int) -> jax.Array:
+    """[..., N_t, k]: the top-k experts of router logits [..., N_t, E]."""
+    return jax.lax.top_k(jnp.asarray(logits, jnp.float32), k)[1].astype(jnp.int32)
+
+
+# --- popularity vectors ---------------------------------------------------------------------
+
+
+def zipf_logp(key: jax.Array, n_experts: int, s: float) -> jax.Array:
+    """[E] log-popularity p_e ~ 1 / rank_e^s, the ranks a random permutation of 1..E.
+
+    The permutation matters for placement: popular experts land on random ranks.
+    """
+    ranks = jax.random.permutation(key, n_experts) + 1
+    logp = -s * jnp.log(ranks.astype(jnp.float32))
+    return logp - jax.nn.logsumexp(logp)
+
+
+def dirichlet_logp(key: jax.Array, n_experts: int, a: float) -> jax.Array:
+    """[E] log-popularity p ~ Dirichlet(a, ..., a): a -> inf is uniform, small a is skewed.
+
+    Drawn as normalized Gamma(a) variates in log space (jax.random.loggamma), so that a
+    small a does not underflow p to exact zeros.
+    """
+    logg = jax.random.loggamma(key, jnp.full((n_experts,), a, jnp.float32))
+    return logg - jax.nn.logsumexp(logg)
+
+
+def hist_logp(hist) -> np.ndarray:
+    """[E] or [L, E] log-popularity from measured per-expert counts (zeros stay -inf)."""
+    h = np.asarray(hist, dtype=np.float64)
+    if h.ndim not in (1, 2) or h.shape[-1] < 1:
+        raise SpecError(f"routing: a histogram must be [E] or [L, E], got shape {h.shape}")
+    if not np.all(np.isfinite(h)) or np.any(h < 0):
+        raise SpecError("routing: histogram counts must be finite and >= 0")
+    total = h.sum(-1, keepdims=True)
+    if np.any(total <= 0):
+        raise SpecError("routing: a histogram layer has no counts")
+    with np.errstate(divide="ignore"):
+        return np.log(h / total).astype(np.float32)
+
+
+# --- L layers ---------------------------------------------------------------------------------
+
+
+def layers(gen: Generator, key: jax.Array, n_layers: int) -> jax.Array:
+    """[L, N_t, k]: L independent layers, layer l drawn from fold_in(key, l)."""
+    keys = jax.vmap(lambda l: jax.random.fold_in(key, l))(jnp.arange(n_layers))
+    return jax.vmap(gen)(keys, jnp.arange(n_layers))
+
+
+def worst_case(n_layers: int, tokens: int, n_experts: int, k: int) -> np.ndarray:
+    """[L, N_t, k]: the seed's worst case, no two tokens share an expert until E is used.
+
+    Pair (t, j) goes to expert (t k + j) mod E: k distinct ids per token (k <= E), and the
+    first ceil(E / k) tokens cover every expert, so N_ue = min(k N_t, E) in every layer.
+    """
+    ids = (np.arange(tokens)[:, None] * k + np.arange(k)[None, :]) % n_experts
+    return np.broadcast_to(ids.astype(np.int32), (n_layers, tokens, k)).copy()
+
+
+# --- the CLI's routing strings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """A parsed --routing string."""
+
+    kind: str  # uniform | zipf | dirichlet | groups | logits | hist
+    param: float = 0.0  # Zipf exponent s or Dirichlet concentration a
+    path: str = ""  # logits or histogram file
+
+    def __str__(self) -> str:
+        if self.kind in ("zipf", "dirichlet"):
+            return f"{self.kind}:{self.param:g}"
+        return f"{self.kind}:{self.path}" if self.path else self.kind
+
+
+def parse(spec: str) -> RoutingSpec:
+    kind, _, arg = spec.partition(":")
+    if kind in ("uniform", "groups") and not arg:
+        return RoutingSpec(kind)
+    if kind in ("zipf", "dirichlet"):
+        try:
+            value = float(arg)
+        except ValueError:
+            raise SpecError(f"routing: {kind} needs a number, as in {kind}:1.0, got {spec!r}") from None
+        if not math.isfinite(value) or value < 0 or (kind == "dirichlet" and value == 0):
+            raise SpecError(f"routing: {kind} parameter must be finite and "
+                            f"{'> 0' if kind == 'dirichlet' else '>= 0'}, got {arg}")
+        return RoutingSpec(kind, value)
+    if kind in ("logits", "hist") and arg:
+        if not Path(arg).is_file():
+            raise SpecError(f"routing: no such file {arg!r}")
+        return RoutingSpec(kind, path=arg)
+    raise SpecError(f"routing: unknown routing {spec!r} (uniform | zipf:S | dirichlet:A | groups "
+                    "| logits:PATH.npy | hist:PATH.npy|.json)")
+
+
+def load_array(path: str) -> np.ndarray:
+    """A .npy array, or a JSON list (of lists) of numbers."""
+    try:
+        if path.endswith(".json"):
+            return np.asarray(json.loads(Path(path).read_text()), dtype=np.float64)
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"routing: cannot read {path!r}: {e}") from None
+
+
+@lru_cache(maxsize=32)
+def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: int, k: int,
+                    n_group: int = 1, topk_group: int = 1) -> Generator:
+    """gen(key, layer) -> [tokens, k] for a parsed routing; layers are drawn independently.
+
+    Popularity (Zipf, Dirichlet) is drawn afresh per layer from the layer's key. A
+    histogram `[L, E]` gives each layer its own; `[E]` serves every layer. Router logits
+    `[L, N, E]` or `[N, E]` are resampled: each layer's N_t tokens are rows drawn with
+    replacement from the file's tokens of that layer (a bootstrap; with exactly N_t rows,
+    use `logits_routes` for the file's routing itself). Cached, so that the same routing
+    reuses its compiled Monte Carlo (files are read once per process).
+    """
+    E = n_experts
+    if spec.kind == "uniform":
+        return lambda key, l: uniform(key, tokens, E, k)
+    if spec.kind == "zipf":
+        return lambda key, l: popular(jax.random.fold_in(key, 1), tokens,
+                                      zipf_logp(jax.random.fold_in(key, 2), E, spec.param), k)
+    if spec.kind == "dirichlet":
+        return lambda key, l: popular(jax.random.fold_in(key, 1), tokens,
+                                      dirichlet_logp(jax.random.fold_in(key, 2), E, spec.param), k)
+    if spec.kind == "groups":
+        return lambda key, l: group_limited(key, tokens, E, k, n_group, topk_group)
+    if spec.kind == "hist":
+        logp = hist_logp(load_array(spec.path))
+        if logp.shape[-1] != E:
+            raise SpecError(f"routing: histogram has {logp.shape[-1]} experts, the model {E}")
+        if np.any(np.isfinite(logp).sum(-1) < k):
+            raise SpecError(f"routing: histogram has fewer than k={k} experts with counts")
+        table = jnp.asarray(np.broadcast_to(logp, (n_layers, E)) if logp.ndim == 1 else logp)
+        if table.shape[0] != n_layers:
+            raise SpecError(f"routing: histogram has {table.shape[0]} layers, the model {n_layers}")
+        return lambda key, l: popular(key, tokens, table[l], k)
+    if spec.kind == "logits":
+        ids = jnp.asarray(logits_routes(spec.path, n_layers, E, k))  # [L, N_file, k]
+        n_file = ids.shape[1]
+
+        def resample(key, l):
+            rows = jax.random.randint(key, (tokens,), 0, n_file)
+            return ids[l][rows]
+
+        return resample
+    raise SpecError(f"routing: {spec} has no generator")
+
+
+def logits_routes(path: str, n_layers: int, n_experts: int, k: int) -> np.ndarray:
+    """[L, N_file, k] top-k routes of a logits file [L, N, E] or [N, E] (used for every layer)."""
+    logits = load_array(path)
+    if logits.ndim == 2:
+        logits = np.broadcast_to(logits, (n_layers, *logits.shape))
+    if logits.ndim != 3 or logits.shape[-1] != n_experts or logits.shape[1] < 1:
+        raise SpecError(f"routing: logits must be [L, N_t, E={n_experts}] or [N_t, E], "
+                        f"got shape {logits.shape}")
+    if logits.shape[0] != n_layers:
+        raise SpecError(f"routing: logits have {logits.shape[0]} layers, the model {n_layers}")
+    if not np.all(np.isfinite(logits)):
+        raise SpecError("routing: logits must be finite")
+    return np.asarray(from_logits(logits, k))

@@ -1,0 +1,221 @@
+"""Sweeps of the closed form inside jit, sharded over the available devices.
+
+`formula(p)` is closed_form's model written in jax.numpy: the same formulas, term for
+term (tests check it against `closed_form.evaluate` on random points), so that a grid
+of 10^7 configurations runs as one compiled program and `jax.grad` can differentiate
+it (`reference.sensitivities`). Every entry of `p` broadcasts against the others.
+
+A grid is never materialized on the host: configuration i is decoded from its flat
+index inside the jitted kernel (a mixed-radix unravel over the axes), so only the
+outputs take memory. The flat index vector is sharded over a 1-D mesh of all devices
+(`jax.sharding.NamedSharding`), which splits the work across GPUs, or across the
+simulated CPU devices in tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, SystemSpec, Workload
+
+# Parameters of `formula`, each a float array (SI units). `ep_ranks` = 0 means "no
+# ranks": phi = fanout (1 in the seed); otherwise phi = fanout * phi_uniform(R, E, k),
+# so `fanout` then scales the derived fan-out (its elasticity is d ln gamma / d ln phi).
+PARAMS = (
+    "tokens",  # [N_t] tokens per pass
+    "n_experts",  # [E]
+    "top_k",  # [k]
+    "hidden",  # [d]
+    "expert_intermediate",  # [I]
+    "matrices",  # 3 for gated experts, 2 otherwise: S_E = matrices * d * I
+    "f_e",  # bytes per expert parameter
+    "f_dispatch",  # bytes per activation sent to experts
+    "f_combine",  # bytes per activation returned
+    "b_pcie",  # B/s
+    "b_net",  # B/s
+    "alpha_pcie",  # s per expert copy
+    "alpha_net",  # s per collective
+    "resident_fraction",  # [h]
+    "fanout",  # [phi] or its multiplier when ep_ranks > 0
+    "ep_ranks",  # [R] 0: none
+    "uniform",  # 1: N_ue = E (1 - (1 - k/E)^N_t); 0: the seed's min(k N_t, E)
+    "n_layers",  # [L]
+    "passes",  # 1 for prefill, N_OS for decode
+)
+
+# The largest top-k `formula` handles when it derives a fan-out from ranks (a static bound).
+K_MAX = 64
+
+
+def formula(p: Mapping, k_max: int = K_MAX) -> dict:
+    """The closed-form model in jax.numpy (closed_form.py's formulas). Returns arrays:
+
+    n_ue, fanout, t_p_overhead, t_ep_overhead, gamma. `k_max` bounds top_k where a fan-out
+    is derived from ranks; 0 says no configuration has ranks.
+    """
+    import jax.numpy as jnp
+
+    N, E, k = p["tokens"], p["n_experts"], p["top_k"]
+    worst = jnp.minimum(k * N, E)
+    # E (1 - (1 - k/E)^N) as -expm1(N log1p(-k/E)), exact at N = 0 and at k = E (q = 1).
+    # q_safe keeps log1p finite where q = 1, so that gradients stay finite there too.
+    q = k / E
+    q_safe = jnp.where(q >= 1, 0.5, q)
+    hit = jnp.where(q >= 1, 1.0, -jnp.expm1(N * jnp.log1p(-q_safe)))
+    uniform = jnp.where(N == 0, 0.0, E * hit)
+    n_ue = jnp.where(p["uniform"] > 0, uniform, worst)
+
+    R = p["ep_ranks"]
+    phi = p["fanout"]
+    if k_max:  # 0: no configuration has ranks, skip the product statically
+        phi = phi * jnp.where(R > 0, fanout_uniform(R, E, k, k_max), 1.0)
+
+    expert_bytes = p["matrices"] * p["hidden"] * p["expert_intermediate"] * p["f_e"]
+    per_layer_p = (1 - p["resident_fraction"]) * n_ue * (p["alpha_pcie"] + expert_bytes / p["b_pcie"])
+    payload = phi * N * p["hidden"] * (p["f_dispatch"] + p["f_combine"])
+    per_layer_ep = 2 * p["alpha_net"] + payload / p["b_net"]
+    scale = p["passes"] * p["n_layers"]
+    t_p, t_ep = scale * per_layer_p, scale * per_layer_ep
+    return {"n_ue": n_ue, "fanout": phi, "t_p_overhead": t_p, "t_ep_overhead": t_ep,
+            "gamma": t_p / t_ep}
+
+
+def fanout_uniform(R, E, k, k_max: int = K_MAX):
+    """phi = (R - 1)(1 - prod_{i<k} (E - E/R - i) / (E - i)): closed_form.fanout_uniform in jnp."""
+    import jax.numpy as jnp
+
+    R = jnp.maximum(R, 1.0)
+    per_rank = E / R
+    miss = jnp.ones(jnp.broadcast_shapes(jnp.shape(R), jnp.shape(E), jnp.shape(k)))
+    for i in range(k_max):
+        factor = jnp.clip((E - per_rank - i) / (E - i), 0.0, 1.0)
+        miss = jnp.where(i < k, miss * factor, miss)
+    return (R - 1) * (1 - miss)
+
+
+def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
+              options: Options | None = None) -> dict[str, float]:
+    """`formula`'s parameters for one set of specs (what closed_form.evaluate sees)."""
+    options = options or Options()
+    return {
+        "tokens": float(workload.tokens_per_pass),
+        "n_experts": float(model.n_experts),
+        "top_k": float(model.top_k),
+        "hidden": float(model.hidden),
+        "expert_intermediate": float(model.expert_intermediate),
+        "matrices": 3.0 if model.gated else 2.0,
+        "f_e": model.f_e,
+        "f_dispatch": DTYPE_BYTES[options.dispatch_dtype or model.act_dtype],
+        "f_combine": DTYPE_BYTES[options.combine_dtype or model.act_dtype],
+        "b_pcie": system.b_pcie,
+        "b_net": system.b_net,
+        "alpha_pcie": system.alpha_pcie,
+        "alpha_net": system.alpha_net,
+        "resident_fraction": options.resident_fraction,
+        "fanout": float(options.fanout) if options.fanout is not None else 1.0,
+        "ep_ranks": float(options.ep_ranks or 0),
+        "uniform": 1.0 if options.routing == "uniform" else 0.0,
+        "n_layers": float(model.n_moe_layers),
+        "passes": float(workload.passes),
+    }
+
+
+# --- grids -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept parameter: its name (a CLI label) and the values it takes.
+
+    `columns` maps each value to the formula parameters it sets (a model sets E, k, d,
+    ...; a dtype sets f_e; a plain number sets one parameter). `labels` is what the CSV
+    shows for each value.
+    """
+
+    name: str
+    labels: tuple
+    columns: dict  # formula parameter -> np.ndarray [len(labels)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def number_axis(name: str, param: str, values: Sequence[float], scale: float = 1.0) -> Axis:
+    values = np.asarray(values, dtype=np.float64)
+    return Axis(name, tuple(float(v) for v in values), {param: values * scale})
+
+
+def grid_size(axes: Sequence[Axis]) -> int:
+    return int(np.prod([len(a) for a in axes], dtype=np.int64)) if axes else 1
+
+
+def evaluate_grid(base: Mapping[str, float], axes: Sequence[Axis],
+                  outputs: Sequence[str] = ("gamma", "n_ue", "fanout", "t_p_overhead",
+                                            "t_ep_overhead"),
+                  devices=None) -> dict[str, np.ndarray]:
+    """`formula` on the Cartesian product of `axes` over `base`, inside one jit.
+
+    Returns each output as a flat array in row-major order of the axes (the last axis
+    varies fastest), plus "index" [n, n_axes] of each configuration's axis positions.
+    The flat index is sharded over a 1-D mesh of `devices` (default: all).
+    """
+    out = _run_grid(base, axes, outputs, devices)
+    sizes = [len(a) for a in axes]
+    n = grid_size(axes)
+    index = np.stack(np.unravel_index(np.arange(n), sizes), axis=-1) if axes else np.zeros((1, 0))
+    out["index"] = index
+    return out
+
+
+def _run_grid(base, axes, outputs, devices=None, n_limit: int | None = None):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    missing = set(PARAMS) - set(base)
+    if missing:
+        raise SpecError(f"sweep: base parameters lack {sorted(missing)}")
+    for a in axes:
+        for c in a.columns:
+            if c not in PARAMS:
+                raise SpecError(f"sweep: {a.name} sets unknown parameter {c!r}")
+    sizes = tuple(len(a) for a in axes)
+    n = grid_size(axes) if n_limit is None else n_limit
+    devices = list(devices if devices is not None else jax.devices())
+    n_pad = -(-n // len(devices)) * len(devices)
+    mesh = Mesh(np.array(devices), ("grid",))
+    sharded = NamedSharding(mesh, PartitionSpec("grid"))
+
+    tables = [{c: jnp.asarray(v, jnp.float32) for c, v in a.columns.items()} for a in axes]
+    consts = {c: jnp.float32(v) for c, v in base.items() if c in PARAMS}
+    k_max = int(max([base["top_k"]] + [np.max(a.columns["top_k"]) for a in axes
+                                      if "top_k" in a.columns]))
+    has_ranks = base["ep_ranks"] > 0 or any(np.any(a.columns.get("ep_ranks", 0) > 0) for a in axes)
+    k_max = k_max if has_ranks else 0
+
+    @jax.jit
+    def kernel(flat):
+        p = dict(consts)
+        rest = flat
+        # Mixed-radix unravel, last axis fastest; each axis gathers its parameter columns.
+        for size, table in zip(reversed(sizes), reversed(tables), strict=True):
+            i = rest % size
+            rest = rest // size
+            for c, column in table.items():
+                p[c] = column[i]
+        p = {c: jnp.broadcast_to(v, flat.shape) for c, v in p.items()}
+        res = formula(p, k_max)
+        return {o: res[o] for o in outputs}
+
+    flat = jax.device_put(jnp.arange(n_pad, dtype=jnp.int32) % max(n, 1), sharded)
+    res = kernel(flat)
+    return {o: np.asarray(v)[:n] for o, v in res.items()}
+
+
+def grid_labels(axes: Sequence[Axis]):
+    """Rows of axis labels in the grid's flat order (for CSV)."""
+    return itertools.product(*(a.labels for a in axes))

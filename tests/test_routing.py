@@ -1,0 +1,162 @@
+"""Routing generators: shapes, distinct ids per token, the distributions they claim."""
+
+import itertools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelab.costmodel import routing as rt
+from moelab.costmodel.specs import SpecError
+
+
+def _distinct_rows(ids: np.ndarray) -> bool:
+    s = np.sort(ids, axis=-1)
+    return bool(np.all(s[..., 1:] != s[..., :-1]))
+
+
+@settings(max_examples=12)
+@given(E=st.integers(1, 300), data=st.data(), tokens=st.integers(0, 40), seed=st.integers(0, 99))
+def test_uniform_ids_distinct_and_in_range(E, data, tokens, seed):
+    k = data.draw(st.integers(1, min(E, 16)))
+    ids = np.asarray(rt.uniform(jax.random.key(seed), tokens, E, k))
+    assert ids.shape == (tokens, k) and ids.dtype == np.int32
+    assert ids.size == 0 or (ids.min() >= 0 and ids.max() < E)
+    assert _distinct_rows(ids)
+
+
+@pytest.mark.parametrize("E,k", [(5, 2), (6, 3), (4, 4)])  # small; k = E/2; k == E
+def test_uniform_every_subset_equally_likely(E, k):
+    n = 60_000
+    ids = np.sort(np.asarray(rt.uniform(jax.random.key(1), n, E, k)), axis=-1)
+    subsets = list(itertools.combinations(range(E), k))
+    index = {s: i for i, s in enumerate(subsets)}
+    counts = np.bincount([index[tuple(r)] for r in ids.tolist()], minlength=len(subsets))
+    expected = n / len(subsets)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    dof = len(subsets) - 1
+    # chi-square with dof degrees of freedom: mean dof, sd sqrt(2 dof); 5 sd is far out.
+    assert chi2 < dof + 5 * math.sqrt(2 * max(dof, 1)), (chi2, dof)
+
+
+def test_uniform_marginals_are_k_over_e():
+    E, k, n = 256, 8, 40_000  # DeepSeek-R1's E and k
+    ids = np.asarray(rt.uniform(jax.random.key(2), n, E, k))
+    freq = np.bincount(ids.ravel(), minlength=E) / n
+    se = math.sqrt(k / E * (1 - k / E) / n)
+    assert np.max(np.abs(freq - k / E)) < 5 * se
+
+
+def test_popular_first_choice_follows_p_and_zeros_never_drawn():
+    p = np.array([0.5, 0.25, 0.125, 0.125, 0.0, 0.0])
+    n = 40_000
+    with np.errstate(divide="ignore"):
+        logp = jnp.asarray(np.log(p), jnp.float32)
+    ids = np.asarray(rt.popular(jax.random.key(3), n, logp, 3))
+    assert _distinct_rows(ids) and not np.isin(ids, [4, 5]).any()
+    first = np.bincount(ids[:, 0], minlength=6) / n
+    se = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(first - p) <= 5 * se + 1e-12)
+
+
+@pytest.mark.parametrize("n_group,topk_group,E,k", [
+    (8, 4, 256, 8),  # DeepSeek-V3
+    (4, 1, 16, 4),  # one group holds exactly k experts
+    (1, 1, 12, 3),  # no groups: plain top-k
+    (6, 6, 12, 12),  # k == E
+])
+def test_group_limited_stays_in_topk_groups(n_group, topk_group, E, k):
+    ids = np.asarray(rt.group_limited(jax.random.key(4), 500, E, k, n_group, topk_group))
+    assert ids.shape == (500, k) and _distinct_rows(ids)
+    groups = ids // (E // n_group)
+    per_token = [len(set(g)) for g in groups.tolist()]
+    assert max(per_token) <= topk_group
+
+
+def test_group_limited_rejects_too_few_experts():
+    with pytest.raises(SpecError, match="topk_group"):
+        rt.group_limited(jax.random.key(0), 4, 16, 8, 8, 2)  # 2 groups x 2 experts < 8
+
+
+def test_from_logits_is_top_k():
+    logits = np.random.default_rng(0).normal(size=(3, 50, 20)).astype(np.float32)
+    ids = np.asarray(rt.from_logits(logits, 4))
+    expected = np.argsort(-logits, axis=-1)[..., :4]
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_popularity_vectors_are_normalized():
+    key = jax.random.key(5)
+    z = np.exp(np.asarray(rt.zipf_logp(key, 64, 1.2)))
+    d = np.exp(np.asarray(rt.dirichlet_logp(key, 64, 0.05)))  # small a: very skewed
+    for p in (z, d):
+        assert p.shape == (64,) and abs(p.sum() - 1) < 1e-5 and np.all(p >= 0)
+    # Zipf: sorted popularity is 1/rank^s
+    zs = np.sort(z)[::-1]
+    np.testing.assert_allclose(zs[0] / zs[1], 2**1.2, rtol=1e-4)
+
+
+@given(L=st.integers(1, 4), N=st.integers(0, 50), E=st.integers(1, 40), data=st.data())
+def test_worst_case_uses_min_kn_e(L, N, E, data):
+    k = data.draw(st.integers(1, E))
+    ids = rt.worst_case(L, N, E, k)
+    assert ids.shape == (L, N, k) and _distinct_rows(ids)
+    for layer in ids:
+        assert len(np.unique(layer)) == min(k * N, E)
+
+
+def test_layers_are_independent_and_reproducible():
+    gen = lambda key, l: rt.uniform(key, 30, 64, 4)
+    a = np.asarray(rt.layers(gen, jax.random.key(7), 3))
+    b = np.asarray(rt.layers(gen, jax.random.key(7), 3))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (3, 30, 4) and not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("spec,kind,param", [
+    ("uniform", "uniform", 0.0), ("zipf:1.5", "zipf", 1.5), ("dirichlet:0.3", "dirichlet", 0.3),
+    ("groups", "groups", 0.0), ("zipf:0", "zipf", 0.0),
+])
+def test_parse(spec, kind, param):
+    r = rt.parse(spec)
+    assert (r.kind, r.param) == (kind, param)
+
+
+@pytest.mark.parametrize("spec", ["worst", "zipf", "zipf:x", "dirichlet:0", "dirichlet:-1",
+                                  "zipf:nan", "logits:/nonexistent.npy", "hist:", "uniform:2", ""])
+def test_parse_rejects(spec):
+    with pytest.raises(SpecError, match="^routing: "):
+        rt.parse(spec)
+
+
+def test_hist_and_logits_files(tmp_path):
+    E, k, L = 16, 2, 3
+    hist = [0] * 8 + [5] * 8  # only the upper half is ever used
+    (tmp_path / "h.json").write_text(json.dumps(hist))
+    gen = rt.layer_generator(rt.parse(f"hist:{tmp_path / 'h.json'}"), L, 100, E, k)
+    ids = np.asarray(rt.layers(gen, jax.random.key(0), L))
+    assert ids.min() >= 8 and _distinct_rows(ids)
+
+    logits = np.random.default_rng(1).normal(size=(L, 10, E)).astype(np.float32)
+    np.save(tmp_path / "l.npy", logits)
+    routes = rt.logits_routes(str(tmp_path / "l.npy"), L, E, k)
+    np.testing.assert_array_equal(routes, np.argsort(-logits, -1)[..., :k])
+    gen = rt.layer_generator(rt.parse(f"logits:{tmp_path / 'l.npy'}"), L, 25, E, k)
+    boot = np.asarray(rt.layers(gen, jax.random.key(0), L))
+    for l in range(L):  # every resampled token is one of the file's tokens of that layer
+        rows = {tuple(r) for r in routes[l].tolist()}
+        assert all(tuple(r) in rows for r in boot[l].tolist())
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "few.json").write_text(json.dumps([1, 0, 0, 0]))
+    with pytest.raises(SpecError, match="fewer than k"):
+        rt.layer_generator(rt.parse(f"hist:{tmp_path / 'few.json'}"), 1, 4, 4, 2)
+    np.save(tmp_path / "bad.npy", np.zeros((5, 7)))
+    with pytest.raises(SpecError, match="logits must be"):
+        rt.logits_routes(str(tmp_path / "bad.npy"), 1, 8, 2)
