@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Sizes are not specialized (no recompilation per value: the routing kernel's sort takes
+# seconds to compile, and these kernels gain nothing from knowing a size divides by 16).
+@triton.jit(do_not_specialize=["P", "E"])
 def _histogram_kernel(
     ids_ptr,  # [P] int32|int64: topk_ids flattened, pair i = t*k + j; -1 = not routed
     hist_ptr,  # [n_blocks, E] int32 (out): pairs of each block routed to each expert
@@ -40,7 +42,7 @@ def _histogram_kernel(
     tl.store(hist_ptr + i_b.to(tl.int64) * E + o_e, b_h, mask=o_e < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "E", "N_pad", "block_m", "k", "n_blocks", "rows_per_prog"])
 def _route_kernel(
     ids_ptr,  # [P] int32|int64: topk_ids flattened
     hist_ptr,  # [n_blocks, E] int32: from _histogram_kernel (unused when ONE_BLOCK)

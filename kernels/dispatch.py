@@ -183,12 +183,14 @@ def route(
 
     # tl.histogram (compiled) needs a multiple of 32 bins and, to count each element once,
     # at least one element per thread: BLOCK_P >= 32 * warps, BLOCK_E >= 32.
-    block_p = max(32, min(cfg.block_p, triton_next_pow2(P)))
+    # Few distinct block sizes: each new one is a compilation of seconds.
+    block_p = max(32, min(cfg.block_p, max(256, triton_next_pow2(P))))
     warps = max(1, min(cfg.route_warps, block_p // 32))
     n_blocks = max(1, math.ceil(P / block_p))
     block_e = max(32, triton_next_pow2(E + 1))  # one spare bin (at least) for the -1 ids
-    block_r = max(16, min(cfg.block_r, triton_next_pow2(max(1, math.ceil(n_pad / n_blocks)))))
-    rows_per_prog = math.ceil(math.ceil(n_pad / n_blocks) / block_r) * block_r
+    rows = math.ceil(n_pad / n_blocks)  # rows of src_token each program classifies
+    block_r = 128 if rows <= 128 else cfg.block_r
+    rows_per_prog = math.ceil(rows / block_r) * block_r
     hist = _empty((n_blocks, E), INDEX_DTYPE, device)
     table = _empty((n_blocks, 3, block_e), INDEX_DTYPE, device)
     if n_blocks > 1:
@@ -197,7 +199,7 @@ def route(
         ids, hist, table, counts, offsets, slot, src_token, block_expert,
         P, E, n_pad, block_m, k, n_blocks, rows_per_prog,
         BLOCK_P=block_p, BLOCK_E=block_e, LOG2_BLOCK_E=block_e.bit_length() - 1,
-        BLOCK_B=max(1, min(cfg.block_b, triton_next_pow2(n_blocks))), BLOCK_R=block_r,
+        BLOCK_B=cfg.block_b, BLOCK_R=block_r,
         ONE_BLOCK=n_blocks == 1, num_warps=warps,
     )  # fmt: skip
     return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m)

@@ -128,7 +128,7 @@ def _candidates(op: str, cls: str):
 
 
 def _route_candidates():
-    for bp in (256, 512, 1024, 2048):
+    for bp in (512, 1024, 2048):
         for w in (4, 8):
             yield {"block_p": bp, "route_warps": w}
 
@@ -218,7 +218,10 @@ def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> 
             if best is not None:
                 result["configs"][f"{op}:{cls}"] = asdict(best)
                 result["timings_us"][f"{op}:{cls}"] = best_t * 1e3
-        # the routing kernel's own parameters, on top of the best scatter config
+        # the routing kernel's own parameters, on top of the best scatter config; only for
+        # prefill: below ~1000 pairs one routing program holds them all anyway
+        if cls != "prefill":
+            continue
         key = f"dispatch:{cls}"
         base = DispatchConfig(**result["configs"].get(key, asdict(DEFAULTS["dispatch"])))
         cands = (replace(base, **rc) for rc in _route_candidates())
