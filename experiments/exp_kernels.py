@@ -11,7 +11,7 @@ from pathlib import Path
 
 NAME = "kernels"
 SUMMARY = (
-    "dispatch, combine, prefetch results from GPU runs (experiments/results/<device>/) and calibrated gamma"
+    "dispatch, combine, prefetch results from GPU runs (experiments/results/DEVICE/) and calibrated gamma"
 )
 VERSION = "1"
 DEPENDS = ("moelab.costmodel.closed_form", "moelab.costmodel.presets")

@@ -37,7 +37,7 @@ def config(quick: bool) -> dict:
         "skewed_tokens": [16] if quick else [16, 64, 256],
         "skewed_samples": 4 if quick else 12,
         "hist_tokens": 16,
-        "hist_samples": 8 if quick else 48,
+        "hist_samples": 8 if quick else 32,
         "check_tokens": [4, 64] if quick else [4, 64, 1024],
         "seed": 0,
     }
@@ -236,11 +236,15 @@ def _plot_gamma(ctx, rows) -> None:
 
 
 def _plot_hist(ctx, hist, n, model) -> None:
+    import numpy as np
+
     from moelab.experiments import plots
 
     fig, ax = plots.figure(width=7, height=4.4)
+    # One set of bins for every routing, so the bars compare.
+    bins = np.histogram_bin_edges(np.concatenate([np.asarray(g) for g in hist.values()]), bins=60)
     for routing, g in hist.items():
-        ax.hist(g, bins=20, alpha=0.55, label=f"{routing} ({len(g)} samples)")
+        ax.hist(g, bins=bins, alpha=0.55, label=f"{routing} ({len(g)} samples)")
     ax.set_xlabel(f"gamma at N_t = {n} tokens [ratio]")
     ax.set_ylabel("sampled forward passes [count]")
     ax.set_title(f"{model.name}: gamma over sampled routings ({model.n_moe_layers} layers each)", fontsize=10)

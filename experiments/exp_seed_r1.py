@@ -147,7 +147,20 @@ def run(cfg: dict, ctx) -> None:
     ctx.summary.update(
         {
             k_: result[k_]
-            for k_ in ("gamma", "tipping_tokens", "gamma_decode", "model_term", "system_term", "query_term")
+            for k_ in (
+                "model",
+                "system",
+                "host_link",
+                "network",
+                "example_tokens",
+                "decode_batch",
+                "gamma",
+                "tipping_tokens",
+                "gamma_decode",
+                "model_term",
+                "system_term",
+                "query_term",
+            )
         }
     )
 

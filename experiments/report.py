@@ -63,6 +63,7 @@ def _git_commit() -> str:
 def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> list[tuple]:
     """The report as a list of ("md", text) and ("img", relative path, caption) blocks."""
     from moelab import __version__
+    from moelab.experiments.show import fmt
 
     head = [
         "# moelab report: offload over the host link or expert parallelism?\n",
@@ -77,10 +78,10 @@ def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> 
         if "gamma" in s:
             tip = s.get("tipping_tokens")
             head.append(
-                f"**The seed's TODO:** DeepSeek-R1 at 4,096 prefill tokens on an H100 (PCIe Gen5, IB NDR): "
-                f"gamma = {s['gamma']:.4g}; tipping point N_t* = "
-                f"{f'{tip:,.0f} tokens' if tip else 'none'}; decode at batch 1: "
-                f"gamma = {s['gamma_decode']:.4g}. Details in [seed-r1](#seed-r1).\n"
+                f"**The seed's TODO:** {s['model']} at {fmt(s['example_tokens'])} prefill tokens on "
+                f"{s['system']} ({s['host_link']}, {s['network']}): gamma = {fmt(s['gamma'])}; tipping point "
+                f"N_t* = {f'{fmt(tip)} tokens' if tip else 'none'}; decode at batch {s['decode_batch']}: "
+                f"gamma = {fmt(s['gamma_decode'])}. Details in [seed-r1](#seed-r1).\n"
             )
     head.append("## Runs\n")
     head.append("| experiment | what | status | time |\n|---|---|---|---|")

@@ -206,3 +206,39 @@ def test_kernels_reads_gpu_results(tmp_path, monkeypatch):
     # New results change the cache key: the experiment reruns.
     (dev / "bench_dispatch.json").write_text(json.dumps([{**row, "bandwidth_Bps": 2.6e12}]))
     assert not runner.run_experiment(exp_kernels, tmp_path / "out").cached
+
+
+KILLED_RUN = """
+import sys, time, types
+from moelab.experiments import runner
+exp = types.ModuleType("fake_exp")
+exp.NAME, exp.SUMMARY, exp.VERSION, exp.DEPENDS = "fake", "a fake experiment", "1", ()
+exp.config = lambda quick: {"value": 1, "quick": quick}
+def run(cfg, ctx):
+    ctx.rows("rows", [{"x": 1}])
+    time.sleep(60)  # killed here, halfway through
+exp.run = run
+runner.run_experiment(exp, sys.argv[1])
+"""
+
+
+def test_a_killed_run_leaves_nothing_and_the_rerun_completes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob(".fake.partial-*/rows.csv")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".fake.partial-*/rows.csv")), "the run never started writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert listing(tmp_path / "fake") == []  # nothing half-written where results live, no manifest
+    exp = fake_experiment()
+    out = runner.run_experiment(exp, tmp_path)
+    assert not out.cached and exp.calls == 1
+    assert not list(tmp_path.glob(".fake.partial-*"))  # the dead run's staging folder is gone
