@@ -100,14 +100,15 @@ def route_counts(routes: jax.Array, n_experts: int, ranks: int = 0,
 
 def rank_traffic(ids, n_experts: int, ranks: int) -> np.ndarray:
     """[R, R] token rows rank a sends to rank b for one layer's ids [N_t, k] (numpy): a token
-    goes once to every rank holding one of its experts (experts on one rank share the row).
-    The diagonal is what stays local; the off-diagonal sum is sum_t phi_t."""
+    goes once to every rank holding one of its experts (experts on one rank share the row);
+    ids of -1 (no expert: dropped or padding) go nowhere. The diagonal is what stays
+    local; the off-diagonal sum is sum_t phi_t."""
     ids = np.asarray(ids, np.int64)
     N = ids.shape[0]
-    hit = np.zeros((N, ranks), np.int64)
-    hit[np.arange(N)[:, None], ids * ranks // n_experts] = 1
+    hit = np.zeros((N, ranks + 1), np.int64)  # column R collects the -1 ids
+    hit[np.arange(N)[:, None], np.where(ids >= 0, ids * ranks // n_experts, ranks)] = 1
     traffic = np.zeros((ranks, ranks), np.int64)
-    np.add.at(traffic, np.arange(N) * ranks // max(N, 1), hit)
+    np.add.at(traffic, np.arange(N) * ranks // max(N, 1), hit[:, :ranks])
     return traffic
 
 
