@@ -242,3 +242,10 @@ def test_a_killed_run_leaves_nothing_and_the_rerun_completes(tmp_path):
     out = runner.run_experiment(exp, tmp_path)
     assert not out.cached and exp.calls == 1
     assert not list(tmp_path.glob(".fake.partial-*"))  # the dead run's staging folder is gone
+
+
+def test_ep_executed_reports_a_failing_run_instead_of_numbers():
+    from moelab.experiments import exp_ep_executed
+
+    out = exp_ep_executed._run_one({"model": "no-such-model", "devices": 2, "tokens": 4}, timeout_s=60)
+    assert set(out) == {"error"} and "exit 2" in out["error"]
