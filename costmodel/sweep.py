@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, SystemSpec, Workload
+from moelab.costmodel.specs import (
+    DTYPE_BYTES,
+    ModelSpec,
+    Options,
+    SpecError,
+    SystemSpec,
+    Workload,
+    dtype_bytes,
+)
 
 # Parameters of `formula`, each a float array (SI units). `ep_ranks` = 0 means "no
 # ranks": phi = fanout (1 in the seed); otherwise phi = fanout * phi_uniform(R, E, k),
@@ -129,15 +137,11 @@ def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
 
 @dataclass(frozen=True)
 class Axis:
-    """One swept parameter: its name (a CLI label) and the values it takes.
-
-    `columns` maps each value to the formula parameters it sets (a model sets E, k, d,
-    ...; a dtype sets f_e; a plain number sets one parameter). `labels` is what the CSV
-    shows for each value.
-    """
+    """One swept quantity: its name (a CSV column), the values it takes, and the formula
+    parameters each value sets (a model sets E, k, d, I, ...; a dtype one byte count)."""
 
     name: str
-    labels: tuple
+    labels: tuple  # what the CSV shows for each value
     columns: dict  # formula parameter -> np.ndarray [len(labels)]
 
     def __len__(self) -> int:
@@ -145,12 +149,42 @@ class Axis:
 
 
 def number_axis(name: str, param: str, values: Sequence[float], scale: float = 1.0) -> Axis:
+    """A plain number; `scale` turns flag units into SI (GB/s -> B/s: 1e9)."""
     values = np.asarray(values, dtype=np.float64)
-    return Axis(name, tuple(float(v) for v in values), {param: values * scale})
+    labels = tuple(int(v) if v == int(v) and abs(v) < 2**53 else v.item() for v in values)
+    return Axis(name, labels, {param: values * scale})
+
+
+def dtype_axis(name: str, params: Sequence[str], dtypes: Sequence[str]) -> Axis:
+    """A dtype setting one or more byte counts (act dtype: dispatch and combine)."""
+    b = np.array([dtype_bytes(t, name) for t in dtypes])
+    return Axis(name, tuple(dtypes), {p: b for p in params})
+
+
+def model_axis(models: Sequence[ModelSpec]) -> Axis:
+    col = lambda f: np.array([f(m) for m in models], dtype=np.float64)
+    return Axis("model", tuple(m.name for m in models), {
+        "n_experts": col(lambda m: m.n_experts), "top_k": col(lambda m: m.top_k),
+        "hidden": col(lambda m: m.hidden), "expert_intermediate": col(lambda m: m.expert_intermediate),
+        "matrices": col(lambda m: 3 if m.gated else 2), "f_e": col(lambda m: m.f_e),
+        "f_dispatch": col(lambda m: m.f_a), "f_combine": col(lambda m: m.f_a),
+        "n_layers": col(lambda m: m.n_moe_layers),
+    })
+
+
+def system_axis(systems: Sequence[SystemSpec]) -> Axis:
+    col = lambda f: np.array([getattr(s, f) for s in systems], dtype=np.float64)
+    return Axis("system", tuple(s.name for s in systems),
+                {f: col(f) for f in ("b_pcie", "b_net", "alpha_pcie", "alpha_net")})
 
 
 def grid_size(axes: Sequence[Axis]) -> int:
-    return int(np.prod([len(a) for a in axes], dtype=np.int64)) if axes else 1
+    return int(np.prod([len(a) for a in axes], dtype=np.int64))
+
+
+def grid_labels(axes: Sequence[Axis]):
+    """Rows of axis labels in the grid's flat order (last axis fastest)."""
+    return itertools.product(*(a.labels for a in axes))
 
 
 def evaluate_grid(base: Mapping[str, float], axes: Sequence[Axis],
@@ -159,19 +193,16 @@ def evaluate_grid(base: Mapping[str, float], axes: Sequence[Axis],
                   devices=None) -> dict[str, np.ndarray]:
     """`formula` on the Cartesian product of `axes` over `base`, inside one jit.
 
-    Returns each output as a flat array in row-major order of the axes (the last axis
-    varies fastest), plus "index" [n, n_axes] of each configuration's axis positions.
-    The flat index is sharded over a 1-D mesh of `devices` (default: all).
+    Returns each output as a flat array [n] in row-major order of the axes (the last
+    varies fastest, as `grid_labels`). Where two axes set the same parameter, the later
+    axis wins. The flat index is sharded over a 1-D mesh of `devices` (default: all).
     """
-    out = _run_grid(base, axes, outputs, devices)
-    sizes = [len(a) for a in axes]
-    n = grid_size(axes)
-    index = np.stack(np.unravel_index(np.arange(n), sizes), axis=-1) if axes else np.zeros((1, 0))
-    out["index"] = index
-    return out
+    return grid_kernel(base, axes, outputs, devices)(grid_size(axes))
 
 
-def _run_grid(base, axes, outputs, devices=None, n_limit: int | None = None):
+def grid_kernel(base: Mapping[str, float], axes: Sequence[Axis], outputs: Sequence[str],
+                devices=None):
+    """A function n -> outputs of the first n configurations (compiled on first call)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -180,42 +211,47 @@ def _run_grid(base, axes, outputs, devices=None, n_limit: int | None = None):
     if missing:
         raise SpecError(f"sweep: base parameters lack {sorted(missing)}")
     for a in axes:
-        for c in a.columns:
-            if c not in PARAMS:
-                raise SpecError(f"sweep: {a.name} sets unknown parameter {c!r}")
+        if not len(a):
+            raise SpecError(f"sweep: {a.name} has no values")
+        unknown = set(a.columns) - set(PARAMS)
+        if unknown:
+            raise SpecError(f"sweep: {a.name} sets unknown parameters {sorted(unknown)}")
     sizes = tuple(len(a) for a in axes)
-    n = grid_size(axes) if n_limit is None else n_limit
     devices = list(devices if devices is not None else jax.devices())
-    n_pad = -(-n // len(devices)) * len(devices)
     mesh = Mesh(np.array(devices), ("grid",))
     sharded = NamedSharding(mesh, PartitionSpec("grid"))
 
     tables = [{c: jnp.asarray(v, jnp.float32) for c, v in a.columns.items()} for a in axes]
-    consts = {c: jnp.float32(v) for c, v in base.items() if c in PARAMS}
-    k_max = int(max([base["top_k"]] + [np.max(a.columns["top_k"]) for a in axes
-                                      if "top_k" in a.columns]))
+    consts = {c: jnp.float32(base[c]) for c in PARAMS}
     has_ranks = base["ep_ranks"] > 0 or any(np.any(a.columns.get("ep_ranks", 0) > 0) for a in axes)
-    k_max = k_max if has_ranks else 0
+    k_max = int(max([base["top_k"]] + [np.max(a.columns["top_k"]) for a in axes
+                                      if "top_k" in a.columns])) if has_ranks else 0
 
     @jax.jit
     def kernel(flat):
-        p = dict(consts)
-        rest = flat
-        # Mixed-radix unravel, last axis fastest; each axis gathers its parameter columns.
-        for size, table in zip(reversed(sizes), reversed(tables), strict=True):
-            i = rest % size
+        # Mixed-radix unravel, last axis fastest.
+        index, rest = [], flat
+        for size in reversed(sizes):
+            index.append(rest % size)
             rest = rest // size
+        # Each axis gathers its parameter columns; a later axis overrides an earlier one
+        # (a dtype axis after a model axis sets f_e for every model).
+        p = dict(consts)
+        for i, table in zip(reversed(index), tables, strict=True):
             for c, column in table.items():
                 p[c] = column[i]
         p = {c: jnp.broadcast_to(v, flat.shape) for c, v in p.items()}
         res = formula(p, k_max)
         return {o: res[o] for o in outputs}
 
-    flat = jax.device_put(jnp.arange(n_pad, dtype=jnp.int32) % max(n, 1), sharded)
-    res = kernel(flat)
-    return {o: np.asarray(v)[:n] for o, v in res.items()}
+    def run(n: int) -> dict[str, np.ndarray]:
+        if n >= 2**31:
+            raise SpecError(f"sweep: {n} configurations exceed the int32 index")
+        n_pad = -(-max(n, 1) // len(devices)) * len(devices)
+        # The index is built on the devices, already split: nothing of size n on the host.
+        flat = jax.jit(lambda: jnp.arange(n_pad, dtype=jnp.int32) % max(n, 1),
+                       out_shardings=sharded)()
+        res = kernel(flat)
+        return {o: np.asarray(v)[:n] for o, v in res.items()}
 
-
-def grid_labels(axes: Sequence[Axis]):
-    """Rows of axis labels in the grid's flat order (for CSV)."""
-    return itertools.product(*(a.labels for a in axes))
+    return run

@@ -1,0 +1,173 @@
+"""The jax sweep kernel against the closed form; grid order, overrides and sharding; the CLI."""
+
+import argparse
+import csv
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelab.costmodel import closed_form as cf
+from moelab.costmodel import sweep as sw
+from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload
+
+DTYPES = ["fp32", "bf16", "fp8", "mxfp4", "nvfp4"]
+
+
+@st.composite
+def points(draw):
+    E = draw(st.integers(1, 512))
+    model = ModelSpec(
+        name="m", n_moe_layers=draw(st.integers(1, 100)), n_experts=E,
+        top_k=draw(st.integers(1, min(E, 16))), hidden=draw(st.integers(1, 16384)),
+        expert_intermediate=draw(st.integers(1, 32768)), gated=draw(st.booleans()),
+        expert_dtype=draw(st.sampled_from(DTYPES)), act_dtype=draw(st.sampled_from(DTYPES)))
+    system = SystemSpec(
+        name="s", b_pcie=draw(st.floats(1e9, 1e12)), b_net=draw(st.floats(1e9, 1e12)),
+        alpha_pcie=draw(st.sampled_from([0.0, 2e-6, 3e-5])),
+        alpha_net=draw(st.sampled_from([0.0, 5e-6, 1e-4])))
+    if draw(st.booleans()):
+        workload = Workload(tokens=draw(st.integers(1, 10**7)))
+    else:
+        workload = Workload(decode=True, batch=draw(st.integers(1, 512)),
+                            steps=draw(st.integers(1, 10**4)))
+    fan = draw(st.sampled_from(["none", "fanout", "ranks"]))
+    dt = st.none() | st.sampled_from(DTYPES)
+    options = Options(
+        fanout=draw(st.floats(0.1, 64)) if fan == "fanout" else None,
+        ep_ranks=draw(st.integers(1, 512)) if fan == "ranks" else None,
+        dispatch_dtype=draw(dt), combine_dtype=draw(dt),
+        resident_fraction=draw(st.floats(0, 0.99)),
+        routing=draw(st.sampled_from(["worst", "uniform"])))
+    return model, system, workload, options
+
+
+@settings(max_examples=60)
+@given(point=points())
+def test_formula_equals_closed_form(point):
+    model, system, workload, options = point
+    p = {k: np.float32(v) for k, v in sw.params_of(model, system, workload, options).items()}
+    got = {k: float(v) for k, v in sw.formula(p).items()}
+    want = cf.evaluate(model, system, workload, options)
+    for name in ("gamma", "n_ue", "fanout", "t_p_overhead", "t_ep_overhead"):
+        assert got[name] == pytest.approx(getattr(want, name), rel=2e-5, abs=1e-30), name
+
+
+R1 = ModelSpec("r1", 58, 256, 8, 7168, 2048, expert_dtype="fp8", act_dtype="bf16")
+MIX = ModelSpec("mix", 32, 8, 2, 4096, 14336)
+H100 = SystemSpec("h100", b_pcie=64e9, b_net=50e9)
+B200 = SystemSpec("b200", b_pcie=128e9, b_net=100e9, alpha_net=1e-5)
+
+
+def _small_grid():
+    return [
+        sw.model_axis([R1, MIX]),
+        sw.system_axis([H100, B200]),
+        sw.dtype_axis("expert_dtype", ("f_e",), ["bf16", "mxfp4"]),  # overrides the models' f_e
+        sw.number_axis("tokens", "tokens", [1, 16, 4096]),
+        sw.number_axis("ep_ranks", "ep_ranks", [0, 8]),
+    ]
+
+
+def test_grid_order_and_overrides_match_pointwise():
+    axes = _small_grid()
+    base = sw.params_of(R1, H100, Workload(tokens=1))
+    res = sw.evaluate_grid(base, axes, ("gamma", "fanout"))
+    rows = list(sw.grid_labels(axes))
+    assert len(rows) == sw.grid_size(axes) == res["gamma"].size == 48
+    models, systems = {"r1": R1, "mix": MIX}, {"h100": H100, "b200": B200}
+    for (m, s, dt, n, r), g, phi in zip(rows, res["gamma"], res["fanout"], strict=True):
+        model = models[m].with_(expert_dtype=dt)
+        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None))
+        assert g == pytest.approx(want.gamma, rel=2e-5)
+        assert phi == pytest.approx(want.fanout, rel=2e-5)
+
+
+def test_grid_sharded_over_8_devices_equals_one_device():
+    assert len(jax.devices()) >= 8  # conftest: 8 simulated CPU devices
+    axes = _small_grid()[:2] + [sw.number_axis("tokens", "tokens", [1, 16, 4096]),
+                                sw.number_axis("b_net", "b_net", [10, 50, 400], 1e9)]
+    base = sw.params_of(R1, H100, Workload(tokens=1))
+    assert sw.grid_size(axes) % 8  # 36 configurations: the last shard is padded
+    many = sw.evaluate_grid(base, axes, ("gamma",))
+    one = sw.evaluate_grid(base, axes, ("gamma",), devices=jax.devices()[:1])
+    np.testing.assert_array_equal(many["gamma"], one["gamma"])
+
+
+def test_grid_rejects_bad_input():
+    base = sw.params_of(R1, H100, Workload(tokens=1))
+    with pytest.raises(SpecError, match="unknown parameters"):
+        sw.evaluate_grid(base, [sw.Axis("x", (1,), {"nope": np.ones(1)})])
+    with pytest.raises(SpecError, match="no values"):
+        sw.evaluate_grid(base, [sw.number_axis("tokens", "tokens", [])])
+    with pytest.raises(SpecError, match="lack"):
+        sw.evaluate_grid({"tokens": 1.0}, [])
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def _args(**kw):
+    from moelab.experiments.cli import build_parser
+
+    argv = ["sweep"]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [flag, str(v)]
+    return build_parser("sweep").parse_args(argv)
+
+
+def test_parse_values():
+    from moelab.experiments.cmd_sweep import parse_values
+
+    assert parse_values("b_pcie", "16,32") == [16.0, 32.0]
+    np.testing.assert_allclose(parse_values("b_net", "1:100:log:3"), [1, 10, 100])
+    assert parse_values("tokens", "1:1e6:log:50")[:3] == [1.0, 2.0, 3.0]  # rounded, deduped
+    assert parse_values("resident_fraction", "0:1:lin:5") == [0, 0.25, 0.5, 0.75, 1]
+    for flag, text in [("tokens", "a,b"), ("b_pcie", "0:10:log:3"), ("b_pcie", "0,1"),
+                       ("tokens", "1:10:cubic:3"), ("tokens", "1:10:log:0"),
+                       ("resident_fraction", "2"), ("tokens", "-1"), ("b_net", "nan")]:
+        with pytest.raises(SpecError, match="^--"):
+            parse_values(flag, text)
+
+
+def test_cli_writes_tidy_csv_and_plot(tmp_path):
+    from moelab.experiments import cmd_sweep
+
+    out, png = tmp_path / "s.csv", tmp_path / "s.png"
+    args = _args(model="deepseek-r1", tokens="1:1e6:log:50", b_pcie="16,32,64,128", out=out,
+                 plot=png)
+    assert cmd_sweep.run(args) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    n_tokens = len(cmd_sweep.parse_values("tokens", "1:1e6:log:50"))
+    assert len(rows) == 4 * n_tokens
+    assert list(rows[0])[:5] == ["model", "system", "routing", "tokens", "b_pcie_GBps"]
+    # the seed's worked example sits in the grid: 64 GB/s, 4096 tokens is not on this log
+    # grid, but gamma = C k below saturation: 1/2 * 3072 * 50/64 * 8 = 9600 at N_t = 1
+    r = next(r for r in rows if r["tokens"] == "1" and r["b_pcie_GBps"] == "64")
+    assert float(r["gamma"]) == pytest.approx(9600, rel=1e-6) and r["decision"] == "ep"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_cli_json_and_errors(capsys):
+    import json
+
+    from moelab.experiments import cmd_sweep
+
+    assert cmd_sweep.run(_args(model="deepseek-r1,mixtral-8x7b", routing="worst,uniform",
+                               tokens="16,4096", act_dtype="bf16,fp8", json=True)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["configurations"] == 16 and len(summary["rows"]) == 16
+    seed = next(r for r in summary["rows"] if r["model"] == "deepseek-r1" and r["tokens"] == 4096
+                and r["routing"] == "worst" and r["act_dtype"] == "bf16")
+    assert seed["gamma"] == pytest.approx(75.0, rel=1e-6)
+    for kw, match in [(dict(routing="zipf:1"), "--routing"), (dict(fanout="2", ep_ranks="8"),
+                      "--fanout"), (dict(model="nope"), "model"), (dict(act_dtype="fp7"), "dtype")]:
+        with pytest.raises(SpecError, match=match):
+            cmd_sweep.compute(_args(**kw))
+    with pytest.raises(SpecError, match="--plot"):
+        cmd_sweep.run(argparse.Namespace(**{**vars(_args()), "plot": "x.png"}))
