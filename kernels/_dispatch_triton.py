@@ -169,7 +169,6 @@ def _scatter_kernel(
     scale_ptr,  # [N_pad, d // BLOCK_D] float32 (QUANT only): x ~= out * scale
     N_t,
     d,
-    k,
     stride_xt,
     stride_xd,
     stride_om,
@@ -178,6 +177,7 @@ def _scatter_kernel(
     BLOCK_D: tl.constexpr,  # columns per program; QUANT: the scale group (128)
     QUANT: tl.constexpr,
     FP8_MAX: tl.constexpr,  # largest finite fp8 value (448.0 for e4m3fn)
+    K: tl.constexpr,  # experts per token (unrolled: the k slot loads are in flight at once)
 ):
     """grid (cdiv(N_t, BLOCK_T), cdiv(d, BLOCK_D)): each row tile read once, stored k times."""
     i_t = tl.program_id(0)
@@ -199,8 +199,8 @@ def _scatter_kernel(
         b_out = _round_to_e4m3(b_q, FP8_MAX).to(tl.float8e4nv)
     else:
         b_out = b_x
-    for j in range(k):
-        b_s = tl.load(slot_ptr + o_t * k + j, mask=m_t, other=-1).to(tl.int64)  # [BT]
+    for j in tl.static_range(K):
+        b_s = tl.load(slot_ptr + o_t * K + j, mask=m_t, other=-1).to(tl.int64)  # [BT]
         m_s = b_s >= 0
         p_o = out_ptr + b_s[:, None] * stride_om + o_d[None, :]
         tl.store(p_o, b_out, mask=m_s[:, None] & m_d[None, :])
@@ -216,12 +216,12 @@ def _combine_kernel(
     out_ptr,  # [N_t, d] (out) contiguous
     N_t,
     d,
-    k,
     stride_ym,
     stride_yd,
     stride_ot,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    K: tl.constexpr,  # experts per token (unrolled: the k row gathers are in flight at once)
 ):
     """grid (cdiv(N_t, BLOCK_T), cdiv(d, BLOCK_D)): out[t] = sum_j w[t,j] * y[slot[t,j]].
 
@@ -235,9 +235,9 @@ def _combine_kernel(
     m_t = o_t < N_t
     m_d = o_d < d
     b_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for j in range(k):
-        b_s = tl.load(slot_ptr + o_t * k + j, mask=m_t, other=-1).to(tl.int64)  # [BT]
-        b_w = tl.load(w_ptr + o_t * k + j, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    for j in tl.static_range(K):
+        b_s = tl.load(slot_ptr + o_t * K + j, mask=m_t, other=-1).to(tl.int64)  # [BT]
+        b_w = tl.load(w_ptr + o_t * K + j, mask=m_t, other=0.0).to(tl.float32)  # [BT]
         m_s = b_s >= 0
         p_y = y_ptr + b_s[:, None] * stride_ym + o_d[None, :] * stride_yd
         b_y = tl.load(p_y, mask=m_s[:, None] & m_d[None, :], other=0.0).to(tl.float32)

@@ -62,7 +62,8 @@ def combine(
     grid = (math.ceil(n_tokens / cfg.block_t), math.ceil(d / block_d))
     K._combine_kernel[grid](
         expert_out, layout.slot, topk_weights.contiguous(), out,
-        n_tokens, d, k, expert_out.stride(0), expert_out.stride(1), out.stride(0),
-        BLOCK_T=cfg.block_t, BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        n_tokens, d, expert_out.stride(0), expert_out.stride(1), out.stride(0),
+        BLOCK_T=cfg.block_t, BLOCK_D=block_d, K=k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -34,10 +34,10 @@ CASES = [
                        "BLOCK_R": 128, "ONE_BLOCK": True}, 8, {"ids_ptr": "*i64"}),
     ("_route_kernel", {"BLOCK_P": 32, "BLOCK_E": 32, "LOG2_BLOCK_E": 5, "BLOCK_B": 32,
                        "BLOCK_R": 128, "ONE_BLOCK": True}, 1, {}),
-    ("_scatter_kernel", {"BLOCK_T": 4, "BLOCK_D": 1024, "QUANT": False, "FP8_MAX": 448.0}, 4, {}),
-    ("_scatter_kernel", {"BLOCK_T": 16, "BLOCK_D": 128, "QUANT": True, "FP8_MAX": 448.0}, 4,
+    ("_scatter_kernel", {"BLOCK_T": 4, "BLOCK_D": 1024, "QUANT": False, "FP8_MAX": 448.0, "K": 8}, 4, {}),
+    ("_scatter_kernel", {"BLOCK_T": 16, "BLOCK_D": 128, "QUANT": True, "FP8_MAX": 448.0, "K": 8}, 4,
      {"out_ptr": "*fp8e4nv"}),
-    ("_combine_kernel", {"BLOCK_T": 4, "BLOCK_D": 1024}, 4, {}),
+    ("_combine_kernel", {"BLOCK_T": 4, "BLOCK_D": 1024, "K": 8}, 4, {}),
 ]  # fmt: skip
 
 

@@ -253,10 +253,10 @@ def dispatch(
         grid = (math.ceil(n_tokens / cfg.block_t), math.ceil(d / block_d))
         K._scatter_kernel[grid](
             hidden, layout.slot, out, scales if quantize_fp8 else out,
-            n_tokens, d, k, hidden.stride(0), hidden.stride(1), out.stride(0),
+            n_tokens, d, hidden.stride(0), hidden.stride(1), out.stride(0),
             scales.stride(0) if quantize_fp8 else 0,
             BLOCK_T=cfg.block_t, BLOCK_D=block_d, QUANT=quantize_fp8,
-            FP8_MAX=float(torch.finfo(FP8_DTYPE).max),
+            FP8_MAX=float(torch.finfo(FP8_DTYPE).max), K=k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     layout.hidden, layout.scales = out, scales

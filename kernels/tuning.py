@@ -38,7 +38,9 @@ class DispatchConfig:
 
 @dataclass(frozen=True)
 class CombineConfig:
-    block_t: int = 4
+    # one token per program: the k row gathers are unrolled, and 4 tokens x 1024 columns
+    # x 8 rows in flight need more than 255 registers (spills, seen with cuobjdump)
+    block_t: int = 1
     block_d: int = 1024
     num_warps: int = 4
     num_stages: int = 1
@@ -46,6 +48,8 @@ class CombineConfig:
 
 DEFAULTS = {"dispatch": DispatchConfig(), "dispatch_fp8": DispatchConfig(block_t=16),
             "combine": CombineConfig()}  # fmt: skip
+# decode: a few tokens, so narrower column tiles give the GPU more programs
+DECODE_BLOCK_D = 256
 
 
 def device_slug(device=None) -> str:
@@ -86,8 +90,11 @@ def _load(slug: str) -> dict:
 
 def _lookup(op: str, n_tokens: int, device, cls):
     slug = device_slug(device)
-    entry = _load(slug).get(f"{op}:{token_class(n_tokens)}")
+    cls_name = token_class(n_tokens)
+    entry = _load(slug).get(f"{op}:{cls_name}")
     default = DEFAULTS[op]
+    if cls_name == "decode" and op != "dispatch_fp8":
+        default = replace(default, block_d=DECODE_BLOCK_D)
     if not entry:
         return default
     known = {f.name for f in fields(cls)}
@@ -112,11 +119,11 @@ TUNE_SHAPES = {"decode": (64, 7168, 8, 256), "small": (512, 7168, 8, 256),
 
 
 def _candidates(op: str, cls: str):
-    # decode: few tokens, so narrower column blocks give the GPU more programs
     widths = (256, 512, 1024) if cls == "decode" else (1024, 2048)
     if op == "combine":
-        for bt in (1, 2, 4, 8):
-            for bd in widths:
+        # more than 2 tokens per program spill at 8 unrolled gathers (cuobjdump)
+        for bt in (1, 2):
+            for bd in (256, 512, 1024) if cls == "decode" else (512, 1024, 2048):
                 for w in (4, 8):
                     yield CombineConfig(block_t=bt, block_d=bd, num_warps=w)
     else:
