@@ -24,6 +24,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     import json
+    import sys
 
     from moelab.experiments import runner
 
@@ -46,7 +47,15 @@ def run(args) -> int:
         runner.load(args.name)  # unknown name: SpecError before anything runs
     root = args.out or runner.DEFAULT_ROOT
     show_bar = not args.no_progress and not args.json
-    outcomes = runner.run_many(names, root, quick=args.quick, force=args.force, progress=show_bar)
+    try:
+        outcomes = runner.run_many(names, root, quick=args.quick, force=args.force, progress=show_bar)
+    except KeyboardInterrupt:
+        # The interrupted experiment left nothing behind; the finished ones are saved.
+        print(
+            "interrupted: finished experiments are saved; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     rows = [
         {
             "name": o.name,

@@ -16,6 +16,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     import json
+    import sys
 
     from moelab.experiments import report, runner
 
@@ -24,21 +25,28 @@ def run(args) -> int:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         for n in names:
             runner.load(n)  # unknown name: SpecError (exit 2) before anything runs
-    out = report.build(
-        args.out,
-        quick=args.quick,
-        names=names,
-        force=args.force,
-        progress=not (args.no_progress or args.json),
-    )
+    try:
+        out = report.build(
+            args.out,
+            quick=args.quick,
+            names=names,
+            force=args.force,
+            progress=not (args.no_progress or args.json),
+        )
+    except KeyboardInterrupt:
+        # The interrupted experiment left nothing behind; the finished ones are saved.
+        print(
+            "interrupted: finished experiments are saved; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     if args.json:
         print(json.dumps(out, indent=1))
-    else:
-        print(
-            f"report: {out['report_md']} and {out['index_html']} ({out['plots']} plots, "
-            f"{out['seconds']:.1f} s)"
-        )
-        for e in out["experiments"]:
-            for n in e["notes"]:
-                print(f"  {e['name']}: {n}")
+        return 0
+    print(
+        f"report: {out['report_md']} and {out['index_html']} ({out['plots']} plots, {out['seconds']:.1f} s)"
+    )
+    for e in out["experiments"]:
+        for n in e["notes"]:
+            print(f"  {e['name']}: {n}")
     return 0
