@@ -328,3 +328,27 @@ def test_kernels_compile_for_hopper():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("ok ") >= 8
+
+
+def test_tuned_configs_are_data(tmp_path, monkeypatch):
+    """A tuned/<device>.json entry replaces the defaults for its shape class; else defaults."""
+    import json
+
+    from moelab.kernels import tuning
+
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    tuning._load.cache_clear()
+    entry = {"block_p": 64, "block_t": 2, "not_a_field": 5}
+    (tmp_path / "cpu.json").write_text(json.dumps({"configs": {"dispatch:prefill": entry}}))
+    try:
+        got = tuning.dispatch_config(4096, 8, 256, 7168, False, "cpu")
+        assert (got.block_p, got.block_t) == (64, 2)
+        assert got.block_d == tuning.DEFAULTS["dispatch"].block_d  # untouched fields: defaults
+        assert tuning.dispatch_config(8, 8, 256, 7168, False, "cpu").block_p == 1024  # decode
+        assert tuning.combine_config(4096, 8, 7168, "cpu") == tuning.DEFAULTS["combine"]
+        # and a dispatch with the tuned config still gives the reference layout
+        ids = make_ids(40, 2, 6, "drop", device=DEVICE)
+        hidden = torch.randn(40, 32, device=DEVICE)
+        check_layout(dispatch(hidden, ids, 6, 4), hidden, ids, 6, 4)
+    finally:
+        tuning._load.cache_clear()
