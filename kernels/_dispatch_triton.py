@@ -14,6 +14,9 @@ Dispatch is two or three launches:
    block's pairs of e`. It also writes -1 into src_token for the padding rows of its
    share of the rows and fills block_expert.
 3. `_scatter_kernel`: each token row read once, written to its k rows (fp8 optional).
+Combine is one launch, `_combine_kernel`: a gather-sum per token tile.
+
+`python -m moelab.kernels.compile_check` lowers all of them for sm_90 without a GPU.
 """
 
 import triton
