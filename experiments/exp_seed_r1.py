@@ -198,8 +198,8 @@ The ratio of overheads and the seed's boxed formula agree to {identity_err:.1e} 
 {fmt(measured.b_net / 1e9)} GB/s network) gamma at {cfg["example_tokens"]:,} tokens is
 {fmt(ex_meas.gamma)} and N_t* = {tipping(ex_meas.tipping_tokens)}; with expected (uniform) routing
 instead of the worst case, gamma = {fmt(ex_unif.gamma)} and N_t* = {tipping(ex_unif.tipping_tokens)}.
-The deciding factor is the {ex.deciding_factor} term: an R1 expert weighs {fmt(ex.model_term)} tokens'
-activations, so EP wins for every prefill below {tipping(tip)}.
+The deciding factor is the {ex.deciding_factor} term: one {model.name} expert weighs as much as
+{fmt(ex.model_term)} tokens' activations, so EP wins for every prefill below {tipping(tip)}.
 """)
 
 

@@ -398,25 +398,28 @@ def _plots(ctx, rows, ll, alpha, b_net, b_nvl) -> None:
         "link-host_links": "tab:purple",
     }
     for yi, r in zip(y, shown, strict=True):
-        fitted = r["fitted"] != "—"
-        ax.barh(
-            yi,
-            100 * r["error"],
-            color="white" if fitted else colors[r["group"]],
-            edgecolor=colors[r["group"]],
-            hatch="//" if fitted else None,
-        )
+        if r["fitted"] != "—":
+            ax.text(
+                0,
+                yi,
+                f" fitted here: {r['fitted'].split()[0]} (error 0 by construction)",
+                va="center",
+                fontsize=7,
+                color=colors[r["group"]],
+            )
+            continue
+        ax.barh(yi, 100 * r["error"], color=colors[r["group"]])
     ax.set_yticks(y, [f"{r['group']}: {r['point']}" for r in shown], fontsize=7)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("prediction error (predicted / published - 1) [%]")
     ax.set_ylabel("published measurement [source group: point]")
-    ax.set_title("Model vs published measurements (hatched: the points used for fitting)", fontsize=10)
+    ax.set_title("Model vs published measurements (error on the points not fitted)", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ctx.plot(
         fig,
         "errors",
-        "Prediction error of every validation point; hatched bars are the fitted points "
-        "(error 0 by construction).",
+        "Prediction error of every validation point; the fitted points are marked (their error is 0 "
+        "by construction).",
     )
 
     # Links: nominal, measured, predicted by the one efficiency of their class.
