@@ -145,14 +145,14 @@ def _plot_bytes(ctx, rows) -> None:
     fig, ax = plots.figure(width=7, height=4.4)
     x = np.arange(len(rows))
     ax.bar(
-        x - 0.27, [r["bytes_sent_model"] / 1e6 for r in rows], 0.27, label="model (this routing)", color="0.6"
+        x - 0.27, [r["bytes_sent_model"] / 1e3 for r in rows], 0.27, label="model (this routing)", color="0.6"
     )
     ax.bar(
-        x, [r["bytes_sent_measured"] / 1e6 for r in rows], 0.27, label="payload measured", color="tab:blue"
+        x, [r["bytes_sent_measured"] / 1e3 for r in rows], 0.27, label="payload measured", color="tab:blue"
     )
     ax.bar(
         x + 0.27,
-        [r["bytes_on_wire"] / 1e6 for r in rows],
+        [r["bytes_on_wire"] / 1e3 for r in rows],
         0.27,
         label="on the wire (with padding)",
         color="tab:red",
@@ -169,8 +169,7 @@ def _plot_bytes(ctx, rows) -> None:
         fontsize=7,
     )
     ax.set_xlabel("configuration [model, EP ranks, tokens, capacity]")
-    ax.set_yscale("log")
-    ax.set_ylabel("bytes as counted by moelab ep [MB]")
+    ax.set_ylabel("bytes as counted by moelab ep (shrunk model) [kB]")
     ax.set_title("Executed EP (shard_map all_to_all): measured vs modelled bytes", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
