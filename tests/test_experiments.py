@@ -249,3 +249,15 @@ def test_ep_executed_reports_a_failing_run_instead_of_numbers():
 
     out = exp_ep_executed._run_one({"model": "no-such-model", "devices": 2, "tokens": 4}, timeout_s=60)
     assert set(out) == {"error"} and "exit 2" in out["error"]
+
+
+def test_experiment_list_starts_without_heavy_imports():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from moelab.experiments.cli import main; main(['experiment', 'list']); "
+        "print(sorted(m for m in ('numpy', 'jax', 'torch', 'triton', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
