@@ -3,7 +3,7 @@
 A routing is int32 expert ids `[L, N_t, k]` (one forward pass; `routing.py` draws them).
 From it, per layer, exact counts (no expectation formula anywhere):
 
-    N_ue      experts used: a scatter of ones into [E], summed
+    N_ue      experts used: the union of the tokens' expert sets, as bit words, popcounted
     n_e       tokens per expert: a scatter-add into [E]
     phi_t     remote EP ranks token t sends to: distinct ranks among its k experts, minus
               its own; experts e live on rank e R // E (contiguous blocks of E/R),
@@ -28,6 +28,7 @@ Public: `route_counts`, `rank_traffic`, `overheads`, `evaluate_routes`,
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache, partial
 
 import jax
@@ -41,18 +42,22 @@ from moelab.costmodel.sweep import formula, params_of
 # --- counts of one layer -------------------------------------------------------------------
 
 
-def _distinct(vals: jax.Array, n: int) -> jax.Array:
-    """[N] number of distinct values in each row of vals [N, k] (values in [0, n)).
-
-    Bit sets in uint32 words, one OR per id and word, then a popcount: no [N, n] one-hot.
-    """
-    count = jnp.zeros(vals.shape[:-1], jnp.int32)
-    bit = jnp.left_shift(jnp.uint32(1), (vals & 31).astype(jnp.uint32))
+def _bit_words(cols: list[jax.Array], n: int) -> list[jax.Array]:
+    """Per row, the set of values in cols (k arrays [N], values in [0, n)) as ceil(n/32)
+    uint32 words. A set, not a one-hot [N, n]: k selects and ORs per word, all elementwise,
+    so XLA fuses it with whatever produced the ids (the Monte Carlo's generator)."""
+    bits = [jnp.left_shift(jnp.uint32(1), (c & 31).astype(jnp.uint32)) for c in cols]
+    words = []
     for w in range((n + 31) // 32):
-        bits = bit if n <= 32 else jnp.where((vals >> 5) == w, bit, jnp.uint32(0))
-        mask = jax.lax.reduce(bits, jnp.uint32(0), jax.lax.bitwise_or, (vals.ndim - 1,))
-        count = count + jax.lax.population_count(mask).astype(jnp.int32)
-    return count
+        word = jnp.uint32(0)
+        for c, b in zip(cols, bits, strict=True):
+            word = word | (b if n <= 32 else jnp.where((c >> 5) == w, b, jnp.uint32(0)))
+        words.append(word)
+    return words
+
+
+def _popcount(words: list[jax.Array]) -> jax.Array:
+    return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
 
 
 def home_ranks(tokens: int, ranks: int) -> jax.Array:
@@ -65,34 +70,59 @@ def expert_ranks(ids: jax.Array, n_experts: int, ranks: int) -> jax.Array:
     return (ids * ranks) // n_experts
 
 
+def token_fanout(ids: jax.Array, n_experts: int, ranks: int,
+                 gpus_per_node: int = 8) -> tuple[jax.Array, jax.Array]:
+    """([N_t], [N_t]) remote ranks and remote nodes each token of ids [N_t, k] sends to."""
+    cols = [ids[:, j] for j in range(ids.shape[1])]
+    home = home_ranks(ids.shape[0], ranks)
+    home_node = home // gpus_per_node
+    r = [expert_ranks(c, n_experts, ranks) for c in cols]
+    nodes = [c // gpus_per_node for c in r]
+    hit_home = functools.reduce(jnp.logical_or, [c == home for c in r])
+    hit_home_node = functools.reduce(jnp.logical_or, [c == home_node for c in nodes])
+    remote = _popcount(_bit_words(r, ranks)) - hit_home.astype(jnp.int32)
+    n_nodes = -(-ranks // gpus_per_node)
+    remote_nodes = _popcount(_bit_words(nodes, n_nodes)) - hit_home_node.astype(jnp.int32)
+    return remote, remote_nodes
+
+
 def layer_stats(ids: jax.Array, n_experts: int, ranks: int = 0,
                 gpus_per_node: int = 8) -> dict[str, jax.Array]:
-    """Exact counts of one layer's routing ids [N_t, k]:
+    """Exact counts of one layer's routing ids [N_t, k] (ids in [0, E)), as scalars:
 
-    n_used (scalar), remote_ranks [N_t], remote_nodes [N_t] (zeros without ranks).
+    n_used (experts used), remote_ranks and remote_nodes (summed over tokens; 0 without
+    ranks). One variadic reduce over tokens ORs the used-expert words and adds the
+    fan-outs: one pass, fused with the producer of the ids.
     """
-    N = ids.shape[0]
-    used = jnp.zeros(n_experts, jnp.int32).at[ids.reshape(-1)].set(1)
-    out = {"n_used": used.sum()}
+    cols = [ids[:, j] for j in range(ids.shape[1])]
+    ops = _bit_words(cols, n_experts)
+    W = len(ops)
     if ranks:
-        home = home_ranks(N, ranks)[:, None]
-        r = expert_ranks(ids, n_experts, ranks)  # [N, k]
-        out["remote_ranks"] = _distinct(r, ranks) - jnp.any(r == home, -1)
-        n_nodes = -(-ranks // gpus_per_node)
-        node, home_node = r // gpus_per_node, home // gpus_per_node
-        out["remote_nodes"] = _distinct(node, n_nodes) - jnp.any(node == home_node, -1)
-    else:
-        out["remote_ranks"] = out["remote_nodes"] = jnp.zeros(N, jnp.int32)
-    return out
+        ops += list(token_fanout(ids, n_experts, ranks, gpus_per_node))
+
+    def combine(a, b):
+        return (*(x | y for x, y in zip(a[:W], b[:W], strict=True)),
+                *(x + y for x, y in zip(a[W:], b[W:], strict=True)))
+
+    red = jax.lax.reduce(tuple(ops), tuple(jnp.zeros((), o.dtype) for o in ops), combine, (0,))
+    zero = jnp.zeros((), jnp.int32)
+    return {"n_used": _popcount(list(red[:W])),
+            "remote_ranks": red[W] if ranks else zero,
+            "remote_nodes": red[W + 1] if ranks else zero}
 
 
 @partial(jax.jit, static_argnames=("n_experts", "ranks", "gpus_per_node"))
 def route_counts(routes: jax.Array, n_experts: int, ranks: int = 0,
                  gpus_per_node: int = 8) -> dict[str, jax.Array]:
     """Counts of a routing [L, N_t, k]: n_used [L], tokens_per_expert [L, E],
-    remote_ranks [L, N_t], remote_nodes [L, N_t]."""
-    out = jax.vmap(lambda ids: layer_stats(ids, n_experts, ranks, gpus_per_node))(routes)
-    L = routes.shape[0]
+    remote_ranks [L, N_t], remote_nodes [L, N_t] (zeros without ranks)."""
+    L, N, _ = routes.shape
+    out = {"n_used": jax.vmap(lambda ids: layer_stats(ids, n_experts)["n_used"])(routes)}
+    if ranks:
+        fan = jax.vmap(lambda ids: token_fanout(ids, n_experts, ranks, gpus_per_node))(routes)
+        out["remote_ranks"], out["remote_nodes"] = fan
+    else:
+        out["remote_ranks"] = out["remote_nodes"] = jnp.zeros((L, N), jnp.int32)
     layer = jnp.broadcast_to(jnp.arange(L)[:, None, None], routes.shape)
     out["tokens_per_expert"] = jnp.zeros((L, n_experts), jnp.int32).at[layer, routes].add(1)
     return out
@@ -171,7 +201,7 @@ def check_routes(routes, model: ModelSpec, workload: Workload) -> jax.Array:
 # --- Monte Carlo -------------------------------------------------------------------------------
 
 # Ids (or Gumbel scores) per compiled call: bounds memory whatever the sample count.
-_CHUNK_ELEMENTS = 1 << 23
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int, tokens: int,
@@ -208,7 +238,7 @@ def _stats_runner(gen: rt.Generator, n_layers: int, n_experts: int, ranks: int,
             s, l = m // n_layers, m % n_layers
             ids = gen(jax.random.fold_in(jax.random.fold_in(key, s), l), l)
             st = layer_stats(ids, n_experts, ranks, gpus_per_node)
-            return st["n_used"], st["remote_ranks"].sum(), st["remote_nodes"].sum()
+            return st["n_used"], st["remote_ranks"], st["remote_nodes"]
 
         return jax.vmap(one)(m)
 
