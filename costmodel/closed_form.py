@@ -127,8 +127,10 @@ def tipping_tokens_worst(k, n_experts, expert_bytes, b_pcie, hidden, f_dispatch,
     saturated_p = (1 - np.asarray(resident)) * n_experts * per_expert
     per_token = np.multiply(fanout, hidden) * np.add(f_dispatch, f_combine) / b_net
     n_sat = np.divide(n_experts, k)
-    gamma_at_sat = saturated_p / (2 * np.asarray(alpha_net) + per_token * n_sat)
-    crossing = (saturated_p - 2 * np.asarray(alpha_net)) / per_token
+    # A zero EP cost (phi = 0: nothing is remote) never crosses: inf/NaN, masked below.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gamma_at_sat = saturated_p / (2 * np.asarray(alpha_net) + per_token * n_sat)
+        crossing = (saturated_p - 2 * np.asarray(alpha_net)) / per_token
     return np.where(gamma_at_sat > 1, crossing, np.nan)
 
 
