@@ -30,7 +30,7 @@ def build(out, quick: bool = False, names=None, force: bool = False, progress: b
     outcomes = run_many(names or "all", out / "experiments", quick=quick, force=force, progress=progress)
     seconds = time.perf_counter() - t0
     blocks = _blocks(out, outcomes, quick, seconds)
-    md = "\n".join(b[1] if b[0] == "md" else f"![{b[2]}]({b[1]})\n\n*{b[2]}*\n" for b in blocks)
+    md = "\n".join(b[1] if b[0] == "md" else f"![{b[2]}]({b[1]})\n\nFigure: {b[2]}\n" for b in blocks)
     write_atomic(out / "report.md", md)
     write_atomic(out / "index.html", _html(out, blocks))
     n_plots = sum(1 for b in blocks if b[0] == "img")
@@ -92,7 +92,7 @@ def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> 
     head.append(f"\nThis report took {seconds:.1f} s to build (experiments run or read from the cache).\n")
     blocks: list[tuple] = [("md", "\n".join(head))]
     for o in outcomes:
-        text = [f'<a id="{o.name}"></a>\n\n## {o.name}\n', f"*{o.manifest.get('summary_line', '')}*\n"]
+        text = [f'<a id="{o.name}"></a>\n\n## {o.name}\n', f"What: {o.manifest.get('summary_line', '')}.\n"]
         for note in o.manifest.get("notes", []):
             text.append(f"> Note: {note}\n")
         section = o.folder / SECTION
@@ -113,7 +113,6 @@ def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> 
 _INLINE = [
     (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
     (re.compile(r"\*\*([^*]+)\*\*"), r"<strong>\1</strong>"),
-    (re.compile(r"(?<![*\w])\*([^*]+)\*(?![*\w])"), r"<em>\1</em>"),
     (re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)"), r'<a href="\2">\1</a>'),
 ]
 
