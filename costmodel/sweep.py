@@ -5,9 +5,9 @@ term (tests check it against `closed_form.evaluate` on random points), so that a
 of 10^7 configurations runs as one compiled program and `jax.grad` can differentiate
 it (`reference.sensitivities`). Every entry of `p` broadcasts against the others.
 
-A grid is never materialized on the host: configuration i is decoded from its flat
-index inside the jitted kernel (a mixed-radix unravel over the axes), so only the
-outputs take memory. The flat index vector is sharded over a 1-D mesh of all devices
+A grid is never materialized parameter by parameter: each axis enters the jitted kernel
+as a small column shaped to broadcast along its own dimension, so only the outputs take
+memory. The output grid is sharded along its longest axis over a 1-D mesh of all devices
 (`jax.sharding.NamedSharding`), which splits the work across GPUs, or across the
 simulated CPU devices in tests.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -195,14 +196,22 @@ def evaluate_grid(base: Mapping[str, float], axes: Sequence[Axis],
 
     Returns each output as a flat array [n] in row-major order of the axes (the last
     varies fastest, as `grid_labels`). Where two axes set the same parameter, the later
-    axis wins. The flat index is sharded over a 1-D mesh of `devices` (default: all).
+    axis wins. The grid is split over a 1-D mesh of `devices` (default: all) along its
+    longest axis.
     """
-    return grid_kernel(base, axes, outputs, devices)(grid_size(axes))
+    return grid_kernel(base, axes, outputs, devices)()
 
 
 def grid_kernel(base: Mapping[str, float], axes: Sequence[Axis], outputs: Sequence[str],
                 devices=None):
-    """A function n -> outputs of the first n configurations (compiled on first call)."""
+    """A function () -> outputs over the grid, flat (compiled on the first call).
+
+    Each axis's columns are shaped [1, .., n_i, .., 1] and `formula` broadcasts them
+    into the grid: XLA fuses the whole model into one loop over the output, with no
+    per-configuration index arithmetic or gathers. The longest axis is padded to a
+    multiple of the device count and sharded (NamedSharding over a 1-D mesh), so each
+    device computes its slab of the grid.
+    """
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -216,42 +225,39 @@ def grid_kernel(base: Mapping[str, float], axes: Sequence[Axis], outputs: Sequen
         unknown = set(a.columns) - set(PARAMS)
         if unknown:
             raise SpecError(f"sweep: {a.name} sets unknown parameters {sorted(unknown)}")
-    sizes = tuple(len(a) for a in axes)
     devices = list(devices if devices is not None else jax.devices())
-    mesh = Mesh(np.array(devices), ("grid",))
-    sharded = NamedSharding(mesh, PartitionSpec("grid"))
+    sizes = [len(a) for a in axes] or [1]
+    split = int(np.argmax(sizes))
+    padded = list(sizes)
+    padded[split] = -(-sizes[split] // len(devices)) * len(devices)
+    spec = [None] * len(padded)
+    spec[split] = "grid"
+    sharded = NamedSharding(Mesh(np.array(devices), ("grid",)), PartitionSpec(*spec))
 
-    tables = [{c: jnp.asarray(v, jnp.float32) for c, v in a.columns.items()} for a in axes]
-    consts = {c: jnp.float32(base[c]) for c in PARAMS}
+    tables = []
+    for i, a in enumerate(axes):
+        shape = [1] * len(padded)
+        shape[i] = padded[i]
+        # Padding repeats the last value: valid configurations, trimmed afterwards.
+        tables.append({c: np.pad(np.asarray(v, np.float32), (0, padded[i] - len(a)),
+                                 mode="edge").reshape(shape) for c, v in a.columns.items()})
+    consts = {c: np.float32(base[c]) for c in PARAMS}
     has_ranks = base["ep_ranks"] > 0 or any(np.any(a.columns.get("ep_ranks", 0) > 0) for a in axes)
     k_max = int(max([base["top_k"]] + [np.max(a.columns["top_k"]) for a in axes
                                       if "top_k" in a.columns])) if has_ranks else 0
 
-    @jax.jit
-    def kernel(flat):
-        # Mixed-radix unravel, last axis fastest.
-        index, rest = [], flat
-        for size in reversed(sizes):
-            index.append(rest % size)
-            rest = rest // size
-        # Each axis gathers its parameter columns; a later axis overrides an earlier one
-        # (a dtype axis after a model axis sets f_e for every model).
-        p = dict(consts)
-        for i, table in zip(reversed(index), tables, strict=True):
-            for c, column in table.items():
-                p[c] = column[i]
-        p = {c: jnp.broadcast_to(v, flat.shape) for c, v in p.items()}
+    @partial(jax.jit, out_shardings=sharded)
+    def kernel():
+        p = {c: jnp.asarray(v) for c, v in consts.items()}
+        for table in tables:  # a later axis overrides an earlier one
+            p.update({c: jnp.asarray(v) for c, v in table.items()})
         res = formula(p, k_max)
-        return {o: res[o] for o in outputs}
+        return {o: jnp.broadcast_to(res[o], padded) for o in outputs}
 
-    def run(n: int) -> dict[str, np.ndarray]:
-        if n >= 2**31:
-            raise SpecError(f"sweep: {n} configurations exceed the int32 index")
-        n_pad = -(-max(n, 1) // len(devices)) * len(devices)
-        # The index is built on the devices, already split: nothing of size n on the host.
-        flat = jax.jit(lambda: jnp.arange(n_pad, dtype=jnp.int32) % max(n, 1),
-                       out_shardings=sharded)()
-        res = kernel(flat)
-        return {o: np.asarray(v)[:n] for o, v in res.items()}
+    def run() -> dict[str, np.ndarray]:
+        res = kernel()
+        trim = tuple(slice(0, n) for n in sizes)
+        return {o: np.asarray(v)[trim].reshape(-1) for o, v in res.items()}
 
+    run.sharding = sharded  # where the grid lives: tests check it spans the devices
     return run

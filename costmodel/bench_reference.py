@@ -1,0 +1,219 @@
+"""Benchmarks of the JAX reference and the sweep (`moelab bench reference|sweep`).
+
+Each prints its measured time beside the goal of issue 3 (goal / measured: >= 1 meets
+it) and beside a baseline measured in the same run (numpy doing the same count, or the
+numpy closed form on the same grid). A speed is reported only after its result was
+checked; a failed check raises instead.
+
+    moelab bench reference [--quick]   R1 routing [58, 16384, 8] through the reference
+                                       (goal 1 s), 1000 Monte Carlo samples of R1
+                                       prefill at N_t 4096 (goal 10 s)
+    moelab bench sweep [--quick]       10^7 configurations (goal 2 s)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+GOAL_REFERENCE_S = 1.0  # issue 3: R1-scale routing through the reference
+GOAL_MONTE_CARLO_S = 10.0  # issue 3: 1000 samples of R1 prefill at N_t 4096
+GOAL_SWEEP_S = 2.0  # issue 3: 10^7 configurations
+
+
+def _timeit(fn, repeats: int) -> tuple[float, object]:
+    """(best wall time of `repeats` calls, last result); fn must block until done."""
+    best, out = math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _r1():
+    from moelab.costmodel.presets import load_model, load_system
+
+    return load_model("deepseek-r1"), load_system("h100-sxm")
+
+
+def _env() -> dict:
+    import jax
+
+    d = jax.devices()[0]
+    return {"device": d.device_kind, "devices": len(jax.devices()), "jax": jax.__version__}
+
+
+def _print(rows: list[dict]) -> None:
+    print(f"{'benchmark':44s} {'measured':>10s} {'goal':>8s} {'goal/meas':>9s} "
+          f"{'baseline':>10s} {'speedup':>8s}")
+    for r in rows:
+        base = f"{r['baseline_s']:.4g} s" if r.get("baseline_s") else "-"
+        speed = f"x{r['baseline_s'] / r['measured_s']:.1f}" if r.get("baseline_s") else "-"
+        goal = f"{r['goal_s']:g} s" if r.get("goal_s") else "-"
+        ratio = f"{r['goal_s'] / r['measured_s']:.2f}" if r.get("goal_s") else "-"
+        print(f"{r['name']:44s} {r['measured_s']:>8.4g} s {goal:>8s} {ratio:>9s} "
+              f"{base:>10s} {speed:>8s}")
+        if r.get("note"):
+            print(f"    {r['note']}")
+
+
+def bench_reference(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moelab.costmodel import closed_form as cf
+    from moelab.costmodel import reference as ref
+    from moelab.costmodel import routing as rt
+    from moelab.costmodel.specs import Options, Workload
+    from moelab.costmodel.sweep import params_of
+
+    model, system = _r1()
+    E, k, L = model.n_experts, model.top_k, model.n_moe_layers
+    quick = getattr(args, "quick", False)
+    N = 2048 if quick else 16384
+    R, gpn = 32, system.gpus_per_node
+    rows = []
+
+    # 1. One concrete routing [L, N, k] through the whole reference: counts, bytes, gamma.
+    routes = jax.jit(lambda key: rt.layers(lambda kk, l: rt.uniform(kk, N, E, k), key, L))(
+        jax.random.key(0))
+    routes.block_until_ready()
+    p = {n: jnp.float32(v) for n, v in
+         params_of(model, system, Workload(tokens=N), Options(ep_ranks=R)).items()}
+
+    @jax.jit
+    def reference_pass(routes):
+        c = ref.route_counts(routes, E, R, gpn)
+        o = ref.overheads(c["n_used"].astype(jnp.float32),
+                          c["remote_ranks"].sum(-1).astype(jnp.float32), p)
+        return c["n_used"], c["remote_ranks"].sum(-1), c["tokens_per_expert"], o["gamma"]
+
+    compile_s, _ = _timeit(lambda: jax.block_until_ready(reference_pass(routes)), 1)
+    measured, out = _timeit(lambda: jax.block_until_ready(reference_pass(routes)), 2 if quick else 5)
+    n_used, remote, per_expert, _ = (np.asarray(a) for a in out)
+
+    # Baseline and check: numpy counts the same layers.
+    host = np.asarray(routes)
+
+    def numpy_counts():
+        used = np.array([np.count_nonzero(np.bincount(r.ravel(), minlength=E)) for r in host])
+        rem = np.array([(lambda t: t.sum() - np.trace(t))(ref.rank_traffic(r, E, R)) for r in host])
+        return used, rem
+
+    baseline, (np_used, np_remote) = _timeit(numpy_counts, 1)
+    if not (np.array_equal(n_used, np_used) and np.array_equal(remote, np_remote)
+            and np.all(per_expert.sum(-1) == N * k)):
+        raise AssertionError("reference counts differ from numpy's: no speed reported")
+    rows.append({"name": f"reference: R1 routing [{L}, {N}, {k}], EP{R}", "measured_s": measured,
+                 "goal_s": GOAL_REFERENCE_S if not quick else None, "baseline_s": baseline,
+                 "compile_s": compile_s, "ids": L * N * k,
+                 "ids_per_s": L * N * k / measured,
+                 "note": "baseline: numpy bincount + rank traffic per layer, same counts"})
+
+    # 2. Monte Carlo: samples x L layers x N_t tokens x k ids, N_ue (and EP32 fan-out).
+    samples = 100 if quick else 1000
+    Nmc = 4096
+    w = Workload(tokens=Nmc)
+    expect_nue = float(cf.n_used_uniform(Nmc, k, E))
+
+    # Baseline: the textbook way in numpy (top-k of uniform noise per token, a bincount per
+    # layer), on a few samples, scaled to the sample count.
+    rng = np.random.default_rng(0)
+
+    def numpy_sample():
+        for _ in range(L):
+            ids = np.argpartition(rng.random((Nmc, E), np.float32), k, axis=1)[:, :k]
+            np.count_nonzero(np.bincount(ids.ravel(), minlength=E))
+
+    few = 1 if quick else 2
+    numpy_s, _ = _timeit(lambda: [numpy_sample() for _ in range(few)], 1)
+    baseline_mc = numpy_s / few * samples
+    for opts, label in ((Options(), "phi = 1 (seed)"), (Options(ep_ranks=R), f"EP{R} fan-out")):
+        first, _ = _timeit(lambda o=opts: ref.gamma_distribution(model, system, w, o, "uniform",
+                                                                 samples), 1)
+        measured, dist = _timeit(lambda o=opts: ref.gamma_distribution(model, system, w, o,
+                                                                       "uniform", samples), 1)
+        se = dist["n_ue_std"] / math.sqrt(samples * L) + 1 / (samples * L)
+        if abs(dist["n_ue_mean"] - expect_nue) > 5 * se:
+            raise AssertionError(f"Monte Carlo N_ue {dist['n_ue_mean']} vs {expect_nue}")
+        if opts.ep_ranks and abs(dist["fanout_mean"] - cf.fanout_uniform(R, E, k)) > 0.01:
+            raise AssertionError(f"Monte Carlo fan-out {dist['fanout_mean']}")
+        ids = samples * L * Nmc * k
+        rows.append({"name": f"Monte Carlo: {samples} x R1 prefill N_t {Nmc}, {label}",
+                     "measured_s": measured, "goal_s": GOAL_MONTE_CARLO_S * samples / 1000,
+                     "baseline_s": baseline_mc,
+                     "compile_s": max(first - measured, 0.0), "ids": ids,
+                     "ids_per_s": ids / measured, "n_ue_mean": dist["n_ue_mean"],
+                     "gamma_mean": dist["gamma_mean"],
+                     "note": f"{ids / 1e9:.2f}e9 expert ids, {measured / ids * 1e9:.2f} ns each; "
+                             f"N_ue {dist['n_ue_mean']:.3f} (expected {expect_nue:.3f}); "
+                             f"baseline: numpy top-k of noise + bincount, {few} samples "
+                             "scaled"})
+    for r in rows:
+        r.update(_env())
+    _print(rows)
+    return rows
+
+
+def bench_sweep(args) -> list[dict]:
+    import numpy as np
+
+    from moelab.costmodel import closed_form as cf
+    from moelab.costmodel import sweep as sw
+    from moelab.costmodel.specs import Options, Workload
+
+    model, system = _r1()
+    quick = getattr(args, "quick", False)
+    n_tokens = 100 if quick else 1000
+    tokens = np.geomspace(1, 1e6, n_tokens)
+    b_pcie = np.linspace(8, 256, 100)
+    b_net = np.linspace(10, 400, 100)
+    rows = []
+    for label, opts, extra in (
+        ("worst case, phi = 1", Options(), []),
+        ("uniform, fan-out from EP ranks", Options(routing="uniform", ep_ranks=32), []),
+    ):
+        base = sw.params_of(model, system, Workload(tokens=1), opts)
+        axes = [sw.number_axis("tokens", "tokens", tokens),
+                sw.number_axis("b_pcie", "b_pcie", b_pcie, 1e9),
+                sw.number_axis("b_net", "b_net", b_net, 1e9), *extra]
+        n = sw.grid_size(axes)
+        run = sw.grid_kernel(base, axes, ("gamma",))
+        compile_s, _ = _timeit(run, 1)
+        measured, res = _timeit(run, 2 if quick else 3)
+        gamma = res["gamma"]
+
+        # Baseline: the numpy closed form on the same grid (broadcast, float64).
+        def numpy_grid(opts=opts):
+            N, bp, bn = np.meshgrid(tokens, b_pcie * 1e9, b_net * 1e9, indexing="ij", sparse=True)
+            used = cf.n_used_uniform if opts.routing == "uniform" else cf.n_used_worst
+            phi = cf.resolve_fanout(model, opts)
+            t_p = cf.offload_overhead(used(N, model.top_k, model.n_experts), model.expert_bytes,
+                                      bp, model.n_moe_layers)
+            t_ep = cf.ep_overhead(N, model.hidden, model.f_a, model.f_a, bn,
+                                  model.n_moe_layers, 0.0, phi)
+            return (t_p / t_ep).reshape(-1)
+
+        baseline, want = _timeit(numpy_grid, 1)
+        # Check before reporting: the whole grid against numpy, and random points
+        # against closed_form.evaluate itself.
+        if not np.allclose(gamma, want, rtol=3e-5):
+            raise AssertionError("sweep differs from the numpy closed form: no speed reported")
+        rng = np.random.default_rng(0)
+        for i in rng.integers(0, n, 20):
+            a, b, c = np.unravel_index(i, (len(tokens), len(b_pcie), len(b_net)))
+            s = system.with_(b_pcie=b_pcie[b] * 1e9, b_net=b_net[c] * 1e9)
+            g = cf.evaluate(model, s, Workload(tokens=max(1, int(tokens[a]))), opts).gamma
+            if int(tokens[a]) == tokens[a] and not math.isclose(gamma[i], g, rel_tol=3e-5):
+                raise AssertionError(f"sweep point {i}: {gamma[i]} vs closed form {g}")
+        rows.append({"name": f"sweep: {n:.0e} configurations, {label}", "measured_s": measured,
+                     "goal_s": GOAL_SWEEP_S * n / 1e7, "baseline_s": baseline,
+                     "compile_s": compile_s, "configurations": n,
+                     "configurations_per_s": n / measured,
+                     "note": "baseline: closed_form (numpy, float64) on the same grid"})
+    for r in rows:
+        r.update(_env())
+    _print(rows)
+    return rows
