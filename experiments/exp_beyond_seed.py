@@ -2,7 +2,8 @@
 
 Start from the seed's gamma for DeepSeek-R1 at one prefill size, change one thing, and
 record gamma_variant / gamma_seed (a tornado chart of log10 changes):
-- fan-out phi: experts spread uniformly over R EP ranks (closed_form.fanout_uniform);
+- fan-out phi: experts spread uniformly over R EP ranks (closed_form.fanout_uniform), and under
+  the model's group-limited routing, per rank and once per node (JAX reference Monte Carlo);
 - dispatch in fp8, combine in bf16 (as DeepEP does);
 - measured link bandwidths instead of nominal ones (presets' measured figures);
 - latency per collective alpha_net, fitted to DeepEP's low-latency kernels (experiment validation);
@@ -18,12 +19,14 @@ NAME = "beyond-seed"
 SUMMARY = (
     "fan-out, dtypes, measured links, latencies, residency, routing, overlap: each one's effect on gamma"
 )
-VERSION = "1"
+VERSION = "2"
 DEPENDS = (
     "moelab.costmodel.closed_form",
     "moelab.costmodel.presets",
     "moelab.costmodel.specs",
     "moelab.costmodel.timeline",
+    "moelab.costmodel.reference",
+    "moelab.costmodel.routing",
     "moelab.experiments.exp_validation",
 )
 
@@ -56,6 +59,8 @@ def config(quick: bool) -> dict:
         "combine_dtype": "bf16",
         "hbm_share_for_experts": 0.5,
         "microbatches": 2,  # DeepSeek's two-micro-batch overlap
+        "mc_tokens": 256,  # group-limited fan-out: Monte Carlo at this N_t (a per-token property)
+        "mc_samples": 2 if quick else 4,
         "curve_points": 25 if quick else 60,
         "overlap_points": 6 if quick else 16,
     }
@@ -89,6 +94,34 @@ def _measured_alpha_pcie():
         if value:
             return float(value), f"measured by moelab calibrate ({path.parent.name})"
     return None, "not measured on a GPU yet"
+
+
+def _group_fanout(cfg, model, system):
+    """Mean remote ranks and remote nodes per token under group-limited routing (JAX Monte Carlo).
+
+    The fan-out is a per-token property: it is sampled at a modest N_t (cfg["mc_tokens"]) and
+    used as an explicit phi at the experiment's N_t.
+    """
+    try:
+        from moelab.costmodel.reference import gamma_distribution
+    except ImportError as e:
+        return None, f"costmodel.reference not available yet ({e})"
+    from moelab.costmodel.specs import Options, Workload
+
+    d = gamma_distribution(
+        model,
+        system,
+        Workload(tokens=cfg["mc_tokens"]),
+        Options(ep_ranks=cfg["ep_ranks"]),
+        "groups",
+        cfg["mc_samples"],
+        0,
+    )
+    src = (
+        f"JAX Monte Carlo, {d['samples']} samples at N_t = {cfg['mc_tokens']}, n_group {model.n_group}, "
+        f"topk_group {model.topk_group}, {system.gpus_per_node} GPUs per node"
+    )
+    return {"ranks": d["fanout_mean"], "nodes": d["fanout_nodes_mean"]}, src
 
 
 def variants(cfg, model, system):
@@ -125,6 +158,22 @@ def variants(cfg, model, system):
         ),
         "expected N_ue (uniform routing)": (system, Options(routing="uniform"), "E (1 - (1 - k/E)^N_t)"),
     }
+    # Group-limited routing (the model's n_group / topk_group) sampled by the JAX reference: its
+    # fan-out over ranks, and over nodes (DeepEP's normal kernels send a token once per remote node).
+    groups, groups_src = _group_fanout(cfg, model, system)
+    fanout_all = Options(ep_ranks=cfg["ep_ranks"])
+    if groups is not None:
+        out[f"fan-out: EP{cfg['ep_ranks']}, group-limited routing"] = (
+            system,
+            Options(fanout=groups["ranks"]),
+            groups_src,
+        )
+        out[f"fan-out: EP{cfg['ep_ranks']}, group-limited, once per node"] = (
+            system,
+            Options(fanout=groups["nodes"]),
+            groups_src + "; per-node dedup as in DeepEP normal kernels",
+        )
+        fanout_all = Options(fanout=groups["nodes"])
     if alpha_net is not None:
         out[f"alpha_net = {alpha_net * 1e6:.0f} µs per collective"] = (
             system.with_(alpha_net=alpha_net),
@@ -139,7 +188,8 @@ def variants(cfg, model, system):
         )
     combined_system = measured.with_(alpha_net=alpha_net or 0.0, alpha_pcie=alpha_pcie or 0.0)
     combined = Options(
-        ep_ranks=cfg["ep_ranks"],
+        fanout=fanout_all.fanout,
+        ep_ranks=fanout_all.ep_ranks,
         dispatch_dtype=cfg["dispatch_dtype"],
         combine_dtype=cfg["combine_dtype"],
         resident_fraction=h,
@@ -148,8 +198,15 @@ def variants(cfg, model, system):
     missing = {
         "alpha_net": alpha_net_src if alpha_net is None else None,
         "alpha_pcie": alpha_pcie_src if alpha_pcie is None else None,
+        "group-limited fan-out": groups_src if groups is None else None,
     }
-    return out, (combined_system, combined), missing
+    fan = "once per node, group-limited" if groups is not None else f"EP{cfg['ep_ranks']} uniform"
+    lat = ", ".join(n for n, v in (("alpha_net", alpha_net), ("alpha_pcie", alpha_pcie)) if v is not None)
+    desc = (
+        f"fan-out {fan}; dispatch {cfg['dispatch_dtype']} / combine {cfg['combine_dtype']}; measured links; "
+        f"h = {h:.3f}; uniform routing" + (f"; {lat}" if lat else "")
+    )
+    return out, (combined_system, combined, desc), missing
 
 
 def run(cfg: dict, ctx) -> None:
@@ -166,7 +223,7 @@ def run(cfg: dict, ctx) -> None:
     system = load_system(cfg["system"])
     work = Workload(tokens=cfg["tokens"])
     seed = cf.evaluate(model, system, work)
-    singles, (sys_all, opt_all), missing = variants(cfg, model, system)
+    singles, (sys_all, opt_all, all_desc), missing = variants(cfg, model, system)
     for what, why in missing.items():
         if why:
             ctx.note(f"{what}: {why}; left out of the variants.")
@@ -177,7 +234,7 @@ def run(cfg: dict, ctx) -> None:
     rows.append(
         _row(
             "all of the above together",
-            "every variant above at once",
+            all_desc,
             cf.evaluate(model, sys_all, work, opt_all),
             seed,
         )
