@@ -91,6 +91,34 @@ def uniform(key: jax.Array, tokens: int, n_experts: int, k: int) -> jax.Array:
     return jnp.stack(out, axis=-1)
 
 
+def gumbel(key: jax.Array, tokens: int, n: int) -> jax.Array:
+    """[tokens, n] float32 standard Gumbel noise -log(-log u) from `counter_bits`
+    (u = (24 random bits + 1/2) / 2^24, the resolution jax.random.gumbel has too)."""
+    if tokens * n >= 2**32:
+        raise SpecError(f"tokens: {tokens} x {n} draws exceed the 32-bit counter")
+    c = (jnp.arange(tokens, dtype=jnp.uint32)[:, None] * jnp.uint32(n)
+         + jnp.arange(n, dtype=jnp.uint32)[None, :])
+    u = ((counter_bits(key, c) >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)
+    return -jnp.log(-jnp.log(u))
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(values, int32 indices) of the k largest along the last axis, largest first.
+
+    k passes of max/argmax, each masking its winner: for the small k of a router this
+    is about 10x faster on CPU than lax.top_k (which sorts; measured on [4096, 256]).
+    Ties go to the lower index. Rows need k entries above -inf.
+    """
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    values, indices = [], []
+    for _ in range(k):
+        i = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        values.append(jnp.take_along_axis(x, i[..., None], -1)[..., 0])
+        indices.append(i)
+        x = jnp.where(ids == i[..., None], -jnp.inf, x)
+    return jnp.stack(values, -1), jnp.stack(indices, -1)
+
+
 def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
     """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp).
 
@@ -98,8 +126,8 @@ def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
     from the rest renormalized, and so on (the Gumbel top-k trick). Experts with
     p = 0 (logp = -inf) are never drawn; at least k must have p > 0.
     """
-    g = jax.random.gumbel(key, (tokens, logp.shape[-1]), jnp.float32)
-    return jax.lax.top_k(g + logp.astype(jnp.float32), k)[1].astype(jnp.int32)
+    g = gumbel(key, tokens, logp.shape[-1])
+    return top_k(g + logp.astype(jnp.float32), k)[1]
 
 
 def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
@@ -116,15 +144,15 @@ def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: 
     if topk_group * per_group < k:
         raise SpecError(f"topk_group: {topk_group} groups of {per_group} experts hold fewer "
                         f"than k={k} experts")
-    s = jax.random.gumbel(key, (tokens, n_experts), jnp.float32)
+    s = gumbel(key, tokens, n_experts)
     if logp is not None:
         s = s + logp.astype(jnp.float32)
     grouped = s.reshape(tokens, n_group, per_group)
-    group_score = jax.lax.top_k(grouped, min(2, per_group))[0].sum(-1)  # [N, G]
-    keep = jax.lax.top_k(group_score, topk_group)[1]  # [N, topk_group]
-    group_mask = jnp.zeros((tokens, n_group), bool).at[jnp.arange(tokens)[:, None], keep].set(True)
-    masked = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(tokens, n_experts)
-    return jax.lax.top_k(masked, k)[1].astype(jnp.int32)
+    group_score = top_k(grouped, min(2, per_group))[0].sum(-1)  # [N, G]
+    keep = top_k(group_score, topk_group)[1]  # [N, topk_group]
+    in_kept = (jnp.arange(n_group)[None, :, None] == keep[:, None, :]).any(-1)  # [N, G]
+    masked = jnp.where(in_kept[:, :, None], grouped, -jnp.inf).reshape(tokens, n_experts)
+    return top_k(masked, k)[1]
 
 
 def from_logits(logits: jax.Array, k: int) -> jax.Array:

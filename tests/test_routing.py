@@ -160,3 +160,22 @@ def test_bad_files(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((5, 7)))
     with pytest.raises(SpecError, match="logits must be"):
         rt.logits_routes(str(tmp_path / "bad.npy"), 1, 8, 2)
+
+
+@settings(max_examples=10)
+@given(n=st.integers(1, 70), data=st.data())
+def test_top_k_matches_sorting(n, data):
+    k = data.draw(st.integers(1, n))
+    x = np.random.default_rng(n).normal(size=(3, 5, n)).astype(np.float32)
+    values, ids = rt.top_k(jnp.asarray(x), k)
+    order = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(np.asarray(ids), order)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(x, order, -1))
+
+
+def test_gumbel_noise_moments():
+    g = np.asarray(rt.gumbel(jax.random.key(0), 4000, 100), np.float64).ravel()
+    se = math.pi / math.sqrt(6) / math.sqrt(g.size)
+    assert abs(g.mean() - 0.5772156649) < 5 * se  # Euler's gamma
+    assert abs(g.var() - math.pi**2 / 6) < 0.01
+    assert np.isfinite(g).all()
