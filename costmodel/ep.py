@@ -26,15 +26,25 @@ all_to_all runs everywhere.
 
 On GPUs and across hosts: nothing in this module is CPU-specific. One host with R GPUs:
 `moelab ep --model deepseek-r1 --devices 8 --tokens 4096 --json` uses the first R of
-`jax.devices()`. Several hosts: start the same command on every host with the
-coordinator's address, the process count and this process's id in the environment
+`jax.devices()` (the CPU device-count flag `moelab ep` sets touches only the CPU
+platform). Several hosts: start the same command on every host, with the coordinator's
+address, the number of processes and this process's id in the environment:
 
-    MOELAB_COORDINATOR=host0:1234 MOELAB_NUM_PROCESSES=2 MOELAB_PROCESS_ID=<0|1> \\
-        moelab ep --model deepseek-r1 --devices 16 --tokens 4096 --json
+    MOELAB_COORDINATOR=host0:12355 MOELAB_NUM_PROCESSES=2 MOELAB_PROCESS_ID=0 \
+        moelab ep --model deepseek-r1 --devices 16 --tokens 4096 --json     # on host0
+    MOELAB_COORDINATOR=host0:12355 MOELAB_NUM_PROCESSES=2 MOELAB_PROCESS_ID=1 \
+        moelab ep --model deepseek-r1 --devices 16 --tokens 4096 --json     # on host1
 
-`moelab ep` then calls `jax.distributed.initialize(coordinator_address, num_processes,
-process_id)` before anything else touches jax, so `jax.devices()` lists the GPUs of all
-hosts and the same shard_map spans them (the all_to_all crosses the network between hosts).
+`moelab ep` then calls `jax.distributed.initialize(coordinator, num_processes,
+process_id)` before anything else touches jax, so `jax.devices()` lists the devices of
+all processes and one shard_map spans them (the all_to_all crosses the network between
+hosts). Every process builds the same routing and weights from the seed, hands its own
+devices their blocks (`jax.make_array_from_callback`) and gathers the result
+(`multihost_utils.process_allgather`). Checked on one machine as two processes of four
+simulated CPU devices each (add `JAX_PLATFORMS=cpu
+XLA_FLAGS=--xla_force_host_platform_device_count=4` to both commands above, with
+`--devices 8`): both report the single-process error and byte counts. On CPU the
+collectives go through Gloo, which prints its connection lines on stdout.
 """
 
 from __future__ import annotations
@@ -146,7 +156,6 @@ def ep_layer(x, ids, w, wg, wu, wd, *, ranks: int, capacity: int | None = None, 
     wg, wu [E, d, I], wd [E, I, d]. N and E must be multiples of `ranks`.
     """
     import jax
-    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -168,8 +177,19 @@ def ep_layer(x, ids, w, wg, wu, wd, *, ranks: int, capacity: int | None = None, 
         partial(_device_layer, n_experts=E, ranks=ranks, capacity=C), mesh=mesh,
         in_specs=(P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
         out_specs=(P(AXIS), P(AXIS))))
-    put = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P(AXIS)))
+    sharding = NamedSharding(mesh, P(AXIS))
+
+    def put(a):
+        # Every process holds the whole (same) host array and hands each of its devices
+        # that device's block: works on one host and across hosts (jax.distributed).
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
     out, st = fn(*(put(a) for a in (x, ids.astype(np.int32), w, wg, wu, wd)))
+    if jax.process_count() > 1:  # blocks on other hosts: gather them to every process
+        from jax.experimental import multihost_utils
+
+        out, st = multihost_utils.process_allgather((out, st), tiled=True)
     st = np.asarray(st)
     return np.asarray(out), EPStats(st[:, 0], st[:, 1], st[:, 2], st[:, 3], st[:, 4], C, ranks)
 

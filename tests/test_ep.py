@@ -140,3 +140,35 @@ def test_cli_rejects(kw, match):
 
     with pytest.raises(SpecError, match=match):
         compute(_cli_args(**kw))
+
+
+@pytest.mark.slow
+def test_two_processes_like_two_hosts():
+    """jax.distributed: two processes of 4 simulated CPU devices run one 8-rank layer."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "moelab", "ep", "--model", "mixtral-8x7b", "--devices", "8",
+           "--tokens", "64", "--json"]
+    procs = []
+    for pid in (0, 1):
+        env = {**os.environ, "MOELAB_COORDINATOR": f"127.0.0.1:{port}",
+               "MOELAB_NUM_PROCESSES": "2", "MOELAB_PROCESS_ID": str(pid),
+               "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+        # Gloo prints its connection lines on stdout: keep the JSON
+        outs.append(json.loads(out[out.index("{"):]))
+    for o in outs:
+        assert o["devices"] == 8 and o["max_abs_err"] <= 1e-3 and o["bytes_match"]
+    assert outs[0]["bytes_sent_measured"] == outs[1]["bytes_sent_measured"]
