@@ -172,18 +172,19 @@ def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
     R = options.ep_ranks or 0
     c = route_counts(routes, model.n_experts, R, system.gpus_per_node)
     N = routes.shape[1]
-    dest = c["remote_ranks"].sum(-1) if R else jnp.full(routes.shape[0], N, jnp.int32)
-    p = params_of(model, system, workload, options)
-    res = {k: float(v) for k, v in overheads(c["n_used"].astype(jnp.float32),
-                                             dest.astype(jnp.float32), p).items()}
+    # Exact integer counts; bytes and times in float64 on the host.
+    n_used = np.asarray(c["n_used"], np.float64)
+    dest = np.asarray(c["remote_ranks"], np.float64).sum(-1) if R else np.full(len(n_used), N, float)
+    p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
+    res = {name: float(v) for name, v in overheads(n_used, dest, p).items()}
     res.update(
-        n_ue=float(c["n_used"].mean()),
+        n_ue=float(n_used.mean()),
         n_ue_per_layer=np.asarray(c["n_used"]),
         tokens_per_expert=np.asarray(c["tokens_per_expert"]),
         fanout=float(p["fanout"] * dest.mean() / N),
     )
     if R:
-        res["fanout_nodes"] = float(c["remote_nodes"].mean())
+        res["fanout_nodes"] = float(np.asarray(c["remote_nodes"]).mean())
     return res
 
 
