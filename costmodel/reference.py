@@ -316,7 +316,8 @@ def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
     (latencies, residency) has elasticity 0. `f_a` is the elasticity of the activation
     dtype: the sum over dispatch and combine of those that default to it. `fanout` is
     d ln gamma / d ln phi, also when phi is derived from EP ranks; `ep_ranks` only with
-    ranks. L, passes and T_B cancel in gamma and are not listed.
+    ranks. L, passes and T_B cancel in gamma and are not listed. Where gamma is 0 or
+    infinite (h = 1, one EP rank) the elasticities are NaN.
     """
     options = options or Options()
     p = params_of(model, system, workload, options)
@@ -329,7 +330,8 @@ def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
         return jnp.log(formula({**fixed, **x}, k_max)["gamma"])
 
     grads = jax.grad(log_gamma)(x)
-    out = {n: float(x[n] * grads[n]) for n in names}
+    # float32 gradients: six decimals are what they resolve (d cancels to 2e-7, not 0).
+    out = {n: round(float(x[n] * grads[n]), 6) for n in names}
     out["f_a"] = (out["f_dispatch"] * (options.dispatch_dtype is None)
                   + out["f_combine"] * (options.combine_dtype is None))
     return out
