@@ -73,6 +73,8 @@ def parse_values(flag: str, text: str) -> list[float]:
             values = space(start, stop, count).tolist()
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
+    except SpecError:
+        raise
     except ValueError:
         raise SpecError(f"{name}: expected a comma list or START:STOP:log|lin:COUNT, "
                         f"got {text!r}") from None

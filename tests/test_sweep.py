@@ -129,6 +129,8 @@ def test_parse_values():
     np.testing.assert_allclose(parse_values("b_net", "1:100:log:3"), [1, 10, 100])
     assert parse_values("tokens", "1:1e6:log:50")[:3] == [1.0, 2.0, 3.0]  # rounded, deduped
     assert parse_values("resident_fraction", "0:1:lin:5") == [0, 0.25, 0.5, 0.75, 1]
+    with pytest.raises(SpecError, match="positive ends"):
+        parse_values("tokens", "0:1:log:3")
     for flag, text in [("tokens", "a,b"), ("b_pcie", "0:10:log:3"), ("b_pcie", "0,1"),
                        ("tokens", "1:10:cubic:3"), ("tokens", "1:10:log:0"),
                        ("resident_fraction", "2"), ("tokens", "-1"), ("b_net", "nan")]:
