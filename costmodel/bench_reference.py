@@ -196,7 +196,7 @@ def bench_sweep(args) -> list[dict]:
                                   model.n_moe_layers, 0.0, phi)
             return (t_p / t_ep).reshape(-1)
 
-        baseline, want = _timeit(numpy_grid, 1)
+        baseline, want = _timeit(numpy_grid, 2)
         # Check before reporting: the whole grid against numpy, and random points
         # against closed_form.evaluate itself.
         if not np.allclose(gamma, want, rtol=3e-5):
