@@ -50,9 +50,15 @@ def _ensure_devices(n: int) -> None:
             int(os.environ["MOELAB_PROCESS_ID"]),
         )
         return
+    import re
+
+    flag = "--xla_force_host_platform_device_count"
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    m = re.search(flag + r"=(\d+)", flags)
+    if m is None:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={n}".strip()
+    elif int(m.group(1)) < n:  # too few simulated devices asked for elsewhere: raise it
+        os.environ["XLA_FLAGS"] = flags.replace(m.group(0), f"{flag}={n}")
 
 
 def compute(args) -> dict:
