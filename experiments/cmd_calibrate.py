@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 HELP = "measure host link, device copy, GEMM and latency; write a system file (--system)"
 
@@ -41,24 +40,14 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print the system and the measurements")
 
 
-def _median(fn, sync, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _timer(cuda: bool):
     """Median seconds of a callable: CUDA events on a GPU (device time), wall time on a CPU."""
     import torch
 
+    from moelab.kernels.prefetch_bench import median_time
+
     if not cuda:
-        return lambda fn, repeats: _median(fn, lambda: None, repeats)
+        return lambda fn, repeats: median_time(fn, lambda: None, repeats)
 
     def timed(fn, repeats):
         fn()

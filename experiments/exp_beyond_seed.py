@@ -33,13 +33,9 @@ DEPENDS = (
 
 def INPUTS(cfg):
     from moelab.costmodel.presets import PRESETS
+    from moelab.experiments.runner import preset_files
 
-    files = [
-        PRESETS / "models" / f"{cfg['model']}.json",
-        PRESETS / "systems.json",
-        PRESETS / "published.json",
-    ]
-    return files + _calibration_files()
+    return preset_files(cfg["model"]) + [PRESETS / "published.json", *_calibration_files()]
 
 
 def _calibration_files():

@@ -19,9 +19,9 @@ DEPENDS = (
 
 
 def INPUTS(cfg):
-    from moelab.costmodel.presets import PRESETS
+    from moelab.experiments.runner import preset_files
 
-    return [PRESETS / "models" / f"{m}.json" for m in cfg["models"]] + [PRESETS / "systems.json"]
+    return preset_files(*cfg["models"])
 
 
 def config(quick: bool) -> dict:

@@ -22,9 +22,9 @@ DEPENDS = (
 
 
 def INPUTS(cfg):
-    from moelab.costmodel.presets import PRESETS
+    from moelab.experiments.runner import preset_files
 
-    return [PRESETS / "models" / f"{cfg['model']}.json", PRESETS / "systems.json"]
+    return preset_files(cfg["model"])
 
 
 def config(quick: bool) -> dict:

@@ -89,6 +89,13 @@ def module_digest(module_name: str) -> str:
     return _file_digest(Path(spec.origin))
 
 
+def preset_files(*models: str) -> list[Path]:
+    """The preset data an experiment reads: these models' config.json files and the systems."""
+    from moelab.costmodel.presets import PRESETS
+
+    return [PRESETS / "models" / f"{m}.json" for m in models] + [PRESETS / "systems.json"]
+
+
 def cache_key(exp: ModuleType, cfg: dict) -> dict:
     """What the results depend on: name, code version, config, dependency sources, data inputs."""
     inputs = getattr(exp, "INPUTS", None)

@@ -35,7 +35,7 @@ CPU_SCALE = 1 / 32  # CPU: hidden and intermediate shrunk 32x (blocks of ~43 KB 
 GOAL = 0.9
 
 
-def _median_time(fn, sync, repeats: int) -> float:
+def median_time(fn, sync, repeats: int) -> float:
     """Median wall time of `fn` over `repeats` runs after one warm-up, synchronized."""
     fn()
     times = []
@@ -121,7 +121,7 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
 
     # The roof: one plain copy of the same bytes (host memory is contiguous per layer).
     src = store.blocks[0][:n]
-    t_memcpy = _median_time(lambda: slots.copy_(src, non_blocking=True), sync, repeats)
+    t_memcpy = median_time(lambda: slots.copy_(src, non_blocking=True), sync, repeats)
     memcpy_ok = torch.equal(slots.cpu(), src)
     roof = nbytes / t_memcpy
     rows.append({**base, "path": "memcpy", "route": "tensor.copy_", "correct": memcpy_ok,
@@ -142,7 +142,7 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
         row = {**base, "path": path, "route": pf.gather_route if path == "gather" else
                "copy_ non_blocking", "correct": ok}
         if ok:
-            t = _median_time(fetch_all, sync, repeats)
+            t = median_time(fetch_all, sync, repeats)
             row.update(seconds=t, bandwidth_Bps=nbytes / t, ratio_to_memcpy=t_memcpy / t)
         rows.append(row)
         pf.close()
@@ -169,7 +169,7 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
         sync()
         row["correct"] = torch.equal(dst.cpu(), words[:n])
         if row["correct"]:
-            t = _median_time(launch, sync, repeats)
+            t = median_time(launch, sync, repeats)
             row.update(seconds=t, bandwidth_Bps=nbytes / t, ratio_to_memcpy=t_memcpy / t)
         rows.append(row)
 
@@ -188,7 +188,7 @@ def _overlap_rows(store, n, device, sync, repeats, base) -> list[dict]:
     a = torch.randn((size, size), device=device, dtype=dtype)
     b = torch.randn((size, size), device=device, dtype=dtype)
     out = torch.empty_like(a)
-    t_one = _median_time(lambda: torch.mm(a, b, out=out), sync, repeats)
+    t_one = median_time(lambda: torch.mm(a, b, out=out), sync, repeats)
     rows = []
     experts = list(range(n))
     for path in ("copy", "gather"):
@@ -204,14 +204,14 @@ def _overlap_rows(store, n, device, sync, repeats, base) -> list[dict]:
             pf.synchronize()
 
         copy_alone()
-        t_copy = _median_time(copy_alone, sync, repeats)
+        t_copy = median_time(copy_alone, sync, repeats)
         reps = max(1, round(t_copy / t_one))  # a compute of equal length
 
         def gemms(reps=reps):
             for _ in range(reps):
                 torch.mm(a, b, out=out)
 
-        t_gemm = _median_time(gemms, sync, repeats)
+        t_gemm = median_time(gemms, sync, repeats)
 
         def both(pf=pf, gemms=gemms):
             f = fetch()  # copies start on the side stream...
@@ -219,7 +219,7 @@ def _overlap_rows(store, n, device, sync, repeats, base) -> list[dict]:
             pf.synchronize()
             f.release()
 
-        t_both = _median_time(both, sync, repeats)
+        t_both = median_time(both, sync, repeats)
         hidden = (t_copy + t_gemm - t_both) / t_copy
         rows.append({**base, "path": f"overlap_{path}", "route": pf.gather_route or "copy_",
                      "t_copy_s": t_copy, "t_gemm_s": t_gemm, "t_both_s": t_both,
