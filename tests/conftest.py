@@ -13,6 +13,7 @@ if not os.environ.get("MOELAB_GPU_TESTS"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI: deterministic (derandomized) and bounded; dev: the default random exploration.
@@ -26,3 +27,29 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+POISON_INT = -7777  # what every integer a kernel allocates holds until the kernel writes it
+
+
+@pytest.fixture
+def device():
+    """cuda under MOELAB_GPU_TESTS=1 on a GPU (ci/gpu-check), else cpu (Triton's interpreter)."""
+    import torch
+
+    return "cuda" if os.environ.get("MOELAB_GPU_TESTS") and torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every tensor the dispatch/combine launchers allocate starts as NaN / -7777, so an
+    element the kernel should have written but did not fails the comparison."""
+    import torch
+
+    from moelab.kernels import dispatch as dispatch_mod
+
+    def poisoned_empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan") if dtype.is_floating_point else POISON_INT)
+
+    monkeypatch.setattr(dispatch_mod, "_empty", poisoned_empty)

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelab.kernels import dispatch as dispatch_mod
 from moelab.kernels.combine import combine
 from moelab.kernels.reference import combine_reference, dispatch_reference
 from moelab.kernels.tuning import CombineConfig
@@ -29,19 +28,7 @@ TOL = {
 }
 
 
-def _poisoned_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7777)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(dispatch_mod, "_empty", _poisoned_empty)
-
-
-@pytest.fixture
-def device():
-    return DEVICE
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def make_case(n_tokens, d, k, E, block_m=4, drop=0.0, dtype=torch.float32, seed=0, device=DEVICE):

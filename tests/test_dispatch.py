@@ -13,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelab.kernels import dispatch as dispatch_mod
 from moelab.kernels.combine import combine
 from moelab.kernels.dispatch import DispatchLayout, dispatch, padded_rows, route, used_experts
 from moelab.kernels.reference import dequantize_fp8_reference, dispatch_reference
@@ -21,28 +20,12 @@ from moelab.kernels.tuning import DispatchConfig
 
 ON_GPU = bool(os.environ.get("MOELAB_GPU_TESTS")) and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-POISON_INT = -7777
 # compiled, every new shape specialization costs a compile: fewer examples on the GPU
 MAX_EXAMPLES = 8 if ON_GPU else 40
 INT_FIELDS = ("counts", "offsets", "src_token", "slot", "block_expert")
 
 
-def _poisoned_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if dtype.is_floating_point:
-        return t.fill_(float("nan"))
-    return t.fill_(POISON_INT)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every tensor the kernels allocate starts as NaN / -7777."""
-    monkeypatch.setattr(dispatch_mod, "_empty", _poisoned_empty)
-
-
-@pytest.fixture
-def device():
-    return DEVICE
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def make_ids(n_tokens, k, E, kind="topk", seed=0, device=DEVICE, dtype=torch.int32):
