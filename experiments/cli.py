@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        print(f"moelab {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

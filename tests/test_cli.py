@@ -155,3 +155,11 @@ def test_overlap_reports_both_gammas(capsys):
     # Overlap can only hide time: neither overhead grows.
     assert out["t_p_overhead_overlap_s"] <= out["t_p_overhead_s"] * (1 + 1e-9)
     assert out["t_ep_overhead_overlap_s"] <= out["t_ep_overhead_s"] * (1 + 1e-9)
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["sweep", "--tokens", "1:10:log:3", "--out", str(blocker / "x.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(blocker) in err[0]
