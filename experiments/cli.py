@@ -31,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="moelab", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moelab", description=(
+        "MoE experts that don't fit: stream them over the host link (offload) or send the "
+        "tokens to GPUs that hold them (expert parallelism)? gamma < 1: offload wins."))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         if only is not None and name != only:
