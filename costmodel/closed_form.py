@@ -208,16 +208,26 @@ def baseline_time(model: ModelSpec, system: SystemSpec, tokens, n_ue):
     return model.n_moe_layers * per_layer
 
 
-def gamma_of_tokens(model: ModelSpec, system: SystemSpec, options: Options, tokens):
-    """gamma for one forward pass of `tokens` tokens (an array), with all the options."""
-    f_d = DTYPE_BYTES[options.dispatch_dtype or model.act_dtype]
-    f_c = DTYPE_BYTES[options.combine_dtype or model.act_dtype]
+def activation_bytes(model: ModelSpec, options: Options) -> tuple[float, float]:
+    """(f_dispatch, f_combine): bytes per activation sent to the experts and sent back."""
+    return (DTYPE_BYTES[options.dispatch_dtype or model.act_dtype],
+            DTYPE_BYTES[options.combine_dtype or model.act_dtype])
+
+
+def pass_overheads(model: ModelSpec, system: SystemSpec, options: Options, tokens):
+    """(N_ue, T_P - T_B, T_EP - T_B) of one forward pass of `tokens` tokens (arrays welcome)."""
     used = n_used_uniform if options.routing == "uniform" else n_used_worst
     n_ue = used(tokens, model.top_k, model.n_experts)
-    t_p = offload_overhead(n_ue, model.expert_bytes, system.b_pcie, 1, system.alpha_pcie,
-                           options.resident_fraction)
-    t_ep = ep_overhead(tokens, model.hidden, f_d, f_c, system.b_net, 1, system.alpha_net,
-                       resolve_fanout(model, options))
+    t_p = offload_overhead(n_ue, model.expert_bytes, system.b_pcie, model.n_moe_layers,
+                           system.alpha_pcie, options.resident_fraction)
+    t_ep = ep_overhead(tokens, model.hidden, *activation_bytes(model, options), system.b_net,
+                       model.n_moe_layers, system.alpha_net, resolve_fanout(model, options))
+    return n_ue, t_p, t_ep
+
+
+def gamma_of_tokens(model: ModelSpec, system: SystemSpec, options: Options, tokens):
+    """gamma for one forward pass of `tokens` tokens (an array), with all the options."""
+    _, t_p, t_ep = pass_overheads(model, system, options, tokens)
     return t_p / t_ep
 
 
@@ -241,31 +251,23 @@ def tipping_tokens_numeric(gamma_of, max_tokens: float = 1e12) -> float:
 def evaluate(model: ModelSpec, system: SystemSpec, workload: Workload,
              options: Options | None = None) -> Result:
     options = options or Options()
-    k, E, L = model.top_k, model.n_experts, model.n_moe_layers
     tokens, passes = workload.tokens_per_pass, workload.passes
-    f_d = DTYPE_BYTES[options.dispatch_dtype or model.act_dtype]
-    f_c = DTYPE_BYTES[options.combine_dtype or model.act_dtype]
+    f_d, f_c = activation_bytes(model, options)
     phi = resolve_fanout(model, options)
-    h = options.resident_fraction
-
-    if options.routing == "uniform":
-        n_ue = float(n_used_uniform(tokens, k, E))
-    else:
-        n_ue = float(n_used_worst(tokens, k, E))
-    t_p = passes * float(offload_overhead(n_ue, model.expert_bytes, system.b_pcie, L,
-                                          system.alpha_pcie, h))
-    t_ep = passes * float(ep_overhead(tokens, model.hidden, f_d, f_c, system.b_net, L,
-                                      system.alpha_net, phi))
+    n_ue, t_p, t_ep = (float(x) for x in pass_overheads(model, system, options, tokens))
+    t_p, t_ep = passes * t_p, passes * t_ep  # decode: every step pays both again
     if options.routing == "uniform":
         tipping = tipping_tokens_numeric(lambda n: gamma_of_tokens(model, system, options, n))
     else:
-        tipping = float(tipping_tokens_worst(k, E, model.expert_bytes, system.b_pcie,
-                                             model.hidden, f_d, f_c, system.b_net,
-                                             system.alpha_pcie, system.alpha_net, phi, h))
+        tipping = float(tipping_tokens_worst(
+            model.top_k, model.n_experts, model.expert_bytes, system.b_pcie, model.hidden,
+            f_d, f_c, system.b_net, system.alpha_pcie, system.alpha_net, phi,
+            options.resident_fraction))
     return Result(
+        # One EP rank (phi = 0) without latency moves nothing: EP is free, gamma infinite.
         gamma=t_p / t_ep if t_ep > 0 else float("inf"),
         gamma_seed=float(gamma_seed(model.expert_params, model.f_e, model.hidden, model.f_a,
-                                    system.b_net, system.b_pcie, n_ue, max(tokens, 1))),
+                                    system.b_net, system.b_pcie, n_ue, tokens)),
         n_ue=n_ue,
         tokens=tokens,
         fanout=phi,
@@ -278,7 +280,7 @@ def evaluate(model: ModelSpec, system: SystemSpec, workload: Workload,
         expert_bytes=model.expert_bytes,
         model_term=model.expert_bytes / (model.hidden * model.f_a),
         system_term=system.b_net / system.b_pcie,
-        query_term=n_ue / max(tokens, 1),
+        query_term=n_ue / tokens,
         t_b=passes * float(baseline_time(model, system, tokens, n_ue)),
         t_p_overhead=t_p,
         t_ep_overhead=t_ep,

@@ -263,8 +263,8 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
     R = options.ep_ranks or 0
     key = jax.random.key(seed)
 
-    if spec.kind == "logits" and rt.logits_routes(spec.path, L, E, k).shape[1] == N:
-        routes = rt.logits_routes(spec.path, L, E, k)
+    routes = rt.logits_routes(spec.path, L, E, k) if spec.kind == "logits" else None
+    if routes is not None and routes.shape[1] == N:
         c = route_counts(jnp.asarray(routes), E, R, system.gpus_per_node)
         stats = {n: np.asarray(c[n]).reshape(1, L, -1).sum(-1)
                  for n in ("remote_ranks", "remote_nodes")}

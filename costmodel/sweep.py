@@ -21,8 +21,8 @@ from functools import partial
 
 import numpy as np
 
+from moelab.costmodel.closed_form import activation_bytes
 from moelab.costmodel.specs import (
-    DTYPE_BYTES,
     ModelSpec,
     Options,
     SpecError,
@@ -110,6 +110,7 @@ def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
               options: Options | None = None) -> dict[str, float]:
     """`formula`'s parameters for one set of specs (what closed_form.evaluate sees)."""
     options = options or Options()
+    f_dispatch, f_combine = activation_bytes(model, options)
     return {
         "tokens": float(workload.tokens_per_pass),
         "n_experts": float(model.n_experts),
@@ -118,8 +119,8 @@ def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
         "expert_intermediate": float(model.expert_intermediate),
         "matrices": 3.0 if model.gated else 2.0,
         "f_e": model.f_e,
-        "f_dispatch": DTYPE_BYTES[options.dispatch_dtype or model.act_dtype],
-        "f_combine": DTYPE_BYTES[options.combine_dtype or model.act_dtype],
+        "f_dispatch": f_dispatch,
+        "f_combine": f_combine,
         "b_pcie": system.b_pcie,
         "b_net": system.b_net,
         "alpha_pcie": system.alpha_pcie,

@@ -118,7 +118,7 @@ def simulate_offload(
         # Layer l's routing is known: copy what was not prefetched, then (lookahead)
         # predict layer l+1 from it: the wrong guesses cost link time, the right ones
         # are ready early.
-        demand_n = copies - len(early.get(l, ())) if l in early else copies
+        demand_n = copies - len(early.get(l, ()))
         demand = [tl.add("host_link", f"copy L{l} e{j}", x, prev_end) for j in range(demand_n)]
         if lookahead and l + 1 < n_layers:
             xn = transfer[l + 1] / copies
@@ -165,17 +165,6 @@ def simulate_ep(
     return tl
 
 
-def _scalar(x) -> float:
-    import numpy as np
-
-    from moelab.costmodel.specs import SpecError
-
-    a = np.asarray(x, dtype=float)
-    if a.size != 1:
-        raise SpecError("overlap: the timeline takes one configuration, not a sweep")
-    return float(a.reshape(()))
-
-
 def overlap_gammas(model, system, workload, options=None, *, lookahead: int = 0,
                    hit_rate: float = 1.0, microbatches: int = 2) -> dict:
     """gamma with overlap: the ratio of the two overheads left after the timeline.
@@ -193,9 +182,7 @@ def overlap_gammas(model, system, workload, options=None, *, lookahead: int = 0,
     r = closed_form.evaluate(model, system, workload, options)
     n_layers = model.n_moe_layers
     passes = workload.passes
-    t_b = _scalar(r.t_b)
-    seed_p, seed_ep = _scalar(r.t_p_overhead), _scalar(r.t_ep_overhead)
-    n_ue = _scalar(r.n_ue)
+    t_b, seed_p, seed_ep, n_ue = r.t_b, r.t_p_overhead, r.t_ep_overhead, r.n_ue
     per = n_layers * passes
     compute = [t_b / per] * n_layers
     h = options.resident_fraction
@@ -225,7 +212,7 @@ def overlap_gammas(model, system, workload, options=None, *, lookahead: int = 0,
 
     over_p, over_ep, over_oracle = t_p - t_b, t_ep - t_b, t_p_oracle - t_b
     return {
-        "gamma": ratio(seed_p, seed_ep),
+        "gamma": r.gamma,
         "gamma_overlap": ratio(over_p, over_ep),
         "gamma_overlap_oracle": ratio(over_oracle, over_ep),
         "t_b_s": t_b,

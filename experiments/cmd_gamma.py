@@ -116,6 +116,8 @@ def _plain(x):
     """JSON-friendly number: integers print as integers."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return None
+    if math.isinf(x):  # EP costs nothing (one rank): offload never wins; null in JSON
+        return x
     return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
 
 
@@ -166,7 +168,9 @@ def print_table(out: dict) -> None:
     t.add_row("T_P - T_B", "offload overhead", f"{fmt(out['t_p_overhead_s'])} s")
     t.add_row("T_EP - T_B", "EP overhead", f"{fmt(out['t_ep_overhead_s'])} s")
     t.add_row("T_B", "roofline baseline (MoE layers)", f"{fmt(out['t_b_s'])} s")
-    if out.get("tipping_tokens") is not None:
+    if out.get("tipping_tokens") == math.inf:
+        t.add_row("N_t*", "tokens where gamma = 1", "none: EP wins at every N_t")
+    elif out.get("tipping_tokens") is not None:
         t.add_row("N_t*", "tokens where gamma = 1", f"{fmt(out['tipping_tokens'])}")
     elif not w["decode"]:
         t.add_row("N_t*", "tokens where gamma = 1", "none: offload wins at every N_t")

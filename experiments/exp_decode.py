@@ -68,7 +68,8 @@ def run(cfg: dict, ctx) -> None:
         for b, x, y in zip(cfg["batches"], g, g_unif, strict=True):
             r = cf.evaluate(model, system, Workload(decode=True, batch=b, steps=cfg["steps"]))
             # One decode step is a prefill of B tokens: the two paths must agree.
-            assert abs(r.gamma / x - 1) < 1e-9, (m, b)
+            if abs(r.gamma / x - 1) > 1e-9:
+                raise RuntimeError(f"{m}, batch {b}: decode gamma {r.gamma} != prefill {x}")
             rows.append(
                 {
                     "model": m,

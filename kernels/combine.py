@@ -61,7 +61,7 @@ def combine(
     block_d = min(cfg.block_d, max(16, _dispatch.triton_next_pow2(d)))
     grid = (math.ceil(n_tokens / cfg.block_t), math.ceil(d / block_d))
     K._combine_kernel[grid](
-        expert_out, layout.slot, topk_weights.contiguous(), out,
+        expert_out, layout.slot.contiguous(), topk_weights.contiguous(), out,
         n_tokens, d, expert_out.stride(0), expert_out.stride(1), out.stride(0),
         BLOCK_T=cfg.block_t, BLOCK_D=block_d, K=k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -42,8 +42,6 @@ Key = tuple[int, int]  # (layer, expert)
 # which lets Triton prove 128-bit alignment and vectorize the gather's loads and stores.
 ALIGN = 256
 
-_ALIGN = 16  # bytes: each expert block starts 16-byte aligned (128-bit vector loads)
-
 
 # ---------------------------------------------------------------------------------------
 # Device expert cache: bookkeeping only (which expert lives in which slot)
@@ -384,9 +382,10 @@ class _ThreadLanes:
         self._check()
 
     def close(self) -> None:
-        """Finish the queued transfers, then end the worker thread."""
+        """Finish the queued transfers, end the worker thread, raise a transfer's error."""
         self._queue.put(None)
         self._worker.join()
+        self._check()
 
 
 class _SetEvent:
@@ -447,8 +446,11 @@ class Prefetcher:
     def __init__(self, store: HostExpertStore, n_slots: int, *, device=None, path: str = "copy",
                  policy: str = "lru", future: Sequence[Key] | None = None,
                  lookahead: bool = False):
+        # Every check before the lanes start: a refused prefetcher leaves no thread behind.
         if path not in PATHS:
             raise SpecError(f"path: unknown transfer path {path!r} (known: copy, gather)")
+        if lookahead and policy == "belady":
+            raise SpecError("lookahead: Belady needs the exact access sequence; use LRU")
         self.store = store
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.path = path
@@ -471,8 +473,6 @@ class Prefetcher:
         self.predicted = 0
         self.predicted_used = 0
         self.used_after_prediction = 0
-        if lookahead and policy == "belady":
-            raise SpecError("lookahead: Belady needs the exact access sequence; use LRU")
         # Gather path: one launch per expert on row views, so the index tensors are a
         # constant [0] made once (making them per launch would be a host copy each).
         self._zero = torch.zeros(1, dtype=torch.int64, device=self.device)

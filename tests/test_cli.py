@@ -163,3 +163,11 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["sweep", "--tokens", "1:10:log:3", "--out", str(blocker / "x.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(blocker) in err[0]
+
+
+def test_one_ep_rank_means_nothing_is_remote(capsys):
+    # phi = 0: EP moves nothing, so gamma is infinite (null in strict JSON) and EP wins.
+    out = run_json(capsys, "gamma", *SEED, "--ep-ranks", "1")
+    assert out["fanout"] == 0 and out["gamma"] is None and out["decision"] == "ep"
+    assert main(["gamma", *SEED, "--ep-ranks", "1"]) == 0
+    assert "EP wins at every N_t" in capsys.readouterr().out
