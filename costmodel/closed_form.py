@@ -175,6 +175,11 @@ class Result:
         return self.t_b + self.t_ep_overhead
 
     @property
+    def c_seed(self) -> float:
+        """C = 1/2 model system: the seed's gamma is C k below saturation, C E / N_t above."""
+        return 0.5 * self.model_term * self.system_term
+
+    @property
     def deciding_factor(self) -> str:
         """The factor of the seed's three that is furthest from 1 on a log scale."""
         terms = {

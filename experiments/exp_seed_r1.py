@@ -82,7 +82,7 @@ def run(cfg: dict, ctx) -> None:
     ex_meas = cf.evaluate(model, measured, Workload(tokens=cfg["example_tokens"]))
     ex_unif = cf.evaluate(model, nominal, Workload(tokens=cfg["example_tokens"]), Options(routing="uniform"))
     dec = cf.evaluate(model, nominal, Workload(decode=True, batch=cfg["decode_batch"]))
-    C = 0.5 * ex.model_term * ex.system_term
+    C = ex.c_seed
     ctx.advance()
 
     rows = [

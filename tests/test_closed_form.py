@@ -173,7 +173,8 @@ def test_gamma_below_one_exactly_when_offload_is_faster(model, system, n):
 @given(models(), systems())
 def test_gamma_is_one_at_tipping_point(model, system):
     r = cf.evaluate(model, system, Workload(tokens=1))
-    C = r.gamma / model.top_k  # the plateau gamma = C k
+    C = r.c_seed
+    assert r.gamma == pytest.approx(C * model.top_k, rel=1e-9)  # the plateau gamma = C k
     if C * model.top_k > 1:
         assert r.tipping_tokens == pytest.approx(C * model.n_experts, rel=1e-9)
         at = cf.gamma_of_tokens(model, system, Options(), np.array(r.tipping_tokens))
