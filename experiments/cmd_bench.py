@@ -7,7 +7,9 @@ its own table. Rows are saved as JSON (and CSV) when --out is given.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
 
 HELP = "run a benchmark (dispatch, combine, prefetch, reference, sweep, closed-form, cli)"
 
@@ -33,7 +35,13 @@ def run(args) -> int:
     import json
 
     module_name, func_name = BENCHES[args.name].split(":")
-    rows = getattr(importlib.import_module(module_name), func_name)(args)
+    bench = getattr(importlib.import_module(module_name), func_name)
+    if args.json:
+        # stdout carries only the rows: every benchmark's own table goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = bench(args)
+    else:
+        rows = bench(args)
     if args.out:
         from moelab.experiments.io import write_rows
 

@@ -136,6 +136,20 @@ def _copy_time(nbytes: int, device, cuda: bool, quick: bool):
     return _time(lambda: dst.copy_(src), cuda, quick)[0]
 
 
+def _start(args, what):
+    """(quick, cuda, interpret, env, device) for one benchmark, its header printed."""
+    import torch
+
+    quick = bool(getattr(args, "quick", False))
+    cuda = torch.cuda.is_available()
+    interpret = not cuda and bool(os.environ.get("TRITON_INTERPRET"))
+    env = _env(cuda)
+    _header(env, what)
+    if not cuda and not interpret:
+        print("no CUDA device: Triton kernels need a GPU; running the torch baseline on CPU only")
+    return quick, cuda, interpret, env, "cuda" if cuda else "cpu"
+
+
 def _header(env, what):
     where = env["device"] + (" (Triton interpreter: times are meaningless)" if env["interpreter"] else "")
     print(f"moelab bench {what} on {where}; torch {env['torch']}, triton {env['triton']}")
@@ -210,18 +224,10 @@ def _check_dispatch(lay, x, ids, E, fp8) -> str | None:
 
 
 def bench_dispatch(args) -> list[dict]:
-    import torch
 
     from moelab.kernels.reference import dispatch_torch
 
-    quick = bool(getattr(args, "quick", False))
-    cuda = torch.cuda.is_available()
-    interpret = not cuda and bool(os.environ.get("TRITON_INTERPRET"))
-    env = _env(cuda)
-    _header(env, "dispatch")
-    if not cuda and not interpret:
-        print("no CUDA device: Triton kernels need a GPU; running the torch baseline on CPU only")
-    device = "cuda" if cuda else "cpu"
+    quick, cuda, interpret, env, device = _start(args, "dispatch")
     rows = []
     for label, tokens, d, k, E in _shapes(quick, cuda, interpret):
         x, ids, _ = _inputs(tokens, d, k, E, device)
@@ -302,14 +308,7 @@ def bench_combine(args) -> list[dict]:
         dispatch_torch,
     )
 
-    quick = bool(getattr(args, "quick", False))
-    cuda = torch.cuda.is_available()
-    interpret = not cuda and bool(os.environ.get("TRITON_INTERPRET"))
-    env = _env(cuda)
-    _header(env, "combine")
-    if not cuda and not interpret:
-        print("no CUDA device: Triton kernels need a GPU; running the torch baseline on CPU only")
-    device = "cuda" if cuda else "cpu"
+    quick, cuda, interpret, env, device = _start(args, "combine")
     rows = []
     for label, tokens, d, k, E in _shapes(quick, cuda, interpret):
         x, ids, w = _inputs(tokens, d, k, E, device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import sys
 import time
 
 # (preset, experts per measured batch): about 0.3-0.7 GB per batch on a GPU.
@@ -63,15 +62,12 @@ def _check(pf, layer, experts) -> bool:
 def bench_prefetch(args) -> list[dict]:
     import torch
 
-    # With --json, stdout carries only the rows (cmd_bench prints them): the table and the
-    # notes go to stderr.
-    say = functools.partial(print, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     cuda = torch.cuda.is_available()
     if not cuda:
         # The gather kernel can only run in Triton's interpreter here; it must be on
         # before the kernel module is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        say("prefetch: no GPU. CPU fallback: a worker thread plays the side stream, the "
+        print("prefetch: no GPU. CPU fallback: a worker thread plays the side stream, the "
               "gather kernel runs in Triton's interpreter, blocks are shrunk "
               f"{round(1 / CPU_SCALE)}x; speeds below are CPU memory speeds, not a host link.")
     from moelab.costmodel import presets
@@ -98,7 +94,7 @@ def bench_prefetch(args) -> list[dict]:
         torch.set_num_threads(threads)
     rows += _cache_rows(common, quick)
     rows.append(_goals(rows, common, cuda))
-    _print(rows, cuda, say)
+    _print(rows, cuda)
     return rows
 
 
@@ -258,33 +254,33 @@ def _fmt_bw(x) -> str:
     return f"{x / 1e9:8.2f}" if isinstance(x, float) else f"{'-':>8}"
 
 
-def _print(rows, cuda, say=print) -> None:
+def _print(rows, cuda) -> None:
     unit = "GB/s" if cuda else "GB/s (CPU memory, not a host link)"
-    say(f"{'model':15} {'path':15} {'route':20} {'expert MB':>9} {'GB/s':>8}  vs memcpy  ok"
+    print(f"{'model':15} {'path':15} {'route':20} {'expert MB':>9} {'GB/s':>8}  vs memcpy  ok"
           f"   ({unit})")
     for r in rows:
         if "bandwidth_Bps" in r or r["path"] in ("copy", "gather", "gather_kernel",
                                                   "gather_route"):
             ratio = r.get("ratio_to_memcpy")
             ratio_s = f"{ratio:9.3f}" if ratio is not None else f"{'-':>9}"
-            say(f"{r['model']:15} {r['path']:15} {str(r['route']):20} "
+            print(f"{r['model']:15} {r['path']:15} {str(r['route']):20} "
                   f"{r['expert_bytes'] / 1e6:9.3f} {_fmt_bw(r.get('bandwidth_Bps'))}  {ratio_s}  "
                   f"{'yes' if r['correct'] else 'NO: not timed'}"
                   + (f"  ({r['error']})" if "error" in r else ""))
-    say()
-    say(f"{'model':15} {'overlap':15} {'t_copy ms':>9} {'t_gemm ms':>9} {'t_both ms':>9} "
+    print()
+    print(f"{'model':15} {'overlap':15} {'t_copy ms':>9} {'t_gemm ms':>9} {'t_both ms':>9} "
           "hidden (of the copy)")
     for r in rows:
         if r["path"].startswith("overlap_"):
-            say(f"{r['model']:15} {r['path']:15} {r['t_copy_s'] * 1e3:9.2f} "
+            print(f"{r['model']:15} {r['path']:15} {r['t_copy_s'] * 1e3:9.2f} "
                   f"{r['t_gemm_s'] * 1e3:9.2f} {r['t_both_s'] * 1e3:9.2f} "
                   f"{r['hidden_fraction']:6.3f}")
-    say()
+    print()
     for r in rows:
         if r["path"].startswith("cache_"):
-            say(f"cache {r['path'][6:]:7} slots {r['slots']:3}: hit rate {r['hit_rate']:.3f} "
+            print(f"cache {r['path'][6:]:7} slots {r['slots']:3}: hit rate {r['hit_rate']:.3f} "
                   f"({r['hits']}/{r['accesses']})")
-    say()
+    print()
     goals = next((r for r in rows if r["path"] == "goals"), None)
     if goals is None:
         return
@@ -296,7 +292,7 @@ def _print(rows, cuda, say=print) -> None:
         if worst is None:
             continue
         verdict = "no verdict on a CPU" if met is None else ("met" if met else "NOT met")
-        say(f"goal: {text.format(goals[f'goal_{key}'])}: worst model {worst:.3f} -> {verdict}")
+        print(f"goal: {text.format(goals[f'goal_{key}'])}: worst model {worst:.3f} -> {verdict}")
 
 
 def _goals(rows, common, cuda) -> dict:
