@@ -20,7 +20,7 @@ BLOCK = re.compile(r"(<!-- moelab-example:start -->\n)(.*?)(<!-- moelab-example:
 
 
 def rendered() -> str:
-    from moelab.experiments.cli import main
+    from moelab.cli import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -1,15 +1,13 @@
-"""Benchmarks of the closed form (points/s over a large grid) and of the CLI's cold start."""
+"""Benchmark of the closed form (`moelab bench closed-form`): points/s over a grid of 10^7, one numpy call."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import numpy as np
 
 
-def _best_of(fn, repeats: int) -> float:
+def best_of(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -18,7 +16,7 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def bench_closed_form(args) -> list[dict]:
+def bench(args) -> list[dict]:
     """gamma over a (tokens x B_pcie x B_net) grid of >= 10^7 points, numpy, one call."""
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel.presets import load_model
@@ -37,7 +35,7 @@ def bench_closed_form(args) -> list[dict]:
         return t_p / t_ep
 
     g = grid()
-    seconds = _best_of(grid, 2 if args.quick else 3)
+    seconds = best_of(grid, 2 if args.quick else 3)
     # Check against the scalar path before reporting a speed.
     i, j, m = g.shape[0] // 2, 3, 7
     one = cf.gamma_seed(model.expert_params, model.f_e, model.hidden, model.f_a,
@@ -49,19 +47,4 @@ def bench_closed_form(args) -> list[dict]:
            "points_per_s": g.size / seconds}
     print(f"closed form: {g.size:.3g} points in {seconds * 1e3:.1f} ms "
           f"= {row['points_per_s']:.3g} points/s (numpy, one broadcast call)")
-    return [row]
-
-
-def bench_cli_start(args) -> list[dict]:
-    """Wall time of `python -m moelab gamma --json` in fresh processes (cold start)."""
-    cmd = [sys.executable, "-m", "moelab", "gamma", "--json"]
-    bare = [sys.executable, "-c", "pass"]
-    repeats = 3 if args.quick else 7
-    subprocess.run(cmd, check=True, capture_output=True)  # warm the file cache
-    gamma_s = _best_of(lambda: subprocess.run(cmd, check=True, capture_output=True), repeats)
-    python_s = _best_of(lambda: subprocess.run(bare, check=True, capture_output=True), repeats)
-    row = {"bench": "cli-start", "seconds": gamma_s, "python_startup_s": python_s,
-           "moelab_share_s": gamma_s - python_s}
-    print(f"moelab gamma cold start: {gamma_s * 1e3:.0f} ms (bare python {python_s * 1e3:.0f} ms; "
-          f"moelab adds {(gamma_s - python_s) * 1e3:.0f} ms; goal < 1000 ms)")
     return [row]

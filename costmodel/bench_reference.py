@@ -1,4 +1,4 @@
-"""Benchmarks of the JAX reference and the sweep (`moelab bench reference|sweep`).
+"""Benchmark of the JAX reference (`moelab bench reference`); its timer and table serve `bench_sweep`.
 
 Each prints its measured time beside the goal of issue 3 (goal / measured: >= 1 meets
 it) and beside a baseline measured in the same run (numpy doing the same count, or the
@@ -8,7 +8,6 @@ checked; a failed check raises instead.
     moelab bench reference [--quick]   R1 routing [58, 16384, 8] through the reference
                                        (goal 1 s), 1000 Monte Carlo samples of R1
                                        prefill at N_t 4096 (goal 10 s)
-    moelab bench sweep [--quick]       10^7 configurations (goal 2 s)
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import time
 
 GOAL_REFERENCE_S = 1.0  # issue 3: R1-scale routing through the reference
 GOAL_MONTE_CARLO_S = 10.0  # issue 3: 1000 samples of R1 prefill at N_t 4096
-GOAL_SWEEP_S = 2.0  # issue 3: 10^7 configurations
 
 
 def _timeit(fn, repeats: int) -> tuple[float, object]:
@@ -58,7 +56,7 @@ def _print(rows: list[dict]) -> None:
             print(f"    {r['note']}")
 
 
-def bench_reference(args) -> list[dict]:
+def bench(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -151,68 +149,6 @@ def bench_reference(args) -> list[dict]:
                              f"N_ue {dist['n_ue_mean']:.3f} (expected {expect_nue:.3f}); "
                              f"baseline: numpy top-k of noise + bincount, {few} samples "
                              "scaled"})
-    for r in rows:
-        r.update(_env())
-    _print(rows)
-    return rows
-
-
-def bench_sweep(args) -> list[dict]:
-    import numpy as np
-
-    from moelab.costmodel import closed_form as cf
-    from moelab.costmodel import sweep as sw
-    from moelab.costmodel.specs import Options, Workload
-
-    model, system = _r1()
-    quick = getattr(args, "quick", False)
-    n_tokens = 100 if quick else 1000
-    tokens = np.geomspace(1, 1e6, n_tokens)
-    b_pcie = np.linspace(8, 256, 100)
-    b_net = np.linspace(10, 400, 100)
-    rows = []
-    for label, opts, extra in (
-        ("worst case, phi = 1", Options(), []),
-        ("uniform, fan-out from EP ranks", Options(routing="uniform", ep_ranks=32), []),
-    ):
-        base = sw.params_of(model, system, Workload(tokens=1), opts)
-        axes = [sw.number_axis("tokens", "tokens", tokens),
-                sw.number_axis("b_pcie", "b_pcie", b_pcie, 1e9),
-                sw.number_axis("b_net", "b_net", b_net, 1e9), *extra]
-        n = sw.grid_size(axes)
-        run = sw.grid_kernel(base, axes, ("gamma",))
-        compile_s, _ = _timeit(run, 1)
-        measured, res = _timeit(run, 2 if quick else 3)
-        gamma = res["gamma"]
-
-        # Baseline: the numpy closed form on the same grid (broadcast, float64).
-        def numpy_grid(opts=opts):
-            N, bp, bn = np.meshgrid(tokens, b_pcie * 1e9, b_net * 1e9, indexing="ij", sparse=True)
-            used = cf.n_used_uniform if opts.routing == "uniform" else cf.n_used_worst
-            phi = cf.resolve_fanout(model, opts)
-            t_p = cf.offload_overhead(used(N, model.top_k, model.n_experts), model.expert_bytes,
-                                      bp, model.n_moe_layers)
-            t_ep = cf.ep_overhead(N, model.hidden, model.f_a, model.f_a, bn,
-                                  model.n_moe_layers, 0.0, phi)
-            return (t_p / t_ep).reshape(-1)
-
-        baseline, want = _timeit(numpy_grid, 2)
-        # Check before reporting: the whole grid against numpy, and random points
-        # against closed_form.evaluate itself.
-        if not np.allclose(gamma, want, rtol=3e-5):
-            raise AssertionError("sweep differs from the numpy closed form: no speed reported")
-        rng = np.random.default_rng(0)
-        for i in rng.integers(0, n, 20):
-            a, b, c = np.unravel_index(i, (len(tokens), len(b_pcie), len(b_net)))
-            s = system.with_(b_pcie=b_pcie[b] * 1e9, b_net=b_net[c] * 1e9)
-            g = cf.evaluate(model, s, Workload(tokens=max(1, int(tokens[a]))), opts).gamma
-            if int(tokens[a]) == tokens[a] and not math.isclose(gamma[i], g, rel_tol=3e-5):
-                raise AssertionError(f"sweep point {i}: {gamma[i]} vs closed form {g}")
-        rows.append({"name": f"sweep: {n:.0e} configurations, {label}", "measured_s": measured,
-                     "goal_s": GOAL_SWEEP_S * n / 1e7, "baseline_s": baseline,
-                     "compile_s": compile_s, "configurations": n,
-                     "configurations_per_s": n / measured,
-                     "note": "baseline: closed_form (numpy, float64) on the same grid"})
     for r in rows:
         r.update(_env())
     _print(rows)

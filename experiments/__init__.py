@@ -1,1 +1,1 @@
-"""Experiments, the report and the command-line interface."""
+"""Experiments (exp_*.py), their runner (cached, resumable), plots and the report."""

@@ -213,7 +213,7 @@ def run(cfg: dict, ctx) -> None:
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel.presets import load_model, load_system
     from moelab.costmodel.specs import Options, Workload
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     model = load_model(cfg["model"])
     system = load_system(cfg["system"])

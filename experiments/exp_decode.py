@@ -54,7 +54,7 @@ def run(cfg: dict, ctx) -> None:
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel.presets import load_model, load_system
     from moelab.costmodel.specs import Options, Workload
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     system = load_system(cfg["system"])
     batches = np.asarray(cfg["batches"], dtype=float)

@@ -13,7 +13,7 @@ from __future__ import annotations
 NAME = "ep-executed"
 SUMMARY = "executed shard_map EP layer on simulated devices: measured vs modelled bytes, padding, error"
 VERSION = "1"
-DEPENDS = ("moelab.costmodel.ep", "moelab.experiments.cmd_ep", "moelab.costmodel.reference")
+DEPENDS = ("moelab.costmodel.ep", "moelab.commands.ep", "moelab.costmodel.reference")
 
 
 def config(quick: bool) -> dict:
@@ -75,7 +75,7 @@ def _run_one(run: dict, timeout_s: float) -> dict:
 
 
 def run(cfg: dict, ctx) -> None:
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     rows = []
     for r in cfg["runs"]:

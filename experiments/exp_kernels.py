@@ -60,7 +60,7 @@ def _on_gpu(rows) -> bool:
 
 
 def run(cfg: dict, ctx) -> None:
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     found = devices()
     parts, all_rows = [], []

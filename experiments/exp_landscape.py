@@ -45,7 +45,7 @@ def run(cfg: dict, ctx) -> None:
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel.presets import load_model, load_system
     from moelab.costmodel.specs import Options, Workload
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     systems = [load_system(s, measured=cfg["measured_links"]) for s in cfg["systems"]]
     tokens = np.asarray(cfg["tokens"] + [cfg["heat_tokens"]], dtype=float)

@@ -257,7 +257,7 @@ def _plot_hist(ctx, hist, n, model) -> None:
 
 
 def _section(ctx, rows, checks, cfg, model) -> None:
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     worst_err = max(abs(c["rel_diff"]) for c in checks)
     uni = [r for r in rows if r["routing"] == "uniform"]

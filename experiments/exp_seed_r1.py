@@ -49,7 +49,7 @@ def run(cfg: dict, ctx) -> None:
 
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel.specs import Options, Workload
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     model, nominal, measured = specs(cfg)
     k, E = model.top_k, model.n_experts

@@ -454,7 +454,7 @@ def _plots(ctx, rows, ll, alpha, b_net, b_nvl) -> None:
 
 
 def _section(ctx, rows, bounds, alpha, eta_net, eta_host, cfg, b_net, b_nvl) -> None:
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     def pct(x):
         return f"{100 * x:+.1f}%"

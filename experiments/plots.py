@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from moelab.experiments.io import write_atomic
+from moelab.io import write_atomic
 
 GAMMA_LABEL = "gamma = offload overhead / EP overhead [ratio]"
 OFFLOAD_COLOR, EP_COLOR = "#1f77b4", "#d62728"

@@ -19,8 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from moelab.experiments.io import write_atomic
 from moelab.experiments.runner import EXPERIMENTS, SECTION, Outcome, run_many
+from moelab.io import write_atomic
 
 
 def build(out, quick: bool = False, names=None, force: bool = False, progress: bool = True) -> dict:
@@ -63,7 +63,7 @@ def _git_commit() -> str:
 def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> list[tuple]:
     """The report as a list of ("md", text) and ("img", relative path, caption) blocks."""
     from moelab import __version__
-    from moelab.experiments.show import fmt
+    from moelab.show import fmt
 
     head = [
         "# moelab report: offload over the host link or expert parallelism?\n",

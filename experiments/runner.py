@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from moelab.experiments.io import write_atomic, write_json, write_rows
+from moelab.io import write_atomic, write_json, write_rows
 
 # name -> module, in the order of `moelab experiment list` and of the report.
 EXPERIMENTS = {

@@ -30,10 +30,10 @@ def combine(
 
     expert_out [N_pad, d] float (any strides): one output row per row of layout.hidden
     (padding rows are never read); topk_weights [N_t, k] float.
-    config: a tuning.CombineConfig (default: the tuned one for this device and shape).
+    config: a tuned.CombineConfig (default: the tuned one for this device and shape).
     """
     from moelab.kernels import _dispatch_triton as K
-    from moelab.kernels.tuning import combine_config
+    from moelab.kernels.tuned import combine_config
 
     if not isinstance(expert_out, torch.Tensor) or expert_out.dim() != 2:
         raise ValueError("expert_out: expected a 2-D tensor [N_pad, d]")

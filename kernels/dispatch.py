@@ -158,7 +158,7 @@ def route(
     One launch when all pairs fit one block of the routing kernel, else two.
     """
     from moelab.kernels import _dispatch_triton as K
-    from moelab.kernels.tuning import dispatch_config
+    from moelab.kernels.tuned import dispatch_config
 
     _check_block_m(block_m)
     _check_ids(topk_ids, num_experts, check_ids)
@@ -223,10 +223,10 @@ def dispatch(
     per-token, per-128-column float32 scales (d must be a multiple of 128). ep_ranks=R:
     also per-rank counts/offsets (E must be a multiple of R). check_ids=False skips the
     id range check and its host synchronization (for callers whose ids are known good).
-    config: a tuning.DispatchConfig (default: the tuned one for this device and shape).
+    config: a tuned.DispatchConfig (default: the tuned one for this device and shape).
     """
     from moelab.kernels import _dispatch_triton as K
-    from moelab.kernels.tuning import dispatch_config
+    from moelab.kernels.tuned import dispatch_config
 
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError("hidden: expected a 2-D tensor [N_t, d]")

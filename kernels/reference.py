@@ -100,3 +100,22 @@ def combine_torch_gather(expert_out, slot, topk_weights):
     """Gather-sum: out[t] = sum_j w[t,j] * expert_out[slot[t,j]] in fp32 (all slots valid)."""
     rows = expert_out[slot.long()].float()  # [N_t, k, d]
     return (rows * topk_weights.float()[..., None]).sum(1).to(expert_out.dtype)
+
+
+def check_dispatch(lay, x, ids, E, fp8) -> str | None:
+    """None when a kernel's layout `lay` equals the reference's; else what differs.
+
+    The benchmarks and the autotuner check every output with it before timing it."""
+    ref = dispatch_reference(x, ids, E, lay.block_m, fp8)
+    for name in ("counts", "offsets", "src_token", "slot", "block_expert"):
+        if not torch.equal(getattr(lay, name), getattr(ref, name)):
+            return f"{name} differs from the reference"
+    rows = ref.src_token >= 0
+    if fp8:
+        back = dequantize_fp8_reference(lay.hidden[rows], lay.scales[rows])
+        src = x[ref.src_token[rows].long()].float()
+        if not torch.allclose(back, src, rtol=2**-4, atol=1e-3 * float(src.abs().max())):
+            return "fp8 rows differ from the source rows beyond fp8 rounding"
+    elif not torch.equal(lay.hidden[rows], ref.hidden[rows]):
+        return "permuted rows differ from the source rows"
+    return None

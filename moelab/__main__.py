@@ -1,3 +1,3 @@
-from moelab.experiments.cli import main
+from moelab.cli import main
 
 raise SystemExit(main())

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from moelab.cli import main
 from moelab.costmodel.presets import load_system, system_names
-from moelab.experiments.cli import main
 
 SEED = ["--model", "deepseek-r1", "--b-pcie", "64", "--b-net", "50", "--expert-dtype", "fp8",
         "--act-dtype", "bf16"]
@@ -140,7 +140,7 @@ def test_subprocess_no_traceback_and_light_imports():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     # ... and `moelab gamma` imports none of jax, triton or torch.
-    probe = ("import sys; from moelab.experiments.cli import main; main(['gamma', '--json']); "
+    probe = ("import sys; from moelab.cli import main; main(['gamma', '--json']); "
              "heavy = [m for m in ('jax', 'triton', 'torch') if m in sys.modules]; "
              "sys.stderr.write(repr(heavy))")
     ok = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

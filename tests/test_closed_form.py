@@ -91,14 +91,24 @@ def test_marginals_uniform_equals_uniform_formula(n, E):
     assert cf.n_used_marginals(n, q) == pytest.approx(cf.n_used_uniform(n, k, E), rel=1e-9)
 
 
+def _capped_marginals(weights, k):
+    """Marginals proportional to `weights` where below 1, capped at 1, summing to k <= E:
+    q_e = min(1, c w_e) with c found by bisection (the sum is increasing in c)."""
+    lo, hi = 0.0, k / weights.min()
+    for _ in range(200):
+        c = 0.5 * (lo + hi)
+        lo, hi = (c, hi) if np.minimum(1, c * weights).sum() < k else (lo, c)
+    return np.minimum(1, hi * weights)
+
+
 @given(st.integers(1, 5000), st.lists(st.floats(0.01, 1), min_size=2, max_size=64), ks)
 def test_skewed_marginals_use_fewer_experts(n, weights, k):
     # For a fixed k, uniform marginals maximize the expected number of used experts
     # (1 - (1-q)^n is concave in q).
     E = len(weights)
     k = min(k, E)
-    q = np.asarray(weights) / np.sum(weights) * k
-    assume(np.all(q <= 1))
+    q = _capped_marginals(np.asarray(weights), k)
+    assert np.all(q <= 1) and np.isclose(q.sum(), k)
     assert cf.n_used_marginals(n, q) <= cf.n_used_uniform(n, k, E) * (1 + 1e-9)
 
 

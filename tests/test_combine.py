@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from moelab.kernels.combine import combine
 from moelab.kernels.reference import combine_reference, dispatch_reference
-from moelab.kernels.tuning import CombineConfig
+from moelab.kernels.tuned import CombineConfig
 
 ON_GPU = bool(os.environ.get("MOELAB_GPU_TESTS")) and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from moelab.kernels.combine import combine
 from moelab.kernels.dispatch import DispatchLayout, dispatch, padded_rows, route, used_experts
 from moelab.kernels.reference import dequantize_fp8_reference, dispatch_reference
-from moelab.kernels.tuning import DispatchConfig
+from moelab.kernels.tuned import DispatchConfig
 
 ON_GPU = bool(os.environ.get("MOELAB_GPU_TESTS")) and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -317,21 +317,21 @@ def test_tuned_configs_are_data(tmp_path, monkeypatch):
     """A tuned/<device>.json entry replaces the defaults for its shape class; else defaults."""
     import json
 
-    from moelab.kernels import tuning
+    from moelab.kernels import tuned
 
-    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
-    tuning._load.cache_clear()
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    tuned._load.cache_clear()
     entry = {"block_p": 64, "block_t": 2, "not_a_field": 5}
     (tmp_path / "cpu.json").write_text(json.dumps({"configs": {"dispatch:prefill": entry}}))
     try:
-        got = tuning.dispatch_config(4096, 8, 256, 7168, False, "cpu")
+        got = tuned.dispatch_config(4096, 8, 256, 7168, False, "cpu")
         assert (got.block_p, got.block_t) == (64, 2)
-        assert got.block_d == tuning.DEFAULTS["dispatch"].block_d  # untouched fields: defaults
-        assert tuning.dispatch_config(8, 8, 256, 7168, False, "cpu").block_p == 1024  # decode
-        assert tuning.combine_config(4096, 8, 7168, "cpu") == tuning.DEFAULTS["combine"]
+        assert got.block_d == tuned.DEFAULTS["dispatch"].block_d  # untouched fields: defaults
+        assert tuned.dispatch_config(8, 8, 256, 7168, False, "cpu").block_p == 1024  # decode
+        assert tuned.combine_config(4096, 8, 7168, "cpu") == tuned.DEFAULTS["combine"]
         # and a dispatch with the tuned config still gives the reference layout
         ids = make_ids(40, 2, 6, "drop", device=DEVICE)
         hidden = torch.randn(40, 32, device=DEVICE)
         check_layout(dispatch(hidden, ids, 6, 4), hidden, ids, 6, 4)
     finally:
-        tuning._load.cache_clear()
+        tuned._load.cache_clear()

@@ -109,7 +109,7 @@ def _cli_args(**kw):
 
 def test_cli_mixtral_issue_figures():
     """The issue's check: max_abs_err <= 1e-3 and measured bytes equal modelled bytes."""
-    from moelab.experiments.cmd_ep import compute
+    from moelab.commands.ep import compute
 
     out = compute(_cli_args())
     assert out["max_abs_err"] <= 1e-3
@@ -120,7 +120,7 @@ def test_cli_mixtral_issue_figures():
 
 
 def test_cli_capacity_and_padding_to_devices():
-    from moelab.experiments.cmd_ep import compute
+    from moelab.commands.ep import compute
 
     out = compute(_cli_args(model="qwen3-30b-a3b", tokens=90, capacity_factor=0.8,
                             routing="zipf:1.2", hidden=16, intermediate=16))
@@ -136,7 +136,7 @@ def test_cli_capacity_and_padding_to_devices():
     (dict(routing="bogus"), "routing"),
 ])
 def test_cli_rejects(kw, match):
-    from moelab.experiments.cmd_ep import compute
+    from moelab.commands.ep import compute
 
     with pytest.raises(SpecError, match=match):
         compute(_cli_args(**kw))

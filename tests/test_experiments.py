@@ -7,9 +7,9 @@ import types
 
 import pytest
 
+from moelab.cli import main
 from moelab.costmodel.specs import SpecError
 from moelab.experiments import runner
-from moelab.experiments.cli import main
 
 
 def fake_experiment(fail_after_write: bool = False, value: int = 1):
@@ -256,7 +256,7 @@ def test_experiment_list_starts_without_heavy_imports():
     import sys
 
     code = (
-        "import sys; from moelab.experiments.cli import main; main(['experiment', 'list']); "
+        "import sys; from moelab.cli import main; main(['experiment', 'list']); "
         "print(sorted(m for m in ('numpy', 'jax', 'torch', 'triton', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

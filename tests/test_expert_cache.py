@@ -16,7 +16,7 @@ from hypothesis.stateful import (
 )
 
 from moelab.costmodel.specs import SpecError
-from moelab.kernels.prefetch import CacheFull, ExpertCache, simulate_cache
+from moelab.kernels.expert_cache import CacheFull, ExpertCache, simulate_cache
 
 N_LAYERS, N_EXPERTS = 3, 6
 

@@ -16,14 +16,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from moelab.costmodel import presets
 from moelab.costmodel.specs import DTYPE_BYTES, SpecError
-from moelab.kernels import prefetch
+from moelab.kernels import expert_store, prefetch
 from moelab.kernels._gather_triton import gather_blocks, gather_blocks_reference
-from moelab.kernels.prefetch import (
-    CacheFull,
-    HostExpertStore,
-    Prefetcher,
-    simulate_cache,
-)
+from moelab.kernels.expert_cache import CacheFull, simulate_cache
+from moelab.kernels.expert_store import HostExpertStore
+from moelab.kernels.prefetch import Prefetcher
 
 GPU = bool(os.environ.get("MOELAB_GPU_TESTS")) and torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -60,7 +57,7 @@ def test_store_block_is_one_expert(name):
     import math
 
     assert store.expert_bytes == n_mats * math.ceil(d * i * DTYPE_BYTES[model.expert_dtype])
-    assert store.block_bytes % prefetch.ALIGN == 0 and store.block_bytes >= store.expert_bytes
+    assert store.block_bytes % expert_store.ALIGN == 0 and store.block_bytes >= store.expert_bytes
     views = store.views(store.block(0, 1))
     assert [v.shape if v.dim() == 2 else None for v in views.values()][0] in (
         (i, d), None)  # 4-bit formats: raw bytes
@@ -314,7 +311,7 @@ TestSchedulerMachine = SchedulerMachine.TestCase
 def test_bench_prefetch_rows(tmp_path):
     import argparse
 
-    from moelab.kernels.prefetch_bench import bench_prefetch
+    from moelab.kernels.bench_prefetch import bench as bench_prefetch
 
     rows = bench_prefetch(argparse.Namespace(quick=True, out=str(tmp_path), json=False))
     paths = {r["path"] for r in rows}
@@ -338,7 +335,7 @@ def test_bench_prefetch_rows(tmp_path):
 def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
     import json
 
-    from moelab.experiments.cli import main
+    from moelab.cli import main
 
     out = tmp_path / "system.json"
     # --no-kernels: the dispatch/combine benchmarks have their own tests and GPU check.
@@ -355,7 +352,7 @@ def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
 
 
 def test_calibrate_latency_fit():
-    from moelab.experiments.cmd_calibrate import _fit_latency
+    from moelab.commands.calibrate import _fit_latency
 
     sizes = [4096, 65536, 1 << 20, 1 << 24]
     alpha, bw = _fit_latency(sizes, [5e-6 + s / 50e9 for s in sizes])

@@ -113,7 +113,7 @@ def test_grid_rejects_bad_input():
 
 
 def _args(**kw):
-    from moelab.experiments.cli import build_parser
+    from moelab.cli import build_parser
 
     argv = ["sweep"]
     for k, v in kw.items():
@@ -123,7 +123,7 @@ def _args(**kw):
 
 
 def test_parse_values():
-    from moelab.experiments.cmd_sweep import parse_values
+    from moelab.commands.sweep import parse_values
 
     assert parse_values("b_pcie", "16,32") == [16.0, 32.0]
     np.testing.assert_allclose(parse_values("b_net", "1:100:log:3"), [1, 10, 100])
@@ -139,7 +139,7 @@ def test_parse_values():
 
 
 def test_cli_writes_tidy_csv_and_plot(tmp_path):
-    from moelab.experiments import cmd_sweep
+    from moelab.commands import sweep as cmd_sweep
 
     out, png = tmp_path / "s.csv", tmp_path / "s.png"
     args = _args(model="deepseek-r1", tokens="1:1e6:log:50", b_pcie="16,32,64,128", out=out,
@@ -160,7 +160,7 @@ def test_cli_writes_tidy_csv_and_plot(tmp_path):
 def test_cli_json_and_errors(capsys):
     import json
 
-    from moelab.experiments import cmd_sweep
+    from moelab.commands import sweep as cmd_sweep
 
     assert cmd_sweep.run(_args(model="deepseek-r1,mixtral-8x7b", routing="worst,uniform",
                                tokens="16,4096", act_dtype="bf16,fp8", json=True)) == 0
@@ -180,7 +180,8 @@ def test_cli_json_and_errors(capsys):
 @pytest.mark.slow
 def test_benchmarks_run_quick(capsys):
     """The benchmarks check their results before they report a speed; run them small."""
-    from moelab.costmodel.bench_reference import bench_reference, bench_sweep
+    from moelab.costmodel.bench_reference import bench as bench_reference
+    from moelab.costmodel.bench_sweep import bench as bench_sweep
 
     args = argparse.Namespace(quick=True, out=None, json=False)
     rows = bench_sweep(args) + bench_reference(args)

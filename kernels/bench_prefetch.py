@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
-import time
+
+from moelab.kernels.timing import median_time
 
 # (preset, experts per measured batch): about 0.3-0.7 GB per batch on a GPU.
 GPU_CASES = [("deepseek-r1", 8), ("mixtral-8x7b", 2), ("qwen3-30b-a3b", 32), ("gpt-oss-120b", 24)]
@@ -32,19 +32,6 @@ GPU_QUICK = [("deepseek-r1", 8), ("qwen3-30b-a3b", 32)]
 CPU_CASES = [("deepseek-r1", 4), ("qwen3-30b-a3b", 8)]
 CPU_SCALE = 1 / 32  # CPU: hidden and intermediate shrunk 32x (blocks of ~43 KB for R1)
 GOAL = 0.9
-
-
-def median_time(fn, sync, repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` runs after one warm-up, synchronized."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _check(pf, layer, experts) -> bool:
@@ -59,7 +46,7 @@ def _check(pf, layer, experts) -> bool:
     return True
 
 
-def bench_prefetch(args) -> list[dict]:
+def bench(args) -> list[dict]:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -103,7 +90,8 @@ def _transfer_rows(model, n, device, sync, repeats, quick, common) -> list[dict]
     import torch
 
     from moelab.kernels._gather_triton import HOST_PATHS, gather_blocks
-    from moelab.kernels.prefetch import HostExpertStore, Prefetcher
+    from moelab.kernels.expert_store import HostExpertStore
+    from moelab.kernels.prefetch import Prefetcher
 
     cuda = device.type == "cuda"
     rows: list[dict] = []
@@ -230,7 +218,7 @@ def _cache_rows(common, quick) -> list[dict]:
     """LRU vs Belady on a skewed routing (Zipf-like expert popularity), DeepSeek-R1 shape."""
     import torch
 
-    from moelab.kernels.prefetch import simulate_cache
+    from moelab.kernels.expert_cache import simulate_cache
 
     E, k, layers, passes, tokens = 256, 8, 4, (4 if quick else 16), 1
     g = torch.Generator().manual_seed(0)

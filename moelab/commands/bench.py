@@ -1,8 +1,8 @@
 """`moelab bench NAME`: benchmarks that print ratios against a baseline or roof measured in the same run.
 
-Each benchmark lives beside what it measures and is listed here as "module:function".
-The function takes the parsed args and returns a list of result rows (dicts); it prints
-its own table. Rows are saved as JSON (and CSV) when --out is given.
+One convention: benchmark NAME is the function `bench(args) -> rows` of a module
+`bench_<name>.py` beside the code it measures (listed below). It prints its own table
+and returns its result rows (dicts, SI units); they are saved as JSON and CSV with --out.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import sys
 HELP = "run a benchmark (dispatch, combine, prefetch, reference, sweep, closed-form, cli)"
 
 BENCHES = {
-    "dispatch": "moelab.kernels.bench:bench_dispatch",
-    "combine": "moelab.kernels.bench:bench_combine",
-    "prefetch": "moelab.kernels.prefetch_bench:bench_prefetch",
-    "reference": "moelab.costmodel.bench_reference:bench_reference",
-    "sweep": "moelab.costmodel.bench_reference:bench_sweep",
-    "closed-form": "moelab.costmodel.bench_closed_form:bench_closed_form",
-    "cli": "moelab.costmodel.bench_closed_form:bench_cli_start",
+    "dispatch": "moelab.kernels.bench_dispatch",
+    "combine": "moelab.kernels.bench_combine",
+    "prefetch": "moelab.kernels.bench_prefetch",
+    "reference": "moelab.costmodel.bench_reference",
+    "sweep": "moelab.costmodel.bench_sweep",
+    "closed-form": "moelab.costmodel.bench_closed_form",
+    "cli": "moelab.bench_cli",
 }
 
 
@@ -34,8 +34,7 @@ def add_arguments(p):
 def run(args) -> int:
     import json
 
-    module_name, func_name = BENCHES[args.name].split(":")
-    bench = getattr(importlib.import_module(module_name), func_name)
+    bench = importlib.import_module(BENCHES[args.name]).bench
     if args.json:
         # stdout carries only the rows: every benchmark's own table goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
@@ -43,7 +42,7 @@ def run(args) -> int:
     else:
         rows = bench(args)
     if args.out:
-        from moelab.experiments.io import write_rows
+        from moelab.io import write_rows
 
         write_rows(args.out, f"bench_{args.name.replace('-', '_')}", rows)
     if args.json:

@@ -175,7 +175,7 @@ def plot(path: str, columns, rows, axes_sizes: dict) -> None:
     import matplotlib.pyplot as plt
 
     from moelab.costmodel.specs import SpecError
-    from moelab.experiments.io import write_atomic
+    from moelab.io import write_atomic
 
     axis_names = list(axes_sizes)
     numeric = [a for a in axis_names if a in {c for c, _, _ in NUMBER_AXES.values()}]
@@ -212,7 +212,7 @@ def plot(path: str, columns, rows, axes_sizes: dict) -> None:
 def run(args) -> int:
     import json
 
-    from moelab.experiments.io import write_atomic
+    from moelab.io import write_atomic
 
     columns, rows, summary = compute(args)
     if args.out:

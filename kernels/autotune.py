@@ -1,120 +1,28 @@
-"""Block sizes, warps and stages of dispatch and combine: tuned per device, loaded at run time.
+"""Autotuning of dispatch and combine on a GPU: writes `kernels/tuned/<device-slug>.json`.
 
-Tuned configs are data: `kernels/tuned/<device-slug>.json` (slug of the CUDA device name,
-e.g. `nvidia-h200`), one entry per (op, shape class). A missing file, device or entry
-falls back to `DEFAULTS`. `autotune()` measures a small grid of candidates on the GPU at
-one representative shape per class (bounded by a time budget) and writes the file.
+A tool, not part of the ops: it runs candidate configs of each op at one representative
+shape per token class (`tuned.TOKEN_CLASSES`), checks every candidate's output against
+the reference before it may win, and keeps the fastest. The ops read the result through
+`kernels/tuned.py`.
 
-Shape classes are by tokens per pass (the other dimensions move the optimum little for
-these memory-bound kernels): decode batches, small and large prefills.
+    python -m moelab.kernels.autotune [--budget S] [--out DIR]
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from functools import lru_cache, partial
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
-TUNED_DIR = Path(__file__).parent / "tuned"
-
-# (upper bound on tokens, class name), ascending
-TOKEN_CLASSES = ((64, "decode"), (1024, "small"), (8192, "prefill"), (None, "large"))
-
-
-@dataclass(frozen=True)
-class DispatchConfig:
-    block_p: int = 1024  # pairs per routing program (power of two); the sort size
-    block_b: int = 32  # histogram rows read per step by each routing program
-    block_r: int = 1024  # padding rows classified per step
-    route_warps: int = 8
-    block_t: int = 4  # tokens per scatter program
-    block_d: int = 1024  # columns per scatter program (fp8: always 128, the scale group)
-    num_warps: int = 4
-    num_stages: int = 1
-
-
-@dataclass(frozen=True)
-class CombineConfig:
-    # one token per program: the k row gathers are unrolled, and 4 tokens x 1024 columns
-    # x 8 rows in flight need more than 255 registers (spills, seen with cuobjdump)
-    block_t: int = 1
-    block_d: int = 1024
-    num_warps: int = 4
-    num_stages: int = 1
-
-
-DEFAULTS = {"dispatch": DispatchConfig(), "dispatch_fp8": DispatchConfig(block_t=16),
-            "combine": CombineConfig()}  # fmt: skip
-# decode: a few tokens, so narrower column tiles give the GPU more programs
-DECODE_BLOCK_D = 256
-
-
-def device_slug(device=None) -> str:
-    """'nvidia-h200' for a CUDA device named 'NVIDIA H200'; 'cpu' without CUDA."""
-    import torch
-
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type != "cuda":
-        return "cpu"
-    if not torch.cuda.is_available():
-        return "cpu"
-    index = device.index if device is not None and device.index is not None else None
-    return _cuda_slug(torch.cuda.current_device() if index is None else index)
-
-
-@lru_cache(maxsize=16)
-def _cuda_slug(index: int) -> str:
-    import torch
-
-    name = torch.cuda.get_device_name(index)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def token_class(n_tokens: int) -> str:
-    for bound, name in TOKEN_CLASSES:
-        if bound is None or n_tokens <= bound:
-            return name
-    raise AssertionError("unreachable")
-
-
-@lru_cache(maxsize=16)
-def _load(slug: str) -> dict:
-    path = TUNED_DIR / f"{slug}.json"
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text()).get("configs", {})
-
-
-def _lookup(op: str, n_tokens: int, device, cls):
-    slug = device_slug(device)
-    cls_name = token_class(n_tokens)
-    entry = _load(slug).get(f"{op}:{cls_name}")
-    default = DEFAULTS[op]
-    if cls_name == "decode" and op != "dispatch_fp8":
-        default = replace(default, block_d=DECODE_BLOCK_D)
-    if not entry:
-        return default
-    known = {f.name for f in fields(cls)}
-    return replace(default, **{k: int(v) for k, v in entry.items() if k in known})
-
-
-def dispatch_config(n_tokens, k, num_experts, d, quantize_fp8, device) -> DispatchConfig:
-    """The tuned config of this device for the shape's class. Classes go by the token
-    count alone today; k, E and d are in the signature so that a finer table needs no
-    change in the launchers."""
-    return _lookup("dispatch_fp8" if quantize_fp8 else "dispatch", n_tokens, device, DispatchConfig)
-
-
-def combine_config(n_tokens, k, d, device) -> CombineConfig:
-    return _lookup("combine", n_tokens, device, CombineConfig)
-
-
-# ------------------------------------------------------------------------------------------
-# autotuning (GPU only)
-# ------------------------------------------------------------------------------------------
+from moelab.kernels.tuned import (
+    DEFAULTS,
+    TUNED_DIR,
+    CombineConfig,
+    DispatchConfig,
+    _load,
+    device_slug,
+)
 
 # one representative shape per class: (tokens, d, k, E), DeepSeek-R1-like
 TUNE_SHAPES = {"decode": (64, 7168, 8, 256), "small": (512, 7168, 8, 256),
@@ -151,9 +59,9 @@ def _close(want, got):
 
 def _dispatch_ok(x, ids, E, fp8, got) -> bool:
     """The benchmarks' own check: the whole layout, and the rows (dequantized for fp8)."""
-    from moelab.kernels.bench import _check_dispatch
+    from moelab.kernels.reference import check_dispatch
 
-    return _check_dispatch(got, x, ids, E, fp8) is None
+    return check_dispatch(got, x, ids, E, fp8) is None
 
 
 def _same_slots(ref, got) -> bool:
@@ -249,7 +157,7 @@ def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> 
         if f"{op}:prefill" in result["configs"]:
             result["configs"].setdefault(f"{op}:large", result["configs"][f"{op}:prefill"])
     result["elapsed_s"] = time.perf_counter() - t0
-    from moelab.experiments.io import write_json
+    from moelab.io import write_json
 
     path = (Path(out_dir) if out_dir else TUNED_DIR) / f"{slug}.json"
     write_json(path, result)
@@ -259,10 +167,10 @@ def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> 
 
 
 def main(argv=None) -> int:
-    """python -m moelab.kernels.tuning [--budget S] [--out DIR]"""
+    """python -m moelab.kernels.autotune [--budget S] [--out DIR]"""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m moelab.kernels.tuning", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m moelab.kernels.autotune", description=__doc__)
     p.add_argument("--budget", type=float, default=60.0, help="seconds to spend at most")
     p.add_argument("--out", help="folder for <slug>.json (default: kernels/tuned)")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """`moelab` command line: a thin dispatcher over one module per command.
 
-Each command module (`experiments/cmd_<name>.py`) defines `HELP`, `add_arguments(parser)`
+Each command module (`moelab/commands/<name>.py`) defines `HELP`, `add_arguments(parser)`
 and `run(args) -> int`, and imports jax, triton or torch only inside `run`, so that
 `moelab gamma` starts fast. Bad input raises `SpecError`: one line on stderr, exit 2.
 """
@@ -13,15 +13,15 @@ import sys
 
 # name -> module; the order is the order of `moelab --help`.
 COMMANDS = {
-    "gamma": "moelab.experiments.cmd_gamma",
-    "tipping": "moelab.experiments.cmd_tipping",
-    "presets": "moelab.experiments.cmd_presets",
-    "sweep": "moelab.experiments.cmd_sweep",
-    "ep": "moelab.experiments.cmd_ep",
-    "bench": "moelab.experiments.cmd_bench",
-    "calibrate": "moelab.experiments.cmd_calibrate",
-    "experiment": "moelab.experiments.cmd_experiment",
-    "report": "moelab.experiments.cmd_report",
+    "gamma": "moelab.commands.gamma",
+    "tipping": "moelab.commands.tipping",
+    "presets": "moelab.commands.presets",
+    "sweep": "moelab.commands.sweep",
+    "ep": "moelab.commands.ep",
+    "bench": "moelab.commands.bench",
+    "calibrate": "moelab.commands.calibrate",
+    "experiment": "moelab.commands.experiment",
+    "report": "moelab.commands.report",
 }
 
 

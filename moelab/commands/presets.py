@@ -44,7 +44,7 @@ def run(args) -> int:
         return 0
     from rich.table import Table
 
-    from moelab.experiments.show import console
+    from moelab.show import console
 
     out = console()
     if "models" in data:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from moelab.experiments.args import add_model_system_args, add_option_args, build_specs
+from moelab.args import add_model_system_args, add_option_args, build_specs
 
 HELP = "tipping point N_t*: offload wins for longer prefills (None: offload always wins)"
 
@@ -46,7 +46,7 @@ def run(args) -> int:
         return 0
     from rich.table import Table
 
-    from moelab.experiments.show import console, fmt
+    from moelab.show import console, fmt
 
     t = Table(title="tipping point N_t* (offload wins above it)", title_justify="left")
     for col in ("model", "system", "gamma at N_t=1", "N_t*"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from moelab.experiments.args import (
+from moelab.args import (
     add_model_system_args,
     add_option_args,
     add_workload_args,
@@ -142,8 +142,8 @@ def run(args) -> int:
 def print_table(out: dict) -> None:
     from rich.table import Table
 
-    from moelab.experiments.show import console as make_console
-    from moelab.experiments.show import fmt
+    from moelab.show import console as make_console
+    from moelab.show import fmt
 
     m, w = out["model"], out["workload"]
     where = (f"decode, batch {w['batch']} x {w['steps']} steps" if w["decode"]

@@ -6,7 +6,7 @@ Measured on the GPU (CUDA events, medians):
   from 4 KiB to 64 MiB: the fixed cost of one copy, s;
 - hbm_bw: device -> device copy, bytes read + written per second;
 - peak_flops: a bf16 GEMM (8192^3, 4096^3 with --quick): achieved, not the datasheet's;
-- dispatch / combine GB/s through `moelab.kernels.bench` when it is there (reported only:
+- dispatch / combine GB/s through `moelab.kernels.bench_dispatch|combine` when it is there (reported only:
   the system file has no field for them).
 Not measurable on one GPU: b_net and alpha_net (the network) and gpus_per_node come from a
 preset (--network, default: the --system preset's network, guessed from the device name);
@@ -44,7 +44,7 @@ def _timer(cuda: bool):
     """Median seconds of a callable: CUDA events on a GPU (device time), wall time on a CPU."""
     import torch
 
-    from moelab.kernels.prefetch_bench import median_time
+    from moelab.kernels.timing import median_time
 
     if not cuda:
         return lambda fn, repeats: median_time(fn, lambda: None, repeats)
@@ -133,19 +133,13 @@ def _dispatch_combine() -> dict:
     """Dispatch and combine GB/s from the kernels' own benchmarks (their quick shapes)."""
     import argparse
     import contextlib
+    import importlib
     import io
 
-    try:
-        from moelab.kernels import bench
-    except ImportError as e:
-        return {"skipped": f"moelab.kernels.bench not available ({e})"}
     out = {}
     for name in ("dispatch", "combine"):
-        fn = getattr(bench, f"bench_{name}", None)
-        if fn is None:
-            out[name] = {"skipped": f"no bench_{name}"}
-            continue
         try:
+            fn = importlib.import_module(f"moelab.kernels.bench_{name}").bench
             with contextlib.redirect_stdout(io.StringIO()):  # their table is not ours
                 rows = fn(argparse.Namespace(quick=True, out=None, json=False, name=name))
         except Exception as e:  # a benchmark that cannot run here is reported, not fatal
@@ -203,7 +197,7 @@ def run(args) -> int:
     )
     data = as_dict(system)
     if args.out:
-        from moelab.experiments.io import write_json
+        from moelab.io import write_json
 
         path = write_json(args.out, data)
         load_system(str(path))  # the file must load as `--system path.json` reads it

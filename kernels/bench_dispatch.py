@@ -1,0 +1,93 @@
+"""`moelab bench dispatch`: the dispatch kernel against a copy roof and a torch baseline.
+
+For each shape (model presets: DeepSeek-R1, Mixtral-8x7B, Qwen3-235B prefill of 4096
+tokens; R1 decode batches 1, 64, 256), all measured in the same run:
+- the kernel (dispatch: route + scatter, ids unchecked; combine), median and 20/80% quantiles
+  of triton.testing.do_bench;
+- the minimum bytes: each input read once, each output written once (padding rows are not
+  written, so not counted); achieved B/s = bytes / time;
+- the roof: a device-to-device copy moving the same bytes (a copy of bytes/2: it reads
+  bytes/2 and writes bytes/2); ratio_to_copy = copy time / kernel time;
+- the torch baseline (dispatch: argsort + index_select + bincount; combine: the faster of
+  index_add_ and a gather-sum, both in fp32), speedup = baseline time / kernel time;
+- dispatch also: the metadata alone (`route`: histogram + scan + slots).
+A kernel is timed only after its output matched the reference on that very shape; a row
+whose check failed carries the error and no speed.
+
+Without a GPU: the Triton kernels need one, so the torch baseline runs on the CPU at a
+reduced shape. With TRITON_INTERPRET=1 (ci/gpu-check --dry-run) the kernels also run in
+the interpreter on tiny shapes: this checks the code path, its times mean nothing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from moelab.kernels import timing as T
+from moelab.kernels.reference import check_dispatch
+
+
+def _dispatch_bytes(x, ids, n_pad, fp8: bool) -> int:
+    tokens, d = x.shape
+    pairs = int((ids >= 0).sum())
+    out_elt = 1 if fp8 else x.element_size()
+    scales = pairs * (d // 128) * 4 if fp8 else 0
+    # in: rows + ids; out: the routed rows, (scales), slot, src_token, counts, offsets, blocks
+    meta = ids.numel() * 4 + n_pad * 4 + (n_pad // T.BLOCK_M) * 4
+    return (
+        tokens * d * x.element_size()
+        + ids.numel() * ids.element_size()
+        + (pairs * d * out_elt + scales + meta)
+    )
+
+
+def bench(args) -> list[dict]:
+
+    from moelab.kernels.reference import dispatch_torch
+
+    quick, cuda, interpret, env, device = T.start(args, "dispatch")
+    rows = []
+    for label, tokens, d, k, E in T.shapes(quick, cuda, interpret):
+        x, ids, _ = T.inputs(tokens, d, k, E, device)
+        variants = [False, True] if (cuda or interpret) and d % 128 == 0 else [False]
+        if quick or "decode" in label:
+            variants = variants[:1]  # fp8 only at the prefill shapes of the full run
+        for fp8 in variants:
+            row = {"op": "dispatch", "shape": label + (" fp8" if fp8 else ""), "tokens": tokens,
+                   "d": d, "k": k, "E": E, "block_m": T.BLOCK_M, "dtype": "bf16",
+                   "out_dtype": "fp8" if fp8 else "bf16", "check_ids": False, **env}  # fmt: skip
+            base = T.time_op(partial(dispatch_torch, x, ids, E), cuda, quick)[0]
+            row["torch_time_s"] = base
+            if cuda or interpret:
+                _bench_dispatch_kernel(row, x, ids, E, fp8, cuda, quick)
+            rows.append(row)
+    headers = ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_torch", "torch_us"]
+    T.print_rows(rows, headers + ["meta_us", "meta_graph_us"])
+    T.print_goals(rows, "dispatch")
+    return rows
+
+
+def _bench_dispatch_kernel(row, x, ids, E, fp8, cuda, quick):
+    from moelab.kernels.dispatch import dispatch, route
+
+    try:
+        lay = dispatch(x, ids, E, T.BLOCK_M, quantize_fp8=fp8)
+        err = check_dispatch(lay, x, ids, E, fp8)
+    except Exception as e:  # report, never crash the whole benchmark
+        err = f"{type(e).__name__}: {e}"
+    row["ok"] = err is None
+    if err:
+        row["error"] = err
+        return
+    run = partial(dispatch, x, ids, E, T.BLOCK_M, quantize_fp8=fp8, check_ids=False)
+    t, t20, t80 = T.time_op(run, cuda, quick)
+    run_route = partial(route, ids, E, T.BLOCK_M, check_ids=False)
+    meta = T.time_op(run_route, cuda, quick)[0]
+    meta_graph = T.graph_time(run_route, cuda)
+    graph = T.graph_time(run, cuda)
+    nbytes = _dispatch_bytes(x, ids, lay.n_pad, fp8)
+    copy = T.copy_time(nbytes, x.device, cuda, quick)
+    row.update(graph_time_s=graph, metadata_graph_time_s=meta_graph)
+    row.update(time_s=t, time_s_p20=t20, time_s_p80=t80, metadata_time_s=meta, bytes=nbytes,
+               bandwidth_Bps=nbytes / t, copy_time_s=copy, copy_bandwidth_Bps=nbytes / copy,
+               ratio_to_copy=copy / t, speedup_vs_torch=row["torch_time_s"] / t)  # fmt: skip

@@ -1,0 +1,1 @@
+"""One module per `moelab` command: each defines HELP, add_arguments(parser) and run(args)."""
