@@ -129,5 +129,15 @@ def load_config(path: str | Path) -> dict:
 
 def model_from_file(path: str | Path) -> ModelSpec:
     path = Path(path)
-    name = path.parent.name if path.name == "config.json" else path.stem
-    return model_from_config(load_config(path), name=name, source=f"file {path}")
+    cfg = load_config(path)
+    return model_from_config(cfg, name=model_name(cfg, path), source=f"file {path}")
+
+
+def model_name(cfg, path: Path) -> str:
+    """What to call a model read from a file: its `_name_or_path` (the HF repo id, as
+    transformers saves it) if set; else the folder of a `config.json`; else the file's stem."""
+    if isinstance(cfg, dict) and isinstance(cfg.get("_name_or_path"), str) and cfg["_name_or_path"].strip():
+        return cfg["_name_or_path"].strip().rstrip("/")
+    if path.name == "config.json":
+        return path.resolve().parent.name or path.stem
+    return path.stem

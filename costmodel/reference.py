@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moelab.costmodel import routing as rt
-from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload
+from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload, parse_routing
 from moelab.costmodel.sweep import formula, params_of
 
 # --- counts of one layer -------------------------------------------------------------------
@@ -207,7 +207,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int, tokens: int,
                  width: int, n_experts: int, ranks: int = 0,
-                 gpus_per_node: int = 8) -> dict[str, np.ndarray]:
+                 gpus_per_node: int = 8, progress=None) -> dict[str, np.ndarray]:
     """Per-layer counts of `samples` forward passes: n_used, remote_ranks and remote_nodes
     (summed over tokens), each [samples, L].
 
@@ -215,6 +215,7 @@ def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int,
     independent, so they are flattened into one index m = s L + l and run in chunks of
     fixed size (one compilation) whose ids fit in `_CHUNK_ELEMENTS` (`width`: elements
     per token the generator touches, k for uniform, E for Gumbel scores).
+    `progress(done, total)` in samples, after each chunk (which then waits for its result).
     """
     total = samples * n_layers
     chunk = int(min(total, max(1, _CHUNK_ELEMENTS // max(1, tokens * width))))
@@ -223,6 +224,9 @@ def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int,
     for start in range(0, total, chunk):
         m = jnp.minimum(jnp.arange(start, start + chunk, dtype=jnp.int32), total - 1)
         parts.append(run(key, m))
+        if progress is not None:
+            jax.block_until_ready(parts[-1])
+            progress(min(start + chunk, total) // n_layers, samples)
     cols = [np.concatenate([np.asarray(p[i]) for p in parts])[:total] for i in range(3)]
     return {name: col.reshape(samples, n_layers)
             for name, col in zip(("n_used", "remote_ranks", "remote_nodes"), cols, strict=True)}
@@ -248,15 +252,16 @@ def _stats_runner(gen: rt.Generator, n_layers: int, n_experts: int, ranks: int,
 
 def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
                        options: Options | None, routing: str, samples: int,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, progress=None) -> dict:
     """gamma over `samples` sampled routings of one forward pass (Monte Carlo).
 
     routing: uniform | zipf:S | dirichlet:A | groups (model.n_group / topk_group) |
     logits:PATH.npy | hist:PATH.npy or .json. A logits file with exactly N_t tokens is
     evaluated as it is (one sample); otherwise its tokens are resampled.
+    `progress(done, total)` is called as samples finish.
     """
     options = options or Options()
-    spec = rt.parse(routing)
+    spec = parse_routing(routing)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise SpecError(f"samples: must be an integer >= 1, got {samples!r}")
     L, N, E, k = model.n_moe_layers, workload.tokens_per_pass, model.n_experts, model.top_k
@@ -272,7 +277,8 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
     else:
         gen = rt.layer_generator(spec, L, N, E, k, model.n_group, model.topk_group)
         width = k if spec.kind in ("uniform", "logits") else E
-        stats = sample_stats(gen, key, samples, L, N, width, E, R, system.gpus_per_node)
+        stats = sample_stats(gen, key, samples, L, N, width, E, R, system.gpus_per_node,
+                             progress)
 
     n_used = stats["n_used"].astype(np.float64)
     dest = stats["remote_ranks"].astype(np.float64) if R else np.full(n_used.shape, float(N))

@@ -20,9 +20,7 @@ logits:PATH.npy | hist:PATH.npy/.json.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moelab.costmodel.specs import SpecError
+from moelab.costmodel.specs import RoutingSpec, SpecError
 
 Generator = Callable[[jax.Array, int], jax.Array]  # (key, layer index) -> [N_t, k] int32
 
@@ -214,44 +212,6 @@ def worst_case(n_layers: int, tokens: int, n_experts: int, k: int) -> np.ndarray
     """
     ids = (np.arange(tokens)[:, None] * k + np.arange(k)[None, :]) % n_experts
     return np.broadcast_to(ids.astype(np.int32), (n_layers, tokens, k)).copy()
-
-
-# --- the CLI's routing strings ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoutingSpec:
-    """A parsed --routing string."""
-
-    kind: str  # uniform | zipf | dirichlet | groups | logits | hist
-    param: float = 0.0  # Zipf exponent s or Dirichlet concentration a
-    path: str = ""  # logits or histogram file
-
-    def __str__(self) -> str:
-        if self.kind in ("zipf", "dirichlet"):
-            return f"{self.kind}:{self.param:g}"
-        return f"{self.kind}:{self.path}" if self.path else self.kind
-
-
-def parse(spec: str) -> RoutingSpec:
-    kind, _, arg = spec.partition(":")
-    if kind in ("uniform", "groups") and not arg:
-        return RoutingSpec(kind)
-    if kind in ("zipf", "dirichlet"):
-        try:
-            value = float(arg)
-        except ValueError:
-            raise SpecError(f"routing: {kind} needs a number, as in {kind}:1.0, got {spec!r}") from None
-        if not math.isfinite(value) or value < 0 or (kind == "dirichlet" and value == 0):
-            raise SpecError(f"routing: {kind} parameter must be finite and "
-                            f"{'> 0' if kind == 'dirichlet' else '>= 0'}, got {arg}")
-        return RoutingSpec(kind, value)
-    if kind in ("logits", "hist") and arg:
-        if not Path(arg).is_file():
-            raise SpecError(f"routing: no such file {arg!r}")
-        return RoutingSpec(kind, path=arg)
-    raise SpecError(f"routing: unknown routing {spec!r} (uniform | zipf:S | dirichlet:A | groups "
-                    "| logits:PATH.npy | hist:PATH.npy|.json)")
 
 
 def load_array(path: str) -> np.ndarray:

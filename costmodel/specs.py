@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 # Bytes per element. Block-scaled formats include their scales:
 # mxfp4 = 4-bit values + one 8-bit scale per 32 (4.25 bits, OCP MX spec);
@@ -43,10 +44,10 @@ def _check(name: str, value, *, positive=False, integer=False, at_least=None, at
         raise SpecError(f"{name}: must be an integer, got {value!r}")
     if positive and value <= 0:
         raise SpecError(f"{name}: must be > 0, got {value!r}")
-    if value < 0:
-        raise SpecError(f"{name}: must be >= 0, got {value!r}")
     if at_least is not None and value < at_least:
         raise SpecError(f"{name}: must be >= {at_least}, got {value!r}")
+    if value < 0:
+        raise SpecError(f"{name}: must be >= 0, got {value!r}")
     if at_most is not None and value > at_most:
         raise SpecError(f"{name}: must be <= {at_most}, got {value!r}")
 
@@ -120,13 +121,15 @@ class SystemSpec:
     alpha_net: float = 0.0  # latency of one collective (dispatch or combine), s
     hbm_bw: float = 3.35e12  # HBM bandwidth, B/s (roofline for T_B)
     peak_flops: float = 989e12  # dense bf16 FLOP/s (roofline for T_B)
+    peak_flops_fp8: float = 1979e12  # dense fp8 FLOP/s
+    hbm_bytes: float = 80e9  # HBM capacity per GPU, B (memory fit)
     gpus_per_node: int = 8
     host_link: str = ""
     network: str = ""
     source: str = ""
 
     def __post_init__(self):
-        for f in ("b_pcie", "b_net", "hbm_bw", "peak_flops"):
+        for f in ("b_pcie", "b_net", "hbm_bw", "peak_flops", "peak_flops_fp8", "hbm_bytes"):
             _check(f, getattr(self, f), positive=True)
         for f in ("alpha_pcie", "alpha_net"):
             _check(f, getattr(self, f))
@@ -150,11 +153,10 @@ class Workload:
     steps: int = 1  # [N_OS] decode steps (output sequence length)
 
     def __post_init__(self):
-        _check("tokens", self.tokens, integer=True)
+        # A prefill needs a token; a decode workload carries no prefill tokens (0).
+        _check("tokens", self.tokens, integer=True, at_least=0 if self.decode else 1)
         _check("batch", self.batch, positive=True, integer=True)
         _check("steps", self.steps, positive=True, integer=True)
-        if not self.decode and self.tokens < 1:
-            raise SpecError(f"tokens: a prefill needs at least 1 token, got {self.tokens}")
 
     @property
     def tokens_per_pass(self) -> int:
@@ -191,6 +193,42 @@ class Options:
                 dtype_bytes(getattr(self, f), f)
         if self.routing not in ("worst", "uniform"):
             raise SpecError(f"routing: unknown routing {self.routing!r} (closed form: worst, uniform)")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """A parsed --routing string."""
+
+    kind: str  # uniform | zipf | dirichlet | groups | logits | hist
+    param: float = 0.0  # Zipf exponent s or Dirichlet concentration a
+    path: str = ""  # logits or histogram file
+
+    def __str__(self) -> str:
+        if self.kind in ("zipf", "dirichlet"):
+            return f"{self.kind}:{self.param:g}"
+        return f"{self.kind}:{self.path}" if self.path else self.kind
+
+
+def parse_routing(spec: str) -> RoutingSpec:
+    """A --routing string: uniform | zipf:S | dirichlet:A | groups | logits:PATH | hist:PATH."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("uniform", "groups") and not arg:
+        return RoutingSpec(kind)
+    if kind in ("zipf", "dirichlet"):
+        try:
+            value = float(arg)
+        except ValueError:
+            raise SpecError(f"routing: {kind} needs a number, as in {kind}:1.0, got {spec!r}") from None
+        if not math.isfinite(value) or value < 0 or (kind == "dirichlet" and value == 0):
+            raise SpecError(f"routing: {kind} parameter must be finite and "
+                            f"{'> 0' if kind == 'dirichlet' else '>= 0'}, got {arg}")
+        return RoutingSpec(kind, value)
+    if kind in ("logits", "hist") and arg:
+        if not Path(arg).is_file():
+            raise SpecError(f"routing: no such file {arg!r}")
+        return RoutingSpec(kind, path=arg)
+    raise SpecError(f"routing: unknown routing {spec!r} (uniform | zipf:S | dirichlet:A | groups "
+                    "| logits:PATH.npy | hist:PATH.npy|.json)")
 
 
 def as_dict(spec) -> dict:

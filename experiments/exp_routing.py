@@ -68,7 +68,7 @@ def run(cfg: dict, ctx) -> None:
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel import routing as rt
     from moelab.costmodel.presets import load_model, load_system
-    from moelab.costmodel.specs import Options, Workload
+    from moelab.costmodel.specs import Options, Workload, parse_routing
 
     model = load_model(cfg["model"])
     system = load_system(cfg["system"])
@@ -133,7 +133,7 @@ def run(cfg: dict, ctx) -> None:
     n = cfg["hist_tokens"]
     hist = {}
     for routing in ["uniform", *cfg["skewed"]]:
-        spec = rt.parse(routing)
+        spec = parse_routing(routing)
         gen = rt.layer_generator(spec, L, n, E, k, model.n_group, model.topk_group)
         width = k if spec.kind == "uniform" else E
         import jax

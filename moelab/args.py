@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, Workload
+from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, SystemSpec, Workload
 
 DTYPES = sorted(DTYPE_BYTES)
 
@@ -54,47 +54,48 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
                    help="share of used experts already on the GPU [0]")
 
 
-def build_specs(args) -> tuple[ModelSpec, object, Workload, Options]:
-    """Specs from parsed flags; every bad value raises SpecError naming its flag."""
-    from moelab.costmodel.presets import load_model, load_system
-
-    model = load_model(args.model)
-    changes = {k: v for k, v in (("expert_dtype", args.expert_dtype),
-                                 ("act_dtype", args.act_dtype)) if v}
-    model = model.with_(**changes) if changes else model
-
-    system = load_system(args.system, host_link=args.host_link, network=args.network,
-                         measured=args.measured_links,
-                         latencies=getattr(args, "latencies", False))
-    overrides = {}
-    for flag, field, scale in (("b_pcie", "b_pcie", 1e9), ("b_net", "b_net", 1e9),
-                               ("alpha_pcie_us", "alpha_pcie", 1e-6),
-                               ("alpha_net_us", "alpha_net", 1e-6)):
+def spec_kwargs(args) -> dict:
+    """The API's model, system, workload and option arguments from parsed flags (GB/s -> B/s,
+    µs -> s). A bad flag raises SpecError naming the flag as the user typed it."""
+    kwargs = {"model": args.model, "system": args.system, "expert_dtype": args.expert_dtype,
+              "act_dtype": args.act_dtype, "host_link": args.host_link, "network": args.network,
+              "measured_links": args.measured_links, "latencies": getattr(args, "latencies", False)}
+    for flag, name in (("b_pcie", "b_pcie"), ("b_net", "b_net"), ("alpha_pcie_us", "alpha_pcie"),
+                       ("alpha_net_us", "alpha_net")):
         value = getattr(args, flag, None)
         if value is not None:
-            _check_flag(flag, value, positive=field.startswith("b_"))
-            overrides[field] = value * scale
-    system = system.with_(**overrides) if overrides else system
-
-    workload = build_workload(args)
-    options = Options(
-        fanout=getattr(args, "fanout", None),
-        ep_ranks=getattr(args, "ep_ranks", None),
-        dispatch_dtype=getattr(args, "dispatch_dtype", None),
-        combine_dtype=getattr(args, "combine_dtype", None),
-        resident_fraction=getattr(args, "resident_fraction", 0.0),
-        routing="uniform" if getattr(args, "routing", "worst") == "uniform" else "worst",
-    )
-    return model, system, workload, options
-
-
-def build_workload(args) -> Workload:
+            bandwidth = name.startswith("b_")
+            _check_flag(flag, value, positive=bandwidth)
+            # GB/s -> B/s, µs -> s (a division keeps 10 µs exactly 1e-05 s)
+            kwargs[name] = value * 1e9 if bandwidth else value / 1e6
     if args.decode:
         if args.tokens is not None:
             raise SpecError("--tokens: give --tokens for prefill or --decode --batch B, not both")
-        return Workload(decode=True, batch=args.batch, steps=args.steps)
-    tokens = args.tokens if args.tokens is not None else args._tokens_default
-    return Workload(tokens=tokens)
+        kwargs.update(decode=True, batch=args.batch, steps=args.steps)
+    else:
+        kwargs["tokens"] = args.tokens if args.tokens is not None else args._tokens_default
+    for name in ("fanout", "ep_ranks", "dispatch_dtype", "combine_dtype"):
+        kwargs[name] = getattr(args, name, None)
+    kwargs["resident_fraction"] = getattr(args, "resident_fraction", 0.0)
+    return kwargs
+
+
+def build_specs(args) -> tuple[ModelSpec, SystemSpec, Workload, Options]:
+    """Specs from parsed flags (closed-form routing: worst or uniform)."""
+    from moelab import api
+
+    kw = spec_kwargs(args)
+    model = api.model_spec(kw["model"], kw["expert_dtype"], kw["act_dtype"])
+    system = api.system_spec(kw["system"], **{k: kw.get(k) for k in (
+        "host_link", "network", "measured_links", "latencies", "b_pcie", "b_net", "alpha_pcie",
+        "alpha_net")})
+    workload = api.workload(kw.get("tokens"), kw.get("decode", False), kw.get("batch", 1),
+                            kw.get("steps", 1))
+    options = Options(fanout=kw["fanout"], ep_ranks=kw["ep_ranks"],
+                      dispatch_dtype=kw["dispatch_dtype"], combine_dtype=kw["combine_dtype"],
+                      resident_fraction=kw["resident_fraction"],
+                      routing="uniform" if getattr(args, "routing", "worst") == "uniform" else "worst")
+    return model, system, workload, options
 
 
 def _check_flag(flag: str, value: float, positive: bool) -> None:

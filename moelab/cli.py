@@ -27,7 +27,17 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: one line, exit 2
-        self.exit(2, f"moelab: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _as_typed(message: str, parser: argparse.ArgumentParser) -> str:
+    """A SpecError names a spec field ("tokens: ..."); say it as the flag the user typed
+    ("--tokens: ...") where the command has that flag."""
+    field, sep, rest = message.partition(": ")
+    flag = "--" + field.replace("_", "-")
+    if sep and field.isidentifier() and flag in parser._option_string_actions:
+        return f"{flag}: {rest}"
+    return message
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -48,7 +58,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue  # command not built yet
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
@@ -64,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except SpecError as e:
-        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        message = _as_typed(str(e), args._parser)
+        print(f"moelab {args.command}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

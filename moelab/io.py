@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -10,20 +11,32 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
+def write_atomic(path: str | os.PathLike, data: str | bytes, *, make_parents: bool = True) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace.
+
+    make_parents=False: a missing folder is an error (a path the user typed: we do not
+    create folders they did not ask for). Any OSError names `path`, not the temporary file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"folder {path.parent} does not exist", str(path))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
         # mkstemp creates 0600; a result file gets the mode an ordinary open() would give.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     return path
 
@@ -34,8 +47,9 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path, obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=1, default=float) + "\n")
+def write_json(path, obj, *, make_parents: bool = True) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=1, default=float) + "\n",
+                        make_parents=make_parents)
 
 
 def rows_to_csv(rows: list[dict]) -> str:

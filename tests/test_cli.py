@@ -87,19 +87,22 @@ def test_system_file(tmp_path, capsys):
 
 
 BAD = [
-    (["gamma", "--tokens", "-5"], "tokens"),
-    (["gamma", "--decode", "--batch", "0"], "batch"),
+    (["gamma", "--tokens", "-5"], "--tokens: must be >= 1, got -5"),  # 0 is refused too
+    (["gamma", "--tokens", "0"], "--tokens: must be >= 1, got 0"),
+    (["gamma", "--decode", "--batch", "0"], "--batch: must be > 0"),
     (["gamma", "--b-pcie", "0"], "--b-pcie"),
     (["gamma", "--b-net", "-1"], "--b-net"),
     (["gamma", "--b-net", "nan"], "--b-net"),
     (["gamma", "--alpha-net-us", "-3"], "--alpha-net-us"),
-    (["gamma", "--resident-fraction", "2"], "resident_fraction"),
+    (["gamma", "--resident-fraction", "2"], "--resident-fraction: must be <= 1"),
     (["gamma", "--model", "no-such-model"], "unknown preset"),
     (["gamma", "--system", "no-such-gpu"], "unknown preset"),
     (["gamma", "--expert-dtype", "int3"], "--expert-dtype"),
-    (["gamma", "--tokens", "lots"], "--tokens"),
+    (["gamma", "--tokens", "lots"], "moelab gamma: error: argument --tokens"),
     (["gamma", "--fanout", "2", "--ep-ranks", "4"], "--ep-ranks"),
-    (["gamma", "--routing", "zipf:1.1"], "--routing"),
+    (["gamma", "--routing", "zipf:1.1"], "--routing: zipf:1.1 is drawn by Monte Carlo: add samples"),
+    (["gamma", "--routing", "banana"], "--routing: unknown routing 'banana'"),  # not "needs samples"
+    (["gamma", "--routing", "banana", "--samples", "3"], "--routing: unknown routing 'banana'"),
     (["gamma", "--tokens", "5", "--decode"], "--tokens"),
     (["frobnicate"], "invalid choice"),
 ]
@@ -162,7 +165,35 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     blocker.write_text("")
     assert main(["sweep", "--tokens", "1:10:log:3", "--out", str(blocker / "x.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(blocker) in err[0]
+    # the path the user typed, not the temporary file beside it
+    assert len(err) == 1 and str(blocker / "x.csv") in err[0] and ".tmp" not in err[0]
+
+
+def test_unwritable_folder_names_the_users_path(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if (locked / "probe").touch() is None:  # root ignores the mode: nothing to test
+            (locked / "probe").unlink()
+            pytest.skip("running as root: a read-only folder is still writable")
+    except PermissionError:
+        pass
+    try:
+        assert main(["sweep", "--tokens", "1,2", "--out", str(locked / "s.csv")]) == 2
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(locked / "s.csv") in err[0] and ".tmp" not in err[0]
+    assert list(locked.iterdir()) == []
+
+
+def test_output_in_a_missing_folder_is_refused_not_created(tmp_path, capsys):
+    target = tmp_path / "no" / "such" / "dir" / "s.csv"
+    assert main(["sweep", "--tokens", "1,2", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(target) in err[0] and "does not exist" in err[0]
+    assert not (tmp_path / "no").exists()
 
 
 def test_one_ep_rank_means_nothing_is_remote(capsys):
@@ -171,3 +202,67 @@ def test_one_ep_rank_means_nothing_is_remote(capsys):
     assert out["fanout"] == 0 and out["gamma"] is None and out["decision"] == "ep"
     assert main(["gamma", *SEED, "--ep-ranks", "1"]) == 0
     assert "EP wins at every N_t" in capsys.readouterr().out
+
+
+def test_config_json_in_the_working_folder_gets_a_name(tmp_path, monkeypatch, capsys):
+    """No `_name_or_path`: the folder names the model; with one, it does."""
+    import shutil
+
+    from moelab.costmodel.presets import PRESETS
+
+    folder = tmp_path / "my-moe"
+    folder.mkdir()
+    cfg = json.loads((PRESETS / "models" / "mixtral-8x7b.json").read_text())
+    cfg.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(folder)
+    assert run_json(capsys, "gamma", "--model", "config.json")["model"]["name"] == "my-moe"
+    assert main(["tipping", "--model", "config.json"]) == 0
+    assert "my-moe" in capsys.readouterr().out
+    (folder / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "org/Some-MoE"}))
+    assert run_json(capsys, "gamma", "--model", "config.json")["model"]["name"] == "org/Some-MoE"
+    shutil.rmtree(folder / "__pycache__", ignore_errors=True)
+
+
+def test_swapped_links_are_in_the_title(capsys):
+    assert main(["gamma", "--system", "b200", "--host-link", "pcie-gen4-x16",
+                 "--network", "roce-100g"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert "on b200 (host link pcie-gen4-x16, network roce-100g)" in title
+
+
+def test_sensitivities_one_row_each_no_negative_zero(capsys):
+    assert main(["gamma", *SEED, "--sensitivities"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if "d ln γ / d ln" in line]
+    # every elasticity on its own row; R1 at 4096 tokens is past saturation (k N_t > E), so
+    # gamma = C E / N_t: d ln gamma / d ln tokens = -1 exactly
+    assert len(rows) >= 10
+    assert any(line.split("│")[1].strip() == "d ln γ / d ln tokens" and line.split("│")[3].strip() == "-1"
+               for line in rows)
+    assert not any(cell.strip() == "-0" for line in rows for cell in line.split("│"))
+
+
+def test_monte_carlo_table_labels_its_interval_and_verdict(capsys):
+    assert main(["gamma", *SEED, "--tokens", "16", "--routing", "zipf:1.2", "--samples", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "p05 – p95" in text
+    last = text.strip().splitlines()[-1]
+    assert "mean over 4 zipf:1.2 routings" in last
+
+
+def test_table_says_how_shared_experts_are_treated(capsys):
+    assert main(["gamma", *SEED]) == 0  # DeepSeek-R1: one shared expert per MoE layer
+    assert "Shared experts (1 per MoE layer): resident" in capsys.readouterr().out
+    assert run_json(capsys, "gamma", *SEED)["model"]["n_shared_experts"] == 1
+
+
+def test_ep_and_gamma_default_to_the_same_model():
+    from moelab.cli import build_parser
+
+    defaults = {}
+    for command in ("gamma", "ep"):
+        parser = build_parser(command)
+        args = parser.parse_args([command])
+        defaults[command] = args.model
+    assert defaults["gamma"] == defaults["ep"] == "deepseek-r1"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from moelab.costmodel import closed_form as cf
 from moelab.costmodel import reference as ref
 from moelab.costmodel import routing as rt
-from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload
+from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload, parse_routing
 
 DTYPES = ["fp32", "bf16", "fp8", "mxfp4"]
 
@@ -117,7 +117,7 @@ MC_LAYERS = 2000
 
 
 def _mc(model, tokens, routing, ranks=0, gpn=8, seed=0, n=MC_LAYERS):
-    spec = rt.parse(routing)
+    spec = parse_routing(routing)
     gen = rt.layer_generator(spec, model.n_moe_layers, tokens, model.n_experts, model.top_k,
                              model.n_group, model.topk_group)
     width = model.top_k if spec.kind == "uniform" else model.n_experts
@@ -223,7 +223,7 @@ def test_gamma_distribution_is_the_mean_of_concrete_evaluations():
     model, w = R1.with_(n_moe_layers=3), Workload(tokens=12)
     opts = Options(ep_ranks=8, dispatch_dtype="fp8")
     out = ref.gamma_distribution(model, H100, w, opts, "zipf:1.0", 4, seed=3)
-    spec = rt.parse("zipf:1.0")
+    spec = parse_routing("zipf:1.0")
     gen = rt.layer_generator(spec, 3, 12, 256, 8)
     gammas = [ref.evaluate_routes(model, H100, w, opts,
                                   rt.layers(gen, jax.random.fold_in(jax.random.key(3), s), 3))["gamma"]

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelab.costmodel import routing as rt
-from moelab.costmodel.specs import SpecError
+from moelab.costmodel.specs import SpecError, parse_routing
 
 
 def _distinct_rows(ids: np.ndarray) -> bool:
@@ -123,7 +123,7 @@ def test_layers_are_independent_and_reproducible():
     ("groups", "groups", 0.0), ("zipf:0", "zipf", 0.0),
 ])
 def test_parse(spec, kind, param):
-    r = rt.parse(spec)
+    r = parse_routing(spec)
     assert (r.kind, r.param) == (kind, param)
 
 
@@ -131,14 +131,14 @@ def test_parse(spec, kind, param):
                                   "zipf:nan", "logits:/nonexistent.npy", "hist:", "uniform:2", ""])
 def test_parse_rejects(spec):
     with pytest.raises(SpecError, match="^routing: "):
-        rt.parse(spec)
+        parse_routing(spec)
 
 
 def test_hist_and_logits_files(tmp_path):
     E, k, L = 16, 2, 3
     hist = [0] * 8 + [5] * 8  # only the upper half is ever used
     (tmp_path / "h.json").write_text(json.dumps(hist))
-    gen = rt.layer_generator(rt.parse(f"hist:{tmp_path / 'h.json'}"), L, 100, E, k)
+    gen = rt.layer_generator(parse_routing(f"hist:{tmp_path / 'h.json'}"), L, 100, E, k)
     ids = np.asarray(rt.layers(gen, jax.random.key(0), L))
     assert ids.min() >= 8 and _distinct_rows(ids)
 
@@ -146,7 +146,7 @@ def test_hist_and_logits_files(tmp_path):
     np.save(tmp_path / "l.npy", logits)
     routes = rt.logits_routes(str(tmp_path / "l.npy"), L, E, k)
     np.testing.assert_array_equal(routes, np.argsort(-logits, -1)[..., :k])
-    gen = rt.layer_generator(rt.parse(f"logits:{tmp_path / 'l.npy'}"), L, 25, E, k)
+    gen = rt.layer_generator(parse_routing(f"logits:{tmp_path / 'l.npy'}"), L, 25, E, k)
     boot = np.asarray(rt.layers(gen, jax.random.key(0), L))
     for l in range(L):  # every resampled token is one of the file's tokens of that layer
         rows = {tuple(r) for r in routes[l].tolist()}
@@ -156,7 +156,7 @@ def test_hist_and_logits_files(tmp_path):
 def test_bad_files(tmp_path):
     (tmp_path / "few.json").write_text(json.dumps([1, 0, 0, 0]))
     with pytest.raises(SpecError, match="fewer than k"):
-        rt.layer_generator(rt.parse(f"hist:{tmp_path / 'few.json'}"), 1, 4, 4, 2)
+        rt.layer_generator(parse_routing(f"hist:{tmp_path / 'few.json'}"), 1, 4, 4, 2)
     np.save(tmp_path / "bad.npy", np.zeros((5, 7)))
     with pytest.raises(SpecError, match="logits must be"):
         rt.logits_routes(str(tmp_path / "bad.npy"), 1, 8, 2)

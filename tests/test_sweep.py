@@ -123,11 +123,14 @@ def _args(**kw):
 
 
 def test_parse_values():
-    from moelab.commands.sweep import parse_values
+    from moelab.commands.sweep import parse_values, whole_tokens
 
     assert parse_values("b_pcie", "16,32") == [16.0, 32.0]
     np.testing.assert_allclose(parse_values("b_net", "1:100:log:3"), [1, 10, 100])
-    assert parse_values("tokens", "1:1e6:log:50")[:3] == [1.0, 2.0, 3.0]  # rounded, deduped
+    # 1, 1.33, 1.76, 2.33, 3.08, ...: rounded, duplicates merged, and said so
+    values, note = whole_tokens(parse_values("tokens", "1:1e6:log:50"))
+    assert values[:3] == [1.0, 2.0, 3.0] and "50 values round to 48" in note
+    assert whole_tokens([1.0, 2.0, 8.0]) == ([1.0, 2.0, 8.0], None)
     assert parse_values("resident_fraction", "0:1:lin:5") == [0, 0.25, 0.5, 0.75, 1]
     with pytest.raises(SpecError, match="positive ends"):
         parse_values("tokens", "0:1:log:3")
@@ -138,7 +141,7 @@ def test_parse_values():
             parse_values(flag, text)
 
 
-def test_cli_writes_tidy_csv_and_plot(tmp_path):
+def test_cli_writes_tidy_csv_and_plot(tmp_path, capsys):
     from moelab.commands import sweep as cmd_sweep
 
     out, png = tmp_path / "s.csv", tmp_path / "s.png"
@@ -147,8 +150,11 @@ def test_cli_writes_tidy_csv_and_plot(tmp_path):
     assert cmd_sweep.run(args) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    n_tokens = len(cmd_sweep.parse_values("tokens", "1:1e6:log:50"))
-    assert len(rows) == 4 * n_tokens
+    # 50 log-spaced values from 1 to 1e6 round to 48 whole token counts (1, 1, 2, 2, 3, ...:
+    # the first ratio is 10^(6/49) = 1.33), so 4 x 48 rows
+    n_tokens = len({round(v) for v in np.geomspace(1, 1e6, 50)})
+    assert n_tokens == 48 and len(rows) == 4 * n_tokens
+    assert "50 values round to 48 distinct" in capsys.readouterr().err
     assert list(rows[0])[:5] == ["model", "system", "routing", "tokens", "b_pcie_GBps"]
     # below saturation gamma = C k (DESIGN.md §1): 1/2 * 3072 * 50/64 * 8 = 9600 at N_t = 1
     r = next(r for r in rows if r["tokens"] == "1" and r["b_pcie_GBps"] == "64")

@@ -189,17 +189,19 @@ def run(args) -> int:
         alpha_net=preset.alpha_net,
         hbm_bw=m["d2d_copy_Bps"],
         peak_flops=m["gemm_flops"],
+        peak_flops_fp8=preset.peak_flops_fp8,
+        hbm_bytes=preset.hbm_bytes,
         gpus_per_node=preset.gpus_per_node,
         host_link="measured" if m["cuda"] else "cpu memcpy (stand-in)",
         network=preset.network,
         source=(f"{how}; taken from preset {preset_name}: b_net, alpha_net ({preset.network}, "
-                f"not measurable on one GPU), gpus_per_node"),
+                f"not measurable on one GPU), gpus_per_node, peak_flops_fp8, hbm_bytes"),
     )
     data = as_dict(system)
     if args.out:
         from moelab.io import write_json
 
-        path = write_json(args.out, data)
+        path = write_json(args.out, data, make_parents=False)
         load_system(str(path))  # the file must load as `--system path.json` reads it
     if args.json:
         print(json.dumps({"system": data, "measurements": m, "out": args.out}, indent=1,

@@ -14,7 +14,7 @@ HELP = "execute an EP MoE layer on R devices (all_to_all) and check its bytes ag
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="mixtral-8x7b", help="preset or config.json [mixtral-8x7b]")
+    p.add_argument("--model", default="deepseek-r1", help="preset or config.json [deepseek-r1]")
     p.add_argument("--devices", type=int, default=8, metavar="R", help="EP ranks [8]")
     p.add_argument("--tokens", type=int, default=256, metavar="N_t", help="tokens [256]")
     p.add_argument(
@@ -64,7 +64,7 @@ def _ensure_devices(n: int) -> None:
 def compute(args) -> dict:
     import time
 
-    from moelab.costmodel.specs import SpecError
+    from moelab.costmodel.specs import SpecError, parse_routing
 
     R, N = args.devices, args.tokens
     for name, v in (
@@ -98,7 +98,7 @@ def compute(args) -> dict:
         )
 
     key = jax.random.key(args.seed)
-    gen = rt.layer_generator(rt.parse(args.routing), 1, N, E, k, model.n_group, model.topk_group)
+    gen = rt.layer_generator(parse_routing(args.routing), 1, N, E, k, model.n_group, model.topk_group)
     ids = np.asarray(gen(jax.random.fold_in(key, 0), 0))
     # Pad to a multiple of R with tokens routed nowhere (ids -1): they move nothing.
     n_pad = -(-N // R) * R

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
-from moelab.args import (
-    add_model_system_args,
-    add_option_args,
-    add_workload_args,
-    build_specs,
-)
+from moelab.args import add_model_system_args, add_option_args, add_workload_args, spec_kwargs
 
 HELP = "gamma = offload overhead / EP overhead (< 1: offload wins, > 1: EP wins)"
-
-CLOSED_FORM_ROUTINGS = ("worst", "uniform")
 
 
 def add_arguments(p):
@@ -42,98 +34,47 @@ def add_arguments(p):
 
 
 def compute(args) -> dict:
-    """Everything `moelab gamma` reports, as one JSON-ready dict."""
-    from moelab.costmodel.closed_form import evaluate
-    from moelab.costmodel.specs import SpecError
+    """Everything `moelab gamma` reports, as one JSON-ready dict (the API's Report)."""
+    from moelab import api
 
-    model, system, workload, options = build_specs(args)
-    if args.samples < 0:
-        raise SpecError(f"--samples: must be >= 0, got {args.samples}")
-    if args.routing not in CLOSED_FORM_ROUTINGS and args.samples == 0:
-        raise SpecError(f"--routing: {args.routing} needs Monte Carlo: add --samples N")
-    r = evaluate(model, system, workload, options)
-    out = {
-        "gamma": r.gamma,
-        "gamma_seed_formula": r.gamma_seed,
-        "decision": r.decision,
-        "deciding_factor": r.deciding_factor,
-        "n_ue": r.n_ue,
-        "tokens": r.tokens,
-        "tipping_tokens": _plain(r.tipping_tokens) if not workload.decode else None,
-        "t_b_s": r.t_b,
-        "t_p_s": r.t_p,
-        "t_ep_s": r.t_ep,
-        "t_p_overhead_s": r.t_p_overhead,
-        "t_ep_overhead_s": r.t_ep_overhead,
-        "model_term": r.model_term,
-        "system_term": r.system_term,
-        "query_term": r.query_term,
-        "fanout": r.fanout,
-        "f_e": r.f_e,
-        "f_a": r.f_a,
-        "f_dispatch": r.f_dispatch,
-        "f_combine": r.f_combine,
-        "b_pcie": r.b_pcie,
-        "b_net": r.b_net,
-        "alpha_pcie_s": system.alpha_pcie,
-        "alpha_net_s": system.alpha_net,
-        "resident_fraction": options.resident_fraction,
-        "routing": options.routing,
-        "model": {"name": model.name, "L": model.n_moe_layers, "E": model.n_experts,
-                  "k": model.top_k, "d": model.hidden, "I": model.expert_intermediate,
-                  "S_E": model.expert_params, "expert_dtype": model.expert_dtype,
-                  "act_dtype": model.act_dtype},
-        "system": {"name": system.name, "host_link": system.host_link, "network": system.network},
-        "workload": {"decode": workload.decode, "tokens": workload.tokens,
-                     "batch": workload.batch, "steps": workload.steps},
-    }
-    if args.samples:
-        from moelab.costmodel.reference import gamma_distribution
-
-        dist = gamma_distribution(model, system, workload, options, routing=args.routing,
-                                  samples=args.samples, seed=args.seed)
-        out.update(dist)
-        out["routing"] = args.routing
-        out["routing_closed_form"] = options.routing
-    if args.overlap:
-        from moelab.costmodel.timeline import overlap_gammas
-
-        if not 0 <= args.hit_rate <= 1:
-            raise SpecError(f"--hit-rate: must be in [0, 1], got {args.hit_rate}")
-        if args.microbatches < 1:
-            raise SpecError(f"--microbatches: must be >= 1, got {args.microbatches}")
-        out.update(overlap_gammas(model, system, workload, options,
-                                  lookahead=int(args.lookahead), hit_rate=args.hit_rate,
-                                  microbatches=args.microbatches))
-    if args.sensitivities:
-        from moelab.costmodel.reference import sensitivities
-
-        out["sensitivities"] = sensitivities(model, system, workload, options)
-    return out
+    return api.gamma(**spec_kwargs(args), routing=args.routing, samples=args.samples,
+                     seed=args.seed, sensitivities=args.sensitivities, overlap=args.overlap,
+                     lookahead=args.lookahead, hit_rate=args.hit_rate,
+                     microbatches=args.microbatches, progress=_progress_bar())
 
 
-def _plain(x):
-    """JSON-friendly number: integers print as integers."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def _progress_bar():
+    """A progress callback drawing on stderr when it is a terminal (JSON on stdout stays clean)."""
+    import sys
+
+    if not sys.stderr.isatty():
         return None
-    if math.isinf(x):  # EP costs nothing (one rank): offload never wins; null in JSON
-        return x
-    return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
+    state = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            from rich.progress import Progress
+
+            state["bar"] = Progress(console=_stderr_console(), transient=True)
+            state["bar"].start()
+            state["task"] = state["bar"].add_task("Monte Carlo samples", total=total)
+        state["bar"].update(state["task"], completed=done)
+        if done >= total:
+            state["bar"].stop()
+
+    return update
 
 
-def _finite_or_null(obj):
-    """Strict JSON has no inf or NaN: a gamma with nothing left to hide behind is null."""
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def run(args) -> int:
     out = compute(args)
     if args.json:
-        print(json.dumps(_finite_or_null(out), indent=1, allow_nan=False))
+        print(out.to_json())
     else:
         print_table(out)
     return 0
@@ -145,11 +86,12 @@ def print_table(out: dict) -> None:
     from moelab.show import console as make_console
     from moelab.show import fmt
 
-    m, w = out["model"], out["workload"]
+    m, w, sys_ = out["model"], out["workload"], out["system"]
     where = (f"decode, batch {w['batch']} x {w['steps']} steps" if w["decode"]
              else f"prefill of {out['tokens']:,} tokens")
-    t = Table(title=f"gamma: {m['name']} on {out['system']['name']}, {where}",
-              title_justify="left")
+    links = f" (host link {sys_['host_link']}, network {sys_['network']})" if sys_.get("swapped") else ""
+    title = f"gamma: {m['name']} on {sys_['name']}{links}, {where}"
+    t = Table()
     t.add_column("factor")
     t.add_column("formula")
     t.add_column("value", justify="right")
@@ -174,23 +116,40 @@ def print_table(out: dict) -> None:
         t.add_row("N_t*", "tokens where gamma = 1", f"{fmt(out['tipping_tokens'])}")
     elif not w["decode"]:
         t.add_row("N_t*", "tokens where gamma = 1", "none: offload wins at every N_t")
-    if "gamma_mean" in out:
+    sampled = "gamma_mean" in out
+    if sampled:
         t.add_section()
-        t.add_row(f"gamma ({out['routing']})", f"{out.get('samples', '')} sampled routings",
-                  f"{fmt(out['gamma_mean'])} [{fmt(out['gamma_p05'])}, {fmt(out['gamma_p95'])}]")
+        t.add_row(f"gamma ({out['routing']})", f"mean of {out['samples']:,} sampled routings",
+                  fmt(out["gamma_mean"]))
+        t.add_row("  p05 – p95", "5th and 95th percentiles",
+                  f"{fmt(out['gamma_p05'])} – {fmt(out['gamma_p95'])}")
         t.add_row("N_ue mean", "used experts per layer", fmt(out["n_ue_mean"]))
-        if "offload_win_fraction" in out:
-            t.add_row("offload wins", "share of samples", f"{out['offload_win_fraction']:.1%}")
+        t.add_row("offload wins", "share of samples", f"{out['offload_win_fraction']:.1%}")
     if "gamma_overlap" in out:
         t.add_section()
         t.add_row("gamma overlapped", "transfers hidden behind compute", fmt(out["gamma_overlap"]))
         t.add_row("  with an oracle prefetch", "next layer's experts known early",
                   fmt(out.get("gamma_overlap_oracle")))
-    console = make_console()
-    console.print(t)
-    winner = "OFFLOAD over the host link" if out["decision"] == "offload" else "EXPERT PARALLELISM"
-    console.print(f"gamma = {fmt(out['gamma'])} → {winner} wins.")
     if "sensitivities" in out:
-        s = out["sensitivities"]
-        console.print("elasticities d ln γ / d ln θ: " +
-                      ", ".join(f"{k} {v:+.3g}" for k, v in s.items()))
+        t.add_section()
+        for name, value in out["sensitivities"].items():
+            t.add_row(f"d ln γ / d ln {name}", "elasticity", _signed(value))
+    console = make_console()
+    console.print(title, highlight=False)
+    console.print(t)
+    if m.get("n_shared_experts"):
+        console.print(f"Shared experts ({m['n_shared_experts']} per MoE layer): resident under both "
+                      "strategies, counted in T_B, never moved.")
+    verdict = out["gamma_mean"] if sampled else out["gamma"]
+    winner = "OFFLOAD over the host link" if verdict < 1 else "EXPERT PARALLELISM"
+    if sampled:
+        basis = f"mean over {out['samples']:,} {out['routing']} routings"
+    else:
+        basis = "expected, uniform routing" if out["routing"] == "uniform" else "worst case"
+    console.print(f"gamma = {fmt(verdict)} ({basis}) → {winner} wins.")
+
+
+def _signed(x: float) -> str:
+    """An elasticity with its sign; a value that rounds to zero prints as 0, never -0."""
+    text = f"{x:+.3g}"
+    return "0" if float(text) == 0 else text

@@ -80,8 +80,6 @@ def parse_values(flag: str, text: str) -> list[float]:
                         f"got {text!r}") from None
     if not values or not all(np.isfinite(values)) or min(values) < 0:
         raise SpecError(f"{name}: values must be finite and >= 0, got {text!r}")
-    if flag == "tokens":  # whole tokens; a log range may round two values together
-        values = sorted({float(round(v)) for v in values})
     if flag in ("b_pcie", "b_net") and min(values) <= 0:
         raise SpecError(f"{name}: bandwidths must be > 0")
     if flag == "resident_fraction" and max(values) > 1:
@@ -115,11 +113,26 @@ def build_grid(args):
         text = getattr(args, flag)
         if text:
             axes.append(sw.dtype_axis(flag, params, names(text)))
+    notes = []
     for flag, (column, param, scale) in NUMBER_AXES.items():
         text = getattr(args, flag)
         if text:
-            axes.append(sw.number_axis(column, param, parse_values(flag, text), scale))
-    return base, axes
+            values = parse_values(flag, text)
+            if flag == "tokens":
+                values, note = whole_tokens(values)
+                notes += [note] if note else []
+            axes.append(sw.number_axis(column, param, values, scale))
+    return base, axes, notes
+
+
+def whole_tokens(values: list[float]) -> tuple[list[float], str | None]:
+    """Token counts are whole: round, and merge values that round together (a log range's
+    small end does). Returns the values and a note saying how many were merged, if any."""
+    whole = sorted({float(round(v)) for v in values})
+    if len(whole) == len(values):
+        return whole, None
+    return whole, (f"--tokens: {len(values)} values round to {len(whole)} distinct whole token "
+                   f"counts; duplicates merged")
 
 
 def compute(args) -> tuple[list[str], list[tuple], dict]:
@@ -131,7 +144,7 @@ def compute(args) -> tuple[list[str], list[tuple], dict]:
 
     from moelab.costmodel import sweep as sw
 
-    base, axes = build_grid(args)
+    base, axes, notes = build_grid(args)
     n = sw.grid_size(axes)
     t0 = time.perf_counter()
     res = sw.evaluate_grid(base, axes, OUTPUTS)
@@ -150,6 +163,7 @@ def compute(args) -> tuple[list[str], list[tuple], dict]:
         "axes": {a.name: len(a) for a in axes},
         "gamma_min": float(gamma.min()), "gamma_max": float(gamma.max()),
         "offload_win_fraction": float(np.mean(gamma < 1)),
+        "notes": notes,
     }
     return columns, rows, summary
 
@@ -206,17 +220,20 @@ def plot(path: str, columns, rows, axes_sizes: dict) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), make_parents=False)
 
 
 def run(args) -> int:
     import json
+    import sys
 
     from moelab.io import write_atomic
 
     columns, rows, summary = compute(args)
+    for note in summary["notes"]:
+        print(f"moelab sweep: note: {note}", file=sys.stderr)
     if args.out:
-        write_atomic(args.out, to_csv(columns, rows))
+        write_atomic(args.out, to_csv(columns, rows), make_parents=False)
         summary["out"] = args.out
     if args.plot:
         plot(args.plot, columns, rows, summary["axes"])

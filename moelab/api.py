@@ -1,0 +1,196 @@
+"""The Python API: what `moelab gamma` answers, as a function (SI units in and out).
+
+    import moelab
+    r = moelab.gamma("deepseek-r1", tokens=4096, b_pcie=64e9, b_net=50e9,
+                     expert_dtype="fp8", act_dtype="bf16")
+    r.gamma, r.t_p_overhead_s, r["tipping_tokens"]      # 75.0, 10.2..., 307200
+
+The CLI parses its flags (GB/s, µs) into these arguments and prints what this returns, so
+the command and the function cannot disagree. Bad input raises `SpecError` naming the
+argument.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload, parse_routing
+
+CLOSED_FORM_ROUTINGS = ("worst", "uniform")
+DEFAULT_PREFILL_TOKENS = 4096
+
+
+class Report(dict):
+    """A JSON-ready dict in SI units whose keys also read as attributes (`r.gamma`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """Strict JSON: an infinite or undefined number is null (e.g. gamma with no EP cost)."""
+        return json.dumps(finite_or_null(self), indent=indent, allow_nan=False)
+
+
+def model_spec(model: str | ModelSpec, expert_dtype: str | None = None,
+               act_dtype: str | None = None) -> ModelSpec:
+    """A ModelSpec from a preset name, a path to a config.json, or a ModelSpec; dtypes overridden."""
+    from moelab.costmodel.presets import load_model
+
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    changes = {k: v for k, v in (("expert_dtype", expert_dtype), ("act_dtype", act_dtype)) if v}
+    return spec.with_(**changes) if changes else spec
+
+
+def system_spec(system: str | SystemSpec = "h100-sxm", *, host_link: str | None = None,
+                network: str | None = None, measured_links: bool = False, latencies: bool = False,
+                b_pcie: float | None = None, b_net: float | None = None,
+                alpha_pcie: float | None = None, alpha_net: float | None = None) -> SystemSpec:
+    """A SystemSpec from a GPU preset, a system file or a SystemSpec, with links swapped or set.
+
+    b_pcie, b_net in B/s; alpha_pcie, alpha_net in seconds.
+    """
+    from moelab.costmodel.presets import load_system
+
+    if isinstance(system, SystemSpec):
+        if host_link or network or measured_links or latencies:
+            raise SpecError("system: host_link, network, measured_links and latencies apply to a "
+                            "preset name, not to a SystemSpec")
+        spec = system
+    else:
+        spec = load_system(system, host_link=host_link, network=network,
+                           measured=measured_links, latencies=latencies)
+    overrides = {k: v for k, v in (("b_pcie", b_pcie), ("b_net", b_net), ("alpha_pcie", alpha_pcie),
+                                   ("alpha_net", alpha_net)) if v is not None}
+    return spec.with_(**overrides) if overrides else spec
+
+
+def workload(tokens: int | None = None, decode: bool = False, batch: int = 1,
+             steps: int = 1) -> Workload:
+    """Prefill of `tokens` (default 4096), or decode of `batch` tokens per step for `steps` steps."""
+    if decode:
+        if tokens is not None:
+            raise SpecError("tokens: give tokens for a prefill, or decode with a batch, not both")
+        return Workload(decode=True, batch=batch, steps=steps)
+    return Workload(tokens=DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
+
+
+def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *,
+          tokens: int | None = None, decode: bool = False, batch: int = 1, steps: int = 1,
+          expert_dtype: str | None = None, act_dtype: str | None = None,
+          host_link: str | None = None, network: str | None = None,
+          measured_links: bool = False, latencies: bool = False,
+          b_pcie: float | None = None, b_net: float | None = None,
+          alpha_pcie: float | None = None, alpha_net: float | None = None,
+          fanout: float | None = None, ep_ranks: int | None = None,
+          dispatch_dtype: str | None = None, combine_dtype: str | None = None,
+          resident_fraction: float = 0.0, routing: str = "worst", samples: int = 0, seed: int = 0,
+          sensitivities: bool = False, overlap: bool = False, lookahead: bool = False,
+          hit_rate: float = 1.0, microbatches: int = 2,
+          progress: Callable[[int, int], None] | None = None) -> Report:
+    """gamma = offload overhead / EP overhead, its parts and N_t*, as `moelab gamma --json`.
+
+    model: preset name, path to a HF config.json, or a ModelSpec. system: GPU preset, path
+    to a system file (`moelab calibrate`), or a SystemSpec. Bandwidths in B/s, latencies
+    in s. routing: "worst" (the seed) or "uniform" in closed form; with samples > 0 also a
+    Monte Carlo routing (zipf:S, dirichlet:A, groups, logits:FILE.npy, hist:FILE) through
+    the JAX reference. `progress(done, total)` is called during long Monte Carlo runs.
+    """
+    from moelab.costmodel.closed_form import evaluate
+
+    m = model_spec(model, expert_dtype, act_dtype)
+    s = system_spec(system, host_link=host_link, network=network, measured_links=measured_links,
+                    latencies=latencies, b_pcie=b_pcie, b_net=b_net, alpha_pcie=alpha_pcie,
+                    alpha_net=alpha_net)
+    w = workload(tokens, decode, batch, steps)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
+    if routing not in CLOSED_FORM_ROUTINGS:
+        parse_routing(routing)  # an unknown name is an error before anything else is said
+        if samples == 0:
+            raise SpecError(f"routing: {routing} is drawn by Monte Carlo: add samples (--samples N); "
+                            f"in closed form: {', '.join(CLOSED_FORM_ROUTINGS)}")
+    options = Options(fanout=fanout, ep_ranks=ep_ranks, dispatch_dtype=dispatch_dtype,
+                      combine_dtype=combine_dtype, resident_fraction=resident_fraction,
+                      routing=routing if routing in CLOSED_FORM_ROUTINGS else "worst")
+    r = evaluate(m, s, w, options)
+    out = Report(
+        gamma=r.gamma,
+        gamma_seed_formula=r.gamma_seed,
+        decision=r.decision,
+        deciding_factor=r.deciding_factor,
+        n_ue=r.n_ue,
+        tokens=r.tokens,
+        tipping_tokens=plain_number(r.tipping_tokens) if not w.decode else None,
+        t_b_s=r.t_b,
+        t_p_s=r.t_p,
+        t_ep_s=r.t_ep,
+        t_p_overhead_s=r.t_p_overhead,
+        t_ep_overhead_s=r.t_ep_overhead,
+        model_term=r.model_term,
+        system_term=r.system_term,
+        query_term=r.query_term,
+        fanout=r.fanout,
+        f_e=r.f_e,
+        f_a=r.f_a,
+        f_dispatch=r.f_dispatch,
+        f_combine=r.f_combine,
+        b_pcie=r.b_pcie,
+        b_net=r.b_net,
+        alpha_pcie_s=s.alpha_pcie,
+        alpha_net_s=s.alpha_net,
+        resident_fraction=options.resident_fraction,
+        routing=options.routing,
+        model={"name": m.name, "L": m.n_moe_layers, "E": m.n_experts, "k": m.top_k,
+               "d": m.hidden, "I": m.expert_intermediate, "S_E": m.expert_params,
+               "n_shared_experts": m.n_shared_experts, "expert_dtype": m.expert_dtype,
+               "act_dtype": m.act_dtype},
+        system={"name": s.name, "host_link": s.host_link, "network": s.network,
+                "swapped": bool(host_link or network)},
+        workload={"decode": w.decode, "tokens": w.tokens, "batch": w.batch, "steps": w.steps},
+    )
+    if samples:
+        from moelab.costmodel.reference import gamma_distribution
+
+        out.update(gamma_distribution(m, s, w, options, routing=routing, samples=samples,
+                                      seed=seed, progress=progress))
+        out["routing"] = routing
+        out["routing_closed_form"] = options.routing
+    if overlap:
+        from moelab.costmodel.timeline import overlap_gammas
+
+        if not 0 <= hit_rate <= 1:
+            raise SpecError(f"hit_rate: must be in [0, 1], got {hit_rate}")
+        if microbatches < 1:
+            raise SpecError(f"microbatches: must be >= 1, got {microbatches}")
+        out.update(overlap_gammas(m, s, w, options, lookahead=int(lookahead), hit_rate=hit_rate,
+                                  microbatches=microbatches))
+    if sensitivities:
+        from moelab.costmodel.reference import sensitivities as elasticities
+
+        out["sensitivities"] = elasticities(m, s, w, options)
+    return out
+
+
+def plain_number(x):
+    """JSON-friendly number: integers print as integers; NaN (undefined) is None."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    if math.isinf(x):
+        return x
+    return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
+
+
+def finite_or_null(obj):
+    """Strict JSON has no inf or NaN: such a number becomes null, at any depth."""
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
