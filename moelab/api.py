@@ -194,3 +194,95 @@ def finite_or_null(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+# --- plan: which deployment to pick (issue 11) ----------------------------------------------
+
+DEFAULT_HOST_MEM = 2e12  # bytes of host DRAM per node when not given (assumed; set host_mem)
+DEFAULT_CONTEXT = 4096
+
+
+def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, gpus: int = 8,
+         gpus_per_node: int | None = None, cpu: str = "xeon-8470", host_mem: float = DEFAULT_HOST_MEM,
+         gpus_per_host_link: int = 1, tokens: int | None = None, decode_batch: int | None = None,
+         context: int | None = None, routing: str = "uniform", slo: float | None = None,
+         kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
+         nominal: bool = False, host_link: str | None = None, network: str | None = None,
+         hbm_utilization: float = 0.9) -> Report:
+    """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
+
+    model: preset name or path to a HF config.json (memory is counted from the config).
+    system: GPU preset or system file; gpus GPUs in nodes of gpus_per_node (default: the
+    preset's). cpu: CPU preset of each node (`moelab presets`); host_mem: host DRAM per node
+    in bytes; gpus_per_host_link: GPUs sharing one host link / PCIe switch.
+    Workload, one of: tokens = prefill tokens per forward pass (a chunked prefill's chunk),
+    or decode_batch = sequences per decode step; context = tokens of context per sequence
+    (default: tokens for prefill, 4096 for decode). routing: worst | uniform | skewed
+    (zipf:1.2) | zipf:S | hist:PATH. slo: step-time budget in seconds. nominal=True takes
+    datasheet bandwidths instead of measured ones. Returns a Report with the keys of
+    `moelab plan --json`.
+    """
+    from moelab.costmodel import memory
+    from moelab.costmodel import plan as planner
+    from moelab.costmodel.closed_form import evaluate
+    from moelab.costmodel.presets import load_cpu, model_config, system_table
+
+    if isinstance(model, ModelSpec):
+        raise SpecError("model: plan counts memory from the config.json: give a preset name or a path")
+    if tokens is not None and decode_batch is not None:
+        raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
+    m = model_spec(model, expert_dtype)
+    cfg = model_config(model)
+    s = system_spec(system, host_link=host_link, network=network, measured_links=not nominal,
+                    latencies=True)
+    decode = decode_batch is not None
+    n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
+    ctx = context if context is not None else (DEFAULT_CONTEXT if decode else n)
+    b_up, up_name = 0.0, planner.SCALE_UP.get(s.name)
+    if up_name and up_name in system_table()["networks"]:
+        link = system_table()["networks"][up_name]
+        b_up = ((None if nominal else link.get("measured_GBps")) or link["bandwidth_GBps"]) * 1e9
+    p = planner.Plan(
+        model=m, cfg=cfg, system=s, cpu=load_cpu(cpu), gpus=gpus,
+        gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
+        tokens=n, sequences=n if decode else 1, context=ctx, decode=decode,
+        routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
+        host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
+        cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal, b_scale_up=b_up,
+        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization)
+    result = planner.plan_all(p)
+    offload = next(x for x in result["strategies"] if x["name"] == "offload")
+    w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
+    g = evaluate(m, s, w, Options(ep_ranks=gpus if gpus > 1 else None,
+                                  resident_fraction=offload.get("resident_fraction", 0.0),
+                                  routing="uniform" if routing == "uniform" else "worst"))
+    return Report(
+        model=m.name,
+        weights_bytes=memory.weights_bytes(cfg, m),
+        kv_bytes_per_token=memory.kv_bytes_per_token(cfg, kv_dtype, ctx),
+        kv_bytes_per_token_full_attention=memory.kv_bytes_per_token(cfg, kv_dtype),
+        kv_bytes_total=p.kv_total(),
+        memory_groups={grp.name: {"params": grp.params, "dtype": grp.dtype, "bytes": grp.bytes}
+                       for grp in memory.param_groups(cfg, m)},
+        assumptions=memory.assumptions(cfg, m) + [
+            f"usable HBM = {hbm_utilization:g} x capacity", f"routing {routing}"
+            + (f" = {planner.SKEWED}" if routing == "skewed" else ""),
+            f"host DRAM {host_mem / 1e9:,.0f} GB per node"
+            + (" (default; set host_mem)" if host_mem == DEFAULT_HOST_MEM else ""),
+            "offload, cpu-experts and hybrid run one instance per GPU, the traffic split evenly"],
+        kv_dtype=kv_dtype,
+        model_layers=m.n_layers or m.n_moe_layers, model_moe_layers=m.n_moe_layers,
+        model_experts=m.n_experts,
+        workload={"decode": decode, "tokens_per_pass": n, "sequences": p.sequences, "context": ctx},
+        system={"name": s.name, "gpus": gpus, "gpus_per_node": p.gpus_per_node,
+                "hbm_bytes": s.hbm_bytes, "b_pcie": s.b_pcie, "b_net": s.b_net,
+                "b_nvlink": p.b_up, "alpha_pcie_s": s.alpha_pcie, "alpha_net_s": s.alpha_net,
+                "hbm_utilization": hbm_utilization, "nominal": nominal},
+        host={"cpu": cpu, "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
+              "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
+        strategies=result["strategies"],
+        best=result["best"],
+        gamma={"gamma": g.gamma, "decision": g.decision, "t_p_overhead_s": g.t_p_overhead,
+               "t_ep_overhead_s": g.t_ep_overhead, "ep_ranks": gpus,
+               "resident_fraction": offload.get("resident_fraction", 0.0)},
+    )
