@@ -110,7 +110,8 @@ def make_routing(spec: str, n_layers: int, n_experts: int, k: int) -> Routing:
         return Routing(spec, _marginals(p[None] / p.sum(), k))
     if kind == "hist" and arg:
         counts = _load_hist(arg)
-        if counts.shape[-1] != n_experts or counts.ndim > 2 or (counts.ndim == 2 and counts.shape[0] != n_layers):
+        shape_ok = counts.ndim == 1 or (counts.ndim == 2 and counts.shape[0] == n_layers)
+        if counts.shape[-1] != n_experts or not shape_ok:
             raise SpecError(f"routing: {arg} holds counts of shape {counts.shape}; the model needs "
                             f"[{n_experts}] or [{n_layers}, {n_experts}]")
         if np.any(counts < 0) or not np.all(np.isfinite(counts)) or np.any(counts.sum(-1) <= 0):

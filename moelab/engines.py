@@ -31,6 +31,7 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
             flags += ([f"--data-parallel-size {gpus}", "--tensor-parallel-size 1"] if dp
                       else [f"--tensor-parallel-size {gpus}"])
             flags += [f"--gpu-memory-utilization {util:g}", f"--max-model-len {ctx}"]
+            flags += [f"--kv-cache-dtype {kv}"] if kv else []
             return flags, ("vLLM: EP over the data-parallel (or tensor-parallel) group; for "
                            "multi-node decode add --all2all-backend deepep_low_latency")
         if name == "offload":
