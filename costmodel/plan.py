@@ -298,6 +298,11 @@ def ep_comm_time(p: Plan, tokens_per_rank: float, ranks: int, imbalance: float) 
 def _result(name, gpus, feasible, reason, step=None, overlap=None, bound="", mem=None,
             tokens=0, **extra) -> dict:
     tps = tokens / step if feasible and step else None
+    step = None if step is None else float(step)
+    overlap = None if overlap is None else float(overlap)
+    extra = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in extra.items()}
+    if "terms" in extra:
+        extra["terms"] = {k: float(v) for k, v in extra["terms"].items()}
     return {"name": name, "feasible": feasible, "reason": reason, "gpus": gpus,
             "step_s": step, "step_overlap_s": overlap, "tokens_per_s": tps,
             "tokens_per_s_per_gpu": tps / gpus if tps else None, "memory": mem or {},
@@ -483,7 +488,7 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
     gpu_part = non_expert_work(p, n, non_expert, kv)
     t_gpu = gpu_part.time(p.system)
     best = None
-    for r in sorted({0, r_max, *np.unique(np.linspace(0, r_max, 33).astype(int)).tolist()}):
+    for r in range(r_max + 1):  # every split: the step need not be monotone in r
         used, cpu_used = p.routing.used(n, m.top_k, m.n_experts, r)
         gpu_used = used - cpu_used
         share = cpu_used / used if used else 0.0  # token-expert pairs the CPU takes (approx.)
