@@ -235,13 +235,20 @@ def _linear_params_active(p: Plan) -> tuple[float, str]:
 
 
 def attention_core_flops(p: Plan, tokens: float) -> float:
-    """Scores and weighted sums: 4 x heads x (qk head dim) x context held, per token and layer.
-    MLA attends in its latent (kv_lora_rank + rope) width, as absorbed decode kernels do."""
+    """Scores and weighted sums: 4 x heads x (qk head dim) x tokens attended, per token and layer.
+
+    Decode: each token attends to its whole context. Prefill of a chunk of T tokens ending
+    at context C (causal): on average C - T/2 tokens. Windowed layers attend to at most
+    their window. MLA attends in its latent (kv_lora_rank + rope) width, as absorbed
+    kernels do (an approximation for prefill, which may run unabsorbed).
+    """
     cfg = memory._flatten(p.cfg)
     h, _, hd = memory._heads(cfg)
     if memory.is_mla(cfg):
         hd = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
-    held = sum(g.layers * g.tokens_held(p.context) for g in memory.kv_layout(p.cfg))
+    seen = p.context if p.decode else max(1.0, p.context - p.tokens / 2)
+    held = sum(g.layers * (seen if g.window is None else min(seen, g.window))
+               for g in memory.kv_layout(p.cfg))
     return 4 * h * hd * held * tokens
 
 

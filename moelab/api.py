@@ -208,7 +208,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          context: int | None = None, routing: str = "uniform", slo: float | None = None,
          kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
          nominal: bool = False, host_link: str | None = None, network: str | None = None,
-         hbm_utilization: float = 0.9) -> Report:
+         hbm_utilization: float = 0.9, host_dram_bw: float | None = None) -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -219,7 +219,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     or decode_batch = sequences per decode step; context = tokens of context per sequence
     (default: tokens for prefill, 4096 for decode). routing: worst | uniform | skewed
     (zipf:1.2) | zipf:S | hist:PATH. slo: step-time budget in seconds. nominal=True takes
-    datasheet bandwidths instead of measured ones. Returns a Report with the keys of
+    datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
+    replaces the CPU preset's DRAM bandwidth. Returns a Report with the keys of
     `moelab plan --json`.
     """
     from moelab.costmodel import memory
@@ -233,6 +234,13 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
     m = model_spec(model, expert_dtype)
     cfg = model_config(model)
+    host_cpu = load_cpu(cpu)
+    if host_dram_bw is not None:
+        if not host_dram_bw > 0:
+            raise SpecError(f"host_dram_bw: must be > 0, got {host_dram_bw!r}")
+        from dataclasses import replace as _replace
+
+        host_cpu = _replace(host_cpu, dram_bw=host_dram_bw, dram_bw_measured=0.0)
     s = system_spec(system, host_link=host_link, network=network, measured_links=not nominal,
                     latencies=True)
     decode = decode_batch is not None
@@ -243,7 +251,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         link = system_table()["networks"][up_name]
         b_up = ((None if nominal else link.get("measured_GBps")) or link["bandwidth_GBps"]) * 1e9
     p = planner.Plan(
-        model=m, cfg=cfg, system=s, cpu=load_cpu(cpu), gpus=gpus,
+        model=m, cfg=cfg, system=s, cpu=host_cpu, gpus=gpus,
         gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
         tokens=n, sequences=n if decode else 1, context=ctx, decode=decode,
         routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),

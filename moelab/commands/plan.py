@@ -16,6 +16,8 @@ def add_arguments(p):
                    help="CPU preset of each node (moelab presets) [xeon-8470]")
     g.add_argument("--host-mem-gb", type=float, default=2000, metavar="GB",
                    help="host DRAM per node [2000, an assumption]")
+    g.add_argument("--host-dram-gbps", type=float, metavar="GB/s",
+                   help="node DRAM bandwidth, replacing the CPU preset's")
     g.add_argument("--gpus-per-host-link", type=int, default=1,
                    help="GPUs sharing one host link / PCIe switch uplink [1]")
     g.add_argument("--expert-dtype", help="expert weight dtype [config]")
@@ -45,13 +47,16 @@ def compute(args):
         raise SpecError(f"--slo-ms: must be > 0, got {args.slo_ms}")
     if not args.host_mem_gb > 0:
         raise SpecError(f"--host-mem-gb: must be > 0, got {args.host_mem_gb}")
+    if args.host_dram_gbps is not None and not args.host_dram_gbps > 0:
+        raise SpecError(f"--host-dram-gbps: must be > 0, got {args.host_dram_gbps}")
+    dram = args.host_dram_gbps * 1e9 if args.host_dram_gbps is not None else None
     return api.plan(args.model, args.system, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                     cpu=args.cpu, host_mem=args.host_mem_gb * 1e9,
                     gpus_per_host_link=args.gpus_per_host_link, tokens=args.tokens,
                     decode_batch=args.decode_batch, context=args.context, routing=args.routing,
                     slo=args.slo_ms / 1e3 if args.slo_ms is not None else None,
                     kv_dtype=args.kv_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
-                    expert_dtype=args.expert_dtype, nominal=args.nominal)
+                    expert_dtype=args.expert_dtype, nominal=args.nominal, host_dram_bw=dram)
 
 
 def run(args) -> int:
