@@ -549,3 +549,26 @@ def plan_all(p: Plan) -> dict:
     best = ranked[0]["name"] if ranked[0]["feasible"] else None
     return {"strategies": ranked, "best": best}
 
+
+
+def sample_steps(routing: Routing, n_layers: int, n_experts: int, k: int, tokens: int,
+                 steps: int, seed: int = 0) -> list[tuple[int, list[int]]]:
+    """A concrete routing for cache simulations: (layer, used experts) in execution order, for
+    `steps` passes of `tokens` tokens. Each token draws k distinct experts by popularity (the
+    Gumbel top-k of log p); the worst case gives every pass the first min(k n, E) experts,
+    shifted each pass so that no expert is reused while others wait."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for step in range(steps):
+        for layer in range(n_layers):
+            if routing.q is None:
+                m = min(k * tokens, n_experts)
+                used = [(step * m + i) % n_experts for i in range(m)]
+            else:
+                q = routing.q[layer % routing.q.shape[0]]
+                logp = np.log(np.maximum(q, 1e-300))
+                scores = logp + rng.gumbel(size=(tokens, n_experts))
+                picks = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                used = np.unique(picks).tolist()
+            out.append((layer, used))
+    return out

@@ -208,7 +208,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          context: int | None = None, routing: str = "uniform", slo: float | None = None,
          kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
          nominal: bool = False, host_link: str | None = None, network: str | None = None,
-         hbm_utilization: float = 0.9, host_dram_bw: float | None = None) -> Report:
+         hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
+         cache_steps: int = 0, seed: int = 0) -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -220,8 +221,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     (default: tokens for prefill, 4096 for decode). routing: worst | uniform | skewed
     (zipf:1.2) | zipf:S | hist:PATH. slo: step-time budget in seconds. nominal=True takes
     datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
-    replaces the CPU preset's DRAM bandwidth. Returns a Report with the keys of
-    `moelab plan --json`.
+    replaces the CPU preset's DRAM bandwidth. cache_steps > 0 also runs the offload
+    strategy's expert cache (LRU and the Belady bound, kernels/expert_cache.py) over that
+    many passes of a concrete routing drawn from `routing`. Returns a Report with the keys
+    of `moelab plan --json`.
     """
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
@@ -260,6 +263,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
+    if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:
+        raise SpecError(f"cache_steps: must be an integer >= 0, got {cache_steps!r}")
+    if cache_steps and offload["feasible"]:
+        offload["cache_simulation"] = _simulate_offload_cache(p, offload, cache_steps, seed)
     w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
     g = evaluate(m, s, w, Options(ep_ranks=gpus if gpus > 1 else None,
                                   resident_fraction=offload.get("resident_fraction", 0.0),
@@ -294,3 +301,26 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                "t_ep_overhead_s": g.t_ep_overhead, "ep_ranks": gpus,
                "resident_fraction": offload.get("resident_fraction", 0.0)},
     )
+
+
+def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
+    """LRU and Belady hit rates of the offload GPU's expert slots over a concrete routing, and
+    the stream time each would give (the planner itself pins the hottest experts)."""
+    from moelab.costmodel import plan as planner
+    from moelab.kernels.expert_cache import simulate_cache
+
+    m = p.model
+    n = -(-p.tokens // offload["gpus"])
+    slots = offload["resident_per_layer"] * m.n_moe_layers + 2  # cache + the staging pair
+    trace = planner.sample_steps(p.routing, m.n_moe_layers, m.n_experts, m.top_k, n, steps, seed)
+    out = {"steps": steps, "slots": slots, "tokens_per_pass": n,
+           "pinned_hit_rate": offload["hit_rate"]}
+    per_miss = offload["terms"]["stream_s"] / offload["misses_per_layer"] / m.n_moe_layers \
+        if offload["misses_per_layer"] else 0.0
+    accesses = sum(len(used) for _, used in trace)
+    for policy in ("lru", "belady"):
+        stats = simulate_cache(trace, slots, policy)
+        out[f"{policy}_hit_rate"] = stats["hit_rate"]
+        out[f"{policy}_stream_s"] = stats["misses"] / steps * per_miss
+    out["accesses"] = accesses
+    return out

@@ -280,3 +280,18 @@ def test_uniform_used_matches_closed_form():
     worst = planner.make_routing("worst", 58, 256, 8)
     assert worst.used(37, 8, 256) == (256, 256)
     assert worst.used(37, 8, 256, resident=64)[1] == 256 * (1 - 64 / 256)
+
+
+def test_offload_cache_simulation_lru_and_belady():
+    r = moelab.plan("mixtral-8x7b", "h100-sxm", gpus=1, decode_batch=4, routing="skewed",
+                    cache_steps=30)
+    sim = by_name(r)["offload"]["cache_simulation"]
+    assert 0 <= sim["lru_hit_rate"] <= sim["belady_hit_rate"] <= 1  # Belady is the bound
+    assert sim["belady_stream_s"] <= sim["lru_stream_s"] * (1 + 1e-12)
+    # the trace: 30 passes x 32 layers, each with its used experts
+    trace = planner.sample_steps(planner.make_routing("skewed", 32, 8, 2), 32, 8, 2, 4, 30)
+    assert len(trace) == 30 * 32 and all(1 <= len(u) <= 8 and len(set(u)) == len(u) for _, u in trace)
+    worst = planner.sample_steps(planner.make_routing("worst", 32, 8, 2), 2, 8, 2, 3, 2)
+    assert [len(u) for _, u in worst] == [6, 6, 6, 6]
+    with pytest.raises(SpecError, match="cache_steps"):
+        moelab.plan("mixtral-8x7b", gpus=1, decode_batch=4, cache_steps=-1)

@@ -34,6 +34,9 @@ def add_arguments(p):
     w.add_argument("--kv-dtype", default="bf16", help="KV cache dtype [bf16]")
     w.add_argument("--cpu-expert-dtype", default="int8", choices=("int8", "int4", "bf16"),
                    help="expert weights on the CPU [int8]")
+    w.add_argument("--cache-steps", type=int, default=0, metavar="N",
+                   help="also simulate offload's expert cache (LRU, Belady) over N passes [0]")
+    w.add_argument("--seed", type=int, default=0, help="random seed of --cache-steps [0]")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
     p.add_argument("--emit", choices=("vllm", "sglang", "llama.cpp"),
                    help="print launch flags for the recommended strategy in this engine")
@@ -56,7 +59,8 @@ def compute(args):
                     decode_batch=args.decode_batch, context=args.context, routing=args.routing,
                     slo=args.slo_ms / 1e3 if args.slo_ms is not None else None,
                     kv_dtype=args.kv_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
-                    expert_dtype=args.expert_dtype, nominal=args.nominal, host_dram_bw=dram)
+                    expert_dtype=args.expert_dtype, nominal=args.nominal, host_dram_bw=dram,
+                    cache_steps=args.cache_steps, seed=args.seed)
 
 
 def run(args) -> int:
@@ -101,8 +105,14 @@ def print_table(out: dict) -> None:
                   fmt(s["tokens_per_s_per_gpu"]) if ok else "—",
                   s["bound"] if ok else "infeasible", s["reason"])
     console.print(t)
+    sim = next((s.get("cache_simulation") for s in out["strategies"] if s["name"] == "offload"), None)
+    if sim:
+        console.print(f"offload cache over {sim['steps']} passes ({sim['slots']:,} slots): hit rate "
+                      f"pinned {sim['pinned_hit_rate']:.1%}, LRU {sim['lru_hit_rate']:.1%}, "
+                      f"Belady {sim['belady_hit_rate']:.1%}", highlight=False)
     g = out["gamma"]
-    console.print(f"seed's gamma for this pass (EP over {g['ep_ranks']} vs offload, resident "
+    ranks = f"EP over {g['ep_ranks']}" if g["ep_ranks"] > 1 else "EP with the seed's fan-out 1"
+    console.print(f"seed's gamma for this pass ({ranks} vs offload, resident "
                   f"{g['resident_fraction']:.1%}): {fmt(g['gamma'])} → {g['decision']}", highlight=False)
     best = out["best"]
     console.print(f"best: {best}" if best else "best: nothing fits", highlight=False)
