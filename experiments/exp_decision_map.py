@@ -91,7 +91,8 @@ def _row(plane, model, r, **coords):
 
 
 def _grid(cfg, rows, plane, model, xkey, ykey):
-    xs, ys = cfg["tokens" if xkey == "tokens" else "batches"], cfg["gpus" if ykey == "gpus" else "dram_GBps"]
+    xs = cfg["tokens" if xkey == "tokens" else "batches"]
+    ys = cfg["gpus" if ykey == "gpus" else "dram_GBps"]
     cell = {(r[xkey], r[ykey]): r for r in rows if r["plane"] == plane and r["model"] == model}
     return xs, ys, cell
 
@@ -111,8 +112,9 @@ def _plot(ctx, cfg, rows, plane, xkey, ykey, xlabel, ylabel):
                 r = cell[(x, y)]
                 ax.add_patch(plots.pyplot().Rectangle((i, j), 1, 1, color=COLORS[r["best"]]))
                 label = LABELS[r["best"]]
-                if r["tokens_per_s_per_gpu"]:
-                    label += "\n" + fmt(round(r["tokens_per_s_per_gpu"], 3 if r["tokens_per_s_per_gpu"] < 10 else 0))
+                rate = r["tokens_per_s_per_gpu"]
+                if rate:
+                    label += "\n" + fmt(round(rate, 3 if rate < 10 else 0))
                 ax.text(i + 0.5, j + 0.5, label, ha="center", va="center", fontsize=6)
         ax.set_xlim(0, len(xs))
         ax.set_ylim(0, len(ys))
@@ -121,10 +123,11 @@ def _plot(ctx, cfg, rows, plane, xkey, ykey, xlabel, ylabel):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(m, fontsize=10)
-    axes[-1].legend(handles=[Patch(color=COLORS[k], label=f"{LABELS[k]}: {k or 'nothing fits'}")
-                             for k in COLORS], fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    legend = [Patch(color=COLORS[k], label=f"{LABELS[k]}: {k or 'nothing fits'}") for k in COLORS]
+    axes[-1].legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     what = ("prefill tokens per pass x GPUs" if plane == "tokens_x_gpus"
-            else f"decode batch x host DRAM bandwidth ({cfg['decode_gpus']} GPUs, context {cfg['context']:,})")
+            else f"decode batch x host DRAM bandwidth ({cfg['decode_gpus']} GPUs, "
+                 f"context {cfg['context']:,})")
     ctx.plot(fig, plane, f"Best strategy by tokens/s per GPU over {what}, on {cfg['system']} with "
                          f"{cfg['cpu']} hosts, {cfg['routing']} routing; cell text: region and tokens/s per GPU.")
 
@@ -135,8 +138,9 @@ Each cell holds the strategy with the most tokens/s per GPU that fits (EP = expe
 the GPUs, OFF = offload with a resident hot-expert cache, CPU = routed experts on the CPU, HYB =
 hottest experts on the GPU and the rest on the CPU; none = nothing fits), then that rate.
 """]
-    for plane, xkey, ykey, title in (("tokens_x_gpus", "tokens", "gpus", "prefill tokens per pass (columns) x GPUs (rows)"),
-                                     ("batch_x_dram", "batch", "dram_GBps", "decode batch (columns) x host DRAM GB/s (rows)")):
+    planes = (("tokens_x_gpus", "tokens", "gpus", "prefill tokens per pass (columns) x GPUs (rows)"),
+              ("batch_x_dram", "batch", "dram_GBps", "decode batch (columns) x host DRAM GB/s (rows)"))
+    for plane, xkey, ykey, title in planes:
         parts.append(f"\n### {title}\n")
         for m in cfg["models"]:
             xs, ys, cell = _grid(cfg, rows, plane, m, xkey, ykey)
