@@ -129,7 +129,8 @@ def _plot(ctx, cfg, rows, plane, xkey, ykey, xlabel, ylabel):
             else f"decode batch x host DRAM bandwidth ({cfg['decode_gpus']} GPUs, "
                  f"context {cfg['context']:,})")
     ctx.plot(fig, plane, f"Best strategy by tokens/s per GPU over {what}, on {cfg['system']} with "
-                         f"{cfg['cpu']} hosts, {cfg['routing']} routing; cell text: region and tokens/s per GPU.")
+                         f"{cfg['cpu']} hosts, {cfg['routing']} routing; cell text: region and "
+                         "tokens/s per GPU.")
 
 
 def _section(cfg, rows) -> str:
