@@ -317,7 +317,7 @@ def _result(name, gpus, feasible, reason, step=None, overlap=None, bound="", mem
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:,.1f} GB"
+    return f"{x / 1e9:,.1f} GB" if x >= 1e8 else f"{x / 1e6:,.3g} MB"
 
 
 def _slo(p: Plan, r: dict) -> dict:
@@ -516,11 +516,11 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
     mem["gpu_each"]["experts_on_gpu"] = r * L * m.expert_bytes
     mem["gpu_each"]["needed"] = gpu_need + r * L * m.expert_bytes
     overlap = max(t_gpu, L * max(t_gexp, link + t_cpu))
-    what = (f"{r} of {m.n_experts} experts per layer on the GPU, the rest on {p.cpu.name} in "
-            f"{p.cpu_expert_dtype}" if name == "hybrid"
-            else f"routed experts on {p.cpu.name} in {p.cpu_expert_dtype}")
-    return _slo(p, _result(name, g, True, f"{what}; CPU takes {cpu_used:,.3g} of {used:,.3g} used "
-                                          f"experts per layer",
+    what = (f"hottest {r} of {m.n_experts} experts per layer on the GPU, the rest on {p.cpu.name} "
+            f"({p.cpu_expert_dtype})" if name == "hybrid"
+            else f"routed experts on {p.cpu.name} ({p.cpu_expert_dtype})")
+    return _slo(p, _result(name, g, True, f"{what}: the CPU computes {cpu_used:,.3g} of the "
+                                          f"{used:,.3g} experts used per layer",
                            step, overlap, bound, mem, p.tokens, terms=terms, gpu_experts_per_layer=r,
                            cpu_used_per_layer=cpu_used))
 

@@ -6,6 +6,8 @@ Where an engine cannot express a strategy, `launch_flags` says so instead of gue
 
 from __future__ import annotations
 
+import math
+
 ENGINES = ("vllm", "sglang", "llama.cpp")
 
 
@@ -28,18 +30,20 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
         if name == "ep":
             dp = s.get("attention", "").startswith("data")
             flags = ["--enable-expert-parallel"]
-            flags += ([f"--data-parallel-size {gpus}", "--tensor-parallel-size 1"] if dp
-                      else [f"--tensor-parallel-size {gpus}"])
+            flags += [f"--data-parallel-size {gpus}"] if dp else [f"--tensor-parallel-size {gpus}"]
             flags += [f"--gpu-memory-utilization {util:g}", f"--max-model-len {ctx}"]
             flags += [f"--kv-cache-dtype {kv}"] if kv else []
             return flags, ("vLLM: EP over the data-parallel (or tensor-parallel) group; for "
                            "multi-node decode add --all2all-backend deepep_low_latency")
         if name == "offload":
-            gb = s["memory"]["host_node"]["experts"] / 1e9
-            return ([f"--cpu-offload-gb {gb:.0f}", f"--gpu-memory-utilization {util:g}",
+            gpu = s["memory"]["gpu_each"]
+            resident = gpu["available"] - gpu["non_expert"] - gpu["kv"] - gpu["staging"]
+            gib = max(0.0, report["weights_bytes"] - gpu["non_expert"] - resident) / 2**30
+            return ([f"--cpu-offload-gb {math.ceil(gib)}", f"--gpu-memory-utilization {util:g}",
                      f"--max-model-len {ctx}"],
-                    "vLLM offloads whole weights to CPU memory and streams them each pass; it has "
-                    "no resident hot-expert cache, so expect the no-cache (hit rate 0) figure")
+                    "vLLM keeps the offloaded GiB of weights in CPU memory and reads them every "
+                    "pass (UVA); which weights it offloads is its choice, not the plan's hottest "
+                    "experts, so expect the no-cache figure; one engine per GPU")
         return [], f"vLLM cannot run routed experts on the CPU ({name}): use llama.cpp or KTransformers"
     if engine == "sglang":
         if name == "ep":
@@ -56,7 +60,7 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
         L = report["model_layers"]
         moe_layers = report["model_moe_layers"]
         r = s.get("gpu_experts_per_layer", 0)
-        flags = ["--n-gpu-layers 999", f"--ctx-size {ctx}"]
+        flags = ["--n-gpu-layers all", f"--ctx-size {ctx}"]
         if name == "cpu-experts" or r == 0:
             flags.insert(1, "--cpu-moe")
             note = "all routed experts in host RAM, attention and shared experts on the GPU"
@@ -68,5 +72,11 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
             note = (f"llama.cpp splits by layer, not by expert: {gpu_layers} layers' experts on the "
                     f"GPU hold about the bytes of the plan's {r} hottest experts per layer")
         return flags, note
-    return [], (f"llama.cpp has no expert parallelism across GPUs and no per-pass expert streaming "
-                f"({name})")
+    if name == "offload":
+        cache = s["memory"]["gpu_each"].get("expert_cache", 0) / 2**20
+        return (["--n-gpu-layers all", "--cpu-moe", f"--moe-cache-mib {math.floor(cache)}",
+                 f"--ctx-size {ctx}"],
+                "experts kept in host RAM with a GPU cache of them; llama.cpp copies host weights "
+                "to the GPU for large batches (--op-offload, on by default) and may compute small "
+                "batches on the CPU instead")
+    return [], f"llama.cpp has no expert parallelism across GPUs ({name}): use vLLM or SGLang"

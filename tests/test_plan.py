@@ -113,6 +113,8 @@ def test_emit_flags_per_strategy():
     assert "--ep-size 8" in flags
     flags, note = launch_flags(r, "llama.cpp")
     assert flags == [] and "no expert parallelism" in note
+    flags, _ = launch_flags(r, "llama.cpp", "offload")
+    assert "--cpu-moe" in flags and any(f.startswith("--moe-cache-mib") for f in flags)
     flags, note = launch_flags(r, "vllm", "cpu-experts")
     assert flags == [] and "cannot" in note
     flags, _ = launch_flags(r, "llama.cpp", "cpu-experts")

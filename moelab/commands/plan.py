@@ -95,16 +95,17 @@ def print_table(out: dict) -> None:
                   f"B per token ({out['kv_bytes_total'] / 1e9:,.2f} GB for the batch)", highlight=False)
     t = Table()
     for col, just in (("#", "right"), ("strategy", "left"), ("GPUs", "right"), ("step", "right"),
-                      ("tokens/s", "right"), ("per GPU", "right"), ("bound", "left"), ("why", "left")):
+                      ("tokens/s", "right"), ("per GPU", "right"), ("bound", "left")):
         t.add_column(col, justify=just)
     for i, s in enumerate(out["strategies"], 1):
         ok = s["feasible"]
-        t.add_row(str(i) if ok else "—", s["name"], str(s["gpus"]),
-                  f"{s['step_s'] * 1e3:,.3g} ms" if s["step_s"] is not None else "—",
+        t.add_row(str(i) if ok else "—", s["name"], str(s["gpus"]), _seconds(s["step_s"]),
                   fmt(s["tokens_per_s"]) if ok else "—",
                   fmt(s["tokens_per_s_per_gpu"]) if ok else "—",
-                  s["bound"] if ok else "infeasible", s["reason"])
+                  s["bound"] if ok else "infeasible")
     console.print(t)
+    for s in out["strategies"]:
+        console.print(f"{s['name']}: {s['reason']}", highlight=False, soft_wrap=True)
     sim = next((s.get("cache_simulation") for s in out["strategies"] if s["name"] == "offload"), None)
     if sim:
         console.print(f"offload cache over {sim['steps']} passes ({sim['slots']:,} slots): hit rate "
@@ -114,5 +115,15 @@ def print_table(out: dict) -> None:
     ranks = f"EP over {g['ep_ranks']}" if g["ep_ranks"] > 1 else "EP with the seed's fan-out 1"
     console.print(f"seed's gamma for this pass ({ranks} vs offload, resident "
                   f"{g['resident_fraction']:.1%}): {fmt(g['gamma'])} → {g['decision']}", highlight=False)
-    best = out["best"]
-    console.print(f"best: {best}" if best else "best: nothing fits", highlight=False)
+    best = next((s for s in out["strategies"] if s["name"] == out["best"]), None)
+    if best is None:
+        console.print("best: nothing fits", highlight=False)
+    else:
+        console.print(f"best: {best['name']} on {best['gpus']} of {sy['gpus']} GPUs, "
+                      f"{fmt(best['tokens_per_s_per_gpu'])} tokens/s per GPU", highlight=False)
+
+
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x * 1e3:,.3g} ms" if x < 1 else f"{x:,.3g} s"
