@@ -297,3 +297,15 @@ def test_offload_cache_simulation_lru_and_belady():
     assert [len(u) for _, u in worst] == [6, 6, 6, 6]
     with pytest.raises(SpecError, match="cache_steps"):
         moelab.plan("mixtral-8x7b", gpus=1, decode_batch=4, cache_steps=-1)
+
+
+def test_readme_plan_example_is_what_the_command_says(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- moelab-plan:start -->")[1].split("<!-- moelab-plan:end -->")[0]
+    lines = [line for line in block.strip().strip("`").strip().splitlines() if line.strip()]
+    assert main(DONE_WHEN) == 0
+    out = capsys.readouterr().out
+    for line in lines:
+        assert line in out
