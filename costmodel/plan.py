@@ -81,6 +81,13 @@ class Routing:
         used = p_used.sum(-1).mean()
         return used, p_used[..., resident:].sum(-1).mean()
 
+    def pairs_beyond(self, resident: int, E: int) -> float:
+        """Share of token-expert pairs that go to experts outside the r hottest."""
+        if self.q is None:
+            return 1 - resident / E
+        q = np.sort(self.q, axis=-1)[..., ::-1]
+        return float(np.mean(q[..., resident:].sum(-1) / q.sum(-1)))
+
     def imbalance(self, ranks: int, k: int, E: int) -> float:
         """Busiest rank's share of the expert work over the mean (experts round-robin over ranks)."""
         if ranks <= 1:
@@ -346,13 +353,16 @@ def plan_ep(p: Plan) -> dict:
     options = []
     for mode, split in (("data-parallel attention", 1), ("tensor-parallel attention", G)):
         if split > 1 or mode.startswith("data"):
-            need = {"experts": experts_gpu, "non_expert": non_expert / split, "kv": kv_gpu,
-                    "a2a_buffers": buffers}
+            # Tensor parallelism splits the KV cache by KV head; MLA's one latent per token and
+            # GQA heads fewer than the GPUs are replicated (DP attention never replicates it).
+            kv_copies = split / kv_head_split(p.cfg, split)
+            need = {"experts": experts_gpu, "non_expert": non_expert / split,
+                    "kv": kv_gpu * kv_copies, "a2a_buffers": buffers}
             total = sum(need.values())
             if total > p.usable_hbm:
                 options.append((mode, need, total, None))
                 continue
-            work = non_expert_work(p, n * split, non_expert / split, kv_gpu, split)
+            work = non_expert_work(p, n * split, non_expert / split, kv_gpu * kv_copies, split)
             tp = 0.0
             if split > 1:  # one all-reduce of the node's activations per layer
                 L_all = m.n_layers or m.n_moe_layers
@@ -385,6 +395,16 @@ def plan_ep(p: Plan) -> dict:
                                           f"({_share(m.n_experts, R)} per GPU), busiest rank x{imb:.3g}",
                            step, overlap, bound, mem_for(need, total), p.tokens, terms=terms,
                            attention=mode, imbalance=imb, fanout=comm.get("fanout", 0.0)))
+
+
+def kv_head_split(cfg: dict, tp: int) -> int:
+    """Over how many of `tp` tensor-parallel GPUs the KV cache is split: by KV head, up to
+    the number of KV heads; MLA's latent cache is not split at all."""
+    flat = memory._flatten(cfg)
+    if memory.is_mla(flat):
+        return 1
+    _, kv_heads, _ = memory._heads(flat)
+    return max(1, min(tp, kv_heads))
 
 
 def _bound(terms: dict, compute_kind: str) -> str:
@@ -498,7 +518,7 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
     for r in range(r_max + 1):  # every split: the step need not be monotone in r
         used, cpu_used = p.routing.used(n, m.top_k, m.n_experts, r)
         gpu_used = used - cpu_used
-        share = cpu_used / used if used else 0.0  # token-expert pairs the CPU takes (approx.)
+        share = p.routing.pairs_beyond(r, m.n_experts)  # token-expert pairs the CPU takes
         t_cpu, cpu_kind = _cpu_expert_time(p, n * share, cpu_used, per_node)
         link = _link_round_trip(p, n) if cpu_used > 1e-12 else 0.0
         t_gexp = expert_work(p, n * m.top_k * (1 - share), gpu_used).time(p.system) / m.n_moe_layers

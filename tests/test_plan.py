@@ -136,15 +136,24 @@ def test_r1_fp8_needs_more_than_8x80_fits_8x141():
 def test_ep_feasibility_flips_at_the_computed_capacity():
     p = make_plan(system="h100-sxm")
     cfg, m = p.cfg, p.model
-    # Tensor-parallel attention inside the 8-GPU node needs, per GPU:
+    experts = 58 * 32 * 44_040_192  # 32 experts per GPU, fp8
     non_expert = memory.weights_bytes(cfg, m) - 58 * 256 * 44_040_192  # all but routed experts
-    need = (58 * 32 * 44_040_192  # 32 experts per GPU, fp8
-            + non_expert / 8  # attention, dense and shared layers split 8 ways
-            + 64 * 4096 * 70_272 / 8  # KV of 64 sequences x 4096 tokens, split 8 ways
-            + 2 * 8 * 8 * 7168 * 2)  # all-to-all send + receive: 8 tokens x k=8 x d x bf16
+    kv_all = 64 * 4096 * 70_272  # KV of 64 sequences x 4096 tokens
+    buffers = 2 * 8 * 8 * 7168 * 2  # all-to-all send + receive: 8 tokens x k=8 x d x bf16
+    # Data-parallel attention: weights replicated, each GPU the KV of its 8 sequences.
+    need_dp = experts + non_expert + kv_all / 8 + buffers
+    # Tensor-parallel attention over the node: weights split 8 ways, MLA's latent KV replicated.
+    need_tp = experts + non_expert / 8 + kv_all + buffers
+    need = min(need_dp, need_tp)
     for scale, fits in ((1 + 1e-9, True), (1 - 1e-9, False)):
         system = p.system.with_(hbm_bytes=need / 0.9 * scale)
         assert planner.plan_ep(replace(p, system=system))["feasible"] is fits
+
+
+def test_tensor_parallel_splits_gqa_kv_by_head_only():
+    assert planner.kv_head_split(model_config("deepseek-r1"), 8) == 1  # MLA: one latent
+    assert planner.kv_head_split(model_config("qwen3-235b-a22b"), 8) == 4  # 4 KV heads
+    assert planner.kv_head_split(model_config("mixtral-8x7b"), 8) == 8  # 8 KV heads
 
 
 def test_offload_infeasible_when_host_cannot_hold_experts():
