@@ -318,3 +318,27 @@ def test_readme_plan_example_is_what_the_command_says(capsys):
     out = capsys.readouterr().out
     for line in lines:
         assert line in out
+
+
+def test_cpu_presets_computed_from_their_parts():
+    from moelab.costmodel.presets import cpu_names, cpu_table
+
+    assert {"xeon-6980p", "xeon-8470", "epyc-9755", "epyc-9654", "grace"} <= set(cpu_names())
+    for c in cpu_table()["cpus"].values():
+        assert c["source"] and c["sockets"] >= 1 and c["cores"] > 0
+    # Xeon 6980P: 12 channels x 6400 MT/s x 8 B = 614.4 GB/s per socket, two sockets;
+    # AMX 1024 bf16 FLOP per core and cycle x 128 cores x 2.0 GHz = 262.1 TFLOP/s per socket.
+    x = load_cpu("xeon-6980p")
+    assert x.dram_bw == pytest.approx(2 * 12 * 6400e6 * 8)
+    assert x.matmul_flops["bf16"] == pytest.approx(2 * 128 * 2.0e9 * 1024)
+    # EPYC 9755: AVX-512 on Zen 5, 256 int8 ops per core and cycle x 128 cores x 2.7 GHz.
+    assert load_cpu("epyc-9755").matmul_flops["int8"] == pytest.approx(2 * 128 * 2.7e9 * 256)
+    assert load_cpu("grace").dram_bw == pytest.approx(512e9)  # one Grace per GH200
+    with pytest.raises(SpecError, match="cpu"):
+        load_cpu("pentium")
+
+
+def test_presets_command_lists_cpus(capsys):
+    assert main(["presets", "cpus", "--json"]) == 0
+    names = [c["name"] for c in json.loads(capsys.readouterr().out)["cpus"]]
+    assert "grace" in names
