@@ -59,6 +59,19 @@ class CpuSpec:
     matmul_flops: dict = field(default_factory=dict)  # dtype -> FLOP/s (ops/s for int8), all sockets
     source: str = ""
 
+    def __post_init__(self):
+        if isinstance(self.sockets, bool) or not isinstance(self.sockets, int) or self.sockets < 1:
+            raise SpecError(f"cpu: sockets must be an integer >= 1, got {self.sockets!r}")
+        for f in ("dram_bw", "dram_bw_measured"):
+            v = getattr(self, f)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (f == "dram_bw" and v == 0):
+                raise SpecError(f"cpu: {f} must be a finite number {'> 0' if f == 'dram_bw' else '>= 0'}, "
+                                f"got {v!r}")
+        for dtype in ("bf16", "int8"):
+            v = self.matmul_flops.get(dtype)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f"cpu: matmul_flops[{dtype!r}] must be a finite number > 0, got {v!r}")
+
     def bandwidth(self, nominal: bool) -> float:
         return self.dram_bw if nominal or not self.dram_bw_measured else self.dram_bw_measured
 

@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _API = {
     "gamma": "moelab.api",
     "plan": "moelab.api",
+    "CpuSpec": "moelab.costmodel.plan",
     "Report": "moelab.api",
     "model_spec": "moelab.api",
     "system_spec": "moelab.api",

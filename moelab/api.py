@@ -203,7 +203,7 @@ DEFAULT_CONTEXT = 4096
 
 
 def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, gpus: int = 8,
-         gpus_per_node: int | None = None, cpu: str = "xeon-8470", host_mem: float = DEFAULT_HOST_MEM,
+         gpus_per_node: int | None = None, cpu="xeon-8470", host_mem: float = DEFAULT_HOST_MEM,
          gpus_per_host_link: int = 1, tokens: int | None = None, decode_batch: int | None = None,
          context: int | None = None, routing: str = "uniform", slo: float | None = None,
          kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
@@ -214,7 +214,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
 
     model: preset name or path to a HF config.json (memory is counted from the config).
     system: GPU preset or system file; gpus GPUs in nodes of gpus_per_node (default: the
-    preset's). cpu: CPU preset of each node (`moelab presets`); host_mem: host DRAM per node
+    preset's). cpu: CPU preset of each node (`moelab presets cpus`) or a CpuSpec (all sockets
+    of a node, SI units); host_mem: host DRAM per node
     in bytes; gpus_per_host_link: GPUs sharing one host link / PCIe switch.
     Workload, one of: tokens = prefill tokens per forward pass (a chunked prefill's chunk),
     or decode_batch = sequences per decode step; context = tokens of context per sequence
@@ -237,7 +238,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
     m = model_spec(model, expert_dtype)
     cfg = model_config(model)
-    host_cpu = load_cpu(cpu)
+    host_cpu = cpu if isinstance(cpu, planner.CpuSpec) else load_cpu(cpu)
     if host_dram_bw is not None:
         if not host_dram_bw > 0:
             raise SpecError(f"host_dram_bw: must be > 0, got {host_dram_bw!r}")
@@ -249,6 +250,9 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     decode = decode_batch is not None
     n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
     ctx = context if context is not None else (DEFAULT_CONTEXT if decode else n)
+    if not decode and isinstance(ctx, int) and isinstance(n, int) and ctx < n:
+        raise SpecError(f"context: a prefill pass of {n} tokens ends at a context of at least "
+                        f"{n} tokens, got {ctx}")
     b_up, up_name = 0.0, planner.SCALE_UP.get(s.name)
     if up_name and up_name in system_table()["networks"]:
         link = system_table()["networks"][up_name]
@@ -293,7 +297,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                 "hbm_bytes": s.hbm_bytes, "b_pcie": s.b_pcie, "b_net": s.b_net,
                 "b_nvlink": p.b_up, "alpha_pcie_s": s.alpha_pcie, "alpha_net_s": s.alpha_net,
                 "hbm_utilization": hbm_utilization, "nominal": nominal},
-        host={"cpu": cpu, "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
+        host={"cpu": host_cpu.name, "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
               "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
         strategies=result["strategies"],
         best=result["best"],

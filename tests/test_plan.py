@@ -342,3 +342,15 @@ def test_presets_command_lists_cpus(capsys):
     assert main(["presets", "cpus", "--json"]) == 0
     names = [c["name"] for c in json.loads(capsys.readouterr().out)["cpus"]]
     assert "grace" in names
+
+
+def test_api_takes_a_cpu_spec_and_checks_it():
+    mine = planner.CpuSpec("my-host", 2, 400e9, 0.0, {"bf16": 50e12, "int8": 100e12})
+    r = moelab.plan("mixtral-8x7b", gpus=1, decode_batch=4, cpu=mine)
+    assert r.host["cpu"] == "my-host" and r.host["dram_bw"] == 400e9
+    with pytest.raises(SpecError, match="dram_bw"):
+        planner.CpuSpec("bad", 2, 0.0, 0.0, {"bf16": 1.0, "int8": 1.0})
+    with pytest.raises(SpecError, match="int8"):
+        planner.CpuSpec("bad", 2, 1e9, 0.0, {"bf16": 1.0})
+    with pytest.raises(SpecError, match="context"):
+        moelab.plan("mixtral-8x7b", tokens=4096, context=100)
