@@ -354,3 +354,19 @@ def test_api_takes_a_cpu_spec_and_checks_it():
         planner.CpuSpec("bad", 2, 1e9, 0.0, {"bf16": 1.0})
     with pytest.raises(SpecError, match="context"):
         moelab.plan("mixtral-8x7b", tokens=4096, context=100)
+
+
+def test_every_transfer_pays_its_latency():
+    p = make_plan("mixtral-8x7b", tokens=4, sequences=4)
+    alpha = 1e-5
+    slow = replace(p, system=p.system.with_(alpha_pcie=alpha, alpha_net=alpha), alpha_scale_up=alpha)
+    base, lat = by_name(planner.plan_all(p)), by_name(planner.plan_all(slow))
+    # offload: one latency per streamed expert, 32 MoE layers
+    off, off_lat = (planner.plan_offload(replace(x, replicas=1)) for x in (p, slow))
+    assert off_lat["terms"]["stream_s"] - off["terms"]["stream_s"] == pytest.approx(
+        32 * off["misses_per_layer"] * alpha)
+    # CPU experts: two host-link transfers per MoE layer
+    cpu, cpu_lat = (planner.plan_cpu_experts(replace(x, replicas=1)) for x in (p, slow))
+    assert cpu_lat["terms"]["link_s"] - cpu["terms"]["link_s"] == pytest.approx(32 * 2 * alpha)
+    # EP inside one node: dispatch and combine, each one NVLink latency per MoE layer
+    assert lat["ep"]["terms"]["nvlink_s"] - base["ep"]["terms"]["nvlink_s"] == pytest.approx(32 * 2 * alpha)
