@@ -302,7 +302,8 @@ def ep_comm_time(p: Plan, tokens_per_rank: float, ranks: int, imbalance: float) 
 
     Remote destinations per token phi = fanout_uniform(R, E, k); of the R - 1 other ranks,
     G - 1 share the node (NVLink) and R - G are across the network (B_net). The NVLink and
-    network parts run at once; each collective pays the latency of the slower tier.
+    network parts run at once, each paying its own latency per collective; the slower sets
+    the time.
     """
     m = p.model
     if ranks <= 1:
@@ -355,8 +356,10 @@ def plan_ep(p: Plan) -> dict:
     experts = memory.expert_weights_bytes(m)
     non_expert = w_all - experts
     experts_gpu = m.n_moe_layers * _share(m.n_experts, R) * m.expert_bytes
-    n = p.tokens / R  # tokens per rank (attention data-parallel)
-    kv_gpu = p.kv_total() / R
+    # The busiest rank: ceil(N / R) tokens and, in decode, ceil(B / R) sequences' KV cache.
+    n = _share(p.tokens, R)
+    kv_gpu = (_share(p.sequences, R) * memory.kv_bytes(p.cfg, p.context, p.kv_dtype) if p.decode
+              else p.kv_total() / R)
     buffers = 2 * _share(p.tokens, R) * m.top_k * m.hidden * m.f_a  # send + receive rows
     imb = p.routing.imbalance(R, m.top_k, m.n_experts)
     used, _ = p.routing.used(p.tokens, m.top_k, m.n_experts)
@@ -364,30 +367,31 @@ def plan_ep(p: Plan) -> dict:
     local_used = min(used / R * imb, _share(m.n_experts, R))
     comm = ep_comm_time(p, n, R, imb)
     options = []
-    for mode, split in (("data-parallel attention", 1), ("tensor-parallel attention", G)):
-        if split > 1 or mode.startswith("data"):
-            # Tensor parallelism splits the KV cache by KV head; MLA's one latent per token and
-            # GQA heads fewer than the GPUs are replicated (DP attention never replicates it).
-            kv_copies = split / kv_head_split(p.cfg, split)
-            need = {"experts": experts_gpu, "non_expert": non_expert / split,
-                    "kv": kv_gpu * kv_copies, "a2a_buffers": buffers}
-            total = sum(need.values())
-            if total > p.usable_hbm:
-                options.append((mode, need, total, None))
-                continue
-            work = non_expert_work(p, n * split, non_expert / split, kv_gpu * kv_copies, split)
-            tp = 0.0
-            if split > 1:  # one all-reduce of the node's activations per layer
-                L_all = m.n_layers or m.n_moe_layers
-                tp = L_all * (p.alpha_scale_up + 2 * (split - 1) / split * n * split * m.hidden
-                              * m.f_a / p.b_up)
-            ex = expert_work(p, rows, local_used)
-            compute = work.time(p.system) + ex.time(p.system) + tp
-            options.append((mode, need, total, (compute, work + ex, tp)))
+    modes = [("data-parallel attention", 1)] + ([("tensor-parallel attention", G)] if G > 1 else [])
+    for mode, split in modes:
+        # Tensor parallelism splits the KV cache by KV head; MLA's one latent per token and
+        # GQA heads fewer than the GPUs are replicated (DP attention never replicates it).
+        kv_copies = split / kv_head_split(p.cfg, split)
+        need = {"experts": experts_gpu, "non_expert": non_expert / split,
+                "kv": kv_gpu * kv_copies, "a2a_buffers": buffers}
+        total = sum(need.values())
+        if total > p.usable_hbm:
+            options.append((mode, need, total, None))
+            continue
+        work = non_expert_work(p, n * split, non_expert / split, kv_gpu * kv_copies, split)
+        tp = 0.0
+        if split > 1:  # one ring all-reduce of the node's activations per layer, over NVLink
+            L_all = m.n_layers or m.n_moe_layers
+            tp = L_all * (p.alpha_scale_up
+                          + 2 * (split - 1) / split * n * split * m.hidden * m.f_a / p.b_up)
+        ex = expert_work(p, rows, local_used)
+        compute = work.time(p.system) + ex.time(p.system) + tp
+        options.append((mode, need, total, (compute, work + ex, tp)))
     fits = [o for o in options if o[3] is not None]
-    mem_for = lambda need, total: {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},  # noqa: E731
-                                   "gpu_total_needed": total * R,
-                                   "weights_total": w_all}
+
+    def mem_for(need, total):
+        return {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},
+                "gpu_total_needed": total * R, "weights_total": w_all}
     if not fits:
         mode, need, total, _ = min(options, key=lambda o: o[2])
         why = (f"does not fit: needs {_gb(total)} per GPU (experts {_gb(need['experts'])} + "
