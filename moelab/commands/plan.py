@@ -6,37 +6,40 @@ HELP = "which deployment gives the most tokens/s per GPU: EP, offload, CPU exper
 
 
 def add_arguments(p):
+    from moelab.args import DTYPES
+
     g = p.add_argument_group("model and hardware")
     g.add_argument("--model", default="deepseek-r1",
                    help="preset or path to a HF config.json [deepseek-r1]")
     g.add_argument("--system", default="h100-sxm", help="GPU preset or system JSON [h100-sxm]")
-    g.add_argument("--gpus", type=int, default=8, help="GPUs available [8]")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node [the system's]")
+    g.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs available [8]")
+    g.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node [the system's]")
     g.add_argument("--cpu", default="xeon-8470",
-                   help="CPU preset of each node (moelab presets) [xeon-8470]")
+                   help="CPU preset of each node (moelab presets cpus) [xeon-8470]")
     g.add_argument("--host-mem-gb", type=float, default=2000, metavar="GB",
                    help="host DRAM per node [2000, an assumption]")
     g.add_argument("--host-dram-gbps", type=float, metavar="GB/s",
                    help="node DRAM bandwidth, replacing the CPU preset's")
-    g.add_argument("--gpus-per-host-link", type=int, default=1,
+    g.add_argument("--gpus-per-host-link", type=int, default=1, metavar="N",
                    help="GPUs sharing one host link / PCIe switch uplink [1]")
-    g.add_argument("--expert-dtype", help="expert weight dtype [config]")
+    g.add_argument("--expert-dtype", choices=DTYPES, help="expert weight dtype [config]")
     g.add_argument("--nominal", action="store_true",
                    help="datasheet bandwidths instead of measured ones")
     w = p.add_argument_group("workload (one of --tokens or --decode-batch)")
-    w.add_argument("--tokens", type=int,
+    w.add_argument("--tokens", type=int, metavar="N",
                    help="prefill tokens per forward pass (chunked prefill: the chunk) [4096]")
     w.add_argument("--decode-batch", type=int, metavar="B", help="sequences per decode step")
-    w.add_argument("--context", type=int, help="context tokens per sequence [decode 4096, prefill --tokens]")
+    w.add_argument("--context", type=int, metavar="C",
+                   help="context tokens per sequence [decode 4096, prefill --tokens]")
     w.add_argument("--routing", default="uniform",
                    help="worst | uniform | skewed (zipf:1.2) | zipf:S | hist:FILE (.npy/.json) [uniform]")
-    w.add_argument("--slo-ms", type=float, help="step-time budget in ms")
-    w.add_argument("--kv-dtype", default="bf16", help="KV cache dtype [bf16]")
+    w.add_argument("--slo-ms", type=float, metavar="ms", help="step-time budget in ms")
+    w.add_argument("--kv-dtype", default="bf16", choices=DTYPES, help="KV cache dtype [bf16]")
     w.add_argument("--cpu-expert-dtype", default="int8", choices=("int8", "int4", "bf16"),
                    help="expert weights on the CPU [int8]")
     w.add_argument("--cache-steps", type=int, default=0, metavar="N",
                    help="also simulate offload's expert cache (LRU, Belady) over N passes [0]")
-    w.add_argument("--seed", type=int, default=0, help="random seed of --cache-steps [0]")
+    w.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of --cache-steps [0]")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
     p.add_argument("--emit", choices=("vllm", "sglang", "llama.cpp"),
                    help="print launch flags for the recommended strategy in this engine")
