@@ -82,6 +82,7 @@ class Routing:
 
     name: str
     q: np.ndarray | None  # [L or 1, E]; None: worst case (the seed: min(k n, E) used, no sharing)
+    ids: list | None = None  # a recorded trace: ids[layer][token] = k expert ids, in order
 
     def used(self, n, k: int, E: int, resident: int = 0):
         """(used experts, used and not resident) per layer, for n tokens and the r hottest resident."""
@@ -112,7 +113,8 @@ class Routing:
 
 
 def make_routing(spec: str, n_layers: int, n_experts: int, k: int) -> Routing:
-    """worst | uniform | skewed (= zipf:1.2) | zipf:S | hist:PATH (.npy or .json counts, [E] or [L, E])."""
+    """worst | uniform | skewed (= zipf:1.2) | zipf:S | hist:PATH (.npy or .json counts, [E] or
+    [L, E]) | trace:PATH (a recorded routing: JSON with num_experts, top_k, ids[layer][token])."""
     name = SKEWED if spec == "skewed" else spec
     if name == "worst":
         return Routing("worst", None)
@@ -128,6 +130,8 @@ def make_routing(spec: str, n_layers: int, n_experts: int, k: int) -> Routing:
             raise SpecError(f"routing: zipf exponent must be finite and >= 0, got {arg}")
         p = np.arange(1, n_experts + 1, dtype=float) ** -s
         return Routing(spec, _marginals(p[None] / p.sum(), k))
+    if kind == "trace" and arg:
+        return _trace_routing(spec, arg, n_layers, n_experts, k)
     if kind == "hist" and arg:
         counts = _load_hist(arg)
         shape_ok = counts.ndim == 1 or (counts.ndim == 2 and counts.shape[0] == n_layers)
@@ -138,7 +142,8 @@ def make_routing(spec: str, n_layers: int, n_experts: int, k: int) -> Routing:
             raise SpecError(f"routing: {arg}: counts must be finite, >= 0, and not all zero")
         counts = counts.reshape(-1, n_experts).astype(float)
         return Routing(spec, _marginals(counts / counts.sum(-1, keepdims=True), k))
-    raise SpecError(f"routing: unknown routing {spec!r} (worst | uniform | skewed | zipf:S | hist:PATH)")
+    raise SpecError(f"routing: unknown routing {spec!r} "
+                    "(worst | uniform | skewed | zipf:S | hist:PATH | trace:PATH)")
 
 
 def _marginals(p: np.ndarray, k: int) -> np.ndarray:
@@ -147,17 +152,56 @@ def _marginals(p: np.ndarray, k: int) -> np.ndarray:
 
 
 def _load_hist(path: str) -> np.ndarray:
+    """Counts per expert from a .npy, a JSON list, or a trace's `histogram` (JSON)."""
+    if path.endswith(".npy"):
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise SpecError(f"routing: no such file {path!r}")
+        try:
+            return np.asarray(np.load(path), dtype=float)
+        except (ValueError, OSError) as e:
+            raise SpecError(f"routing: cannot read counts from {path}: {e}") from None
+    data = _load_json(path)
+    try:
+        return np.asarray(data["histogram"] if isinstance(data, dict) else data, dtype=float)
+    except (KeyError, ValueError, TypeError) as e:
+        raise SpecError(f"routing: {path} holds no counts per expert ({e})") from None
+
+
+def _load_json(path: str):
     import json
     from pathlib import Path
 
     if not Path(path).is_file():
         raise SpecError(f"routing: no such file {path!r}")
     try:
-        if path.endswith(".npy"):
-            return np.asarray(np.load(path), dtype=float)
-        return np.asarray(json.loads(Path(path).read_text()), dtype=float)
+        return json.loads(Path(path).read_text())
     except (ValueError, OSError) as e:
-        raise SpecError(f"routing: cannot read counts from {path}: {e}") from None
+        raise SpecError(f"routing: cannot read {path}: {e}") from None
+
+
+def _trace_routing(spec: str, path: str, n_layers: int, n_experts: int, k: int) -> Routing:
+    """A recorded routing (the layout of /work/shared/traces): its per-layer histogram gives the
+    marginals, its ids the order of accesses for cache simulations."""
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or not data["ids"]:
+        raise SpecError(f"routing: {path} is not a trace (needs ids[layer][token] = k expert ids)")
+    E, top_k = data.get("num_experts"), data.get("top_k")
+    if (E, top_k) != (n_experts, k):
+        raise SpecError(f"routing: {path} was recorded with E={E}, k={top_k}; the model has "
+                        f"E={n_experts}, k={k}")
+    ids = data["ids"]
+    if len(ids) > n_layers:
+        raise SpecError(f"routing: {path} has {len(ids)} layers; the model has {n_layers} MoE layers")
+    counts = np.zeros((len(ids), n_experts))
+    for layer, tokens in enumerate(ids):
+        flat = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if flat.size == 0 or flat.min() < 0 or flat.max() >= n_experts:
+            raise SpecError(f"routing: {path}: layer {layer} has no tokens or ids outside [0, {n_experts})")
+        counts[layer] = np.bincount(flat, minlength=n_experts)
+    q = _marginals(counts / counts.sum(-1, keepdims=True), k)
+    return Routing(spec, q, ids=[[list(map(int, t)) for t in tokens] for tokens in ids])
 
 
 @dataclass(frozen=True)
@@ -596,9 +640,15 @@ def sample_steps(routing: Routing, n_layers: int, n_experts: int, k: int, tokens
     shifted each pass so that no expert is reused while others wait."""
     rng = np.random.default_rng(seed)
     out = []
+    if routing.ids is not None:  # the recorded tokens in order, `tokens` per pass, while they last
+        recorded = min(len(t) for t in routing.ids)
+        steps = min(steps, recorded // tokens)
     for step in range(steps):
         for layer in range(n_layers):
-            if routing.q is None:
+            if routing.ids is not None:
+                rec = routing.ids[layer % len(routing.ids)][step * tokens:(step + 1) * tokens]
+                used = sorted({e for token in rec for e in token})
+            elif routing.q is None:
                 m = min(k * tokens, n_experts)
                 used = [(step * m + i) % n_experts for i in range(m)]
             else:

@@ -220,7 +220,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     Workload, one of: tokens = prefill tokens per forward pass (a chunked prefill's chunk),
     or decode_batch = sequences per decode step; context = tokens of context per sequence
     (default: tokens for prefill, 4096 for decode). routing: worst | uniform | skewed
-    (zipf:1.2) | zipf:S | hist:PATH. slo: step-time budget in seconds. nominal=True takes
+    (zipf:1.2) | zipf:S | hist:PATH | trace:PATH (a recorded routing: its histogram for the
+    marginals, its token order for cache_steps). slo: step-time budget in seconds. nominal=True takes
     datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
     replaces the CPU preset's DRAM bandwidth. cache_steps > 0 also runs the offload
     strategy's expert cache (LRU and the Belady bound, kernels/expert_cache.py) over that
@@ -317,6 +318,9 @@ def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
     n = -(-p.tokens // offload["gpus"])
     slots = offload["resident_per_layer"] * m.n_moe_layers + 2  # cache + the staging pair
     trace = planner.sample_steps(p.routing, m.n_moe_layers, m.n_experts, m.top_k, n, steps, seed)
+    steps = len(trace) // m.n_moe_layers  # a recorded trace may hold fewer passes
+    if steps == 0:
+        return {"steps": 0, "note": f"the trace holds fewer than {n} tokens: no pass to simulate"}
     out = {"steps": steps, "slots": slots, "tokens_per_pass": n,
            "pinned_hit_rate": offload["hit_rate"]}
     per_miss = offload["terms"]["stream_s"] / offload["misses_per_layer"] / m.n_moe_layers \

@@ -374,3 +374,26 @@ def test_every_transfer_pays_its_latency():
     assert cpu_lat["terms"]["link_s"] - cpu["terms"]["link_s"] == pytest.approx(32 * 2 * alpha)
     # EP inside one node: dispatch and combine, each one NVLink latency per MoE layer
     assert lat["ep"]["terms"]["nvlink_s"] - base["ep"]["terms"]["nvlink_s"] == pytest.approx(32 * 2 * alpha)
+
+
+def test_trace_routing_gives_marginals_and_the_recorded_order(tmp_path):
+    # A made-up trace (E = 4, k = 2, 2 layers, 4 tokens): layer 0 always picks experts 0 and 1;
+    # layer 1 alternates {2, 3} and {0, 3}.
+    ids = [[[0, 1]] * 4, [[2, 3], [0, 3], [2, 3], [0, 3]]]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"num_experts": 4, "top_k": 2, "ids": ids}))
+    route = planner.make_routing(f"trace:{path}", 2, 4, 2)
+    # layer 0: p = (1/2, 1/2, 0, 0) -> q = min(1, 2 p) = (1, 1, 0, 0)
+    assert route.q[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    # layer 1: counts (2, 0, 2, 4) of 8 -> q = (1/2, 0, 1/2, 1)
+    assert route.q[1].tolist() == [0.5, 0.0, 0.5, 1.0]
+    steps = planner.sample_steps(route, 2, 4, 2, tokens=2, steps=10)
+    # 4 recorded tokens in passes of 2: two passes, in order, each layer's union of ids
+    assert steps == [(0, [0, 1]), (1, [0, 2, 3]), (0, [0, 1]), (1, [0, 2, 3])]
+    with pytest.raises(SpecError, match="E=4, k=2"):
+        planner.make_routing(f"trace:{path}", 2, 8, 2)
+    with pytest.raises(SpecError, match="layers"):
+        planner.make_routing(f"trace:{path}", 1, 4, 2)
+    # its histogram also reads as hist: (counts under the key "histogram")
+    path.write_text(json.dumps({"histogram": [[4, 4, 0, 0], [2, 0, 2, 4]]}))
+    assert planner.make_routing(f"hist:{path}", 2, 4, 2).q.tolist() == route.q.tolist()

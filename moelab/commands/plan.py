@@ -32,7 +32,8 @@ def add_arguments(p):
     w.add_argument("--context", type=int, metavar="C",
                    help="context tokens per sequence [decode 4096, prefill --tokens]")
     w.add_argument("--routing", default="uniform",
-                   help="worst | uniform | skewed (zipf:1.2) | zipf:S | hist:FILE (.npy/.json) [uniform]")
+                   help="worst | uniform | skewed (zipf:1.2) | zipf:S | hist:FILE (.npy/.json) | "
+                        "trace:FILE (a recorded routing, JSON) [uniform]")
     w.add_argument("--slo-ms", type=float, metavar="ms", help="step-time budget in ms")
     w.add_argument("--kv-dtype", default="bf16", choices=DTYPES, help="KV cache dtype [bf16]")
     w.add_argument("--cpu-expert-dtype", default="int8", choices=("int8", "int4", "bf16"),
