@@ -132,8 +132,22 @@ FORMULAS = {
 # --- rows and fits ----------------------------------------------------------------------------------
 
 
-def make_row(name, kind, source, measured, unit, formula=None, settings=None, values=None, inputs=None,
-             fits=None, fitted=False, predicted=None, status="predicted", **extra) -> dict:
+def make_row(
+    name,
+    kind,
+    source,
+    measured,
+    unit,
+    formula=None,
+    settings=None,
+    values=None,
+    inputs=None,
+    fits=None,
+    fitted=False,
+    predicted=None,
+    status="predicted",
+    **extra,
+) -> dict:
     """One published point and its prediction (computed here from the formula and its inputs)."""
     settings, values = settings or {}, values or {}
     if formula is not None:
@@ -204,7 +218,7 @@ def independent_links(cfg, pub) -> tuple[dict, dict, dict]:
     how = {
         "b_net": f"{cfg['nic_link']} measured {nic['measured_GBps']} GB/s",
         "b_nvlink": f"{nvl_target['bandwidth_GBps']} GB/s nominal x {eta_nvl:.3f} "
-                    f"({nvl_meas['measured_GBps']}/{nvl_meas['bandwidth_GBps']} measured on H100)",
+        f"({nvl_meas['measured_GBps']}/{nvl_meas['bandwidth_GBps']} measured on H100)",
     }
     return values, sources, how
 
@@ -219,20 +233,23 @@ def low_latency_rows(pub, links) -> list[dict]:
     points = []
     for p in ll["points"]:
         for kind in ("dispatch", "combine"):
-            points.append({
-                "name": f"{kind} EP{p['ep']}",
-                "ep": p["ep"],
-                "bytes": ll["tokens_per_rank"] * ll["top_k"] * bytes_per_token(ll, kind),
-                "gpus_per_node": ll["gpus_per_node"],
-                "measured_s": p[f"{kind}_us"] * 1e-6,
-                "reported_GBps": p[f"{kind}_GBps"],
-                "bytes_per_token": bytes_per_token(ll, kind),
-            })
+            points.append(
+                {
+                    "name": f"{kind} EP{p['ep']}",
+                    "ep": p["ep"],
+                    "bytes": ll["tokens_per_rank"] * ll["top_k"] * bytes_per_token(ll, kind),
+                    "gpus_per_node": ll["gpus_per_node"],
+                    "measured_s": p[f"{kind}_us"] * 1e-6,
+                    "reported_GBps": p[f"{kind}_GBps"],
+                    "bytes_per_token": bytes_per_token(ll, kind),
+                }
+            )
     rows = []
     for kind, formula, link_names in (
         ("deepep-ll", "ll_pure_rdma_us", ("b_net",)),
         ("deepep-ll-nvlink", "ll_nvlink_us", ("b_net", "b_nvlink")),
     ):
+
         def no_latency(p, formula=formula):
             return FORMULAS[formula](p, {"alpha_net_s": 0.0, **values}) * 1e-6
 
@@ -242,17 +259,43 @@ def low_latency_rows(pub, links) -> list[dict]:
             inputs = {k: s for k, s in sources.items() if k == "b_net" or "b_nvlink" in link_names}
             inputs["alpha_net_s"] = f"leave-one-out fit: {kind} without {p['name']}"
             settings = {"ep": p["ep"], "bytes": p["bytes"], "gpus_per_node": p["gpus_per_node"]}
-            rows.append(make_row(
-                p["name"], kind, ll["source"], p["measured_s"] * 1e6, "µs", formula, settings, v, inputs,
-                fits={"alpha_net_s": {"method": "leave-one-out mean residual, >= 0", "rows": used, "value": alpha}},
-            ))
+            rows.append(
+                make_row(
+                    p["name"],
+                    kind,
+                    ll["source"],
+                    p["measured_s"] * 1e6,
+                    "µs",
+                    formula,
+                    settings,
+                    v,
+                    inputs,
+                    fits={
+                        "alpha_net_s": {
+                            "method": "leave-one-out mean residual, >= 0",
+                            "rows": used,
+                            "value": alpha,
+                        }
+                    },
+                )
+            )
     for p in points:
         # DeepEP's GB/s column is its bytes over its time: the bytes it counts against ours.
-        rows.append(make_row(
-            p["name"], "deepep-ll-bytes", ll["source"], p["reported_GBps"] * p["measured_s"] * 1e3, "MB per rank",
-            "ll_bytes_mb",
-            {"tokens_per_rank": ll["tokens_per_rank"], "top_k": ll["top_k"], "bytes_per_token": p["bytes_per_token"]},
-        ))
+        rows.append(
+            make_row(
+                p["name"],
+                "deepep-ll-bytes",
+                ll["source"],
+                p["reported_GBps"] * p["measured_s"] * 1e3,
+                "MB per rank",
+                "ll_bytes_mb",
+                {
+                    "tokens_per_rank": ll["tokens_per_rank"],
+                    "top_k": ll["top_k"],
+                    "bytes_per_token": p["bytes_per_token"],
+                },
+            )
+        )
     return rows
 
 
@@ -266,10 +309,19 @@ def normal_rows(pub, links) -> list[dict]:
         key = "b_nvlink" if nvl else "b_net"
         inputs = {k: s for k, s in sources.items() if (k != "b_net") == nvl}
         for kind in ("dispatch", "combine"):
-            rows.append(make_row(
-                f"{kind} EP{p['ep']} ({p['domain']})", "deepep-normal", nk["source"], p[f"{kind}_GBps"], "GB/s",
-                "link_bandwidth_gbps", {"ep": p["ep"], "domain": p["domain"]}, {"b_link": values[key]}, inputs,
-            ))
+            rows.append(
+                make_row(
+                    f"{kind} EP{p['ep']} ({p['domain']})",
+                    "deepep-normal",
+                    nk["source"],
+                    p[f"{kind}_GBps"],
+                    "GB/s",
+                    "link_bandwidth_gbps",
+                    {"ep": p["ep"], "domain": p["domain"]},
+                    {"b_link": values[key]},
+                    inputs,
+                )
+            )
     return rows
 
 
@@ -281,21 +333,44 @@ def link_rows(pub) -> list[dict]:
     flat = {**table["host_links"], **table["networks"]}
     ls = {k: v for k, v in pub["link_sources"].items() if not k.startswith("_") and k != "excluded"}
     links = [
-        {"name": n, "class": s["class"], "source": s["measured"], "nominal_source": s["nominal"],
-         "measured": flat[n]["measured_GBps"], "nominal": flat[n]["bandwidth_GBps"], "method": s["method"]}
+        {
+            "name": n,
+            "class": s["class"],
+            "source": s["measured"],
+            "nominal_source": s["nominal"],
+            "measured": flat[n]["measured_GBps"],
+            "nominal": flat[n]["bandwidth_GBps"],
+            "method": s["method"],
+        }
         for n, s in ls.items()
     ]
     rows = []
     for lk in links:
         same_class = [x for x in links if x["class"] == lk["class"]]
         eta, used = loso_eta(same_class, lk["source"])
-        rows.append(make_row(
-            lk["name"], f"link-{lk['class']}", lk["source"], lk["measured"], "GB/s", "eta_times_nominal_gbps",
-            {"nominal_GBps": lk["nominal"], "method": lk["method"]}, {"eta": eta},
-            {"nominal_GBps": lk["nominal_source"],
-             "eta": f"leave-one-source-out fit: link-{lk['class']} without {lk['source']}"},
-            fits={"eta": {"method": "mean measured/nominal, leave one source out", "rows": used, "value": eta}},
-        ))
+        rows.append(
+            make_row(
+                lk["name"],
+                f"link-{lk['class']}",
+                lk["source"],
+                lk["measured"],
+                "GB/s",
+                "eta_times_nominal_gbps",
+                {"nominal_GBps": lk["nominal"], "method": lk["method"]},
+                {"eta": eta},
+                {
+                    "nominal_GBps": lk["nominal_source"],
+                    "eta": f"leave-one-source-out fit: link-{lk['class']} without {lk['source']}",
+                },
+                fits={
+                    "eta": {
+                        "method": "mean measured/nominal, leave one source out",
+                        "rows": used,
+                        "value": eta,
+                    }
+                },
+            )
+        )
     return rows
 
 
@@ -320,8 +395,11 @@ def plan_prediction(plan, predictor: dict, settings: dict) -> float:
     strategy = next(s for s in result["strategies"] if s["name"] == predictor["strategy"])
     if not strategy.get("feasible", True):
         raise ValueError(f"plan says strategy {predictor['strategy']} is not feasible here")
-    value = (strategy["tokens_per_s_per_gpu"] * predictor["per_node"] if predictor.get("per_node")
-             else strategy["tokens_per_s"])
+    value = (
+        strategy["tokens_per_s_per_gpu"] * predictor["per_node"]
+        if predictor.get("per_node")
+        else strategy["tokens_per_s"]
+    )
     return value / (1 - settings.get("served_from_cache_share", 0.0))
 
 
@@ -332,24 +410,51 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
         inputs = {"model": f"preset:{pred['plan']['model']}", "system": "preset:systems"}
         extra = {"published": r["published"], "hardware": r["hardware"], "predictor": pred}
         if pred["tool"] == "plan" and plan is None:
-            rows.append(make_row(r["name"], r["kind"], r["source"], r["measured"], r["unit"], settings=r["settings"],
-                                 inputs=inputs, status=PENDING, **extra))
+            rows.append(
+                make_row(
+                    r["name"],
+                    r["kind"],
+                    r["source"],
+                    r["measured"],
+                    r["unit"],
+                    settings=r["settings"],
+                    inputs=inputs,
+                    status=PENDING,
+                    **extra,
+                )
+            )
             continue
         try:
             value, status = plan_prediction(plan, pred, r["settings"]), "predicted"
         except (ValueError, KeyError, StopIteration, TypeError) as e:  # SpecError is a ValueError
             value, status = None, f"prediction failed: {type(e).__name__}: {e}"
-        rows.append(make_row(r["name"], r["kind"], r["source"], r["measured"], r["unit"], settings=r["settings"],
-                             inputs=inputs, predicted=value, status=status, **extra))
+        rows.append(
+            make_row(
+                r["name"],
+                r["kind"],
+                r["source"],
+                r["measured"],
+                r["unit"],
+                settings=r["settings"],
+                inputs=inputs,
+                predicted=value,
+                status=status,
+                **extra,
+            )
+        )
     return rows
 
 
 def network_bounds(pub, b_net: float) -> list[dict]:
     """Tokens/s per GPU the NIC alone would allow for each EP row (a bound, not a prediction).
 
-    Each token sends one copy per (token, expert) pair to other nodes ((R-G)/R of them, the
-    pure-RDMA count) and gets one back: dispatch (fp8 + scales) plus combine (bf16) per MoE layer.
+    Per MoE layer a token's dispatch (fp8 + scales) and combine (bf16) copies cross the NIC:
+    in prefill (DeepEP normal kernels) one copy per remote node it needs, forwarded over NVLink
+    inside the node (closed_form.fanout_uniform over nodes); in decode (low-latency kernels) one
+    copy per (token, expert) pair on another node, (R-G)/R of the k pairs: the fewest bytes either
+    structure sends, so the bound holds for both.
     """
+    from moelab.costmodel.closed_form import fanout_uniform
     from moelab.costmodel.presets import load_model
 
     nk = pub["deepep_normal"]
@@ -360,13 +465,24 @@ def network_bounds(pub, b_net: float) -> list[dict]:
             continue
         m = load_model(r["predictor"]["plan"]["model"])
         R, G = r["settings"]["ep"], r["predictor"]["plan"]["gpus_per_node"]
-        per_token = m.n_moe_layers * m.top_k * (R - G) / R * per_pair
+        if "tokens" in r["predictor"]["plan"]:
+            copies = float(fanout_uniform(R // G, m.n_experts, m.top_k))
+        else:
+            copies = m.top_k * (R - G) / R
+        per_token = m.n_moe_layers * copies * per_pair
         bound = b_net / per_token
         share = 1 - r["settings"].get("served_from_cache_share", 0.0)
         measured_per_gpu = r["measured"] / r["predictor"]["per_node"] * share
-        out.append({"name": r["name"], "bytes_per_token": per_token, "bound_tokens_per_s_per_gpu": bound,
-                    "measured_computed_tokens_per_s_per_gpu": measured_per_gpu,
-                    "network_busy_share": measured_per_gpu / bound})
+        out.append(
+            {
+                "name": r["name"],
+                "copies_per_token_per_layer": copies,
+                "bytes_per_token": per_token,
+                "bound_tokens_per_s_per_gpu": bound,
+                "measured_computed_tokens_per_s_per_gpu": measured_per_gpu,
+                "network_busy_share": measured_per_gpu / bound,
+            }
+        )
     return out
 
 
@@ -402,13 +518,17 @@ def fitted_alpha_net(cfg: dict | None = None) -> tuple[float, str]:
     pub = published()
     links = independent_links(cfg, pub)
     rows = [r for r in low_latency_rows(pub, links) if r["kind"] == "deepep-ll-nvlink"]
-    residuals = [(r["measured"] - ll_nvlink_us(r["settings"], {**r["input_values"], "alpha_net_s": 0.0})) * 1e-6
-                 for r in rows]
+    residuals = [
+        (r["measured"] - ll_nvlink_us(r["settings"], {**r["input_values"], "alpha_net_s": 0.0})) * 1e-6
+        for r in rows
+    ]
     alpha = statistics.fmean(residuals)
     if alpha <= 0:
         raise ValueError(f"alpha_net fit is not positive ({alpha:.3g} s)")
-    return alpha, (f"fitted to DeepEP's {len(rows)} low-latency points with an NVLink leg "
-                   "(experiment validation; pure RDMA gives no positive latency)")
+    return alpha, (
+        f"fitted to DeepEP's {len(rows)} low-latency points with an NVLink leg "
+        "(experiment validation; pure RDMA gives no positive latency)"
+    )
 
 
 # --- run --------------------------------------------------------------------------------------------
@@ -424,15 +544,29 @@ def run(cfg: dict, ctx) -> None:
     plan = plan_function()
     rows += end_to_end_rows(pub, plan)
     if plan is None:
-        ctx.note("moelab plan (moelab.api.plan) is not available in this build: the end-to-end rows are "
-                 "listed with their published figures and settings, their predictions pending.")
+        ctx.note(
+            "moelab plan (moelab.api.plan) is not available in this build: the end-to-end rows are "
+            "listed with their published figures and settings, their predictions pending."
+        )
     stats = stats_by_kind(rows)
     bounds = network_bounds(pub, links[0]["b_net"])
-    ctx.json("result.json", {"rows": rows, "stats": stats, "plan_available": plan is not None,
-                             "links": {"values": links[0], "sources": links[1], "derivation": links[2]},
-                             "network_bounds": bounds})
-    flat = [{k: r[k] for k in ("name", "kind", "source", "measured", "predicted", "unit", "error", "fitted", "status")}
-            for r in rows]
+    ctx.json(
+        "result.json",
+        {
+            "rows": rows,
+            "stats": stats,
+            "plan_available": plan is not None,
+            "links": {"values": links[0], "sources": links[1], "derivation": links[2]},
+            "network_bounds": bounds,
+        },
+    )
+    flat = [
+        {
+            k: r[k]
+            for k in ("name", "kind", "source", "measured", "predicted", "unit", "error", "fitted", "status")
+        }
+        for r in rows
+    ]
     ctx.rows("predictions", flat)
     for kind, s in stats.items():
         ctx.summary[f"median_abs_error_{kind}"] = s["median_abs_error"]
@@ -464,8 +598,11 @@ def _plots(ctx, rows) -> None:
     ax.set_ylabel("published measurement [kind: point]")
     ax.set_title("Model vs published measurements (inputs independent, fits leave-one-out)", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
-    ctx.plot(fig, "errors", "Prediction error of every validation point; end-to-end rows without a "
-             "prediction say why.")
+    ctx.plot(
+        fig,
+        "errors",
+        "Prediction error of every validation point; end-to-end rows without a prediction say why.",
+    )
 
     ll = [r for r in rows if r["kind"] in ("deepep-ll", "deepep-ll-nvlink")]
     fig, ax = plots.figure(width=7, height=4.6)
@@ -475,16 +612,27 @@ def _plots(ctx, rows) -> None:
             eps = [r["settings"]["ep"] for r in rs]
             if kind == "deepep-ll":
                 ax.plot(eps, [r["measured"] for r in rs], "o-", color=color, label=f"{op}: DeepEP published")
-            ax.plot(eps, [r["predicted"] for r in rs], marker, ls=":", color=color, mfc="none",
-                    label=f"{op}: model, {'pure RDMA' if kind == 'deepep-ll' else 'NVLink leg'} (LOO alpha)")
+            ax.plot(
+                eps,
+                [r["predicted"] for r in rs],
+                marker,
+                ls=":",
+                color=color,
+                mfc="none",
+                label=f"{op}: model, {'pure RDMA' if kind == 'deepep-ll' else 'NVLink leg'} (LOO alpha)",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("EP ranks R [GPUs]")
     ax.set_ylabel("time of one collective, 128 tokens per rank [µs]")
     ax.set_title("DeepEP low-latency kernels (H800) vs the model, two structures", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    ctx.plot(fig, "deepep_low_latency", "DeepEP low-latency times: published, and predicted with alpha_net "
-             "fitted leave-one-out, under the caption's pure-RDMA structure and with an NVLink leg.")
+    ctx.plot(
+        fig,
+        "deepep_low_latency",
+        "DeepEP low-latency times: published, and predicted with alpha_net "
+        "fitted leave-one-out, under the caption's pure-RDMA structure and with an NVLink leg.",
+    )
 
 
 def _pct(x) -> str:
@@ -504,13 +652,17 @@ def _section(pub, rows, stats, links, bounds, plan_available) -> str:
     )
 
     def table(kinds):
-        out = ["| kind | point | source | measured | predicted | unit | error | fitted | status |",
-               "|---|---|---|---|---|---|---|---|---|"]
+        out = [
+            "| kind | point | source | measured | predicted | unit | error | fitted | status |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if r["kind"] in kinds:
-                out.append(f"| {r['kind']} | {r['name']} | {r['source']} | {fmt(r['measured'])} | "
-                           f"{fmt(r['predicted'])} | {r['unit']} | {_pct(r['error'])} | "
-                           f"{'yes' if r['fitted'] else 'no'} | {r['status']} |")
+                out.append(
+                    f"| {r['kind']} | {r['name']} | {r['source']} | {fmt(r['measured'])} | "
+                    f"{fmt(r['predicted'])} | {r['unit']} | {_pct(r['error'])} | "
+                    f"{'yes' if r['fitted'] else 'no'} | {r['status']} |"
+                )
         return "\n".join(out)
 
     ll8 = by[("deepep-ll", "dispatch EP8")]
@@ -527,24 +679,36 @@ def _section(pub, rows, stats, links, bounds, plan_available) -> str:
         for b in bounds
     )
     e2e_detail = "\n".join(
-        f"- **{r['name']}** ({r['source']}): published \"{r['published']}\"; hardware: {r['hardware']}; "
+        f'- **{r["name"]}** ({r["source"]}): published "{r["published"]}"; hardware: {r["hardware"]}; '
         f"predictor: {r['predictor']['tool']} {r['predictor'].get('plan', {})} strategy "
         f"{r['predictor'].get('strategy')}; {r['status']}."
         for r in e2e
     )
+    pending_text = (
+        "Predicted by moelab.api.plan."
+        if plan_available
+        else "moelab plan is not in this build: every end-to-end row is a `plan` row and its prediction "
+        "is pending. The rows, their settings and the plan arguments are in result.json; once "
+        "moelab.api.plan exists, the same run predicts them (nothing else to change)."
+    )
+    ll_median = _pct(stats["deepep-ll"]["median_abs_error"]).lstrip("+")
+    nvl_median = _pct(stats["deepep-ll-nvlink"]["median_abs_error"]).lstrip("+")
+    d2h_share = 100 * hd["device_to_host_sm_GBps"] / gen5["settings"]["nominal_GBps"]
+    source_lines = "\n".join(f"- {k}: {v['cite']} ({v['place']})" for k, v in srcs.items())
     return f"""
-Facts: `costmodel/presets/published.json` (every figure with its source id and the place in it) and the
-measured link figures of `costmodel/presets/systems.json`. Each row of `result.json` holds `name`, `kind`,
-`source`, `measured`, `predicted`, `unit`, `error` (predicted / measured - 1), `fitted` and `inputs`
-(parameter -> source); `settings`, `formula` and `fits` let anyone recompute the prediction
-(`tests/test_validation.py` does, by hand, for every row).
+Facts: `costmodel/presets/published.json` (every figure with its source id and the place in it) and
+the measured link figures of `costmodel/presets/systems.json`. Each row of `result.json` holds `name`,
+`kind`, `source`, `measured`, `predicted`, `unit`, `error` (predicted / measured - 1), `fitted` and
+`inputs` (parameter -> source); `settings`, `formula` and `fits` let anyone recompute the prediction
+(`tests/test_validation.py` does, by hand, for every row). More in `docs/validation.md`.
 
-**Independent inputs.** No prediction uses a figure from the source of its own measurement. The DeepEP rows
-no longer take B_NVLink = 160 and B_net = 50 GB/s from the DeepEP table's caption: B_net = {fmt(values['b_net'] / 1e9)}
-GB/s ({how['b_net']}, NVIDIA/nccl#2409), B_NVLink(H800) = {fmt(values['b_nvlink'] / 1e9)} GB/s ({how['b_nvlink']},
-NVIDIA/nccl#1264 and the H800/H100 NVLink figures). Fitted parameters never see the point they predict:
-alpha_net is refitted for each DeepEP low-latency point without it (leave-one-out; the table is one source),
-each link class's efficiency without any link measured by the predicted link's source (leave one source out).
+**Independent inputs.** No prediction uses a figure from the source of its own measurement. The DeepEP
+rows no longer take B_NVLink = 160 and B_net = 50 GB/s from the DeepEP table's caption:
+B_net = {fmt(values["b_net"] / 1e9)} GB/s ({how["b_net"]}, NVIDIA/nccl#2409),
+B_NVLink(H800) = {fmt(values["b_nvlink"] / 1e9)} GB/s ({how["b_nvlink"]}, NVIDIA/nccl#1264 and the
+H800/H100 NVLink figures). Fitted parameters never see the point they predict: alpha_net is refitted
+for each DeepEP low-latency point without it (leave-one-out; the table is one source), each link
+class's efficiency without any link measured by the predicted link's source (leave one source out).
 No row is fitted in-sample, so every row with a prediction counts in the statistics.
 
 | kind | what | rows | tested | pending | median abs. error | max abs. error |
@@ -552,41 +716,42 @@ No row is fitted in-sample, so every row with a prediction counts in the statist
 {stat_lines}
 
 **Misses, explained (not tuned away).**
-- *DeepEP low latency, pure RDMA as captioned* (median {_pct(stats['deepep-ll']['median_abs_error']).lstrip('+')}):
-  at EP8 the bytes that must cross the NIC under pure RDMA take {fmt(ll8_floor)} µs at B_net with no latency at all,
-  but DeepEP measured {fmt(ll8['measured'])} µs: the EP8 and EP16 points are faster than the caption's structure allows.
-  The line under the table (news 2025-06-05, PR #173) says the low-latency kernels now use NVLink where possible;
-  the numbers are from that version, the caption is not. The same misfit drags the leave-one-out alpha to 0
-  (a latency cannot be negative), and at large EP the model is then too fast
-  (EP256 dispatch {_pct(ll256['error'])}): what is missing there is a per-message cost (DeepEP sends one 7 KB message
-  per token and expert; the NIC reaches about 39 GB/s of logical bandwidth), which alpha + bytes / B does not have.
-  With the NVLink leg (kind deepep-ll-nvlink) the median is
-  {_pct(stats['deepep-ll-nvlink']['median_abs_error']).lstrip('+')}.
-- *DeepEP normal kernels*: internode "bottleneck bandwidths" of up to 58 GB/s exceed any 400 Gb/s NIC; DeepEP counts
-  logical bytes (the forwarded copies inside the node included), which a line-rate model cannot reach.
-- *PCIe Gen5 host to device* ({_pct(gen5['error'])}): the published {fmt(hd['host_to_device_sm_GBps'])} GB/s is an
-  SM-driven copy that reads host memory (GPU-issued PCIe reads, bounded by outstanding requests times round-trip
-  latency); on the same H100 machine the SM copy the other way (GPU writes to the host) reaches
-  {fmt(hd['device_to_host_sm_GBps'])} GB/s, {100 * hd['device_to_host_sm_GBps'] / 64:.0f}% of line rate, like the other
-  links (NVIDIA/nvbandwidth#24; a comment there reports the same on H20 and H800). The model's host link is a DMA
-  copy (copy engine), which this source does not measure: the miss is the method, not PCIe Gen5. It matters for
-  moelab's Triton gather lane (SM reads from pinned memory), less for the copy-engine lane; a copy-engine H2D
-  figure for Gen5 from an independent source is what would settle B_pcie.
-- The byte counts agree with DeepEP's own (its GB/s times its µs) to {100 * byte_err:.1f}% at worst: DeepEP's GB/s
-  column counts every copy, including those that never leave the GPU.
+- *DeepEP low latency, pure RDMA as captioned* (median {ll_median}): at EP8 the bytes that must cross
+  the NIC under pure RDMA take {fmt(ll8_floor)} µs at B_net with no latency at all, but DeepEP
+  measured {fmt(ll8["measured"])} µs: the EP8 and EP16 points are faster than the caption's structure
+  allows. The line under the table (news 2025-06-05, DeepEP PR #173) says the low-latency kernels now
+  use NVLink where possible; the numbers are from that version, the caption is not. The same misfit
+  drags the leave-one-out alpha to 0 (a latency cannot be negative), and at large EP the model is then
+  too fast (EP256 dispatch {_pct(ll256["error"])}). With the NVLink leg (kind deepep-ll-nvlink) alpha
+  comes out near 49 µs from every leave-one-out fit and the median is {nvl_median}.
+- *DeepEP normal kernels*: internode "bottleneck bandwidths" of up to 58 GB/s exceed a 400 Gb/s NIC;
+  DeepEP counts logical bytes (copies forwarded inside the node included), which a line-rate model
+  cannot reach; 43 GB/s at EP16 is below it. Neither is a term the model can fit without tuning.
+- *PCIe Gen5 host to device* ({_pct(gen5["error"])}): the published {fmt(hd["host_to_device_sm_GBps"])}
+  GB/s is an SM-driven copy that reads host memory (GPU-issued PCIe reads, bounded by outstanding
+  requests times round-trip latency); on the same H100 machine the SM copy the other way (GPU writes
+  to the host) reaches {fmt(hd["device_to_host_sm_GBps"])} GB/s, {d2h_share:.0f}% of line rate, like the
+  other links (NVIDIA/nvbandwidth#24, where a comment reports the same on H20 and H800). So the miss
+  comes from the copy method, not from PCIe Gen5: offload by copy engine (DMA) is what B_pcie models,
+  and no copy-engine host-to-device figure for Gen5 from an independent source is in the facts yet. It
+  does bear on moelab's Triton gather lane, which reads pinned host memory from SMs.
+- The byte counts agree with DeepEP's own (its GB/s times its µs) to {100 * byte_err:.1f}% at worst:
+  DeepEP's GB/s column counts every copy, including those that never leave the GPU.
 
-**End to end** ({len(e2e)} published measurements from {len(e2e_sources)} sources: {', '.join(e2e_sources)}).
-{'Predicted by moelab.api.plan.' if plan_available else 'moelab plan is not in this build: every end-to-end row is a `plan` row and its prediction is pending. The rows, their settings and the plan arguments are in result.json; once moelab.api.plan exists, the same run predicts them (nothing else to change).'}
-Settings a source does not state are marked in the row with where they come from (e.g. DeepSeek's production
-batch per GPU from its profile README), or as not stated (RTP-LLM's RoCE speed).
+**End to end** ({len(e2e)} published measurements from {len(e2e_sources)} sources:
+{", ".join(e2e_sources)}). {pending_text} Settings a source does not state are marked in the row with
+where they come from (e.g. DeepSeek's production batch per GPU from its profile README), or as not
+stated (RTP-LLM's RoCE speed).
 
-{table([k for k in KINDS if k.startswith('e2e-')])}
+{table([k for k in KINDS if k.startswith("e2e-")])}
 
 {e2e_detail}
 
-**The network alone** (not a prediction; a bound the published figures must lie below): tokens/s per GPU that
-B_net = {fmt(values['b_net'] / 1e9)} GB/s allows when each token's dispatch (fp8) and combine (bf16) copies to other
-nodes cross the NIC in every MoE layer, against the published figure per GPU (computed tokens: cache hits removed).
+**The network alone** (not a prediction; a bound the published figures must lie below): tokens/s per
+GPU that B_net = {fmt(values["b_net"] / 1e9)} GB/s allows when each token's dispatch (fp8) and combine
+(bf16) copies to other nodes cross the NIC in every MoE layer (prefill: one copy per remote node,
+forwarded inside the node; decode: one per expert on another node), against the published figure per
+GPU (computed tokens: cache hits removed).
 
 | deployment | bytes per token over the NIC | bound [tokens/s/GPU] | published [tokens/s/GPU] | NIC busy |
 |---|---|---|---|---|
@@ -594,8 +759,8 @@ nodes cross the NIC in every MoE layer, against the published figure per GPU (co
 
 **Components** (all rows):
 
-{table([k for k in KINDS if not k.startswith('e2e-')])}
+{table([k for k in KINDS if not k.startswith("e2e-")])}
 
 Sources:
-{chr(10).join(f"- {k}: {v['cite']} ({v['place']})" for k, v in srcs.items())}
+{source_lines}
 """
