@@ -384,23 +384,28 @@ def plan_function():
     return getattr(api, "plan", None)
 
 
-def plan_prediction(plan, predictor: dict, settings: dict) -> float:
-    """The published deployment's throughput as plan predicts it, in the row's unit.
+def plan_prediction(plan, predictor: dict, settings: dict) -> tuple[float, dict]:
+    """The published deployment's throughput as plan predicts it, in the row's unit, and what else
+    plan says about it.
 
-    The strategy the deployment used, its tokens/s per GPU times GPUs per node (per-node
+    The strategy the deployment used; its tokens/s per GPU times GPUs per node (per-node
     figures) or its tokens/s (one machine), divided by the share of tokens actually computed
-    when the source counts tokens served from a cache.
+    when the source counts tokens served from a cache. The prediction is plan's headline
+    figure (its serial step: compute, then communication); the same figure at plan's perfectly
+    overlapped step (step_overlap_s) is kept beside it, since the EP sources run two
+    micro-batches: a deployment that overlaps lies between the two when the model is right.
     """
     result = plan(**predictor["plan"])
     strategy = next(s for s in result["strategies"] if s["name"] == predictor["strategy"])
     if not strategy.get("feasible", True):
-        raise ValueError(f"plan says strategy {predictor['strategy']} is not feasible here")
-    value = (
-        strategy["tokens_per_s_per_gpu"] * predictor["per_node"]
-        if predictor.get("per_node")
-        else strategy["tokens_per_s"]
-    )
-    return value / (1 - settings.get("served_from_cache_share", 0.0))
+        raise ValueError(f"plan: strategy {predictor['strategy']} not feasible: {strategy.get('reason')}")
+    per_node = predictor.get("per_node")
+    value = strategy["tokens_per_s_per_gpu"] * per_node if per_node else strategy["tokens_per_s"]
+    value = float(value / (1 - settings.get("served_from_cache_share", 0.0)))
+    extra = {"plan_bound": strategy.get("bound"), "plan_reason": strategy.get("reason")}
+    if strategy.get("step_s") and strategy.get("step_overlap_s"):
+        extra["predicted_overlap"] = value * strategy["step_s"] / strategy["step_overlap_s"]
+    return value, extra
 
 
 def gamma_prediction(predictor: dict) -> float:
@@ -417,7 +422,13 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
         pred = r["predictor"]
         model = (pred.get("plan") or pred.get("gamma"))["model"]
         inputs = r.get("inputs") or {"model": f"preset:{model}", "system": "preset:systems"}
-        extra = {"published": r["published"], "hardware": r["hardware"], "predictor": pred}
+        extra = {
+            "published": r["published"],
+            "hardware": r["hardware"],
+            "predictor": pred,
+            "not_modelled": r.get("not_modelled", []),
+            "substitutes": r.get("substitutes", {}),
+        }
         if pred["tool"] == "plan" and plan is None:
             rows.append(
                 make_row(
@@ -437,7 +448,8 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
             if pred["tool"] == "gamma":
                 value = gamma_prediction(pred)
             else:
-                value = plan_prediction(plan, pred, r["settings"])
+                value, more = plan_prediction(plan, pred, r["settings"])
+                extra.update(more)
             status = "predicted"
         except (ValueError, KeyError, StopIteration, TypeError) as e:  # SpecError is a ValueError
             value, status = None, f"prediction failed: {type(e).__name__}: {e}"
@@ -577,8 +589,8 @@ def run(cfg: dict, ctx) -> None:
     rows += end_to_end_rows(pub, plan)
     if plan is None:
         ctx.note(
-            "moelab plan (moelab.api.plan) is not available in this build: the end-to-end rows are "
-            "listed with their published figures and settings, their predictions pending."
+            "moelab plan (moelab.api.plan) is not available in this build: the end-to-end rows it "
+            "predicts are listed with their published figures and settings, their predictions pending."
         )
     stats = stats_by_kind(rows)
     e2e = end_to_end_summary(rows)
@@ -670,6 +682,59 @@ def _plots(ctx, rows) -> None:
     )
 
 
+def e2e_notes(r: dict) -> str:
+    """One end-to-end row in words: the figure as published, what the model leaves out, and for
+    a miss the figures that say why (computed from the published settings)."""
+    from moelab.show import fmt
+
+    parts = [f'**{r["name"]}** ({r["source"]}): "{r["published"]}"; hardware: {r["hardware"]}.']
+    pred = r["predictor"]
+    args = pred.get("plan") or pred.get("gamma")
+    parts.append(
+        f"Predictor: {pred['tool']}({', '.join(f'{k}={v}' for k, v in args.items())})"
+        + (f", strategy {pred['strategy']}" if pred.get("strategy") else "")
+        + f": {r['status']}"
+        + (f", {_pct(r['error'])}" if r["error"] is not None else "")
+        + "."
+    )
+    if r.get("predicted_overlap") is not None:
+        lo, hi = r["predicted"], r["predicted_overlap"]
+        where = "between" if lo <= r["measured"] <= hi else ("below" if r["measured"] < lo else "above")
+        parts.append(
+            f"At plan's overlapped step: {fmt(hi)}; the published figure lies {where} the two"
+            + (f" (plan: bound by {r['plan_bound']})" if r.get("plan_bound") else "")
+            + "."
+        )
+    if r["kind"] == "e2e-cpu-experts":
+        parts.append(_cpu_implied(r))
+    if r["not_modelled"]:
+        parts.append("Not modelled: " + "; ".join(r["not_modelled"]) + ".")
+    if r["substitutes"]:
+        parts.append("Stand-ins: " + "; ".join(f"{k}: {v}" for k, v in r["substitutes"].items()) + ".")
+    return " ".join(parts)
+
+
+def _cpu_implied(r: dict) -> str:
+    """What a CPU-experts figure implies: DRAM bandwidth in decode, integer ops/s in prefill."""
+    from moelab.costmodel.presets import load_model
+    from moelab.show import fmt
+
+    m = load_model(r["predictor"]["plan"]["model"])
+    per_token = m.n_moe_layers * m.top_k * m.expert_params  # routed-expert weights one token uses
+    if "decode_batch" in r["predictor"]["plan"]:
+        gbps = r["measured"] * per_token * 4.5 / 8 / 1e9
+        return (
+            f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token * 4.5 / 8 / 1e9)} GB of routed "
+            f"experts per token (4.5 bits per weight) = {fmt(gbps)} GB/s of the "
+            f"{fmt(r['predictor']['plan']['host_dram_bw'] / 1e9)} GB/s the DRAM channels give."
+        )
+    tops = r["measured"] * 2 * per_token / 1e12
+    return (
+        f"Implied: {fmt(r['measured'])} tokens/s x {fmt(2 * per_token / 1e9)} G multiply-adds x 2 per "
+        f"token = {fmt(tops)} T ops/s on the CPU."
+    )
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:+.1f}%"
 
@@ -713,18 +778,14 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
         f"{fmt(b['measured_computed_tokens_per_s_per_gpu'])} | {100 * b['network_busy_share']:.0f}% |"
         for b in bounds
     )
-    e2e_detail = "\n".join(
-        f'- **{r["name"]}** ({r["source"]}): published "{r["published"]}"; hardware: {r["hardware"]}; '
-        f"predictor: {r['predictor']['tool']} {r['predictor'].get('plan', {})} strategy "
-        f"{r['predictor'].get('strategy')}; {r['status']}."
-        for r in e2e
-    )
+    e2e_detail = "\n".join(f"- {line}" for line in (e2e_notes(r) for r in e2e))
     pending_text = (
-        "Predicted by moelab.api.plan."
+        "The plan rows are predicted by moelab.api.plan (its headline figure: the serial step; the "
+        "figure at its overlapped step is in result.json as predicted_overlap)."
         if plan_available
-        else "moelab plan is not in this build: every end-to-end row is a `plan` row and its prediction "
-        "is pending. The rows, their settings and the plan arguments are in result.json; once "
-        "moelab.api.plan exists, the same run predicts them (nothing else to change)."
+        else "moelab plan is not in this build: the `plan` rows are pending (their settings and plan "
+        "arguments are in result.json; once moelab.api.plan exists, the same run predicts them); the "
+        "`gamma` rows are predicted now."
     )
     ll_median = _pct(stats["deepep-ll"]["median_abs_error"]).lstrip("+")
     nvl_median = _pct(stats["deepep-ll-nvlink"]["median_abs_error"]).lstrip("+")

@@ -299,12 +299,11 @@ def fake_plan(calls):
         gpus_per_node,
         tokens=None,
         decode_batch=None,
-        context=None,
-        cpu=None,
-        expert_dtype=None,
+        **kw,
     ):
+        assert (tokens is None) != (decode_batch is None)
         calls.append(dict(model=model, system=system, gpus=gpus))
-        if system == "rtx-4090d":
+        if "cpu" in kw:
             return {
                 "strategies": [
                     {
