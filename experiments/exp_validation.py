@@ -36,6 +36,7 @@ DEPENDS = (
     "moelab.costmodel.presets",
     "moelab.costmodel.specs",
     "moelab.api",
+    "moelab.costmodel.plan",  # moelab plan's model, once it lands ("missing" until then)
 )
 
 # kind -> what its rows are (report order)
@@ -67,9 +68,17 @@ def published() -> dict:
 
 
 def INPUTS(cfg):
+    """The facts, the presets the predictions read (models named by the rows, systems, CPUs)."""
     from moelab.costmodel.presets import PRESETS
 
-    return [published_path(), PRESETS / "systems.json", *PRESETS.glob("models/deepseek-v3.json")]
+    rows = published()["end_to_end"]["rows"]
+    models = sorted({(r["predictor"].get("plan") or r["predictor"].get("gamma"))["model"] for r in rows})
+    return [
+        published_path(),
+        PRESETS / "systems.json",
+        PRESETS / "cpus.json",
+        *(PRESETS / "models" / f"{m}.json" for m in models),
+    ]
 
 
 def config(quick: bool) -> dict:
@@ -408,11 +417,15 @@ def plan_prediction(plan, predictor: dict, settings: dict) -> tuple[float, dict]
     return value, extra
 
 
-def gamma_prediction(predictor: dict) -> float:
-    """A quantity `moelab gamma` answers today (e.g. the offload time of a decode step), in SI units."""
+def gamma_prediction(predictor: dict) -> tuple[float, dict]:
+    """A quantity `moelab gamma` answers today (e.g. the offload time of a decode step), in SI
+    units, and the terms behind it (host link, experts moved, their size)."""
     from moelab import api
 
-    return float(api.gamma(**predictor["gamma"])[predictor["quantity"]])
+    r = api.gamma(**predictor["gamma"])
+    m = r["model"]
+    terms = {"b_pcie": r["b_pcie"], "n_ue": r["n_ue"], "layers": m["L"], "expert_bytes": m["S_E"] * r["f_e"]}
+    return float(r[predictor["quantity"]]), {"gamma_terms": terms}
 
 
 def end_to_end_rows(pub, plan=None) -> list[dict]:
@@ -446,10 +459,10 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
             continue
         try:
             if pred["tool"] == "gamma":
-                value = gamma_prediction(pred)
+                value, more = gamma_prediction(pred)
             else:
                 value, more = plan_prediction(plan, pred, r["settings"])
-                extra.update(more)
+            extra.update(more)
             status = "predicted"
         except (ValueError, KeyError, StopIteration, TypeError) as e:  # SpecError is a ValueError
             value, status = None, f"prediction failed: {type(e).__name__}: {e}"
@@ -788,6 +801,8 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
         "`gamma` rows are predicted now."
     )
     ll_median = _pct(stats["deepep-ll"]["median_abs_error"]).lstrip("+")
+    nvl_alphas = [1e6 * r["fits"]["alpha_net_s"]["value"] for r in rows if r["kind"] == "deepep-ll-nvlink"]
+    rdma = [r["measured"] for r in rows if r["kind"] == "deepep-normal" and r["settings"]["domain"] == "rdma"]
     nvl_median = _pct(stats["deepep-ll-nvlink"]["median_abs_error"]).lstrip("+")
     d2h_share = 100 * hd["device_to_host_sm_GBps"] / gen5["settings"]["nominal_GBps"]
     e2e_line = (
@@ -796,10 +811,15 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
         f"{_pct(e2e_stats['max_abs_error']).lstrip('+')} (goal: median <= "
         f"{100 * e2e_stats['goal_median_abs_error']:.0f}%); {e2e_stats['pending']} rows pending."
     )
-    off = {r["predictor"]["gamma"]["model"]: r for r in rows if r["kind"] == "e2e-offload"}
+    off = {r["predictor"]["gamma"]["model"]: r for r in rows if r["kind"] == "e2e-offload" and r["predicted"]}
     offload_misses = ""
     if {"mixtral-8x7b", "qwen3-30b-a3b"} <= set(off):
         mx, qw = off["mixtral-8x7b"], off["qwen3-30b-a3b"]
+
+        def moved(r):
+            t = r["gamma_terms"]
+            return f"{fmt(t['layers'] * t['n_ue'])} experts of {fmt(t['expert_bytes'] / 1e6)} MB"
+
         offload_misses = (
             "*Offload rows (MoE-Infinity on one A5000)*: the closed form streams every routed expert of "
             f"every layer over the host link: Mixtral-8x7B {fmt(mx['predicted'])} s against "
@@ -807,10 +827,10 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
             f"{fmt(qw['measured'])} s ({_pct(qw['error'])}). Two terms are missing and pull opposite ways: "
             "MoE-Infinity keeps an activation-aware expert cache on the GPU (its size for this table is not "
             "published), which removes transfers; and each step also pays per-copy and per-layer software "
-            "costs the closed form does not count (Qwen3 moves 384 experts of 9.4 MB per token, Mixtral 64 "
-            "of 352 MB). Mixtral's few large experts make the cache the larger term; for Qwen3 the two "
-            "roughly cancel, so its small error is partly luck. The host link (PCIe Gen4, 25.13 GB/s "
-            "measured) is assumed: the source does not state it."
+            f"costs the closed form does not count (per token Qwen3 moves {moved(qw)}, Mixtral "
+            f"{moved(mx)}). Mixtral's error has the sign of the missing cache; Qwen3's small error may be"
+            " the two cancelling, not the model being right. The host link (PCIe Gen4 at the measured "
+            f"{fmt(mx['gamma_terms']['b_pcie'] / 1e9)} GB/s) is assumed: the source does not state it."
         )
     source_lines = "\n".join(f"- {k}: {v['cite']} ({v['place']})" for k, v in srcs.items())
     return f"""
@@ -840,11 +860,13 @@ No row is fitted in-sample, so every row with a prediction counts in the statist
   allows. The line under the table (news 2025-06-05, DeepEP PR #173) says the low-latency kernels now
   use NVLink where possible; the numbers are from that version, the caption is not. The same misfit
   drags the leave-one-out alpha to 0 (a latency cannot be negative), and at large EP the model is then
-  too fast (EP256 dispatch {_pct(ll256["error"])}). With the NVLink leg (kind deepep-ll-nvlink) alpha
-  comes out near 49 µs from every leave-one-out fit and the median is {nvl_median}.
-- *DeepEP normal kernels*: internode "bottleneck bandwidths" of up to 58 GB/s exceed a 400 Gb/s NIC;
-  DeepEP counts logical bytes (copies forwarded inside the node included), which a line-rate model
-  cannot reach; 43 GB/s at EP16 is below it. Neither is a term the model can fit without tuning.
+  too fast (EP256 dispatch {_pct(ll256["error"])}). With the NVLink leg (kind deepep-ll-nvlink) the
+  leave-one-out fits give alpha between {fmt(min(nvl_alphas))} and {fmt(max(nvl_alphas))} µs and the
+  median is {nvl_median}.
+- *DeepEP normal kernels*: internode "bottleneck bandwidths" of up to {fmt(max(rdma))} GB/s exceed the
+  NIC's B_net = {fmt(values["b_net"] / 1e9)} GB/s: DeepEP counts logical bytes (copies forwarded inside
+  the node included), which a line-rate model cannot reach; the lowest, {fmt(min(rdma))} GB/s, is below
+  it. Neither is a term the model can fit without tuning.
 - *PCIe Gen5 host to device* ({_pct(gen5["error"])}): the published {fmt(hd["host_to_device_sm_GBps"])}
   GB/s is an SM-driven copy that reads host memory (GPU-issued PCIe reads, bounded by outstanding
   requests times round-trip latency); on the same H100 machine the SM copy the other way (GPU writes
