@@ -215,7 +215,7 @@ class Plan:
     gpus: int
     gpus_per_node: int
     tokens: int  # tokens per forward pass of the deployment (decode: the batch)
-    sequences: int  # sequences whose KV the deployment holds
+    sequences: int  # sequences whose KV the deployment holds (prefill: ceil(tokens / context))
     context: int  # tokens of context per sequence
     decode: bool
     routing: Routing
@@ -301,8 +301,8 @@ def _linear_params_active(p: Plan) -> tuple[float, str]:
 def attention_core_flops(p: Plan, tokens: float) -> float:
     """Scores and weighted sums: 4 x heads x (qk head dim) x tokens attended, per token and layer.
 
-    Decode: each token attends to its whole context. Prefill of a chunk of T tokens ending
-    at context C (causal): on average C - T/2 tokens. Windowed layers attend to at most
+    Decode: each token attends to its whole context. Prefill of chunks of min(T, C) tokens
+    ending at context C (causal): on average C - min(T, C)/2 tokens. Windowed layers attend to at most
     their window. MLA attends in its latent (kv_lora_rank + rope) width, as absorbed
     kernels do (an approximation for prefill, which may run unabsorbed).
     """
@@ -310,7 +310,7 @@ def attention_core_flops(p: Plan, tokens: float) -> float:
     h, _, hd = memory._heads(cfg)
     if memory.is_mla(cfg):
         hd = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
-    seen = p.context if p.decode else max(1.0, p.context - p.tokens / 2)
+    seen = p.context if p.decode else max(1.0, p.context - min(p.tokens, p.context) / 2)
     held = sum(g.layers * (seen if g.window is None else min(seen, g.window))
                for g in memory.kv_layout(p.cfg))
     return 4 * h * hd * held * tokens
@@ -481,7 +481,7 @@ def _replicas(p: Plan) -> tuple[int, int, int, float]:
     """Single-GPU strategies: (replicas, tokens per replica, sequences per replica, GPUs per node)."""
     g = min(p.replicas or p.gpus, p.gpus, p.tokens)
     per_node = min(g, p.gpus_per_node)
-    return g, _share(p.tokens, g), _share(p.sequences, g) if p.decode else p.sequences, per_node
+    return g, _share(p.tokens, g), _share(p.sequences, g), per_node
 
 
 def _host_stream_bw(p: Plan, per_node: int) -> tuple[float, str]:

@@ -250,10 +250,14 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                     latencies=True)
     decode = decode_batch is not None
     n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SpecError(f"{'decode_batch' if decode else 'tokens'}: must be an integer >= 1, got {n!r}")
     ctx = context if context is not None else (DEFAULT_CONTEXT if decode else n)
-    if not decode and isinstance(ctx, int) and isinstance(n, int) and ctx < n:
-        raise SpecError(f"context: a prefill pass of {n} tokens ends at a context of at least "
-                        f"{n} tokens, got {ctx}")
+    if not decode and isinstance(ctx, int) and not isinstance(ctx, bool) and ctx < 1:
+        raise SpecError(f"context: a prefill pass needs a context of at least 1 token, got {ctx}")
+    # A prefill pass of n tokens holds one chunk of a longer prompt (context >= n) or whole
+    # prompts of `context` tokens, ceil(n / context) of them.
+    sequences = n if decode else (-(-n // ctx) if isinstance(ctx, int) else 1)
     b_up, up_name = 0.0, planner.SCALE_UP.get(s.name)
     if up_name and up_name in system_table()["networks"]:
         link = system_table()["networks"][up_name]
@@ -261,7 +265,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     p = planner.Plan(
         model=m, cfg=cfg, system=s, cpu=host_cpu, gpus=gpus,
         gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
-        tokens=n, sequences=n if decode else 1, context=ctx, decode=decode,
+        tokens=n, sequences=sequences, context=ctx, decode=decode,
         routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
         host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
         cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal, b_scale_up=b_up,

@@ -357,7 +357,11 @@ def test_api_takes_a_cpu_spec_and_checks_it():
     with pytest.raises(SpecError, match="int8"):
         planner.CpuSpec("bad", 2, 1e9, 0.0, {"bf16": 1.0})
     with pytest.raises(SpecError, match="context"):
-        moelab.plan("mixtral-8x7b", tokens=4096, context=100)
+        moelab.plan("mixtral-8x7b", tokens=4096, context=0)
+    # a prefill pass of 4096 tokens of 1024-token prompts holds 4 prompts' KV cache
+    r = moelab.plan("mixtral-8x7b", gpus=1, tokens=4096, context=1024)
+    assert r.workload["sequences"] == 4
+    assert r.kv_bytes_total == 4 * 1024 * 131_072
 
 
 def test_every_transfer_pays_its_latency():
