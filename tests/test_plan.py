@@ -401,3 +401,17 @@ def test_trace_routing_gives_marginals_and_the_recorded_order(tmp_path):
     # its histogram also reads as hist: (counts under the key "histogram")
     path.write_text(json.dumps({"histogram": [[4, 4, 0, 0], [2, 0, 2, 4]]}))
     assert planner.make_routing(f"hist:{path}", 2, 4, 2).q.tolist() == route.q.tolist()
+
+
+@pytest.mark.parametrize("model", moelab.model_names())
+def test_every_preset_plans(model):
+    r = moelab.plan(model, "h200-sxm", gpus=8, decode_batch=32, context=2048)
+    assert r.weights_bytes > 0 and r.kv_bytes_per_token > 0
+    for s in r.strategies:
+        assert set(s) >= STRATEGY_KEYS
+        if s["feasible"]:
+            assert s["step_s"] > 0 and s["tokens_per_s_per_gpu"] > 0
+            assert s["memory"]["gpu_each"]["needed"] <= s["memory"]["gpu_each"]["available"]
+        else:
+            assert s["step_s"] is None and s["reason"]
+    json.loads(r.to_json())
