@@ -1,7 +1,7 @@
 """The report as a reader sees it: index.html rendered by headless Chromium.
 
 Needs Debian's `chromium` package (`apt-get install -y chromium`); where no Chromium is on
-PATH every test here skips, saying so (CI does not install it). The page gets a script that
+PATH the rendering tests skip, saying so (CI does not install it). The page gets a script that
 waits for the load event (every image decoded or failed) and writes what the browser shows:
 each image's natural size, the visible text, and each table body cell's computed alignment.
 """
@@ -19,7 +19,7 @@ import pytest
 from moelab.experiments import report
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="headless Chromium not installed (Debian: apt-get install -y chromium): report not rendered",
 )
@@ -129,10 +129,12 @@ def check_rendered(tmp_path, names) -> None:
     assert "Worked example: deepseek-r1 prefill." in shown["text"]
 
 
+@needs_chromium
 def test_report_renders_in_chromium(tmp_path):
     check_rendered(tmp_path, FAST)
 
 
+@needs_chromium
 @pytest.mark.slow
 def test_whole_report_renders_in_chromium(tmp_path):
     from moelab.experiments.runner import EXPERIMENTS
