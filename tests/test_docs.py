@@ -125,6 +125,7 @@ def test_contracts_list_every_json_key():
         ["tipping", "--json"],
         ["presets", "--json"],
         ["sweep", "--json", "--tokens", "1,10"],
+        ["experiment", "list", "--json"],
     ]
     missing = {}
     for argv in runs:
