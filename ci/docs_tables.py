@@ -72,21 +72,39 @@ def systems_table() -> str:
 
 
 def published_list() -> str:
+    """The sources registry of published.json, then each measurement set with its source id."""
     data = json.loads((PRESETS / "published.json").read_text())
-    out = []
+    sources = data.get("sources", {})
+    out = ["| source id | citation | place in it |", "|:---|:---|:---|"]
+    out += [f"| {sid} | {s.get('cite', '')} | {s.get('place', '')} |" for sid, s in sources.items()]
+    out += ["", "| measurement | what | source id |", "|:---|:---|:---|"]
     for key, entry in data.items():
-        if key.startswith("_"):
+        if key.startswith("_") or key in ("sources", "link_sources") or not isinstance(entry, dict):
             continue
-        what = ", ".join(
+        for row in entry.get("rows", []):  # end-to-end rows: one figure each
+            out.append(f"| {key}: {row['name']} | {_g(row['measured'])} {row['unit']} | {row['source']} |")
+        if "rows" in entry:
+            continue
+        points = entry.get("points", [])
+        what = entry.get("caption") or ", ".join(
             f"{k} {_g(v)}" for k, v in entry.items() if isinstance(v, int | float) and not isinstance(v, bool)
         )
-        points = entry.get("points")
         if points:
             what += f"; {len(points)} points: " + "; ".join(
                 ", ".join(f"{k} {v if isinstance(v, str) else _g(v)}" for k, v in p.items())
                 for p in points
             )
-        out.append(f"- **{key}** ({entry['source']}): {what}.")
+        out.append(f"| {key} | {what} | {entry.get('source', '')} |")
+    links = data.get("link_sources", {})
+    out += ["", "| link | class | measured figure from | how | nominal figure from |",
+            "|:---|:---|:---|:---|:---|"]  # fmt: skip
+    for name, link in links.items():
+        if name.startswith("_") or name == "excluded":
+            continue
+        cells = (name, link["class"], link["measured"], link["method"], link["nominal"])
+        out.append("| " + " | ".join(cells) + " |")
+    for name, why in links.get("excluded", {}).items():
+        out.append(f"\nNot validated: {name}: {why}.")
     return "\n".join(out)
 
 

@@ -19,12 +19,24 @@ TOP = sorted(p.name for p in ROOT.iterdir() if not p.name.startswith("."))
 
 # A Markdown link or image target: [text](target) / ![alt](target)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-# A path into the repository written in prose or code: it starts with a top-level folder
-# (costmodel/closed_form.py, ci/setup.sh) or climbs out of it (../shared/seed/).
+# A path into the repository written as code (in backticks or a code block): it starts with
+# a top-level folder (costmodel/closed_form.py, ci/setup.sh) or climbs out of it
+# (../shared/seed/). Prose may name files of other repositories (DeepEP's docs/legacy.md).
 _FOLDERS = "|".join(re.escape(t) for t in TOP if (ROOT / t).is_dir())
 REPO_PATH = re.compile(rf"(?<![\w./<-])((?:\.\./)+[\w./-]*|(?:{_FOLDERS})/[\w./<>-]*)")
 # A notes file named in capitals (DESIGN.md, FACTS.md): must be a file of the repo.
 NOTES_FILE = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")
+
+
+def _code(text: str) -> str:
+    """The parts of a Markdown page written as code: backtick spans, indented and fenced blocks."""
+    parts, fenced = re.findall(r"`([^`\n]+)`", text), False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced or line.startswith("    "):
+            parts.append(line)
+    return "\n".join(parts)
 
 
 def _targets(page: Path) -> list[tuple[str, Path]]:
@@ -35,7 +47,7 @@ def _targets(page: Path) -> list[tuple[str, Path]]:
         if re.match(r"^(https?:|mailto:|#)", target):
             continue
         found.append((target, (page.parent / target.split("#")[0]).resolve()))
-    for path in REPO_PATH.findall(text):
+    for path in REPO_PATH.findall(_code(text)):
         if "<" in path:  # a placeholder (experiments/results/<device>/): not a fixed path
             continue
         path = path.rstrip(".,:;)")
@@ -61,13 +73,15 @@ def test_the_link_checker_catches_what_a_clone_lacks():
     page = ROOT / "docs" / "_probe_written_by_test.md"
     page.write_text(
         "the seed (`../shared/seed/`), DESIGN.md §2, [gone](nothing.md), `costmodel/nope.py`,\n"
-        "`experiments/results/<device>/`, [web](https://example.org), [ok](model.md#the-seed)\n"
+        "`experiments/results/<device>/`, [web](https://example.org), [ok](model.md#the-seed),\n"
+        "DeepEP's docs/legacy.md (another repository, in prose)\n\n    bash ci/nope.sh\n"
     )
     try:
         missing = [w for w, where in _targets(page) if not where.exists()]
     finally:
         page.unlink()
-    assert sorted(missing) == sorted(["../shared/seed/", "DESIGN.md", "nothing.md", "costmodel/nope.py"])
+    expected = ["../shared/seed/", "DESIGN.md", "nothing.md", "costmodel/nope.py", "ci/nope.sh"]
+    assert sorted(missing) == sorted(expected)
 
 
 def _tracked_text_files() -> list[Path]:
