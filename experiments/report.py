@@ -112,11 +112,13 @@ def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> 
     return blocks
 
 
-# --- a small Markdown to HTML converter: headings, paragraphs, lists, pipe tables, quotes -------
+# --- a small Markdown to HTML converter: headings, paragraphs, lists, pipe tables, quotes, emphasis
 
 _INLINE = [
     (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
     (re.compile(r"\*\*([^*]+)\*\*"), r"<strong>\1</strong>"),
+    # *emphasis*: the opening star follows no word character, so "N_t* = C E" stays text
+    (re.compile(r"(?<![\w*])\*([^\s*][^*]*?)\*(?![\w*])"), r"<em>\1</em>"),
     (re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)"), r'<a href="\2">\1</a>'),
 ]
 

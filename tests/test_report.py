@@ -157,3 +157,8 @@ def test_beyond_seed_says_each_note_once(tmp_path):
     assert notes, "no note to check (a GPU calibration exists?)"
     for note in notes:  # the report prints notes as callouts; the section must not repeat them
         assert note not in section
+
+
+def test_emphasis_is_rendered_and_formula_stars_are_not():
+    page = markdown_to_html("*Misses, explained*: gamma = 1 at N_t* = C E; past N_t* offload wins")
+    assert page == "<p><em>Misses, explained</em>: gamma = 1 at N_t* = C E; past N_t* offload wins</p>"
