@@ -287,8 +287,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         kv_bytes_per_token=memory.kv_bytes_per_token(cfg, kv_dtype, ctx),
         kv_bytes_per_token_full_attention=memory.kv_bytes_per_token(cfg, kv_dtype),
         kv_bytes_total=p.kv_total(),
-        memory_groups={grp.name: {"params": grp.params, "dtype": grp.dtype, "bytes": grp.bytes}
-                       for grp in memory.param_groups(cfg, m)},
+        memory_groups=[{"name": grp.name, "params": grp.params, "dtype": grp.dtype, "bytes": grp.bytes}
+                       for grp in memory.param_groups(cfg, m)],
         assumptions=memory.assumptions(cfg, m) + [
             f"usable HBM = {hbm_utilization:g} x capacity", f"routing {routing}"
             + (f" = {planner.SKEWED}" if routing == "skewed" else ""),
