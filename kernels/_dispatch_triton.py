@@ -218,6 +218,10 @@ def _scatter_kernel(
         b_scale = tl.math.div_rn(b_amax, tl.full([BLOCK_T], FP8_MAX, tl.float32))
         b_q = tl.math.div_rn(b_xf, tl.broadcast_to(b_scale[:, None], [BLOCK_T, BLOCK_D]))
         b_out = _round_to_e4m3(b_q, FP8_MAX).to(tl.float8e4nv)
+        # NaN written as e4m3's NaN bits (0x7F), as torch: the interpreter's cast of a NaN
+        # gives 384, the GPU's saturating cast is not documented to keep it
+        b_nan8 = tl.full([BLOCK_T, BLOCK_D], 0x7F, tl.int8).to(tl.float8e4nv, bitcast=True)
+        b_out = tl.where(b_q != b_q, b_nan8, b_out)
     else:
         b_out = b_x
     for j in tl.static_range(K):
