@@ -166,8 +166,6 @@ def validate(layout: DispatchLayout) -> DispatchLayout:
 # launchers
 # ------------------------------------------------------------------------------------------
 
-# rows per store step of the placement kernel (padding, block_expert, tail)
-BLOCK_R = 256
 # below this many pairs the routing blocks shrink to 256 pairs (a decode batch sorts
 # 256 keys, not 1024): two block sizes in all, so two compilations per E and ids dtype
 SMALL_P = 256
@@ -234,7 +232,7 @@ def route(
     K._route_place_kernel[(n_blocks,)](
         ids, hist, counts, offsets, slot, src_token, block_expert, scales,
         P, E, n_pad, block_m, k, math.ceil(E / n_blocks), math.ceil(n_pad / n_blocks), n_groups,
-        BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_R=BLOCK_R, num_warps=warps,
+        BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_R=cfg.block_r, num_warps=warps,
     )  # fmt: skip
     return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m,
                           bad_ids=status[1:])  # fmt: skip

@@ -7,6 +7,7 @@ should have written but did not fails the comparison.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -471,7 +472,7 @@ def test_tuned_configs_are_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
     tuned._load.cache_clear()
-    entry = {"block_p": 64, "block_t": 2, "not_a_field": 5}
+    entry = {"block_p": 64, "block_t": 2}
     (tmp_path / "cpu.json").write_text(json.dumps({"configs": {"dispatch:prefill": entry}}))
     try:
         got = tuned.dispatch_config(4096, 8, 256, 7168, False, "cpu")
@@ -483,5 +484,51 @@ def test_tuned_configs_are_data(tmp_path, monkeypatch):
         ids = make_ids(40, 2, 6, "drop", device=DEVICE)
         hidden = torch.randn(40, 32, device=DEVICE)
         check_layout(dispatch(hidden, ids, 6, 4), hidden, ids, 6, 4)
+    finally:
+        tuned._load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "entry, field, message",
+    [
+        ({"dispatch:prefill": {"block_p": 100}}, "block_p", "must be a power of two in \\[32, 4096\\], got 100"),
+        ({"dispatch:prefill": {"block_d": 0}}, "block_d", "must be a power of two in \\[16, 8192\\], got 0"),
+        ({"combine:decode": {"num_warps": 3}}, "num_warps", "must be a power of two in \\[1, 32\\], got 3"),
+        ({"combine:decode": {"num_stages": 99}}, "num_stages", "must be an integer in \\[1, 8\\], got 99"),
+        ({"dispatch_fp8:small": {"block_t": "16"}}, "block_t", "must be a power of two in \\[1, 256\\], got '16'"),
+        ({"dispatch:small": {"block_tt": 4}}, "block_tt", "unknown field"),
+        ({"scatter:small": {"block_t": 4}}, None, "unknown entry"),
+        ({"dispatch:huge": {"block_t": 4}}, None, "unknown entry"),
+    ],
+)  # fmt: skip
+def test_tuned_files_are_validated_on_load(entry, field, message, tmp_path, monkeypatch):
+    """One SpecError naming the file and the field, before any kernel sees the value."""
+    import json
+
+    from moelab.costmodel.specs import SpecError
+    from moelab.kernels import tuned
+
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    tuned._load.cache_clear()
+    (tmp_path / "cpu.json").write_text(json.dumps({"configs": entry}))
+    key = next(iter(entry))
+    where = f'{tmp_path / "cpu.json"}: configs["{key}"]' + (f".{field}" if field else "")
+    try:
+        with pytest.raises(SpecError, match=re.escape(where) + ": " + message):
+            tuned.dispatch_config(4096, 8, 256, 7168, False, "cpu")
+    finally:
+        tuned._load.cache_clear()
+
+
+def test_tuned_file_not_json(tmp_path, monkeypatch):
+    from moelab.costmodel.specs import SpecError
+    from moelab.kernels import tuned
+
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    tuned._load.cache_clear()
+    (tmp_path / "cpu.json").write_text("{configs: ")
+    try:
+        with pytest.raises(SpecError, match="cpu.json: not valid JSON"):
+            tuned.combine_config(8, 8, 7168, "cpu")
     finally:
         tuned._load.cache_clear()

@@ -357,3 +357,50 @@ def test_calibrate_latency_fit():
     sizes = [4096, 65536, 1 << 20, 1 << 24]
     alpha, bw = _fit_latency(sizes, [5e-6 + s / 50e9 for s in sizes])
     assert alpha == pytest.approx(5e-6, rel=1e-6) and bw == pytest.approx(50e9, rel=1e-6)
+
+
+# --- lifetime ------------------------------------------------------------------------
+
+
+def test_prefetcher_is_a_context_manager():
+    with Prefetcher(tiny(), 4, device=DEVICE) as pf:
+        fetch = pf.fetch(0, [1, 2])
+        got = fetch.weights(2)
+        want = pf.store.views(pf.store.block(0, 2).to(DEVICE))
+        assert all(torch.equal(got[n].view(torch.uint8), want[n].view(torch.uint8)) for n in got)
+        fetch.release()
+        assert not pf.closed
+    assert pf.closed
+    pf.close()  # a second close is harmless
+    if not GPU:
+        assert not pf.lanes._worker.is_alive()
+
+
+def test_dropped_prefetcher_waits_for_copies_in_flight():
+    """Dropped without close(): its finaliser waits for the transfer lane before the slots
+    can be freed. A slow transfer (0.3 s) is queued; dropping the prefetcher must not
+    return before it has run."""
+    import gc
+
+    pf = Prefetcher(tiny(), 4, device=DEVICE)
+    finished = []
+    t0 = time.perf_counter()
+
+    def slow():
+        time.sleep(0.3)
+        finished.append(time.perf_counter() - t0)
+
+    if GPU:  # a long kernel on the side stream stands for the copy
+        pf.lanes.side_run(lambda: torch.cuda._sleep(300_000_000))
+        pf.lanes.side_run(lambda: finished.append(0.0))
+        event = pf.lanes.side_record()
+    else:
+        pf.lanes.side_run(slow)
+    lanes = pf.lanes
+    del pf
+    gc.collect()
+    if GPU:
+        assert event.query()  # the side stream had finished when the drop returned
+    else:
+        assert finished and finished[0] >= 0.3
+        assert not lanes._worker.is_alive()
