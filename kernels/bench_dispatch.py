@@ -57,13 +57,14 @@ def bench(args) -> list[dict]:
         for fp8 in variants:
             row = {"op": "dispatch", "shape": label + (" fp8" if fp8 else ""), "tokens": tokens,
                    "d": d, "k": k, "E": E, "block_m": T.BLOCK_M, "dtype": "bf16",
-                   "out_dtype": "fp8" if fp8 else "bf16", "check_ids": False, **env}  # fmt: skip
+                   "out_dtype": "fp8" if fp8 else "bf16", **env}  # fmt: skip
             base = T.time_op(partial(dispatch_torch, x, ids, E), cuda, quick)[0]
             row["torch_time_s"] = base
             if cuda or interpret:
                 _bench_dispatch_kernel(row, x, ids, E, fp8, cuda, quick)
             rows.append(row)
-    headers = ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_torch", "torch_us"]
+    headers = ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_copy_graph", "x_torch",
+               "torch_us"]
     T.print_rows(rows, headers + ["meta_us", "meta_graph_us"])
     T.print_goals(rows, "dispatch")
     scaling = metadata_scaling(quick, cuda, interpret, env, device)
@@ -133,15 +134,15 @@ def _bench_dispatch_kernel(row, x, ids, E, fp8, cuda, quick):
     if err:
         row["error"] = err
         return
-    run = partial(dispatch, x, ids, E, T.BLOCK_M, quantize_fp8=fp8, check_ids=False)
+    run = partial(dispatch, x, ids, E, T.BLOCK_M, quantize_fp8=fp8)
     t, t20, t80 = T.time_op(run, cuda, quick)
-    run_route = partial(route, ids, E, T.BLOCK_M, check_ids=False)
+    run_route = partial(route, ids, E, T.BLOCK_M)
     meta = T.time_op(run_route, cuda, quick)[0]
     meta_graph = T.graph_time(run_route, cuda)
     graph = T.graph_time(run, cuda)
     nbytes = _dispatch_bytes(x, ids, lay.n_pad, fp8)
-    copy = T.copy_time(nbytes, x.device, cuda, quick)
+    copy, copy_graph = T.copy_times(nbytes, x.device, cuda, quick)
     row.update(graph_time_s=graph, metadata_graph_time_s=meta_graph)
     row.update(time_s=t, time_s_p20=t20, time_s_p80=t80, metadata_time_s=meta, bytes=nbytes,
-               bandwidth_Bps=nbytes / t, copy_time_s=copy, copy_bandwidth_Bps=nbytes / copy,
-               ratio_to_copy=copy / t, speedup_vs_torch=row["torch_time_s"] / t)  # fmt: skip
+               bandwidth_Bps=nbytes / t, speedup_vs_torch=row["torch_time_s"] / t)  # fmt: skip
+    T.roof_fields(row, nbytes, copy, copy_graph)

@@ -338,8 +338,7 @@ def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
     from moelab.cli import main
 
     out = tmp_path / "system.json"
-    # --no-kernels: the dispatch/combine benchmarks have their own tests and GPU check.
-    assert main(["calibrate", "--quick", "--no-kernels", "--out", str(out)]) == 0
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     sys_ = presets.load_system(str(out))
     assert sys_.b_pcie == data["b_pcie"] > 0 and sys_.hbm_bw > 0 and sys_.peak_flops > 0
@@ -349,6 +348,28 @@ def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
     capsys.readouterr()
     assert main(["gamma", "--system", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["b_pcie"] == data["b_pcie"]
+
+
+def test_calibrate_reads_kernel_rows_and_never_reruns_them(tmp_path, monkeypatch, capsys):
+    """--kernels-from DIR: dispatch/combine GB/s come from the rows a benchmark run left
+    in DIR; the benchmarks themselves are not run again (they would raise here)."""
+    import json
+
+    from moelab.cli import main
+    from moelab.kernels import bench_combine, bench_dispatch
+
+    def no_rerun(args):
+        raise AssertionError("calibrate reran a kernel benchmark")
+
+    monkeypatch.setattr(bench_dispatch, "bench", no_rerun)
+    monkeypatch.setattr(bench_combine, "bench", no_rerun)
+    (tmp_path / "bench_dispatch.json").write_text(json.dumps(
+        [{"shape": "a", "bandwidth_Bps": 2e12}, {"shape": "b", "bandwidth_Bps": 3e12},
+         {"shape": "c", "error": "failed"}]))  # fmt: skip
+    assert main(["calibrate", "--quick", "--kernels-from", str(tmp_path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["measurements"]["dispatch_combine"]
+    assert got["dispatch"] == {"bandwidth_Bps": {"a": 2e12, "b": 3e12}, "max_Bps": 3e12}
+    assert "bench_combine.json" in got["combine"]["skipped"]  # missing: said, not fatal
 
 
 def test_calibrate_latency_fit():
