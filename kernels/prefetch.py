@@ -22,6 +22,7 @@ nothing overlaps. This module builds the real path and measures it:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import weakref
@@ -140,10 +141,8 @@ class _ThreadLanes:
 def _finish_lanes(lanes, slots) -> None:
     """The prefetcher's finaliser: wait for in-flight copies into `slots`, then let go.
     A transfer's error cannot be raised from a finaliser: it is dropped here."""
-    try:
+    with contextlib.suppress(Exception):
         lanes.close()
-    except Exception:
-        pass
 
 
 class _SetEvent:

@@ -491,11 +491,13 @@ def test_tuned_configs_are_data(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "entry, field, message",
     [
-        ({"dispatch:prefill": {"block_p": 100}}, "block_p", "must be a power of two in \\[32, 4096\\], got 100"),
+        ({"dispatch:prefill": {"block_p": 100}}, "block_p",
+         "must be a power of two in \\[32, 4096\\], got 100"),
         ({"dispatch:prefill": {"block_d": 0}}, "block_d", "must be a power of two in \\[16, 8192\\], got 0"),
         ({"combine:decode": {"num_warps": 3}}, "num_warps", "must be a power of two in \\[1, 32\\], got 3"),
         ({"combine:decode": {"num_stages": 99}}, "num_stages", "must be an integer in \\[1, 8\\], got 99"),
-        ({"dispatch_fp8:small": {"block_t": "16"}}, "block_t", "must be a power of two in \\[1, 256\\], got '16'"),
+        ({"dispatch_fp8:small": {"block_t": "16"}}, "block_t",
+         "must be a power of two in \\[1, 256\\], got '16'"),
         ({"dispatch:small": {"block_tt": 4}}, "block_tt", "unknown field"),
         ({"scatter:small": {"block_t": 4}}, None, "unknown entry"),
         ({"dispatch:huge": {"block_t": 4}}, None, "unknown entry"),
