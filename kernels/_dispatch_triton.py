@@ -16,7 +16,7 @@ the pairs (every id read twice, every block count once by each launch):
 2. `_route_place_kernel`: row of pair i = offsets[e] + hist[b, e] + rank (one tl.gather
    from two [BLOCK_E] vectors), src_token of that row; then each program's share of the
    experts (their padding rows: src_token -1, scales 0; their block_expert entries) and
-   of the unused tail rows.
+   of the unused tail rows. It has a program per block and at least one per 4 experts.
 The scatter is one launch, `_scatter_kernel`: each token row read once, written to its k
 rows (fp8 optional). Combine is one launch, `_combine_kernel`: a gather-sum per token tile.
 
@@ -122,15 +122,17 @@ def _route_place_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rows per store step
 ):
-    """grid (n_blocks,)"""
+    """grid (n_place,), n_place >= n_blocks: programs past the blocks place no pairs"""
     i_b = tl.program_id(0)
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E
     # first row of this block's pairs of each expert
-    b_base = tl.load(offsets_ptr + o_e, mask=m_e, other=0) + tl.load(
-        before_ptr + i_b.to(tl.int64) * E + o_e, mask=m_e, other=0)  # [BE]
     o_i = i_b.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_i = o_i < P
+    # a program past the blocks of pairs (only experts and rows to write) reads no block row
+    m_eb = m_e & (tl.zeros([BLOCK_E], tl.int64) + i_b.to(tl.int64) * BLOCK_P < P)
+    b_base = tl.load(offsets_ptr + o_e, mask=m_eb, other=0) + tl.load(
+        before_ptr + i_b.to(tl.int64) * E + o_e, mask=m_eb, other=0)  # [BE]
     b_id = tl.load(ids_ptr + o_i, mask=m_i, other=-1)
     m_ok = m_i & (b_id >= 0) & (b_id < E)
     b_e = tl.where(m_ok, b_id, 0).to(tl.int32)

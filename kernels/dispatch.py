@@ -169,6 +169,7 @@ def validate(layout: DispatchLayout) -> DispatchLayout:
 # below this many pairs the routing blocks shrink to 256 pairs (a decode batch sorts
 # 256 keys, not 1024): two block sizes in all, so two compilations per E and ids dtype
 SMALL_P = 256
+EXPERTS_PER_PROGRAM = 4
 
 
 def route(
@@ -229,9 +230,12 @@ def route(
         ids, hist, slot, counts, offsets, status, P, E, block_m, n_blocks,
         BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
-    K._route_place_kernel[(n_blocks,)](
+    # the placement's programs: one per block of pairs, and enough that none loops over
+    # more than EXPERTS_PER_PROGRAM experts (their padding and blocks: serial scalar loads)
+    n_place = max(n_blocks, math.ceil(E / EXPERTS_PER_PROGRAM))
+    K._route_place_kernel[(n_place,)](
         ids, hist, counts, offsets, slot, src_token, block_expert, scales,
-        P, E, n_pad, block_m, k, math.ceil(E / n_blocks), math.ceil(n_pad / n_blocks), n_groups,
+        P, E, n_pad, block_m, k, math.ceil(E / n_place), math.ceil(n_pad / n_place), n_groups,
         BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_R=cfg.block_r, num_warps=warps,
     )  # fmt: skip
     return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m,
