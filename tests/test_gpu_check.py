@@ -65,3 +65,23 @@ def test_at_most_eight_files_come_back():
     archives = set(re.findall(r'"\$OUT/(\w+\.tar\.gz)"', body))
     assert archives == {"logs.tar.gz"}
     assert len(copied | archives) <= 8, copied
+
+
+def test_a_failing_smoke_step_stops_the_run(tmp_path):
+    """The smoke step fails (a python that fails only there): the run stops at once with
+    exit 1, and what it has (summary, logs) is already in $OUT."""
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *moelab.kernels.smoke*) echo 'FAIL route'; exit 1;; esac\n"
+                    f'exec {sys.executable} "$@"\n')  # fmt: skip
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out)}
+    p = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True,
+                       timeout=120, env=env)  # fmt: skip
+    assert p.returncode == 1, p.stdout[-2000:]
+    assert "stopped: the smoke check failed" in p.stdout
+    assert "bench-dispatch" not in p.stdout  # nothing after the smoke step ran
+    assert sorted(f.name for f in out.iterdir()) == ["logs.tar.gz", "summary.md"]
+    assert "Sections failed: smoke" in (out / "summary.md").read_text()
