@@ -1,4 +1,4 @@
-"""Compile the dispatch and combine kernels for a GPU target without a GPU.
+"""Compile the dispatch, combine and expert-gather kernels for a GPU target without a GPU.
 
     python -m moelab.kernels.compile_check [--arch 90]
 
@@ -23,6 +23,8 @@ POINTERS = {
                             "scale_ptr": "*fp32"},
     "_scatter_kernel": {"x_ptr": "*bf16", "slot_ptr": "*i32", "out_ptr": "*bf16", "scale_ptr": "*fp32"},
     "_combine_kernel": {"y_ptr": "*bf16", "slot_ptr": "*i32", "w_ptr": "*fp32", "out_ptr": "*bf16"},
+    "_gather_blocks_kernel": {"src_ptr": "*i32", "dst_ptr": "*i32", "src_idx_ptr": "*i64",
+                              "dst_idx_ptr": "*i64"},
 }  # fmt: skip
 
 # (kernel, constexprs, num_warps, pointer overrides): the sizes dispatch() picks for
@@ -39,6 +41,7 @@ CASES = [
     ("_scatter_kernel", {"BLOCK_T": 16, "BLOCK_D": 128, "QUANT": True, "FP8_MAX": 448.0, "K": 8}, 4,
      {"out_ptr": "*fp8e4nv"}),
     ("_combine_kernel", {"BLOCK_T": 1, "BLOCK_D": 1024, "K": 8}, 4, {}),
+    ("_gather_blocks_kernel", {"BLOCK": 4096}, 8, {}),  # the prefetcher's zero-copy path
 ]  # fmt: skip
 
 
@@ -50,12 +53,12 @@ def compile_all(arch: int = 90, log=print) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moelab.kernels import _dispatch_triton as K
+    from moelab.kernels import _dispatch_triton, _gather_triton
 
     target = GPUTarget("cuda", arch, 32)
     rows = []
     for name, consts, warps, override in CASES:
-        fn = getattr(K, name)
+        fn = getattr(_gather_triton if name.startswith("_gather") else _dispatch_triton, name)
         sig = {a: "i32" for a in fn.arg_names}
         sig.update(POINTERS[name], **override)
         sig.update({c: "constexpr" for c in consts})

@@ -462,7 +462,7 @@ def test_kernels_compile_for_hopper():
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") >= 8
+    assert proc.stdout.count("ok ") >= 10
 
 
 def test_tuned_configs_are_data(tmp_path, monkeypatch):
