@@ -75,7 +75,7 @@ def bench(args) -> list[dict]:
 
 # tokens of the metadata's scaling rows (R1: top-8 of 256); the interpreter runs a few
 METADATA_TOKENS = (4096, 32768, 262144)
-METADATA_TOKENS_INTERPRET = (8, 16, 32)
+METADATA_TOKENS_INTERPRET = (4, 8)
 
 
 def metadata_scaling(quick, cuda, interpret, env, device) -> list[dict]:
