@@ -318,7 +318,6 @@ def run(cfg: dict, ctx) -> None:
             "tipping_all_together": together["tipping_tokens"],
         }
     )
-    notes = "".join(f"\n- {n}" for n in ctx.notes)
     single_rows = [r for r in rows[1 : len(singles) + 1]]
     biggest = max(single_rows, key=lambda r: abs(math.log(r["ratio_to_seed"])))
     ctx.section(f"""
@@ -332,7 +331,6 @@ point to {fmt(together["tipping_tokens"]) if together["tipping_tokens"] else "no
 activations travel to {fmt(cf.fanout_uniform(cfg["ep_ranks"], model.n_experts, model.top_k))} remote ranks,
 not one as the seed assumes.
 With overlap, an overhead that fits under the compute disappears: gamma then compares what is left.
-{notes}
 
 {table}""")
 
