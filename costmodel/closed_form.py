@@ -242,7 +242,7 @@ def imbalance_from_probabilities(tokens_per_rank, hit) -> float:
     if R < 2 or mean <= 0:
         return 1.0
     values, counts = np.unique(np.round(hit, 15), return_counts=True)
-    return _expected_max_binomials(np.full(values.shape, n), values, counts) / mean
+    return float(_expected_max_binomials(np.full(values.shape, n), values, counts) / mean)
 
 
 @lru_cache(maxsize=4096)
@@ -467,14 +467,14 @@ def ep_legs(model: ModelSpec, system: SystemSpec, options: Options, tokens) -> E
     DeepEP's normal kernels); per-rank dispatch sends fanout_ranks_inter copies over B_net.
     NVLink leg: fanout_intra copies (+ the forwarded ones, per-node) at B_nvlink. The legs
     run at the same time on different links: the slower decides. Both pay the busiest
-    rank's share (imbalance).
+    rank's share (imbalance). flat: all remote ranks over B_net, no NVLink tier.
     """
     R, E, k = int(options.ep_ranks), model.n_experts, model.top_k
     G = system.gpus_per_node
     tiers = fanout_tiers(R, E, k, G)
-    per_node = options.dispatch_mode == "per-node"
-    net_copies = tiers.nodes if per_node else tiers.ranks_inter
-    nvl_copies = tiers.intra + (tiers.ranks_inter if per_node else 0.0)
+    per_node, flat = options.dispatch_mode == "per-node", options.dispatch_mode == "flat"
+    net_copies = tiers.ranks if flat else tiers.nodes if per_node else tiers.ranks_inter
+    nvl_copies = 0.0 if flat else tiers.intra + (tiers.ranks_inter if per_node else 0.0)
     base = imbalance_uniform(float(tokens), R, E, k) if options.imbalance else 1.0
     imb = base
     if options.redundant_experts and options.imbalance:

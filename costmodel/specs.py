@@ -189,7 +189,7 @@ class Workload:
         return self.steps if self.decode else 1
 
 
-DISPATCH_MODES = ("per-node", "per-rank")
+DISPATCH_MODES = ("per-node", "per-rank", "flat")
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,8 @@ class Options:
     routing: str = "worst"  # worst: min(kN, E) (the seed); uniform: E(1-(1-k/E)^N)
     # With ep_ranks: how a token crosses the network. per-node: one copy per remote node,
     # forwarded over NVLink inside it (DeepEP's normal kernels); per-rank: one copy per
-    # remote rank (DeepEP's low-latency kernels, a plain all-to-all).
+    # remote rank (DeepEP's low-latency kernels, a plain all-to-all); flat: every remote
+    # rank at B_net, no NVLink tier (the model before two tiers; what `sweep.formula` computes).
     dispatch_mode: str = "per-node"
     redundant_experts: int = 0  # extra expert slots over the ranks, filled with hot experts
     imbalance: bool = True  # with ep_ranks: the busiest rank sets the pace (False: the mean)
