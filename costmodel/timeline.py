@@ -23,10 +23,12 @@ Offload schedule (`simulate_offload`), per layer l with n expert copies:
   still cost link time, and the missed experts are copied on demand. hit_rate=1 is an
   oracle (pre-gated routing): the best any predictor can do.
 Expert parallelism schedule (`simulate_ep`), m micro-batches (DeepSeek's two-micro-batch
-overlap at m=2): per layer and micro-batch, dispatch (network) -> expert compute ->
-combine (network) -> the next layer's dispatch of that micro-batch. The network lane
-issues, for each micro-batch, the previous layer's combine then this layer's dispatch,
-so one micro-batch's communication runs while another computes. m=1 is the seed.
+overlap at m=2): per layer and micro-batch, attention -> dispatch (network) -> expert
+compute -> combine (network) -> the next layer's attention of that micro-batch. Per layer
+the compute lane runs every micro-batch's attention, then every micro-batch's experts;
+the network lane every dispatch, then every combine: micro-batch 0's dispatch runs while
+micro-batch 1's attention computes, its combine while micro-batch 1's experts compute.
+m=1 is the seed (everything in sequence).
 
 Compute and transfer split evenly over experts and micro-batches (a model: in the
 memory-bound regime a micro-batch re-reads the weights and splitting costs more).
@@ -157,24 +159,21 @@ def simulate_ep(
     network = _per_layer(network, n_layers)
     attention = _per_layer(attention, n_layers)
     tl = Timeline()
-    gemm_prev: list[Task | None] = [None] * m  # previous layer's GEMM of each micro-batch
+    combine_prev: list[Task | None] = [None] * m  # previous layer's combine of each micro-batch
     for l in range(n_layers):
         half = network[l] / 2 / m  # dispatch (or combine) of one micro-batch
         c = compute[l] / m
+        dispatches = []
         for b in range(m):
-            after = []
-            if gemm_prev[b] is not None:
-                # The previous layer's combine of this micro-batch: its input comes back.
-                back = network[l - 1] / 2 / m
-                after = [tl.add("network", f"combine L{l - 1} mb{b}", back, [gemm_prev[b]])]
+            # Micro-batch b's attention needs its tokens back (the previous combine); its
+            # dispatch then runs while the next micro-batch's attention computes.
+            after = [combine_prev[b]] if combine_prev[b] is not None else []
             if attention[l] > 0:
                 after = [tl.add("compute", f"attention L{l} mb{b}", attention[l] / m, after)]
-            dispatch = tl.add("network", f"dispatch L{l} mb{b}", half, after)
-            gemm_prev[b] = tl.add("compute", f"gemm L{l} mb{b}", c, [dispatch])
-    for b in range(m):
-        if gemm_prev[b] is not None:
-            tl.add("network", f"combine L{n_layers - 1} mb{b}", network[-1] / 2 / m,
-                   [gemm_prev[b]])
+            dispatches.append(tl.add("network", f"dispatch L{l} mb{b}", half, after))
+        for b in range(m):
+            gemm = tl.add("compute", f"gemm L{l} mb{b}", c, [dispatches[b]])
+            combine_prev[b] = tl.add("network", f"combine L{l} mb{b}", half, [gemm])
     return tl
 
 
