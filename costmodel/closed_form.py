@@ -604,13 +604,16 @@ def layer_compute(model: ModelSpec, system: SystemSpec, workload: Workload,
 def activation_bytes(model: ModelSpec, options: Options) -> tuple[float, float]:
     """(f_dispatch, f_combine): bytes per activation sent to the experts and sent back.
 
-    fp8 activations carry one float32 scale per 128 values: 1 + 4/128 = 1.03125 bytes.
+    An fp8 dispatch or combine (--dispatch-dtype / --combine-dtype fp8) carries one float32
+    scale per 128 values: 1 + 4/128 = 1.03125 bytes. Left at the activation dtype they are
+    the seed's f_a (an fp8 act dtype counts 1 byte, as the seed's formula does).
     """
-    def nbytes(dtype: str) -> float:
+    def nbytes(dtype: str | None) -> float:
+        if dtype is None:
+            return DTYPE_BYTES[model.act_dtype]
         return DTYPE_BYTES[dtype] + (FP8_SCALE_BYTES if dtype == "fp8" else 0.0)
 
-    return (nbytes(options.dispatch_dtype or model.act_dtype),
-            nbytes(options.combine_dtype or model.act_dtype))
+    return nbytes(options.dispatch_dtype), nbytes(options.combine_dtype)
 
 
 def ep_layer_overhead(model: ModelSpec, system: SystemSpec, options: Options, tokens):

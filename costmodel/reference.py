@@ -29,6 +29,7 @@ Public: `route_counts`, `rank_traffic`, `overheads`, `evaluate_routes`,
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from functools import lru_cache, partial
 
 import jax
@@ -246,8 +247,13 @@ def _ep_rows(options: Options, remote_ranks, remote_nodes):
 
 
 def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
-                    options: Options | None, routes) -> dict:
-    """The whole model for one concrete routing [L, N_t, k] of one forward pass."""
+                    options: Options | None, routes, imbalance: float | None = None) -> dict:
+    """The whole model for one concrete routing [L, N_t, k] of one forward pass.
+
+    With EP ranks the EP overhead pays the busiest rank: `imbalance` if given (the Monte
+    Carlo passes the one it measured with every rank holding N_t tokens), else measured on
+    this routing with its N_t tokens spread over the R ranks (`busiest_rank`).
+    """
     options = options or Options()
     routes = check_routes(routes, model, workload)
     R = options.ep_ranks or 0
@@ -259,8 +265,9 @@ def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
     p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
     if R > 1:
         p["fanout"] = np.float64(1.0)
-        imb = (np.mean([busiest_rank(layer, model.n_experts, R)["imbalance"]
-                        for layer in np.asarray(routes)]) if options.imbalance else 1.0)
+        imb = 1.0 if not options.imbalance else imbalance if imbalance is not None else float(
+            np.mean([busiest_rank(layer, model.n_experts, R)["imbalance"]
+                     for layer in np.asarray(routes)]))
         net, nvl = _ep_rows(options, dest, np.asarray(c["remote_nodes"], np.float64).sum(-1))
         res = {name: float(v) for name, v in
                overheads(n_used, net, p, nvl, imb, system.b_nvlink).items()}
@@ -464,7 +471,8 @@ def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
     ranks. L, passes and T_B cancel in gamma and are not listed. Where gamma is 0 or
     infinite (h = 1, one EP rank) the elasticities are NaN.
     """
-    options = options or Options()
+    # The jnp formula is one tier at the mean rank (sweep.formula): so are these.
+    options = replace(options or Options(), dispatch_mode="flat", imbalance=False)
     p = params_of(model, system, workload, options)
     names = [n for n in SENSITIVITY_PARAMS if n != "ep_ranks" or options.ep_ranks]
     x = {n: jnp.float32(p[n]) for n in names}

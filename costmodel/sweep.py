@@ -89,7 +89,8 @@ def formula(p: Mapping, k_max: int = K_MAX) -> dict:
     expert_bytes = p["matrices"] * p["hidden"] * p["expert_intermediate"] * p["f_e"]
     per_layer_p = (1 - p["resident_fraction"]) * n_ue * (p["alpha_pcie"] + expert_bytes / p["b_pcie"])
     payload = phi * N * p["hidden"] * (p["f_dispatch"] + p["f_combine"])
-    per_layer_ep = 2 * p["alpha_net"] + payload / p["b_net"]
+    # One EP rank: nothing is remote, no collective, no latency.
+    per_layer_ep = jnp.where(R == 1, 0.0, 2 * p["alpha_net"] + payload / p["b_net"])
     scale = p["passes"] * p["n_layers"]
     t_p, t_ep = scale * per_layer_p, scale * per_layer_ep
     return {"n_ue": n_ue, "fanout": phi, "t_p_overhead": t_p, "t_ep_overhead": t_ep,
