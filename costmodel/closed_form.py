@@ -259,7 +259,7 @@ def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
     E + N slots are packed greedily onto R ranks of equal capacity ceil((E + N) / R).
 
     load[e]: expected tokens (or marginal probability) of expert e. Replicas go one at a
-    time to the expert with the largest load per replica; slots are placed heaviest first
+    time to the expert with the largest load per replica (at most R copies); slots are placed heaviest first
     on the least loaded rank with room that does not already hold that expert.
     Returns per rank the list of expert ids it holds.
     """
@@ -267,7 +267,9 @@ def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
     E, R = load.size, int(ranks)
     copies = np.ones(E, np.int64)
     for _ in range(int(redundant)):
-        copies[np.argmax(load / copies)] += 1
+        # at most one copy per rank: a full expert takes no more replicas
+        per_replica = np.where(copies < R, load / copies, -np.inf)
+        copies[np.argmax(per_replica)] += 1
     capacity = -(-(E + int(redundant)) // R)
     slots = sorted(((load[e] / copies[e], e) for e in range(E) for _ in range(copies[e])),
                    key=lambda t: (-t[0], t[1]))
