@@ -1,6 +1,5 @@
 """The overlap timeline: between the seed's sum and the lanes' bound, exact in the limits."""
 
-import math
 
 import pytest
 from hypothesis import given
