@@ -346,7 +346,6 @@ def run(cfg: dict, ctx) -> None:
             "tipping_all_together": together["tipping_tokens"],
         }
     )
-    notes = "".join(f"\n- {n}" for n in ctx.notes)
     single_rows = [r for r in rows[1 : len(singles) + 1]]
     seed_ov = overlap_rows[0]
     biggest = max(single_rows, key=lambda r: abs(math.log(r["ratio_to_seed"])))
@@ -377,7 +376,6 @@ It is replaced by whole-step times
 (attention with {"MLA" if model.kv_lora_rank else "GQA"} and the {model.n_dense_layers} dense layers
 now included, fp8 experts at the fp8 peak): EP's step is ×{fmt(seed_ov["speedup_ep_overlap"])} faster
 with overlap on the seed's links, and ×{fmt(seed_ov["speedup_ep_overlap_2L"])} at 2 L (L-free).
-{notes}
 
 {table}
 {ov_table}""")

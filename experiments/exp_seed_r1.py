@@ -1,4 +1,5 @@
-"""seed-r1: the seed's TODO, computed. DeepSeek-R1 on an H100 with PCIe Gen5 and IB NDR.
+"""seed-r1: the worked example the seed names but leaves uncomputed: DeepSeek-R1 on an H100
+with PCIe Gen5 and IB NDR.
 
 gamma across N_t (worst-case routing, as the seed), the tipping point N_t*, the seed's
 three factors, decode at batch 1; beside it the same with measured link bandwidths and
@@ -8,7 +9,10 @@ with expected (uniform) routing. Closed form only, one vectorized call per curve
 from __future__ import annotations
 
 NAME = "seed-r1"
-SUMMARY = "the seed's TODO: DeepSeek-R1 gamma vs N_t on H100 (PCIe Gen5, IB NDR), tipping point, 3 factors"
+SUMMARY = (
+    "the seed's worked example: DeepSeek-R1 gamma vs N_t on H100 (PCIe Gen5, IB NDR), tipping point, "
+    "3 factors"
+)
 VERSION = "1"
 DEPENDS = ("moelab.costmodel.closed_form", "moelab.costmodel.presets", "moelab.costmodel.specs")
 

@@ -185,7 +185,8 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     if sensitivities:
         from moelab.costmodel.reference import sensitivities as elasticities
 
-        out["sensitivities"] = elasticities(m, s, w, options)
+        # + 0.0 turns a -0.0 (a zero elasticity reached from below) into 0.0
+        out["sensitivities"] = {k: v + 0.0 for k, v in elasticities(m, s, w, options).items()}
     return out
 
 
