@@ -327,12 +327,12 @@ def run(cfg: dict, ctx) -> None:
                 "| at 2 L |\n"
                 "|---|---|---|---|---|---|---|---|---|---|\n")
     for r in overlap_rows:
-        ep_exp = "fully hidden" if r["ep_transfer_hidden"] else fmt(r["t_ep_exposed_s"])
+        ep_exp = "0 (fully hidden)" if r["ep_transfer_hidden"] else fmt(r["t_ep_exposed_s"])
         ov_table += (f"| {r['variant']} | {fmt(r['t_p_overlap_s'])} | {fmt(r['t_ep_overlap_s'])} | "
                      f"{fmt(r['speedup_ep_overlap'])} | {fmt(r['speedup_ep_overlap_2L'])} | "
                      f"{fmt(r['t_p_exposed_s'])} | {ep_exp} | {fmt(r['t_ep_fill_s'])} | "
-                     f"{g(r['exposed_ratio'])} | "
-                     f"{g(r['exposed_ratio_2L'])} |\n")
+                     f"{'inf' if math.isinf(r['exposed_ratio']) else fmt(r['exposed_ratio'])} | "
+                     f"{'inf' if math.isinf(r['exposed_ratio_2L']) else fmt(r['exposed_ratio_2L'])} |\n")
     by = {r["variant"]: r for r in rows}
     flat = by[f"fan-out: EP{cfg['ep_ranks']}, one tier (every remote rank at B_net, mean rank)"]
     tiers = by[f"fan-out: EP{cfg['ep_ranks']}, two tiers, per-node dispatch, busiest rank"]
