@@ -417,19 +417,6 @@ class Result:
         """C = 1/2 model system: the seed's gamma is C k below saturation, C E / N_t above."""
         return 0.5 * self.model_term * self.system_term
 
-    @property
-    def deciding_factor(self) -> str:
-        """The factor of the seed's three that is furthest from 1 on a log scale.
-
-        Each factor enters gamma linearly, so this says which is largest, not which decides:
-        the CLI and the JSON no longer report it (issue 10); kept for the seed experiment."""
-        terms = {
-            "model": 0.5 * self.model_term,
-            "system": self.system_term,
-            "query": self.query_term,
-        }
-        return max(terms, key=lambda name: abs(np.log(terms[name])))
-
 
 @dataclass(frozen=True)
 class EPLegs:
