@@ -128,7 +128,7 @@ def brute_force_group_nodes(E, k, n_group, topk_group, nodes) -> Fraction:
     (12, 2, 6, 3, 3), (12, 3, 4, 2, 2), (8, 2, 4, 2, 4), (12, 4, 6, 2, 6), (9, 2, 3, 1, 3)])
 def test_group_limited_nodes_equal_brute_force(E, k, n_group, topk_group, nodes):
     want = brute_force_group_nodes(E, k, n_group, topk_group, nodes)
-    got = cf.fanout_nodes_group_limited(nodes, E, k, n_group, topk_group)
+    got = cf.fanout_nodes_group_limited(nodes, n_group, topk_group, E, k)
     assert got == pytest.approx(float(want), rel=1e-12)
 
 
@@ -149,7 +149,30 @@ def test_group_limited_nodes_monte_carlo_within_standard_error():
     hit[np.arange(T), home] = False
     x = hit.sum(1)
     se = x.std(ddof=1) / math.sqrt(T)
-    want = cf.fanout_nodes_group_limited(nodes, E, k, n_group, topk_group)
+    want = cf.fanout_nodes_group_limited(nodes, n_group, topk_group, E, k)
     assert abs(x.mean() - want) < 4 * se
     # and it never exceeds min(topk_group, nodes - 1)
     assert x.max() <= min(topk_group, nodes - 1)
+
+
+@pytest.mark.parametrize("R,G", [(32, 8), (64, 8)])
+def test_deepseek_router_between_the_two_group_models(R, G):
+    """DeepSeek's own router (routing.group_limited: groups kept for their two best scores)
+    on R1's shape: its Monte Carlo mean of remote nodes lies between the uniform-in-groups
+    model and the every-kept-group-hit bound, within 1% of the bound."""
+    import jax
+
+    from moelab.costmodel import routing as rt
+
+    E, k, n_group, topk_group = 256, 8, 8, 4
+    ids = np.asarray(rt.group_limited(jax.random.key(0), 20_000, E, k, n_group, topk_group))
+    x = ref.token_tiers(ids, E, R, G)["nodes"]
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    low = cf.fanout_nodes_group_limited(R // G, n_group, topk_group, E, k)
+    high = cf.fanout_nodes_group_limited(R // G, n_group, topk_group, every_kept_group_hit=True)
+    # by hand for the bound: a node holds n_group / M groups; it is kept-free with probability
+    # C(n_group - g, 4) / C(8, 4): 8 nodes: 1 - 35/70 = 1/2, times 7 = 3.5; 4 nodes:
+    # 1 - 15/70, times 3 = 2.357...
+    assert high == pytest.approx({8: 3.5, 4: 3 * (1 - 15 / 70)}[R // G], rel=1e-12)
+    assert low < x.mean() + 3 * se and x.mean() < high + 3 * se
+    assert x.mean() > 0.99 * high
