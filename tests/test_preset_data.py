@@ -139,7 +139,11 @@ def test_systems_has_the_required_entries():
 @pytest.mark.parametrize("section,name", LINKS)
 def test_link_entry_is_sourced_and_positive(section, name):
     e = SYSTEMS[section][name]
-    assert set(e) == {"description", "bandwidth_GBps", "measured_GBps", "latency_us", "source"}
+    assert {"description", "bandwidth_GBps", "measured_GBps", "latency_us", "source"} <= set(e) <= {
+        "description", "bandwidth_GBps", "measured_GBps", "latency_us", "source", "latency_kind",
+        "latency_source"}
+    if e["latency_us"] is not None:  # a latency says whether it is published or fitted, and where from
+        assert e["latency_kind"] in ("published", "fitted") and e["latency_source"].strip()
     assert e["source"].strip() and e["description"].strip()
     assert e["bandwidth_GBps"] > 0
     for key in ("measured_GBps", "latency_us"):
@@ -160,6 +164,7 @@ def test_gpu_entry_is_sourced_and_its_links_exist(name):
     assert isinstance(g["gpus_per_node"], int) and g["gpus_per_node"] >= 1
     assert g["host_link"] in SYSTEMS["host_links"]
     assert g["network"] in SYSTEMS["networks"]
+    assert g["scale_up"].startswith("nvlink") and g["scale_up"] in SYSTEMS["networks"]
 
 
 def test_seed_system_figures_are_exact():
