@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from moelab.costmodel import memory
-from moelab.costmodel.closed_form import ep_overhead, fanout_uniform
-from moelab.costmodel.specs import ModelSpec, SpecError, SystemSpec
+from moelab.costmodel.closed_form import ep_legs
+from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 
 # Bytes per weight of the CPU expert formats: llama.cpp's Q8_0 and Q4_0 blocks hold 32
 # values and one fp16 scale (8.5 and 4.5 bits); bf16 plain.
@@ -42,10 +42,6 @@ STRATEGIES = ("ep", "offload", "cpu-experts", "hybrid")
 SKEWED = "zipf:1.2"  # what --routing skewed means
 HBM_UTILIZATION = 0.9  # share of HBM an engine may fill (vLLM's --gpu-memory-utilization default)
 
-# Scale-up (NVLink) presets in systems.json for each GPU preset; a system file without
-# one gets its network bandwidth inside the node as well (conservative).
-SCALE_UP = {"h100-sxm": "nvlink4", "h200-sxm": "nvlink4", "h800-sxm": "nvlink4-h800",
-            "b200": "nvlink5", "gb200": "nvlink5", "gh200": "nvlink4"}
 
 
 @dataclass(frozen=True)
@@ -225,8 +221,8 @@ class Plan:
     cpu_expert_dtype: str = "int8"
     slo_s: float | None = None
     nominal: bool = False
-    b_scale_up: float = 0.0  # NVLink per GPU and direction; 0: the network's
-    alpha_scale_up: float = 0.0
+    b_scale_up: float = 0.0  # NVLink per GPU and direction; 0: the system's b_nvlink
+    alpha_scale_up: float = 0.0  # latency of one tensor-parallel all-reduce inside a node
     hbm_utilization: float = HBM_UTILIZATION
     replicas: int | None = None  # single-GPU strategies: instances (GPUs used); None: all
 
@@ -256,7 +252,7 @@ class Plan:
 
     @property
     def b_up(self) -> float:
-        return self.b_scale_up or self.system.b_net
+        return self.b_scale_up or self.system.b_nvlink
 
     def kv_total(self) -> float:
         return self.sequences * memory.kv_bytes(self.cfg, self.context, self.kv_dtype)
@@ -341,27 +337,26 @@ def expert_work(p: Plan, rows: float, used_experts: float) -> Work:
 # --- EP communication (the one place issue 10's two-tier terms will replace) ---------------
 
 
-def ep_comm_time(p: Plan, tokens_per_rank: float, ranks: int, imbalance: float) -> dict:
-    """Dispatch and combine of one pass, all MoE layers, on the busiest rank.
+def ep_comm_time(p: Plan, tokens_per_rank: float, ranks: int, imbalance: float | None = None) -> dict:
+    """Dispatch and combine of one pass, all MoE layers, on the busiest rank: the two-tier
+    legs of the closed form (`closed_form.ep_legs`, the same as `moelab gamma --ep-ranks R`).
 
-    Remote destinations per token phi = fanout_uniform(R, E, k); of the R - 1 other ranks,
-    G - 1 share the node (NVLink) and R - G are across the network (B_net). The NVLink and
-    network parts run at once, each paying its own latency per collective; the slower sets
-    the time.
+    Per layer: 2 alpha_net + the slower of the network leg (remote nodes at B_net, DeepEP's
+    per-node dispatch) and the NVLink leg (ranks in the node, and the forwarded copies), both
+    scaled by the busiest rank's share. `imbalance` None: the closed form's, for uniform
+    routing; a number (a skewed routing's, `Routing.imbalance`) replaces it.
     """
     m = p.model
     if ranks <= 1:
-        return {"network_s": 0.0, "nvlink_s": 0.0, "comm_s": 0.0}
-    phi = float(fanout_uniform(ranks, m.n_experts, m.top_k))
-    in_node = min(ranks, p.gpus_per_node)
-    share_up = (in_node - 1) / (ranks - 1)
-    n = tokens_per_rank * imbalance
-    net = float(ep_overhead(n, m.hidden, m.f_a, m.f_a, p.system.b_net, m.n_moe_layers,
-                            p.system.alpha_net if ranks > in_node else 0.0,
-                            phi * (1 - share_up)))
-    up = float(ep_overhead(n, m.hidden, m.f_a, m.f_a, p.b_up, m.n_moe_layers,
-                           p.alpha_scale_up, phi * share_up))
-    return {"network_s": net, "nvlink_s": up, "comm_s": max(net, up), "fanout": phi}
+        return {"network_s": 0.0, "nvlink_s": 0.0, "latency_s": 0.0, "comm_s": 0.0,
+                "fanout": 0.0, "imbalance": 1.0}
+    system = p.system.with_(gpus_per_node=min(ranks, p.gpus_per_node), b_nvlink=p.b_up)
+    legs = ep_legs(m, system, Options(ep_ranks=ranks), tokens_per_rank)
+    scale = 1.0 if imbalance is None else imbalance / legs.imbalance
+    L = m.n_moe_layers
+    net, up, latency = L * scale * legs.t_net, L * scale * legs.t_nvlink, L * 2 * system.alpha_net
+    return {"network_s": net, "nvlink_s": up, "latency_s": latency, "comm_s": latency + max(net, up),
+            "fanout": legs.tiers.ranks, "imbalance": legs.imbalance * scale}
 
 
 # --- the four strategies -----------------------------------------------------------------------
@@ -405,11 +400,14 @@ def plan_ep(p: Plan) -> dict:
     kv_gpu = (_share(p.sequences, R) * memory.kv_bytes(p.cfg, p.context, p.kv_dtype) if p.decode
               else p.kv_total() / R)
     buffers = 2 * _share(p.tokens, R) * m.top_k * m.hidden * m.f_a  # send + receive rows
-    imb = p.routing.imbalance(R, m.top_k, m.n_experts)
+    # The busiest rank's share: the closed form's for uniform (and the seed's worst-case)
+    # routing, the routing's own for a skewed one (its experts round-robin over the ranks).
+    skewed = p.routing.q is not None and p.routing.name != "uniform"
+    comm = ep_comm_time(p, n, R, p.routing.imbalance(R, m.top_k, m.n_experts) if skewed else None)
+    imb = comm["imbalance"]
     used, _ = p.routing.used(p.tokens, m.top_k, m.n_experts)
     rows = p.tokens * m.top_k / R * imb
     local_used = min(used / R * imb, _share(m.n_experts, R))
-    comm = ep_comm_time(p, n, R, imb)
     options = []
     modes = [("data-parallel attention", 1)] + ([("tensor-parallel attention", G)] if G > 1 else [])
     for mode, split in modes:
@@ -450,12 +448,13 @@ def plan_ep(p: Plan) -> dict:
     step = compute + comm["comm_s"]
     overlap = max(compute, comm["comm_s"])
     terms = {"compute_s": compute - tp, "tp_allreduce_s": tp, "network_s": comm["network_s"],
-             "nvlink_s": comm["nvlink_s"]}
+             "nvlink_s": comm["nvlink_s"], "ep_latency_s": comm["latency_s"]}
     bound = _bound(terms, work.bound(p.system))
     return _slo(p, _result("ep", R, True, f"{mode}, {m.n_experts} experts over {R} GPUs "
                                           f"({_share(m.n_experts, R)} per GPU), busiest rank x{imb:.3g}",
                            step, overlap, bound, mem_for(need, total), p.tokens, terms=terms,
-                           attention=mode, imbalance=imb, fanout=comm.get("fanout", 0.0)))
+                           attention=mode, imbalance=imb, fanout=comm["fanout"],
+                           ep_comm_s=comm["comm_s"]))
 
 
 def kv_head_split(cfg: dict, tp: int) -> int:
@@ -472,7 +471,7 @@ def _bound(terms: dict, compute_kind: str) -> str:
     names = {"compute_s": compute_kind, "tp_allreduce_s": "NVLink (TP all-reduce)",
              "network_s": "network (EP all-to-all)", "nvlink_s": "NVLink (EP all-to-all)",
              "stream_s": "host link", "link_s": "host link (activations)",
-             "cpu_s": "CPU", "gpu_experts_s": "GPU experts"}
+             "cpu_s": "CPU", "gpu_experts_s": "GPU experts", "ep_latency_s": "latency (EP collectives)"}
     key = max(terms, key=terms.get)
     return names.get(key, key)
 

@@ -298,7 +298,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
     from moelab.costmodel.closed_form import evaluate
-    from moelab.costmodel.presets import load_cpu, model_config, system_table
+    from moelab.costmodel.presets import load_cpu, model_config
 
     if isinstance(model, ModelSpec):
         raise SpecError("model: plan counts memory from the config.json: give a preset name or a path")
@@ -325,17 +325,13 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     # A prefill pass of n tokens holds one chunk of a longer prompt (context >= n) or whole
     # prompts of `context` tokens, ceil(n / context) of them.
     sequences = n if decode else (-(-n // ctx) if isinstance(ctx, int) else 1)
-    b_up, up_name = 0.0, planner.SCALE_UP.get(s.name)
-    if up_name and up_name in system_table()["networks"]:
-        link = system_table()["networks"][up_name]
-        b_up = ((None if nominal else link.get("measured_GBps")) or link["bandwidth_GBps"]) * 1e9
     p = planner.Plan(
         model=m, cfg=cfg, system=s, cpu=host_cpu, gpus=gpus,
         gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
         tokens=n, sequences=sequences, context=ctx, decode=decode,
         routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
         host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
-        cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal, b_scale_up=b_up,
+        cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
         alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
@@ -344,9 +340,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     if cache_steps and offload["feasible"]:
         offload["cache_simulation"] = _simulate_offload_cache(p, offload, cache_steps, seed)
     w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
-    g = evaluate(m, s, w, Options(ep_ranks=gpus if gpus > 1 else None,
-                                  resident_fraction=offload.get("resident_fraction", 0.0),
-                                  routing="uniform" if routing == "uniform" else "worst"))
+    g = evaluate(m, s.with_(gpus_per_node=p.gpus_per_node), w,
+                 Options(ep_ranks=gpus if gpus > 1 else None,
+                         resident_fraction=offload.get("resident_fraction", 0.0),
+                         routing="uniform" if routing == "uniform" else "worst"))
     return Report(
         model=m.name,
         weights_bytes=memory.weights_bytes(cfg, m),

@@ -239,17 +239,19 @@ def test_more_hardware_never_hurts(model, batch, hbm, pcie, net, hbm_bw, dram, c
 
 
 @pytest.mark.parametrize("routing", ["worst", "uniform"])
-def test_plan_offload_and_ep_terms_are_gammas(routing):
-    # One GPU per node, one GPU per host link, DRAM far faster than the link: plan's offload
-    # stream is gamma's T_P - T_B for the same tokens and resident fraction, and plan's EP
-    # network time is gamma's T_EP - T_B for the tokens of one rank and R ranks.
-    n, R = 256, 8
-    r = moelab.plan("deepseek-r1", "h200-sxm", gpus=R, gpus_per_node=1, tokens=n,
+@pytest.mark.parametrize("gpus, per_node", [(8, 8), (32, 8), (8, 1)])
+def test_plan_offload_and_ep_terms_are_gammas(routing, gpus, per_node):
+    # plan's EP communication is gamma's T_EP - T_B for the tokens of one rank and the same R
+    # ranks in nodes of G (two tiers, busiest rank, latencies); with one GPU per host link and
+    # DRAM far faster than the link, plan's offload stream is gamma's T_P - T_B for the same
+    # tokens and resident fraction.
+    n = 32 * gpus
+    r = moelab.plan("deepseek-r1", "h200-sxm", gpus=gpus, gpus_per_node=per_node, tokens=n,
                     routing=routing, cpu="xeon-6980p")
     ep = by_name(r)["ep"]
-    g_ep = moelab.gamma("deepseek-r1", "h200-sxm", tokens=n // R, ep_ranks=R, routing=routing,
-                        measured_links=True, latencies=True)
-    assert ep["terms"]["network_s"] == pytest.approx(g_ep["t_ep_overhead_s"], rel=1e-12)
+    g_ep = moelab.gamma("deepseek-r1", "h200-sxm", tokens=32, ep_ranks=gpus, routing=routing,
+                        gpus_per_node=per_node, measured_links=True, latencies=True)
+    assert ep["ep_comm_s"] == pytest.approx(g_ep["t_ep_overhead_s"], rel=1e-12)
     single = moelab.plan("deepseek-r1", "h200-sxm", gpus=1, gpus_per_node=1, tokens=n,
                          routing=routing, cpu="xeon-6980p")
     off = by_name(single)["offload"]
@@ -259,6 +261,10 @@ def test_plan_offload_and_ep_terms_are_gammas(routing):
     assert off["terms"]["stream_s"] == pytest.approx(g_off["t_p_overhead_s"], rel=1e-12)
     # ... and the gamma plan reports is gamma's own number for its pass.
     assert single["gamma"]["t_p_overhead_s"] == pytest.approx(g_off["t_p_overhead_s"], rel=1e-12)
+    g_all = moelab.gamma("deepseek-r1", "h200-sxm", tokens=n, routing=routing, ep_ranks=gpus,
+                         gpus_per_node=per_node, measured_links=True, latencies=True,
+                         resident_fraction=by_name(r)["offload"]["resident_fraction"])
+    assert r["gamma"]["gamma"] == pytest.approx(g_all["gamma"], rel=1e-12)
 
 
 # --- routing --------------------------------------------------------------------------------
@@ -366,6 +372,7 @@ def test_api_takes_a_cpu_spec_and_checks_it():
 
 def test_every_transfer_pays_its_latency():
     p = make_plan("mixtral-8x7b", tokens=4, sequences=4)
+    p = replace(p, system=p.system.with_(alpha_pcie=0.0, alpha_net=0.0), alpha_scale_up=0.0)
     alpha = 1e-5
     slow = replace(p, system=p.system.with_(alpha_pcie=alpha, alpha_net=alpha), alpha_scale_up=alpha)
     base, lat = by_name(planner.plan_all(p)), by_name(planner.plan_all(slow))
@@ -376,8 +383,9 @@ def test_every_transfer_pays_its_latency():
     # CPU experts: two host-link transfers per MoE layer
     cpu, cpu_lat = (planner.plan_cpu_experts(replace(x, replicas=1)) for x in (p, slow))
     assert cpu_lat["terms"]["link_s"] - cpu["terms"]["link_s"] == pytest.approx(32 * 2 * alpha)
-    # EP inside one node: dispatch and combine, each one NVLink latency per MoE layer
-    assert lat["ep"]["terms"]["nvlink_s"] - base["ep"]["terms"]["nvlink_s"] == pytest.approx(32 * 2 * alpha)
+    # EP: dispatch and combine, one collective latency each per MoE layer
+    assert lat["ep"]["ep_comm_s"] - base["ep"]["ep_comm_s"] == pytest.approx(32 * 2 * alpha)
+    assert lat["ep"]["terms"]["ep_latency_s"] == pytest.approx(32 * 2 * alpha)
 
 
 def test_trace_routing_gives_marginals_and_the_recorded_order(tmp_path):
