@@ -10,7 +10,7 @@ from __future__ import annotations
 
 NAME = "decision-map"
 SUMMARY = "best deployment (EP / offload / CPU experts / hybrid) over tokens x GPUs and batch x DRAM"
-VERSION = "1"
+VERSION = "2"
 DEPENDS = (
     "moelab.api",
     "moelab.costmodel.plan",
@@ -138,6 +138,11 @@ def _section(cfg, rows) -> str:
 Each cell holds the strategy with the most tokens/s per GPU that fits (EP = expert parallelism over
 the GPUs, OFF = offload with a resident hot-expert cache, CPU = routed experts on the CPU, HYB =
 hottest experts on the GPU and the rest on the CPU; none = nothing fits), then that rate.
+The objective is tokens/s per GPU: EP uses all the GPUs of its row, the single-GPU
+strategies as many as pay (`gpus_used` in the rows; often one GPU with the whole host).
+CPU times are rooflines at the CPU's peak (no sourced efficiency): the CPU and hybrid
+regions are upper bounds (the validation experiment finds KTransformers 3-10x slower
+than plan's peak-based prediction).
 """]
     planes = (("tokens_x_gpus", "tokens", "gpus", "prefill tokens per pass (columns) x GPUs (rows)"),
               ("batch_x_dram", "batch", "dram_GBps", "decode batch (columns) x host DRAM GB/s (rows)"))
