@@ -141,8 +141,8 @@ hottest experts on the GPU and the rest on the CPU; none = nothing fits), then t
 The objective is tokens/s per GPU: EP uses all the GPUs of its row, the single-GPU
 strategies as many as pay (`gpus_used` in the rows; often one GPU with the whole host).
 CPU times are rooflines at the CPU's peak (no sourced efficiency): the CPU and hybrid
-regions are upper bounds (the validation experiment finds KTransformers 3-10x slower
-than plan's peak-based prediction).
+regions are upper bounds (the validation experiment sets plan against KTransformers'
+published throughputs).
 """]
     planes = (("tokens_x_gpus", "tokens", "gpus", "prefill tokens per pass (columns) x GPUs (rows)"),
               ("batch_x_dram", "batch", "dram_GBps", "decode batch (columns) x host DRAM GB/s (rows)"))
