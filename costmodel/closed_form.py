@@ -1,4 +1,4 @@
-"""The seed's gamma model in closed form, and its extensions (DESIGN.md §1-2).
+"""The seed's gamma model in closed form, and its extensions (docs/model.md).
 
 Seed notation, per forward pass (a prefill of N_t tokens, or one decode step of B tokens):
 
@@ -70,7 +70,7 @@ def n_used_marginals(tokens, q):
 
 # --- fan-out: two tiers ---------------------------------------------------------------
 #
-# Placement (DESIGN.md §2, as the JAX reference places them): expert e lives on rank
+# Placement (docs/model.md, as the JAX reference places them): expert e lives on rank
 # floor(e R / E) (contiguous blocks; when R does not divide E the blocks differ by one, and
 # with R > E some ranks hold none); rank r lives on node floor(r / G) (G GPUs per node, the
 # last node partial when G does not divide R). A token lives on a rank drawn uniformly (the

@@ -1,4 +1,4 @@
-"""The whole gamma model computed from concrete routings, in JAX (DESIGN.md §3.2).
+"""The whole gamma model computed from concrete routings, in JAX (docs/model.md).
 
 A routing is int32 expert ids `[L, N_t, k]` (one forward pass; `routing.py` draws them).
 From it, per layer, exact counts (no expectation formula anywhere):

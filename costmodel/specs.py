@@ -194,7 +194,7 @@ DISPATCH_MODES = ("per-node", "per-rank", "flat")
 
 @dataclass(frozen=True)
 class Options:
-    """The extensions past the seed (DESIGN.md §2). Defaults reproduce the seed exactly."""
+    """The extensions past the seed (docs/model.md). Defaults reproduce the seed exactly."""
 
     fanout: float | None = None  # [phi] remote destinations per token and direction
     ep_ranks: int | None = None  # R: derive phi from R ranks with uniform placement

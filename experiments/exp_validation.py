@@ -443,29 +443,17 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
             "substitutes": r.get("substitutes", {}),
         }
         if pred["tool"] == "plan" and plan is None:
-            rows.append(
-                make_row(
-                    r["name"],
-                    r["kind"],
-                    r["source"],
-                    r["measured"],
-                    r["unit"],
-                    settings=r["settings"],
-                    inputs=inputs,
-                    status=PENDING,
-                    **extra,
-                )
-            )
-            continue
-        try:
-            if pred["tool"] == "gamma":
-                value, more = gamma_prediction(pred)
-            else:
-                value, more = plan_prediction(plan, pred, r["settings"])
-            extra.update(more)
-            status = "predicted"
-        except (ValueError, KeyError, StopIteration, TypeError) as e:  # SpecError is a ValueError
-            value, status = None, f"prediction failed: {type(e).__name__}: {e}"
+            value, status = None, PENDING
+        else:
+            try:
+                if pred["tool"] == "gamma":
+                    value, more = gamma_prediction(pred)
+                else:
+                    value, more = plan_prediction(plan, pred, r["settings"])
+                extra.update(more)
+                status = "predicted"
+            except (ValueError, KeyError, StopIteration, TypeError) as e:  # SpecError is a ValueError
+                value, status = None, f"prediction failed: {type(e).__name__}: {e}"
         rows.append(
             make_row(
                 r["name"],

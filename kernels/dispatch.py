@@ -4,7 +4,7 @@
     y = grouped_gemm(layout.hidden, layout.block_expert, ...)   # one expert per block
     out = combine(y, layout, topk_weights)                        # moelab.kernels.combine
 
-The layout is the contract of DESIGN.md §5 (`DispatchLayout` below documents each field).
+The layout is the contract of docs/contracts.md (`DispatchLayout` below documents each field).
 Rows of one expert keep token order, then j order (pair i = t*k + j): the order is fixed by
 construction (a sort inside each block of pairs plus a scan over blocks), never by atomics,
 so the layout is the same on every run and every device. The kernels are in
@@ -253,7 +253,7 @@ def dispatch(
     check_ids: bool = False,
     config=None,
 ) -> DispatchLayout:
-    """Permute token rows into expert groups (DESIGN.md §5).
+    """Permute token rows into expert groups (docs/contracts.md).
 
     hidden [N_t, d] float (any strides); topk_ids [N_t, k] int32/int64 in [-1, E), -1 =
     not routed here (dropped or remote). quantize_fp8: rows stored as float8_e4m3fn with

@@ -124,7 +124,7 @@ def test_fanout_between_zero_and_min_k_R_minus_one(R, per_rank, k):
 
 
 def test_fanout_matches_combinatorics():
-    # R1 on EP32: 31 * (1 - C(248, 8) / C(256, 8)) (DESIGN.md: 7.04)
+    # R1 on EP32: 31 * (1 - C(248, 8) / C(256, 8)) (= 7.04)
     expected = 31 * (1 - math.comb(248, 8) / math.comb(256, 8))
     assert cf.fanout_uniform(32, 256, 8) == pytest.approx(expected, rel=1e-12)
     assert round(float(cf.fanout_uniform(32, 256, 8)), 2) == 7.04

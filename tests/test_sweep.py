@@ -159,7 +159,7 @@ def test_cli_writes_tidy_csv_and_plot(tmp_path, capsys):
     assert n_tokens == 48 and len(rows) == 4 * n_tokens
     assert "50 values round to 48 distinct" in capsys.readouterr().err
     assert list(rows[0])[:5] == ["model", "system", "routing", "tokens", "b_pcie_GBps"]
-    # below saturation gamma = C k (DESIGN.md §1): 1/2 * 3072 * 50/64 * 8 = 9600 at N_t = 1
+    # below saturation gamma = C k (docs/model.md): 1/2 * 3072 * 50/64 * 8 = 9600 at N_t = 1
     r = next(r for r in rows if r["tokens"] == "1" and r["b_pcie_GBps"] == "64")
     assert float(r["gamma"]) == pytest.approx(9600, rel=1e-6) and r["decision"] == "ep"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
