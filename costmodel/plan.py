@@ -380,12 +380,15 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:,.1f} GB" if x >= 1e8 else f"{x / 1e6:,.3g} MB"
 
 
+def _time(x: float) -> str:
+    return f"{x * 1e3:,.3g} ms" if x < 1 else f"{x:,.3g} s"
+
+
 def _slo(p: Plan, r: dict) -> dict:
     """A deployment slower than the latency budget is not an answer: say so, with the figures."""
     if r["feasible"] and p.slo_s is not None and r["step_s"] > p.slo_s:
         r.update(feasible=False, tokens_per_s=None, tokens_per_s_per_gpu=None,
-                 reason=f"misses the latency budget: step {r['step_s'] * 1e3:,.3g} ms > "
-                        f"{p.slo_s * 1e3:,.3g} ms")
+                 reason=f"misses the latency budget: step {_time(r['step_s'])} > {_time(p.slo_s)}")
     return r
 
 
