@@ -214,11 +214,16 @@ def test_step_at_least_lower_bound(model, system, n, decode):
 
 
 @given(model=st.sampled_from(["deepseek-r1", "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-120b"]),
-       batch=st.sampled_from([1, 8, 64, 512]),
+       batch=st.sampled_from([1, 8, 64, 512]), gpus=st.sampled_from([1, 8, 16]),
+       routing=st.sampled_from(["uniform", "skewed", "worst"]),
+       slo=st.sampled_from([None, 0.05, 0.5]),
        hbm=st.floats(1, 3), pcie=st.floats(1, 4), net=st.floats(1, 4), hbm_bw=st.floats(1, 2),
        dram=st.floats(1, 4), cpu_flops=st.floats(1, 4))
-def test_more_hardware_never_hurts(model, batch, hbm, pcie, net, hbm_bw, dram, cpu_flops):
-    p = make_plan(model, tokens=batch, sequences=batch)
+def test_more_hardware_never_hurts(model, batch, gpus, routing, slo, hbm, pcie, net, hbm_bw, dram,
+                                   cpu_flops):
+    spec = load_model(model)
+    p = make_plan(model, tokens=batch, sequences=batch, gpus=gpus, slo_s=slo,
+                  routing=planner.make_routing(routing, spec.n_moe_layers, spec.n_experts, spec.top_k))
     s, c = p.system, p.cpu
     better = replace(
         p,
