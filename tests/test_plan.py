@@ -428,3 +428,17 @@ def test_every_preset_plans(model):
         else:
             assert s["step_s"] is None and s["reason"]
     json.loads(r.to_json())
+
+
+def test_docs_state_plans_signature():
+    import inspect
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plan.md").read_text()
+    block = text.split("    moelab.plan(", 1)[1].split(")\n", 1)[0]
+    documented = dict(re.findall(r"(\w+)=([^,\s]+)", block))
+    params = inspect.signature(moelab.plan).parameters
+    assert list(documented) == list(params)
+    for name, value in documented.items():
+        assert eval(value) == params[name].default, name
