@@ -109,9 +109,10 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     w = workload(tokens, decode, batch, steps)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
+    is_trace = routing.startswith("trace:")
     if routing not in CLOSED_FORM_ROUTINGS:
         parse_routing(routing)  # an unknown name is an error before anything else is said
-        if samples == 0:
+        if samples == 0 and not is_trace:
             raise SpecError(f"routing: {routing} is drawn by Monte Carlo: add samples (--samples N); "
                             f"in closed form: {', '.join(CLOSED_FORM_ROUTINGS)}")
     options = Options(fanout=fanout, ep_ranks=ep_ranks, dispatch_dtype=dispatch_dtype,
@@ -153,7 +154,13 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
                 "swapped": bool(host_link or network)},
         workload={"decode": w.decode, "tokens": w.tokens, "batch": w.batch, "steps": w.steps},
     )
-    if samples:
+    if is_trace:  # a recorded routing: its windows are the samples
+        from moelab.costmodel.trace import trace_distribution
+
+        out.update(trace_distribution(m, s, w, options, routing.partition(":")[2]))
+        out["routing"] = routing
+        out["routing_closed_form"] = options.routing
+    elif samples:
         from moelab.costmodel.reference import gamma_distribution
 
         out.update(gamma_distribution(m, s, w, options, routing=routing, samples=samples,

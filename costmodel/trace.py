@@ -1,0 +1,307 @@
+"""Recorded routing traces: the format, windows of them, their exact statistics, fits.
+
+A trace (docs/traces.md) is a JSON or .npz file with
+    num_experts (E), top_k (k), layers (the model's MoE layer indices recorded),
+    ids[layer][token] = [k expert ids] (-1: no expert, e.g. a dropped or padded slot),
+    optional model, source, dataset, batch_sizes (tokens of each recorded forward pass).
+Tokens are in the order they were processed; every recorded layer has the same tokens.
+
+`windows(trace, N)` cuts it into non-overlapping windows of N consecutive tokens from
+token 0 (an incomplete tail is dropped); `window_stats` gives, per window and layer, the
+exact N_ue, the remote EP ranks summed over tokens (fan-out) and the max-rank load, the
+first two from the JAX reference's per-layer statistics (`reference.layer_stats`,
+`reference.token_fanout`). `fit_zipf` and `fit_dirichlet` fit the generators of
+`routing.py` to a trace's histogram by maximum likelihood.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moelab.costmodel.specs import SpecError
+
+
+@dataclass(frozen=True)
+class Trace:
+    num_experts: int
+    top_k: int
+    layers: tuple[int, ...]
+    ids: np.ndarray = field(repr=False)  # [L_rec, T, k] int32, -1 allowed
+    model: str = ""
+    source: str = ""
+    dataset: str = ""
+    batch_sizes: tuple[int, ...] | None = None
+    path: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def _fail(path: str, what: str):
+    raise SpecError(f"routing: trace {path!r}: {what}")
+
+
+def load(path: str) -> Trace:
+    """Read and validate a trace (.json or .npz); every defect is a SpecError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        _fail(path, "no such file")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                raw = {name: z[name] for name in z.files}
+            raw = {n: (v.item() if v.ndim == 0 else v) for n, v in raw.items()}
+        else:
+            raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        _fail(path, f"cannot read it: {e}")
+    if not isinstance(raw, dict):
+        _fail(path, "must be an object with num_experts, top_k, layers and ids")
+    return from_dict(raw, path)
+
+
+def from_dict(raw: dict, path: str = "<trace>") -> Trace:
+    for name in ("num_experts", "top_k", "layers", "ids"):
+        if name not in raw:
+            _fail(path, f"missing field {name!r}")
+    E, k = raw["num_experts"], raw["top_k"]
+    for name, v in (("num_experts", E), ("top_k", k)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            _fail(path, f"{name} must be an integer >= 1, got {v!r}")
+    E, k = int(E), int(k)
+    if k > E:
+        _fail(path, f"top_k {k} exceeds num_experts {E}")
+    layers = np.asarray(raw["layers"]).reshape(-1)
+    if layers.size == 0 or layers.dtype.kind not in "iu" or np.any(layers < 0):
+        _fail(path, f"layers must be a non-empty list of layer indices >= 0, got {raw['layers']!r}")
+    if len(set(layers.tolist())) != layers.size:
+        _fail(path, "layers has repeated indices")
+    try:
+        ids = np.asarray(raw["ids"])
+    except ValueError:
+        _fail(path, "ids must be [layer][token][k]: layers of different token counts or "
+                    "tokens of different id counts")
+    if ids.ndim == 2 and ids.shape[0] == 0:
+        ids = ids.reshape(0, 0, k)
+    if ids.ndim != 3 or ids.dtype.kind not in "iu":
+        _fail(path, f"ids must be integers [layer][token][k], got shape {ids.shape} ({ids.dtype}); "
+                    "every layer needs the same tokens")
+    if ids.shape[0] != layers.size:
+        _fail(path, f"ids has {ids.shape[0]} layers, layers lists {layers.size}")
+    if ids.shape[2] != k:
+        _fail(path, f"ids has {ids.shape[2]} ids per token, top_k is {k}")
+    if ids.size and (ids.min() < -1 or ids.max() >= E):
+        _fail(path, f"expert ids must lie in [0, {E}) or be -1, found {ids.min()}..{ids.max()}")
+    valid = ids >= 0
+    s = np.sort(np.where(valid, ids, -1 - np.arange(k)), axis=-1)  # -1s made distinct
+    if ids.size and np.any(s[..., 1:] == s[..., :-1]):
+        _fail(path, "a token lists the same expert twice")
+    batch = raw.get("batch_sizes")
+    if batch is not None:
+        batch = np.asarray(batch).reshape(-1)
+        if batch.dtype.kind not in "iu" or np.any(batch < 1) or batch.sum() != ids.shape[1]:
+            _fail(path, f"batch_sizes must be integers >= 1 summing to the {ids.shape[1]} tokens")
+        batch = tuple(int(b) for b in batch)
+    text = {n: str(raw.get(n, "") or "") for n in ("model", "source", "dataset")}
+    return Trace(E, k, tuple(int(x) for x in layers), ids.astype(np.int32), batch_sizes=batch,
+                 path=path, **text)
+
+
+def to_dict(tr: Trace) -> dict:
+    out = {"model": tr.model, "source": tr.source, "dataset": tr.dataset,
+           "num_experts": tr.num_experts, "top_k": tr.top_k, "layers": list(tr.layers),
+           "tokens": tr.tokens, "ids": tr.ids.tolist()}
+    if tr.batch_sizes is not None:
+        out["batch_sizes"] = list(tr.batch_sizes)
+    return out
+
+
+def check_model(tr: Trace, n_experts: int, top_k: int, n_layers: int) -> None:
+    """A trace must come from a model with this E and k, and at most its L layers."""
+    if tr.num_experts != n_experts or tr.top_k != top_k:
+        raise SpecError(f"routing: trace {tr.path!r} has E={tr.num_experts}, k={tr.top_k}; "
+                        f"the model has E={n_experts}, k={top_k}")
+    if len(tr.layers) > n_layers or max(tr.layers) >= n_layers:
+        raise SpecError(f"routing: trace {tr.path!r} records layers {min(tr.layers)}.."
+                        f"{max(tr.layers)}; the model has {n_layers} MoE layers")
+
+
+def windows(tr: Trace, size: int) -> np.ndarray:
+    """[W, L_rec, size, k]: non-overlapping windows of `size` consecutive tokens from token
+    0; an incomplete tail is dropped."""
+    if size < 1:
+        raise SpecError(f"tokens: a window needs >= 1 token, got {size}")
+    W = tr.tokens // size
+    if W == 0:
+        raise SpecError(f"tokens: the trace {tr.path!r} has {tr.tokens} tokens, fewer than "
+                        f"one window of {size}")
+    ids = tr.ids[:, :W * size].reshape(len(tr.layers), W, size, tr.top_k)
+    return ids.transpose(1, 0, 2, 3)
+
+
+def batch_windows(tr: Trace) -> list[np.ndarray]:
+    """The recorded forward passes ([L_rec, n_b, k] each), from batch_sizes."""
+    if tr.batch_sizes is None:
+        raise SpecError(f"tokens: the trace {tr.path!r} has no batch_sizes to use as windows")
+    edges = np.cumsum((0, *tr.batch_sizes))
+    return [tr.ids[:, a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def window_stats(win: np.ndarray, n_experts: int, ranks: int = 0,
+                 gpus_per_node: int = 8) -> dict[str, np.ndarray]:
+    """Exact counts of windows [W, L, N, k] (ids -1 allowed), each [W, L]:
+    n_used, remote_ranks (summed over tokens; 0 without ranks), max_rank_load (the most
+    (token, expert) pairs any EP rank serves; per expert without ranks).
+
+    -1 ids: for N_ue they become a dummy expert E that is not counted; for the fan-out a
+    token's -1s repeat one of its real ids (the same set of ranks), and a token with no
+    real id sends nothing.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from moelab.costmodel.reference import layer_stats, token_fanout
+
+    W, L, N, k = win.shape
+    E = n_experts
+    flat = np.asarray(win, np.int32).reshape(W * L, N, k)
+    missing = flat < 0
+    dummy = np.where(missing, E, flat)
+    n_used = np.asarray(jax.jit(jax.vmap(lambda ids: layer_stats(ids, E + 1)["n_used"]))(
+        jnp.asarray(dummy)))
+    n_used = n_used - missing.reshape(W * L, -1).any(-1)  # the dummy expert is not one
+    remote = np.zeros(W * L, np.int64)
+    if ranks:
+        first = np.where(missing.all(-1), 0, flat[np.arange(W * L)[:, None], np.arange(N)[None, :],
+                                                   np.argmax(~missing, -1)])
+        filled = np.where(missing, first[..., None], flat)
+        per_token = np.asarray(jax.jit(jax.vmap(
+            lambda ids: token_fanout(ids, E, ranks, gpus_per_node)[0]))(jnp.asarray(filled)))
+        remote = np.where(missing.all(-1), 0, per_token).sum(-1)
+    groups = ranks or E
+    owner = np.where(missing, groups, flat.astype(np.int64) * groups // E)
+    load = np.zeros((W * L, groups + 1), np.int64)
+    np.add.at(load, (np.arange(W * L)[:, None, None], owner), 1)
+    return {"n_used": n_used.reshape(W, L), "remote_ranks": remote.reshape(W, L),
+            "max_rank_load": load[:, :groups].max(-1).reshape(W, L)}
+
+
+def histogram(tr: Trace) -> np.ndarray:
+    """[L_rec, E] how often each expert was chosen, per recorded layer."""
+    h = np.zeros((len(tr.layers), tr.num_experts + 1), np.int64)
+    np.add.at(h, (np.arange(len(tr.layers))[:, None, None], np.where(tr.ids < 0, tr.num_experts,
+                                                                      tr.ids)), 1)
+    return h[:, :tr.num_experts]
+
+
+# --- maximum-likelihood fits to the histogram --------------------------------------------------
+
+
+def _golden_max(f, lo: float, hi: float, iters: int = 80) -> float:
+    """argmax of a unimodal f on [lo, hi] by golden-section search."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc >= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+def zipf_loglik(hist: np.ndarray, s: float) -> float:
+    """log-likelihood of counts [L, E] as draws from p_r ~ r^-s, r the expert's rank by
+    count in its layer (the ranking that maximizes the likelihood for s >= 0)."""
+    h = -np.sort(-np.asarray(hist, np.float64), axis=-1)
+    E = h.shape[-1]
+    logp = -s * np.log(np.arange(1, E + 1))
+    logp -= np.log(np.exp(logp).sum())
+    return float((h * logp).sum())
+
+
+def fit_zipf(hist: np.ndarray) -> float:
+    """Maximum-likelihood Zipf exponent s in [0, 10] for the histogram [L, E]."""
+    return _golden_max(lambda s: zipf_loglik(hist, s), 0.0, 10.0)
+
+
+_lgamma = np.frompyfunc(math.lgamma, 1, 1)
+
+
+def dirichlet_loglik(hist: np.ndarray, a: float) -> float:
+    """log-likelihood of counts [L, E] under a Dirichlet(a)-multinomial per layer:
+    sum_l lgamma(E a) - lgamma(n_l + E a) + sum_e lgamma(c_le + a) - lgamma(a)."""
+    h = np.asarray(hist, np.float64)
+    E, n = h.shape[-1], h.sum(-1)
+    lg = lambda x: np.asarray(_lgamma(x), np.float64)  # noqa: E731
+    return float((lg(E * a) - lg(n + E * a)).sum() + (lg(h + a) - lg(a)).sum())
+
+
+def fit_dirichlet(hist: np.ndarray) -> float:
+    """Maximum-likelihood Dirichlet concentration a in [1e-3, 1e4] (searched in log a)."""
+    return math.exp(_golden_max(lambda x: dirichlet_loglik(hist, math.exp(x)),
+                                math.log(1e-3), math.log(1e4)))
+
+
+# --- gamma from a trace ------------------------------------------------------------------------
+
+
+def trace_distribution(model, system, workload, options, path: str) -> dict:
+    """gamma over a trace's windows, as `reference.gamma_distribution` reports a Monte
+    Carlo: each window of N_t tokens (prefill) or of the batch (decode) is one forward
+    pass, its recorded layers counted exactly. A trace with fewer layers than the model
+    stands for all L: the overheads are those of its layers scaled by L / L_rec (gamma,
+    a ratio, is theirs), and the result says so (`trace_layers`)."""
+    from moelab.costmodel.reference import overheads
+    from moelab.costmodel.sweep import params_of
+
+    tr = load(path)
+    L = model.n_moe_layers
+    check_model(tr, model.n_experts, model.top_k, L)
+    N = workload.tokens_per_pass
+    R = options.ep_ranks or 0
+    st = window_stats(windows(tr, N), model.n_experts, R, system.gpus_per_node)
+    n_used = st["n_used"].astype(np.float64)  # [W, L_rec]
+    dest = st["remote_ranks"].astype(np.float64) if R else np.full(n_used.shape, float(N))
+    p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
+    res = overheads(n_used, dest, p)
+    scale = L / len(tr.layers)
+    gamma = np.asarray(res["gamma"], np.float64)
+    W = n_used.shape[0]
+    out = {
+        "gamma_mean": float(gamma.mean()),
+        "gamma_p05": float(np.percentile(gamma, 5)),
+        "gamma_p95": float(np.percentile(gamma, 95)),
+        "gamma_std": float(gamma.std(ddof=1)) if W > 1 else 0.0,
+        "n_ue_mean": float(n_used.mean()),
+        "n_ue_p05": float(np.percentile(n_used, 5)),
+        "n_ue_p95": float(np.percentile(n_used, 95)),
+        "n_ue_std": float(n_used.std(ddof=1)) if n_used.size > 1 else 0.0,
+        "max_rank_load_mean": float(st["max_rank_load"].mean()),
+        "t_p_overhead_mean": float(np.mean(res["t_p_overhead"]) * scale),
+        "t_ep_overhead_mean": float(np.mean(res["t_ep_overhead"]) * scale),
+        "offload_win_fraction": float(np.mean(gamma < 1)),
+        "ep_win_fraction": float(np.mean(gamma > 1)),
+        "samples": int(W),
+        "trace": {"path": path, "model": tr.model, "source": tr.source, "dataset": tr.dataset,
+                  "tokens": tr.tokens, "windows": int(W), "window_tokens": int(N),
+                  "dropped_tokens": int(tr.tokens - W * N), "layers": len(tr.layers),
+                  "model_layers": L},
+    }
+    if len(tr.layers) < L:
+        out["trace_layers_note"] = (f"the trace records {len(tr.layers)} of the model's {L} MoE "
+                                    f"layers; their statistics stand for all {L}")
+    if R:
+        out["fanout_mean"] = float(dest.mean() / N)
+    return out
