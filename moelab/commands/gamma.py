@@ -118,18 +118,18 @@ def print_table(out: dict) -> None:
     elif not w["decode"]:
         t.add_row("N_t*", "tokens where gamma = 1", "none: offload wins at every N_t")
     sampled = "gamma_mean" in out
-    trace = out.get("trace")
-    if trace:  # a recorded routing: its windows, not samples
-        from pathlib import Path
+    trace = out.get("trace")  # a recorded routing: its windows are the samples
+    if sampled:
+        t.add_section()
+        if trace:
+            from pathlib import Path
 
-        t.add_section()
-        t.add_row(f"gamma (trace {Path(trace['path']).name})",
-                  f"mean of {trace['windows']:,} windows of {trace['window_tokens']:,} tokens",
-                  fmt(out["gamma_mean"]))
-    elif sampled:
-        t.add_section()
-        t.add_row(f"gamma ({out['routing']})", f"mean of {out['samples']:,} sampled routings",
-                  fmt(out["gamma_mean"]))
+            t.add_row(f"gamma (trace {Path(trace['path']).name})",
+                      f"mean of {trace['windows']:,} windows of {trace['window_tokens']:,} tokens",
+                      fmt(out["gamma_mean"]))
+        else:
+            t.add_row(f"gamma ({out['routing']})", f"mean of {out['samples']:,} sampled routings",
+                      fmt(out["gamma_mean"]))
         t.add_row("  p05 – p95", "5th and 95th percentiles",
                   f"{fmt(out['gamma_p05'])} – {fmt(out['gamma_p95'])}")
         t.add_row("N_ue mean", "used experts per layer", fmt(out["n_ue_mean"]))
