@@ -133,7 +133,7 @@ def do_import(args) -> dict:
     raw = {"model": args.model, "source": args.source or str(path), "dataset": args.dataset,
            "num_experts": E, "top_k": int(k), "layers": layers, "ids": stacked}
     sizes = batches[layers[0]]
-    if any(s > 1 for s in sizes) and all(batches[l] == sizes for l in layers) and T == sum(sizes):
+    if any(s > 1 for s in sizes) and all(batches[l] == sizes for l in layers) and sum(sizes) == T:
         raw["batch_sizes"] = sizes  # per-batch records: each is a recorded forward pass
     trace = tr.from_dict(raw, args.log)  # the same validation as a loaded trace
     data = tr.to_dict(trace)
@@ -185,7 +185,7 @@ def fit(path: str, ranks: int | None = None, samples: int = 200, seed: int = 0) 
     gens = {"uniform": "uniform", "zipf": f"zipf:{s:.6g}", "dirichlet": f"dirichlet:{a:.6g}"}
     rows = []
     for N in FIT_TOKENS:
-        if N > t.tokens:
+        if t.tokens < N:
             rows.append({"tokens": N, "windows": 0})
             continue
         st = tr.window_stats(tr.windows(t, N), E, R)
@@ -217,9 +217,9 @@ def print_fit(out: dict) -> None:
             f"{out['layers']} layers, {out['tokens']:,} tokens", highlight=False)
     c.print(f"maximum likelihood on its histogram: Zipf s = {out['zipf_s']:.4g}, "
             f"Dirichlet a = {out['dirichlet_a']:.4g}", highlight=False)
-    for what, key, unit in (("N_ue (experts used per layer)", "n_ue", ""),
-                            (f"max-rank load (EP{out['ep_ranks']}: most (token, expert) pairs "
-                             "on one rank)", "max_rank_load", "")):
+    for what, key in (("N_ue (experts used per layer)", "n_ue"),
+                      (f"max-rank load (EP{out['ep_ranks']}: most (token, expert) pairs on one rank)",
+                       "max_rank_load")):
         t = Table(title=what)
         t.add_column("N_t", justify="right")
         t.add_column("windows", justify="right")
