@@ -257,10 +257,26 @@ def fit_dirichlet(hist: np.ndarray) -> float:
 # --- gamma from a trace ------------------------------------------------------------------------
 
 
-def trace_distribution(model, system, workload, options, path: str) -> dict:
+def _pass_stats(tr: Trace, ranks: int, gpus_per_node: int) -> tuple[dict, np.ndarray]:
+    """window_stats of the recorded passes (batch_sizes), and each pass's tokens [W]."""
+    passes = batch_windows(tr)
+    sizes = np.array([b.shape[1] for b in passes])
+    out = {n: np.zeros((len(passes), len(tr.layers)), np.int64)
+           for n in ("n_used", "remote_ranks", "max_rank_load")}
+    for n in np.unique(sizes):  # one count per pass size
+        at = np.flatnonzero(sizes == n)
+        st = window_stats(np.stack([passes[i] for i in at]), tr.num_experts, ranks, gpus_per_node)
+        for name, v in st.items():
+            out[name][at] = v
+    return out, sizes
+
+
+def trace_distribution(model, system, workload, options, path: str,
+                       recorded_passes: bool = False) -> dict:
     """gamma over a trace's windows, as `reference.gamma_distribution` reports a Monte
     Carlo: each window of N_t tokens (prefill) or of the batch (decode) is one forward
-    pass, its recorded layers counted exactly. A trace with fewer layers than the model
+    pass, its recorded layers counted exactly. With recorded_passes, the windows are the
+    passes the trace recorded (batch_sizes), each with its own token count. A trace with fewer layers than the model
     stands for all L: the overheads are those of its layers scaled by L / L_rec (gamma,
     a ratio, is theirs), and the result says so (`trace_layers`)."""
     from moelab.costmodel.reference import overheads
@@ -269,11 +285,16 @@ def trace_distribution(model, system, workload, options, path: str) -> dict:
     tr = load(path)
     L = model.n_moe_layers
     check_model(tr, model.n_experts, model.top_k, L)
-    N = workload.tokens_per_pass
     R = options.ep_ranks or 0
-    st = window_stats(windows(tr, N), model.n_experts, R, system.gpus_per_node)
+    if recorded_passes:
+        st, sizes = _pass_stats(tr, R, system.gpus_per_node)
+    else:
+        st = window_stats(windows(tr, workload.tokens_per_pass), model.n_experts, R,
+                          system.gpus_per_node)
+        sizes = np.full(st["n_used"].shape[0], workload.tokens_per_pass)
+    N = sizes[:, None].astype(np.float64)  # tokens of each window
     n_used = st["n_used"].astype(np.float64)  # [W, L_rec]
-    dest = st["remote_ranks"].astype(np.float64) if R else np.full(n_used.shape, float(N))
+    dest = st["remote_ranks"].astype(np.float64) if R else np.broadcast_to(N, n_used.shape)
     p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
     res = overheads(n_used, dest, p)
     scale = L / len(tr.layers)
@@ -295,13 +316,14 @@ def trace_distribution(model, system, workload, options, path: str) -> dict:
         "ep_win_fraction": float(np.mean(gamma > 1)),
         "samples": int(W),
         "trace": {"path": path, "model": tr.model, "source": tr.source, "dataset": tr.dataset,
-                  "tokens": tr.tokens, "windows": int(W), "window_tokens": int(N),
-                  "dropped_tokens": int(tr.tokens - W * N), "layers": len(tr.layers),
+                  "tokens": tr.tokens, "windows": int(W),
+                  "window_tokens": int(sizes[0]) if not recorded_passes else "recorded passes",
+                  "dropped_tokens": int(tr.tokens - sizes.sum()), "layers": len(tr.layers),
                   "model_layers": L},
     }
     if len(tr.layers) < L:
         out["trace_layers_note"] = (f"the trace records {len(tr.layers)} of the model's {L} MoE "
                                     f"layers; their statistics stand for all {L}")
     if R:
-        out["fanout_mean"] = float(dest.mean() / N)
+        out["fanout_mean"] = float(dest.sum() / (N.sum() * dest.shape[1]))
     return out

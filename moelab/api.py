@@ -106,10 +106,21 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     s = system_spec(system, host_link=host_link, network=network, measured_links=measured_links,
                     latencies=latencies, b_pcie=b_pcie, b_net=b_net, alpha_pcie=alpha_pcie,
                     alpha_net=alpha_net)
+    is_trace = routing.startswith("trace:")
+    recorded_passes = tokens == "trace"
+    if recorded_passes:  # the trace's own forward passes; the closed form gets their mean size
+        from moelab.costmodel.trace import load as load_trace
+
+        if not is_trace or decode:
+            raise SpecError("tokens: 'trace' uses the passes of a prefill --routing trace:FILE")
+        sizes = load_trace(parse_routing(routing).path).batch_sizes
+        if sizes is None:
+            raise SpecError(f"tokens: the trace {parse_routing(routing).path!r} has no "
+                            "batch_sizes: give --tokens N for windows of N tokens")
+        tokens = max(1, round(sum(sizes) / len(sizes)))
     w = workload(tokens, decode, batch, steps)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
-    is_trace = routing.startswith("trace:")
     if routing not in CLOSED_FORM_ROUTINGS:
         parse_routing(routing)  # an unknown name is an error before anything else is said
         if samples == 0 and not is_trace:
@@ -157,7 +168,8 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     if is_trace:  # a recorded routing: its windows are the samples
         from moelab.costmodel.trace import trace_distribution
 
-        out.update(trace_distribution(m, s, w, options, routing.partition(":")[2]))
+        out.update(trace_distribution(m, s, w, options, routing.partition(":")[2],
+                                      recorded_passes=recorded_passes))
         out["routing"] = routing
         out["routing_closed_form"] = options.routing
     elif samples:

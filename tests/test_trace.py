@@ -239,3 +239,22 @@ def test_import_names_a_missing_field(tmp_path, capsys):
     assert main(["trace", "import", str(tmp_path / "log.jsonl"), "--out",
                  str(tmp_path / "t.json")]) == 2
     assert "no field 'topk_ids'" in capsys.readouterr().err
+
+
+def test_tokens_trace_uses_the_recorded_passes(tmp_path):
+    ids = _ids(2, 9, 8, 2, seed=4)
+    sizes = [2, 3, 4]
+    path = _write(tmp_path / "t.json", ids, 8, batch_sizes=sizes)
+    r = api.gamma("mixtral-8x7b", tokens="trace", routing=f"trace:{path}", ep_ranks=4)
+    edges = np.cumsum([0, *sizes])
+    per_pass = [_brute(ids[None, :, a:b], 8, 4) for a, b in zip(edges[:-1], edges[1:])]
+    assert r.samples == 3 and r.trace["window_tokens"] == "recorded passes"
+    assert r.n_ue_mean == pytest.approx(np.mean([p[0] for p in per_pass]))
+    # fan-out: remote ranks over all passes and layers / (tokens x layers)
+    assert r.fanout_mean == pytest.approx(sum(p[1].sum() for p in per_pass) / (9 * 2))
+    assert r.tokens == 3  # the closed form's N_t: the mean pass
+    with pytest.raises(SpecError, match="tokens: 'trace'"):
+        api.gamma("mixtral-8x7b", tokens="trace", routing="uniform", samples=2)
+    bare = _write(tmp_path / "bare.json", ids, 8)
+    with pytest.raises(SpecError, match="no batch_sizes"):
+        api.gamma("mixtral-8x7b", tokens="trace", routing=f"trace:{bare}")

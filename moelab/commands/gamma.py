@@ -124,9 +124,11 @@ def print_table(out: dict) -> None:
         if trace:
             from pathlib import Path
 
+            size = trace["window_tokens"]
+            windows = (f"windows of {size:,} tokens" if isinstance(size, int)
+                       else "recorded passes")
             t.add_row(f"gamma (trace {Path(trace['path']).name})",
-                      f"mean of {trace['windows']:,} windows of {trace['window_tokens']:,} tokens",
-                      fmt(out["gamma_mean"]))
+                      f"mean of {trace['windows']:,} {windows}", fmt(out["gamma_mean"]))
         else:
             t.add_row(f"gamma ({out['routing']})", f"mean of {out['samples']:,} sampled routings",
                       fmt(out["gamma_mean"]))
