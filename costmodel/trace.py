@@ -276,9 +276,10 @@ def trace_distribution(model, system, workload, options, path: str,
     """gamma over a trace's windows, as `reference.gamma_distribution` reports a Monte
     Carlo: each window of N_t tokens (prefill) or of the batch (decode) is one forward
     pass, its recorded layers counted exactly. With recorded_passes, the windows are the
-    passes the trace recorded (batch_sizes), each with its own token count. A trace with fewer layers than the model
-    stands for all L: the overheads are those of its layers scaled by L / L_rec (gamma,
-    a ratio, is theirs), and the result says so (`trace_layers`)."""
+    passes the trace recorded (batch_sizes), each with its own token count. A trace with
+    fewer layers than the model stands for all L: the overheads are those of its layers
+    scaled by L / L_rec (gamma, a ratio, is theirs), and the result says so
+    (`trace_layers_note`)."""
     from moelab.costmodel.reference import overheads
     from moelab.costmodel.sweep import params_of
 

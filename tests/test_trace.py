@@ -247,7 +247,7 @@ def test_tokens_trace_uses_the_recorded_passes(tmp_path):
     path = _write(tmp_path / "t.json", ids, 8, batch_sizes=sizes)
     r = api.gamma("mixtral-8x7b", tokens="trace", routing=f"trace:{path}", ep_ranks=4)
     edges = np.cumsum([0, *sizes])
-    per_pass = [_brute(ids[None, :, a:b], 8, 4) for a, b in zip(edges[:-1], edges[1:])]
+    per_pass = [_brute(ids[None, :, a:b], 8, 4) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     assert r.samples == 3 and r.trace["window_tokens"] == "recorded passes"
     assert r.n_ue_mean == pytest.approx(np.mean([p[0] for p in per_pass]))
     # fan-out: remote ranks over all passes and layers / (tokens x layers)
