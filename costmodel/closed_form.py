@@ -1,4 +1,4 @@
-"""The seed's gamma model in closed form, and its extensions (DESIGN.md §1-2).
+"""The seed's gamma model in closed form, and its extensions (docs/model.md).
 
 Seed notation, per forward pass (a prefill of N_t tokens, or one decode step of B tokens):
 
@@ -22,7 +22,9 @@ Every function broadcasts over numpy arrays, so a sweep is one call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -66,26 +68,245 @@ def n_used_marginals(tokens, q):
     return np.sum(_hit_probability(t, q), axis=-1)
 
 
-# --- fan-out ------------------------------------------------------------------------
+# --- fan-out: two tiers ---------------------------------------------------------------
+#
+# Placement (docs/model.md, as the JAX reference places them): expert e lives on rank
+# floor(e R / E) (contiguous blocks; when R does not divide E the blocks differ by one, and
+# with R > E some ranks hold none); rank r lives on node floor(r / G) (G GPUs per node, the
+# last node partial when G does not divide R). A token lives on a rank drawn uniformly (the
+# reference spreads tokens in contiguous blocks: the same average when R divides N_t). It
+# picks k of the E experts uniformly without replacement, so a set of m experts is missed
+# with probability C(E - m, k) / C(E, k) = prod_{i<k} (E - m - i) / (E - i): every
+# expectation below is exact, a sum over ranks or nodes of such hit probabilities.
+
+
+def miss_probability(m, n_experts, k):
+    """P(a uniform top-k token picks none of a given m experts) = C(E-m, k) / C(E, k)."""
+    m, E, k = np.broadcast_arrays(np.asarray(m, float), np.asarray(n_experts, float),
+                                  np.asarray(k, float))
+    miss = np.ones(m.shape)
+    for i in range(int(np.max(k, initial=0))):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = np.clip((E - m - i) / (E - i), 0.0, 1.0)
+        miss = np.where(i < k, miss * factor, miss)
+    return miss
+
+
+def experts_per_rank(n_experts: int, ranks: int) -> np.ndarray:
+    """[R] experts on each rank under contiguous placement e -> floor(e R / E)."""
+    r = np.arange(int(ranks) + 1, dtype=np.int64)
+    bounds = -((-r * int(n_experts)) // int(ranks))  # ceil(r E / R): first expert of rank r
+    return np.diff(bounds)
 
 
 def fanout_uniform(ranks, n_experts, k):
-    """Expected remote EP ranks a token's activations go to, per direction.
+    """Expected remote EP ranks a token goes to, per direction (both tiers together).
 
-    Experts spread evenly over R ranks (E/R each), top-k uniform without replacement.
-    A given rank is missed with probability C(E - E/R, k) / C(E, k), so
-        phi = (R - 1) * (1 - C(E - E/R, k) / C(E, k)).
-    The ratio of binomials is the product over i < k of (E - E/R - i) / (E - i).
+    With a = floor(E/R) and E mod R ranks holding a + 1 experts (the rest a):
+        phi = (R - 1)/R * [(R - E mod R)(1 - miss(a)) + (E mod R)(1 - miss(a + 1))],
+    exact also when R does not divide E (R=16, E=8, k=2: 15/16 * 8 * (1 - 21/28) = 1.875).
+    Broadcasts over arrays.
     """
-    R, E, k = np.broadcast_arrays(
-        np.asarray(ranks, float), np.asarray(n_experts, float), np.asarray(k, float)
-    )
-    per_rank = E / R
-    miss = np.ones(R.shape)
-    for i in range(int(np.max(k, initial=0))):
-        factor = np.clip((E - per_rank - i) / (E - i), 0.0, 1.0)
-        miss = np.where(i < k, miss * factor, miss)
-    return (R - 1) * (1 - miss)
+    R, E, k = np.broadcast_arrays(np.asarray(ranks, float), np.asarray(n_experts, float),
+                                  np.asarray(k, float))
+    a = np.floor(E / R)
+    big = E - a * R  # ranks with a + 1 experts
+    hits = (R - big) * (1 - miss_probability(a, E, k)) + big * (1 - miss_probability(a + 1, E, k))
+    return (R - 1) / R * hits
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """Expected remote destinations of one token per direction, by tier (uniform top-k)."""
+
+    intra: float  # remote ranks on the token's own node (NVLink)
+    nodes: float  # remote nodes (one network copy each, deduplicated per node)
+    ranks_inter: float  # remote ranks on other nodes (one network copy each, per rank)
+
+    @property
+    def ranks(self) -> float:
+        """All remote ranks: fanout_uniform."""
+        return self.intra + self.ranks_inter
+
+
+def fanout_tiers(ranks: int, n_experts: int, k: int, gpus_per_node: int) -> Tiers:
+    """Exact two-tier fan-out for contiguous placement over R ranks in nodes of G.
+
+    With h_r = 1 - miss(n_r) (rank r hit), H_j = sum of h_r over node j of g_j ranks, and
+    u_j = 1 - miss(m_j) (node j, holding m_j experts, hit), averaged over the home rank:
+        intra       = 1/R sum_j (g_j - 1) H_j
+        ranks_inter = 1/R sum_j g_j (sum_j' H_j' - H_j)
+        nodes       = 1/R sum_j g_j (sum_j' u_j' - u_j)
+    """
+    R, G = int(ranks), max(1, min(int(gpus_per_node), int(ranks)))
+    n_r = experts_per_rank(n_experts, R)
+    node = np.arange(R) // G
+    g = np.bincount(node).astype(float)
+    H = np.bincount(node, 1 - miss_probability(n_r, n_experts, k))
+    u = 1 - miss_probability(np.bincount(node, n_r), n_experts, k)
+    return Tiers(intra=float(np.sum((g - 1) * H) / R),
+                 nodes=float(np.sum(g * (u.sum() - u)) / R),
+                 ranks_inter=float(np.sum(g * (H.sum() - H)) / R))
+
+
+def fanout_nodes_group_limited(nodes: int, n_group: int, topk_group: int, n_experts: int = 0,
+                               k: int = 0, every_kept_group_hit: bool = False) -> float:
+    """Expected remote nodes per token under DeepSeek's group-limited top-k.
+
+    A token keeps topk_group of the n_group groups (each subset alike, by symmetry), then
+    picks its k experts among the kept groups' experts. Experts are contiguous and n_group a
+    multiple of the node count M, so each node holds g = n_group / M whole groups; given c
+    of a node's groups are kept (hypergeometric P(c)), the node is missed with probability
+    m(c), and nodes = (M - 1)(1 - sum_c P(c) m(c)) (the home node drawn uniformly).
+
+    - every_kept_group_hit=False: picks uniform among the kept experts (s per group,
+      pool = topk_group s): m(c) = C(pool - c s, k) / C(pool, k). Exact for that model.
+    - every_kept_group_hit=True: m(c) = [c = 0]. DeepSeek's router keeps groups for the sum
+      of their two best scores, so a kept group's best expert is nearly always among the
+      token's top k: this is the upper bound the router approaches (R1 on 4 and 8 nodes:
+      Monte Carlo within 1% below it, tests/test_tiers.py), the uniform model a lower one.
+    """
+    from math import comb
+
+    M = int(nodes)
+    if M < 2:
+        return 0.0
+    if n_group % M:
+        raise ValueError(f"nodes: {M} nodes must divide n_group={n_group}")
+    g = n_group // M
+    s = n_experts // n_group if n_experts else 0
+    miss = 0.0
+    for c in range(0, min(g, topk_group) + 1):
+        p_c = comb(g, c) * comb(n_group - g, topk_group - c) / comb(n_group, topk_group)
+        if every_kept_group_hit:
+            miss += p_c * (c == 0)
+        else:
+            miss += p_c * float(miss_probability(c * s, topk_group * s, k))
+    return (M - 1) * (1 - miss)
+
+
+# --- the busiest rank -----------------------------------------------------------------------
+
+
+def _expected_max_binomials(n, p, count) -> float:
+    """E[max_u X_u] for independent X_u ~ Binomial(n_u, p_u), `count` units of each kind.
+
+    E[max] = sum_{x >= 0} (1 - prod_u F_u(x)); the pmfs are summed on a window of +-14
+    standard deviations around the means (outside it the terms are 1 or 0 to 1e-40).
+    """
+    n, p, count = (np.asarray(a, float) for a in (n, p, count))
+    keep = (p > 0) & (n > 0) & (count > 0)
+    if not keep.any():
+        return 0.0
+    n, p, count = n[keep], np.minimum(p[keep], 1.0), count[keep]
+    mean, sd = n * p, np.sqrt(n * p * (1 - p))
+    lo = int(max(0.0, np.floor(np.min(mean - 14 * sd - 2))))
+    hi = int(min(np.max(n), np.ceil(np.max(mean + 14 * sd + 2))))
+    if hi - lo > 4000:
+        # Large counts: the binomials are normal to far better than 1% of the mean;
+        # integrate 1 - prod Phi((x + 1/2 - mean) / sd) on a fine grid instead of per integer.
+        x = np.linspace(lo, hi, 4001)
+        erf = np.frompyfunc(math.erf, 1, 1)
+        log_prod = np.zeros_like(x)
+        for m_u, s_u, c_u in zip(mean, sd, count, strict=True):
+            cdf = 0.5 * (1 + erf((x + 0.5 - m_u) / (s_u * math.sqrt(2)) if s_u > 0 else
+                                 np.where(x + 0.5 >= m_u, 1e9, -1e9)).astype(float))
+            with np.errstate(divide="ignore"):
+                log_prod += c_u * np.log(np.maximum(cdf, 0.0))
+        return float(lo + np.trapezoid(1 - np.exp(log_prod), x))
+    x = np.arange(lo, hi + 1, dtype=float)
+    lg = np.frompyfunc(math.lgamma, 1, 1)
+    log_cdf_sum = np.zeros_like(x)
+    for n_u, p_u, c_u in zip(n, p, count, strict=True):
+        if p_u >= 1:
+            cdf = (x >= n_u).astype(float)
+        else:
+            xs = np.minimum(x, n_u)
+            logpmf = (math.lgamma(n_u + 1) - lg(xs + 1).astype(float) - lg(n_u - xs + 1).astype(float)
+                      + xs * math.log(p_u) + (n_u - xs) * math.log1p(-p_u))
+            pmf = np.where(x <= n_u, np.exp(logpmf), 0.0)
+            cdf = np.minimum(np.cumsum(pmf) / max(pmf.sum(), 1e-300), 1.0)
+            cdf = np.where(x >= n_u, 1.0, cdf)
+        with np.errstate(divide="ignore"):
+            log_cdf_sum += c_u * np.log(cdf)
+    return float(lo + np.sum(1 - np.exp(log_cdf_sum[:-1])))
+
+
+def imbalance_from_probabilities(tokens_per_rank, hit) -> float:
+    """E[max over ranks of (token, rank) pairs received] / their mean.
+
+    Every rank holds `tokens_per_rank` tokens (the per-GPU view of the seed: each GPU has
+    N_t) and sends each to the remote ranks it hits; rank r is hit by a token with
+    probability hit[r]. Rank r receives X_r ~ Binomial((R-1) N, hit[r]) rows. The X_r of
+    different ranks are treated as independent (they are weakly, negatively correlated
+    through a token's k picks): an approximation, checked against Monte Carlo of the exact
+    routing in tests/test_imbalance.py (within 1% from 4 tokens per rank on).
+    """
+    hit = np.asarray(hit, float)
+    R = hit.size
+    n = (R - 1) * float(tokens_per_rank)
+    mean = n * hit.mean()
+    if R < 2 or mean <= 0:
+        return 1.0
+    values, counts = np.unique(np.round(hit, 15), return_counts=True)
+    return float(_expected_max_binomials(np.full(values.shape, n), values, counts) / mean)
+
+
+@lru_cache(maxsize=4096)
+def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int) -> float:
+    """imbalance under uniform top-k and contiguous placement (see imbalance_from_probabilities)."""
+    if int(ranks) < 2:
+        return 1.0
+    hit = 1 - miss_probability(experts_per_rank(n_experts, ranks), n_experts, k)
+    return imbalance_from_probabilities(tokens_per_rank, hit)
+
+
+def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
+    """EPLB-like placement: `redundant` extra slots replicate the hottest experts, then all
+    E + N slots are packed greedily onto R ranks of equal capacity ceil((E + N) / R).
+
+    load[e]: expected tokens (or marginal probability) of expert e. Replicas go one at a
+    time to the expert with the largest load per replica (at most R copies); slots are placed heaviest first
+    on the least loaded rank with room that does not already hold that expert.
+    Returns per rank the list of expert ids it holds.
+    """
+    load = np.asarray(load, float)
+    E, R = load.size, int(ranks)
+    copies = np.ones(E, np.int64)
+    for _ in range(int(redundant)):
+        # at most one copy per rank: a full expert takes no more replicas
+        per_replica = np.where(copies < R, load / copies, -np.inf)
+        copies[np.argmax(per_replica)] += 1
+    capacity = -(-(E + int(redundant)) // R)
+    slots = sorted(((load[e] / copies[e], e) for e in range(E) for _ in range(copies[e])),
+                   key=lambda t: (-t[0], t[1]))
+    held: list[list[int]] = [[] for _ in range(R)]
+    rank_load = np.zeros(R)
+    for w, e in slots:
+        free = [r for r in range(R) if len(held[r]) < capacity and e not in held[r]]
+        free = free or [r for r in range(R) if len(held[r]) < capacity]
+        r = min(free, key=lambda r: (rank_load[r], r))
+        held[r].append(e)
+        rank_load[r] += w
+    return held
+
+
+def placement_hit_probabilities(marginals, held) -> np.ndarray:
+    """[R] P(a token sends a row to rank r) from per-expert marginals q_e (sum q_e = k) and
+    a placement (per rank, its expert ids; a replicated expert's tokens split evenly over
+    its replicas). A token's picks are treated as independent across experts:
+    1 - prod_{slots s on r} (1 - q_e(s) / c_e(s)), an approximation (exact: miss_probability
+    for contiguous placement of uniform routing)."""
+    q = np.asarray(marginals, float)
+    copies = np.bincount(np.concatenate([np.asarray(h, np.int64) for h in held]),
+                         minlength=q.size).astype(float)
+    return np.array([1 - np.prod([1 - q[e] / copies[e] for e in h]) for h in held])
+
+
+def contiguous_placement(n_experts: int, ranks: int) -> list[list[int]]:
+    """The default placement: expert e on rank floor(e R / E)."""
+    bounds = np.concatenate([[0], np.cumsum(experts_per_rank(n_experts, ranks))])
+    return [list(range(bounds[r], bounds[r + 1])) for r in range(int(ranks))]
 
 
 # --- overheads and gamma --------------------------------------------------------------
@@ -134,7 +355,29 @@ def tipping_tokens_worst(k, n_experts, expert_bytes, b_pcie, hidden, f_dispatch,
     return np.where(gamma_at_sat > 1, crossing, np.nan)
 
 
+def tipping_tokens_low(gamma_of, max_tokens: float = 1e12) -> float:
+    """The smallest N_t with gamma(N_t) = 1 when gamma starts below 1 and rises above it.
+
+    With alpha_net > 0 the EP overhead has a floor (2 L alpha_net) that a few tokens'
+    offload does not reach: gamma < 1 at small N_t, > 1 in the middle, < 1 again past the
+    upper crossing (tipping_tokens). NaN when gamma(1) >= 1 or gamma never reaches 1.
+    """
+    grid = np.geomspace(1, max_tokens, 241)
+    g = gamma_of(grid)
+    above = np.nonzero(g >= 1)[0]
+    if above.size == 0 or above[0] == 0:
+        return float("nan")
+    lo, hi = grid[above[0] - 1], grid[above[0]]
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if gamma_of(np.array(mid)) >= 1 else (mid, hi)
+    return float(0.5 * (lo + hi))
+
+
 # --- the whole model for specs ------------------------------------------------------------
+
+# fp8 activations travel with one float32 scale per 128 values (DeepEP, the dispatch kernel).
+FP8_SCALE_BYTES = 4 / 128
 
 
 @dataclass(frozen=True)
@@ -145,7 +388,7 @@ class Result:
     gamma_seed: float  # the seed's boxed formula with this n_ue (equal to gamma at defaults)
     n_ue: float  # used experts per layer per pass
     tokens: int  # tokens per pass (N_t, or B in decode)
-    fanout: float  # phi
+    fanout: float  # phi: remote ranks per token and direction (both tiers)
     f_e: float  # bytes per expert parameter
     f_a: float  # bytes per activation (seed)
     f_dispatch: float
@@ -161,6 +404,8 @@ class Result:
     t_ep_overhead: float  # T_EP - T_B
     tipping_tokens: float | None  # N_t* (prefill, worst case); None: offload wins at every N_t
     passes: int
+    ep: EPLegs | None = None  # with EP ranks: the two tiers, the busiest rank, the legs
+    tipping_tokens_low: float | None = None  # the lower crossing (alpha_net > 0), if any
 
     @property
     def decision(self) -> str:
@@ -179,15 +424,27 @@ class Result:
         """C = 1/2 model system: the seed's gamma is C k below saturation, C E / N_t above."""
         return 0.5 * self.model_term * self.system_term
 
+
+@dataclass(frozen=True)
+class EPLegs:
+    """Per layer and pass, the EP transfer by tier (expected, uniform top-k), SI units."""
+
+    ranks: int
+    gpus_per_node: int
+    dispatch_mode: str
+    tiers: Tiers
+    imbalance: float  # E[max rank's received rows] / mean, the factor the legs pay
+    imbalance_no_redundancy: float  # the same with contiguous placement (no replicas)
+    redundant_experts: int
+    redundant_bytes_per_rank: float  # replica weights per rank, all MoE layers
+    t_net: float  # network leg of one layer (both directions), busiest rank
+    t_nvlink: float  # NVLink leg of one layer (both directions), busiest rank
+    net_copies: float  # network copies per token and direction
+    nvlink_copies: float  # NVLink copies per token and direction
+
     @property
-    def deciding_factor(self) -> str:
-        """The factor of the seed's three that is furthest from 1 on a log scale."""
-        terms = {
-            "model": 0.5 * self.model_term,
-            "system": self.system_term,
-            "query": self.query_term,
-        }
-        return max(terms, key=lambda name: abs(np.log(terms[name])))
+    def deciding_leg(self) -> str:
+        return "network" if self.t_net >= self.t_nvlink else "nvlink"
 
 
 def resolve_fanout(model: ModelSpec, options: Options) -> float:
@@ -198,25 +455,181 @@ def resolve_fanout(model: ModelSpec, options: Options) -> float:
     return 1.0
 
 
+def ep_legs(model: ModelSpec, system: SystemSpec, options: Options, tokens) -> EPLegs:
+    """The two tiers of EP traffic for `tokens` per rank (scalar), with `options.ep_ranks`.
+
+    Network leg: per-node dispatch sends fanout_nodes copies per token over B_net and the
+    receiving node forwards them over NVLink (each inter-node copy crosses NVLink once more:
+    DeepEP's normal kernels); per-rank dispatch sends fanout_ranks_inter copies over B_net.
+    NVLink leg: fanout_intra copies (+ the forwarded ones, per-node) at B_nvlink. The legs
+    run at the same time on different links: the slower decides. Both pay the busiest
+    rank's share (imbalance). flat: all remote ranks over B_net, no NVLink tier.
+    """
+    R, E, k = int(options.ep_ranks), model.n_experts, model.top_k
+    G = system.gpus_per_node
+    tiers = fanout_tiers(R, E, k, G)
+    per_node, flat = options.dispatch_mode == "per-node", options.dispatch_mode == "flat"
+    net_copies = tiers.ranks if flat else tiers.nodes if per_node else tiers.ranks_inter
+    nvl_copies = 0.0 if flat else tiers.intra + (tiers.ranks_inter if per_node else 0.0)
+    base = imbalance_uniform(float(tokens), R, E, k) if options.imbalance else 1.0
+    imb = base
+    if options.redundant_experts and options.imbalance:
+        held = eplb_placement(np.full(E, k / E), R, options.redundant_experts)
+        imb = imbalance_from_probabilities(tokens, placement_hit_probabilities(np.full(E, k / E), held))
+    f_d, f_c = activation_bytes(model, options)
+    row = float(tokens) * model.hidden * (f_d + f_c)
+    return EPLegs(
+        ranks=R, gpus_per_node=G, dispatch_mode=options.dispatch_mode, tiers=tiers,
+        imbalance=imb, imbalance_no_redundancy=base,
+        redundant_experts=options.redundant_experts,
+        redundant_bytes_per_rank=(-(-options.redundant_experts // R)) * model.expert_bytes
+        * model.n_moe_layers,
+        t_net=imb * net_copies * row / system.b_net,
+        t_nvlink=imb * nvl_copies * row / system.b_nvlink,
+        net_copies=net_copies, nvlink_copies=nvl_copies)
+
+
 def baseline_time(model: ModelSpec, system: SystemSpec, tokens, n_ue):
     """T_B per pass: a roofline of the routed and shared experts of every MoE layer.
 
-    FLOPs: 2 S_E per token and chosen expert; bytes: the used experts' weights plus the
-    activations in and out. Attention and dense layers are outside the model: they cost
-    the same under both strategies, so gamma never depends on T_B.
+    FLOPs: 2 S_E per token and chosen expert, at the expert dtype's peak (fp8 for fp8
+    experts); bytes: the used experts' weights plus the activations in and out. Attention
+    and dense layers cost the same under both strategies, so gamma never depends on T_B;
+    they matter for overlap (`step_compute`).
+    """
+    return model.n_moe_layers * moe_layer_time(model, system, tokens, n_ue)
+
+
+def expert_peak_flops(model: ModelSpec, system: SystemSpec) -> float:
+    """fp8 experts run at the fp8 peak; others (bf16, and fp4 formats dequantized on a GPU
+    without fp4 units) at the bf16 peak."""
+    return system.peak_flops_fp8 if model.expert_dtype == "fp8" else system.peak_flops
+
+
+def moe_layer_time(model: ModelSpec, system: SystemSpec, tokens, n_ue, pairs_factor=1.0):
+    """One MoE layer's routed and shared experts on one GPU: max(FLOPs / peak, bytes / HBM).
+
+    tokens: the GPU's tokens (shared expert); pairs_factor scales the routed (token, expert)
+    pairs (the busiest EP rank's imbalance); n_ue: routed experts whose weights are read.
     """
     shared_params = (3 if model.gated else 2) * model.hidden * model.shared_intermediate
-    flops = 2 * np.multiply(tokens, model.top_k * model.expert_params + shared_params)
+    flops = 2 * np.multiply(tokens, pairs_factor * model.top_k * model.expert_params + shared_params)
     weight_bytes = (np.multiply(n_ue, model.expert_params) + shared_params) * model.f_e
     act_bytes = 2 * np.multiply(tokens, model.hidden * model.f_a)
-    per_layer = np.maximum(flops / system.peak_flops, (weight_bytes + act_bytes) / system.hbm_bw)
-    return model.n_moe_layers * per_layer
+    return np.maximum(flops / expert_peak_flops(model, system), (weight_bytes + act_bytes) / system.hbm_bw)
+
+
+def attention_time(model: ModelSpec, system: SystemSpec, tokens, context=None):
+    """One attention layer on one GPU: roofline of its FLOPs and HBM bytes (bf16 weights
+    and KV at the bf16 peak; 0 when the config has no attention shape).
+
+    Prefill (context None): `tokens` tokens of one sequence, causal. Decode: `tokens`
+    sequences of one new token each over `context` cached tokens.
+    GQA (n_heads h, n_kv_heads g, head_dim a): weights d a (2h + 2g); scores and values
+    4 h a per (query, key) pair. MLA (DeepSeek, Kimi; kv_lora_rank c, rope r, nope n, v):
+    weights d q_lora + q_lora h (n + r) + d (c + r) + c h (n + v) + h v d; prefill
+    2 h (n + r + v) per pair; decode in absorbed form 2 h (2c + r) per pair, KV cache
+    (c + r) values per token.
+    """
+    d, h = model.hidden, model.n_heads
+    if not h:
+        return np.zeros(np.shape(tokens))
+    f = model.f_a
+    if model.kv_lora_rank:
+        c, r, n, v = (model.kv_lora_rank, model.qk_rope_head_dim, model.qk_nope_head_dim,
+                      model.v_head_dim)
+        q_in = model.q_lora_rank
+        q_params = d * q_in + q_in * h * (n + r) if q_in else d * h * (n + r)
+        params = q_params + d * (c + r) + c * h * (n + v) + h * v * d
+        kv_per_token = c + r
+        per_pair_prefill, per_pair_decode = 2 * h * (n + r + v), 2 * h * (2 * c + r)
+    else:
+        a, g = model.head_dim, model.n_kv_heads
+        params = d * a * (2 * h + 2 * g)
+        kv_per_token = 2 * g * a
+        per_pair_prefill = per_pair_decode = 4 * h * a
+    N = np.asarray(tokens, float)
+    if context is None:  # causal prefill: N^2 / 2 (query, key) pairs
+        flops = 2 * N * params + per_pair_prefill * N * N / 2
+        nbytes = params * f + N * kv_per_token * f + 2 * N * d * f
+    else:
+        flops = 2 * N * params + per_pair_decode * N * context
+        nbytes = params * f + N * context * kv_per_token * f + 2 * N * d * f
+    return np.maximum(flops / system.peak_flops, nbytes / system.hbm_bw)
+
+
+def dense_layer_time(model: ModelSpec, system: SystemSpec, tokens):
+    """One dense layer's MLP (gated, bf16) on one GPU: roofline."""
+    params = (3 if model.gated else 2) * model.hidden * model.dense_intermediate
+    N = np.asarray(tokens, float)
+    flops = 2 * N * params
+    nbytes = params * model.f_a + 2 * N * model.hidden * model.f_a
+    return np.maximum(flops / system.peak_flops, nbytes / system.hbm_bw)
+
+
+DECODE_CONTEXT = 4096  # cached tokens per sequence assumed for decode attention
+
+
+def layer_compute(model: ModelSpec, system: SystemSpec, workload: Workload,
+                  options: Options | None = None) -> dict:
+    """Per-layer compute of one pass on one GPU, SI seconds, what transfers can hide behind:
+
+    attention (every layer), dense (a dense layer's MLP), moe_offload (a MoE layer's
+    experts: all used ones, on the offloading GPU), moe_ep (the same on the busiest EP rank:
+    its share of experts, imbalance times the mean (token, expert) pairs).
+    """
+    options = options or Options()
+    N = workload.tokens_per_pass
+    context = DECODE_CONTEXT if workload.decode else None
+    used = n_used_uniform if options.routing == "uniform" else n_used_worst
+    n_ue = float(used(N, model.top_k, model.n_experts))
+    R = options.ep_ranks or 1
+    if R > 1:
+        imb = ep_legs(model, system, options, N).imbalance
+        ep_used = float(used(R * N, model.top_k, model.n_experts)) / R
+    else:
+        imb, ep_used = 1.0, n_ue
+    return {
+        "attention": float(attention_time(model, system, N, context)),
+        "dense": float(dense_layer_time(model, system, N)),
+        "moe_offload": float(moe_layer_time(model, system, N, n_ue)),
+        "moe_ep": float(moe_layer_time(model, system, N, ep_used, imb)),
+    }
 
 
 def activation_bytes(model: ModelSpec, options: Options) -> tuple[float, float]:
-    """(f_dispatch, f_combine): bytes per activation sent to the experts and sent back."""
-    return (DTYPE_BYTES[options.dispatch_dtype or model.act_dtype],
-            DTYPE_BYTES[options.combine_dtype or model.act_dtype])
+    """(f_dispatch, f_combine): bytes per activation sent to the experts and sent back.
+
+    An fp8 dispatch or combine (--dispatch-dtype / --combine-dtype fp8) carries one float32
+    scale per 128 values: 1 + 4/128 = 1.03125 bytes. Left at the activation dtype they are
+    the seed's f_a (an fp8 act dtype counts 1 byte, as the seed's formula does).
+    """
+    def nbytes(dtype: str | None) -> float:
+        if dtype is None:
+            return DTYPE_BYTES[model.act_dtype]
+        return DTYPE_BYTES[dtype] + (FP8_SCALE_BYTES if dtype == "fp8" else 0.0)
+
+    return nbytes(options.dispatch_dtype), nbytes(options.combine_dtype)
+
+
+def ep_layer_overhead(model: ModelSpec, system: SystemSpec, options: Options, tokens):
+    """T_EP - T_B of one layer and pass (arrays of tokens welcome).
+
+    Without EP ranks: 2 alpha_net + phi N_t d (f_dispatch + f_combine) / B_net (the seed's
+    at phi = 1). With R ranks: 2 alpha_net + the slower of the two legs (`ep_legs`), on the
+    busiest rank; one rank moves nothing (no latency either).
+    """
+    if options.ep_ranks is None:
+        return ep_overhead(tokens, model.hidden, *activation_bytes(model, options), system.b_net,
+                           1, system.alpha_net, resolve_fanout(model, options))
+    if options.ep_ranks == 1:
+        return np.zeros(np.shape(tokens))
+
+    def one(n):
+        legs = ep_legs(model, system, options, n)
+        return 2 * system.alpha_net + max(legs.t_net, legs.t_nvlink)
+
+    return np.vectorize(one, otypes=[float])(tokens)
 
 
 def pass_overheads(model: ModelSpec, system: SystemSpec, options: Options, tokens):
@@ -225,15 +638,15 @@ def pass_overheads(model: ModelSpec, system: SystemSpec, options: Options, token
     n_ue = used(tokens, model.top_k, model.n_experts)
     t_p = offload_overhead(n_ue, model.expert_bytes, system.b_pcie, model.n_moe_layers,
                            system.alpha_pcie, options.resident_fraction)
-    t_ep = ep_overhead(tokens, model.hidden, *activation_bytes(model, options), system.b_net,
-                       model.n_moe_layers, system.alpha_net, resolve_fanout(model, options))
+    t_ep = model.n_moe_layers * ep_layer_overhead(model, system, options, tokens)
     return n_ue, t_p, t_ep
 
 
 def gamma_of_tokens(model: ModelSpec, system: SystemSpec, options: Options, tokens):
     """gamma for one forward pass of `tokens` tokens (an array), with all the options."""
     _, t_p, t_ep = pass_overheads(model, system, options, tokens)
-    return t_p / t_ep
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return t_p / t_ep
 
 
 def tipping_tokens_numeric(gamma_of, max_tokens: float = 1e12) -> float:
@@ -250,6 +663,8 @@ def tipping_tokens_numeric(gamma_of, max_tokens: float = 1e12) -> float:
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if gamma_of(np.array(mid)) >= 1 else (lo, mid)
+        if hi - lo <= 1e-12 * hi:
+            break
     return float(0.5 * (lo + hi))
 
 
@@ -261,15 +676,19 @@ def evaluate(model: ModelSpec, system: SystemSpec, workload: Workload,
     phi = resolve_fanout(model, options)
     n_ue, t_p, t_ep = (float(x) for x in pass_overheads(model, system, options, tokens))
     t_p, t_ep = passes * t_p, passes * t_ep  # decode: every step pays both again
-    if options.routing == "uniform":
-        tipping = tipping_tokens_numeric(lambda n: gamma_of_tokens(model, system, options, n))
+    ranks = options.ep_ranks
+    gamma_of = lambda n: gamma_of_tokens(model, system, options, n)  # noqa: E731
+    if options.routing == "uniform" or (ranks and ranks > 1):
+        tipping = tipping_tokens_numeric(gamma_of)
     else:
         tipping = float(tipping_tokens_worst(
             model.top_k, model.n_experts, model.expert_bytes, system.b_pcie, model.hidden,
             f_d, f_c, system.b_net, system.alpha_pcie, system.alpha_net, phi,
             options.resident_fraction))
+    low = tipping_tokens_low(gamma_of) if system.alpha_net > 0 and not np.isnan(tipping) \
+        else float("nan")
     return Result(
-        # One EP rank (phi = 0) without latency moves nothing: EP is free, gamma infinite.
+        # One EP rank (nothing remote) moves nothing: EP is free, gamma infinite.
         gamma=t_p / t_ep if t_ep > 0 else float("inf"),
         gamma_seed=float(gamma_seed(model.expert_params, model.f_e, model.hidden, model.f_a,
                                     system.b_net, system.b_pcie, n_ue, tokens)),
@@ -291,4 +710,6 @@ def evaluate(model: ModelSpec, system: SystemSpec, workload: Workload,
         t_ep_overhead=t_ep,
         tipping_tokens=None if np.isnan(tipping) else tipping,
         passes=passes,
+        ep=ep_legs(model, system, options, tokens) if ranks and ranks > 1 else None,
+        tipping_tokens_low=None if np.isnan(low) else low,
     )

@@ -111,8 +111,25 @@ def model_from_config(cfg, name: str = "config.json", source: str = "") -> Model
         act_dtype=act_dtype,
         n_group=flat.get("n_group") or 1,
         topk_group=flat.get("topk_group") or 1,
+        **_attention_fields(flat, hidden, n_layers),
         source=source or str(cfg.get("_moelab_source", "")),
     )
+
+
+def _attention_fields(flat: dict, hidden: int, n_layers: int) -> dict:
+    """Attention shape (GQA or MLA) and the dense layers' MLP width, for T_B; 0 where absent."""
+    def num(name):
+        v = flat.get(name)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+    heads = num("num_attention_heads") or num("n_heads")
+    out = {"n_heads": heads, "n_kv_heads": num("num_key_value_heads") or heads,
+           "head_dim": num("head_dim") or (hidden // heads if heads else 0)}
+    for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        out[f] = num(f)
+    # Dense layers (those without routed experts) use the dense MLP width.
+    out["dense_intermediate"] = num("intermediate_size_mlp") or num("intermediate_size")
+    return out
 
 
 def load_config(path: str | Path) -> dict:

@@ -77,10 +77,12 @@ def load_system(name: str = "h100-sxm", host_link: str | None = None,
     gpu = _pick("gpus", name)
     link_name, net_name = host_link or gpu["host_link"], network or gpu["network"]
     link, net = _pick("host_links", link_name), _pick("networks", net_name)
+    scale_up = _pick("networks", gpu["scale_up"])
     return SystemSpec(
         name=name,
         b_pcie=_bandwidth(link, measured),
         b_net=_bandwidth(net, measured),
+        b_nvlink=_bandwidth(scale_up, measured),
         alpha_pcie=(link.get("latency_us") or 0) * 1e-6 if latencies else 0.0,
         alpha_net=(net.get("latency_us") or 0) * 1e-6 if latencies else 0.0,
         hbm_bw=gpu["hbm_TBps"] * 1e12,
@@ -90,8 +92,36 @@ def load_system(name: str = "h100-sxm", host_link: str | None = None,
         gpus_per_node=gpu["gpus_per_node"],
         host_link=link_name,
         network=net_name,
-        source=f"{gpu['source']}; {link_name}: {link['source']}; {net_name}: {net['source']}",
+        source=(f"{gpu['source']}; {link_name}: {link['source']}; {net_name}: {net['source']}; "
+                f"scale-up {gpu['scale_up']}: {scale_up['source']}"),
     )
+
+
+def link_inputs(name: str = "h100-sxm", host_link: str | None = None,
+                network: str | None = None) -> dict:
+    """Where `measured=True, latencies=True` gets each input: {input: (value SI, source)}.
+
+    A missing measurement falls back to the nominal figure and a missing latency to 0,
+    and the source says so.
+    """
+    gpu = _pick("gpus", name)
+    link_name, net_name = host_link or gpu["host_link"], network or gpu["network"]
+    out = {}
+    for key, table, link in (("b_pcie", "host_links", link_name), ("b_net", "networks", net_name),
+                             ("b_nvlink", "networks", gpu["scale_up"])):
+        e = _pick(table, link)
+        kind = "measured" if e.get("measured_GBps") else "nominal (no measurement)"
+        out[key] = (_bandwidth(e, True), f"{link} {kind}: {e['source']}")
+    for key, table, link in (("alpha_pcie", "host_links", link_name),
+                             ("alpha_net", "networks", net_name)):
+        e = _pick(table, link)
+        if e.get("latency_us"):
+            out[key] = (e["latency_us"] * 1e-6,
+                        f"{link} {e.get('latency_kind', 'published')}: "
+                        f"{e.get('latency_source', e['source'])}")
+        else:
+            out[key] = (0.0, f"{link}: no published latency; 0")
+    return out
 
 
 def _system_from_file(path: str) -> SystemSpec:

@@ -1,4 +1,4 @@
-"""The whole gamma model computed from concrete routings, in JAX (DESIGN.md §3.2).
+"""The whole gamma model computed from concrete routings, in JAX (docs/model.md).
 
 A routing is int32 expert ids `[L, N_t, k]` (one forward pass; `routing.py` draws them).
 From it, per layer, exact counts (no expectation formula anywhere):
@@ -29,6 +29,7 @@ Public: `route_counts`, `rank_traffic`, `overheads`, `evaluate_routes`,
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from functools import lru_cache, partial
 
 import jax
@@ -128,6 +129,69 @@ def route_counts(routes: jax.Array, n_experts: int, ranks: int = 0,
     return out
 
 
+def token_tiers(ids, n_experts: int, ranks: int, gpus_per_node: int = 8) -> dict[str, np.ndarray]:
+    """[N] per token of ids [N, k] (numpy): remote ranks on its own node (intra), remote ranks
+    on other nodes (ranks_inter), remote nodes (nodes); homes and placement as token_fanout."""
+    ids = np.asarray(ids, np.int64)
+    N = ids.shape[0]
+    home = np.arange(N) * ranks // max(N, 1)
+    G = max(1, min(int(gpus_per_node), int(ranks)))
+    dest = ids * ranks // n_experts
+    hit = np.zeros((N, ranks), bool)
+    hit[np.arange(N)[:, None], dest] = True
+    hit[np.arange(N), home] = False
+    same_node = (np.arange(ranks)[None, :] // G) == (home[:, None] // G)
+    nodes = np.zeros((N, -(-ranks // G)), bool)
+    nodes[np.arange(N)[:, None], dest // G] = True
+    nodes[np.arange(N), home // G] = False
+    return {"intra": (hit & same_node).sum(1), "ranks_inter": (hit & ~same_node).sum(1),
+            "nodes": nodes.sum(1)}
+
+
+def rank_loads(ids, n_experts: int, ranks: int, held: list[list[int]] | None = None) -> np.ndarray:
+    """[R] token rows each rank receives from the other ranks, for ids [T, k] of all ranks'
+    tokens (token t on rank t R // T, contiguous blocks: with T = R N_t every rank holds N_t).
+
+    held: per rank the experts it holds (closed_form.eplb_placement, with replicas); default
+    contiguous blocks. A replicated expert's tokens go to its replicas in turn (token t to
+    replica t mod copies). A token sends one row to every remote rank it hits.
+    """
+    ids = jnp.asarray(ids, jnp.int32)
+    T = ids.shape[0]
+    if held is None:
+        dest = (ids * ranks) // n_experts
+    else:
+        copies = np.zeros(n_experts, np.int32)
+        table = np.zeros((n_experts, max(len(h) for h in held) * ranks), np.int32)
+        for r, h in enumerate(held):
+            for e in h:
+                table[e, copies[e]] = r
+                copies[e] += 1
+        t = jnp.arange(T, dtype=jnp.int32)[:, None]
+        dest = jnp.asarray(table)[ids, t % jnp.asarray(copies)[ids]]
+    home = (jnp.arange(T, dtype=jnp.int32) * ranks) // T
+    hit = jnp.zeros((T, ranks), jnp.int32).at[jnp.arange(T)[:, None], dest].max(1)
+    hit = hit.at[jnp.arange(T), home].set(0)
+    return np.asarray(hit.sum(0))
+
+
+def busiest_rank(ids, n_experts: int, ranks: int, redundant: int = 0) -> dict[str, float]:
+    """max / mean of `rank_loads` for one routing ids [T, k] of all ranks' tokens, with
+    contiguous placement and (redundant > 0) with EPLB-like replicas placed from this
+    routing's own expert counts (an oracle: the statistics EPLB would collect)."""
+    from moelab.costmodel.closed_form import eplb_placement
+
+    loads = rank_loads(ids, n_experts, ranks)
+    out = {"imbalance": float(loads.max() / loads.mean()) if loads.mean() > 0 else 1.0}
+    if redundant:
+        counts = np.bincount(np.asarray(ids).reshape(-1), minlength=n_experts)
+        held = eplb_placement(counts, ranks, redundant)
+        rep = rank_loads(ids, n_experts, ranks, held)
+        out["imbalance_redundant"] = float(rep.max() / rep.mean()) if rep.mean() > 0 else 1.0
+        out["held"] = held
+    return out
+
+
 def rank_traffic(ids, n_experts: int, ranks: int) -> np.ndarray:
     """[R, R] token rows rank a sends to rank b for one layer's ids [N_t, k] (numpy): a token
     goes once to every rank holding one of its experts (experts on one rank share the row);
@@ -145,28 +209,51 @@ def rank_traffic(ids, n_experts: int, ranks: int) -> np.ndarray:
 # --- bytes and times ---------------------------------------------------------------------------
 
 
-def overheads(n_used, destinations, p) -> dict:
+def overheads(n_used, destinations, p, nvlink_destinations=None, imbalance=1.0,
+              b_nvlink=None) -> dict:
     """Bytes and times of both strategies from per-layer counts (jnp, broadcasts, vmaps).
 
     n_used [..., L] experts used per layer; destinations [..., L] token rows sent per layer
-    and direction (sum_t phi_t; N_t per layer in the seed); p: `sweep.params_of` fields.
+    and direction over the network (sum_t phi_t; N_t per layer in the seed); p:
+    `sweep.params_of` fields. With EP tiers: nvlink_destinations [..., L] rows over NVLink
+    at b_nvlink; each layer pays the slower leg, times `imbalance` (the busiest rank).
     """
     expert_bytes = p["matrices"] * p["hidden"] * p["expert_intermediate"] * p["f_e"]
     moved = (1 - p["resident_fraction"]) * n_used  # experts copied over the host link
+    row = p["hidden"] * (p["f_dispatch"] + p["f_combine"])
     rows = p["fanout"] * destinations
     # .sum, not jnp.sum: numpy float64 inputs stay float64 (jax would make them float32).
     bytes_p = p["passes"] * (moved * expert_bytes).sum(-1)
-    bytes_ep = p["passes"] * (rows * p["hidden"] * (p["f_dispatch"] + p["f_combine"])).sum(-1)
+    bytes_ep = p["passes"] * (rows * row).sum(-1)
     L = np.shape(n_used)[-1]
     t_p = p["passes"] * (moved * p["alpha_pcie"]).sum(-1) + bytes_p / p["b_pcie"]
-    t_ep = p["passes"] * L * 2 * p["alpha_net"] + bytes_ep / p["b_net"]
+    if nvlink_destinations is None:
+        t_ep = p["passes"] * L * 2 * p["alpha_net"] + imbalance * bytes_ep / p["b_net"]
+    else:
+        per_layer = np.maximum(rows * row / p["b_net"], nvlink_destinations * row / b_nvlink)
+        t_ep = p["passes"] * (L * 2 * p["alpha_net"] + imbalance * per_layer.sum(-1))
     return {"bytes_offload": bytes_p, "bytes_ep": bytes_ep, "t_p_overhead": t_p,
             "t_ep_overhead": t_ep, "gamma": t_p / t_ep}
 
 
+def _ep_rows(options: Options, remote_ranks, remote_nodes):
+    """(network rows, NVLink rows) per layer from the exact per-layer sums, by dispatch mode."""
+    if options.dispatch_mode == "flat":
+        return remote_ranks, np.zeros_like(remote_ranks)
+    if options.dispatch_mode == "per-node":
+        return remote_nodes, remote_ranks  # each remote rank's copy crosses NVLink once
+    raise SpecError("dispatch_mode: per-rank needs the inter-node rank count per token: "
+                    "in the Monte Carlo only per-node and flat (the closed form has all three)")
+
+
 def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
-                    options: Options | None, routes) -> dict:
-    """The whole model for one concrete routing [L, N_t, k] of one forward pass."""
+                    options: Options | None, routes, imbalance: float | None = None) -> dict:
+    """The whole model for one concrete routing [L, N_t, k] of one forward pass.
+
+    With EP ranks the EP overhead pays the busiest rank: `imbalance` if given (the Monte
+    Carlo passes the one it measured with every rank holding N_t tokens), else measured on
+    this routing with its N_t tokens spread over the R ranks (`busiest_rank`).
+    """
     options = options or Options()
     routes = check_routes(routes, model, workload)
     R = options.ep_ranks or 0
@@ -176,7 +263,20 @@ def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
     n_used = np.asarray(c["n_used"], np.float64)
     dest = np.asarray(c["remote_ranks"], np.float64).sum(-1) if R else np.full(len(n_used), N, float)
     p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
-    res = {name: float(v) for name, v in overheads(n_used, dest, p).items()}
+    if R > 1:
+        p["fanout"] = np.float64(1.0)
+        imb = 1.0 if not options.imbalance else imbalance if imbalance is not None else float(
+            np.mean([busiest_rank(layer, model.n_experts, R)["imbalance"]
+                     for layer in np.asarray(routes)]))
+        net, nvl = _ep_rows(options, dest, np.asarray(c["remote_nodes"], np.float64).sum(-1))
+        res = {name: float(v) for name, v in
+               overheads(n_used, net, p, nvl, imb, system.b_nvlink).items()}
+        res["imbalance"] = float(imb)
+    elif R == 1:
+        res = {name: float(v) for name, v in overheads(n_used, dest, p).items()}
+        res.update(t_ep_overhead=0.0, gamma=float("inf"))
+    else:
+        res = {name: float(v) for name, v in overheads(n_used, dest, p).items()}
     res.update(
         n_ue=float(n_used.mean()),
         n_ue_per_layer=np.asarray(c["n_used"]),
@@ -185,6 +285,10 @@ def evaluate_routes(model: ModelSpec, system: SystemSpec, workload: Workload,
     )
     if R:
         res["fanout_nodes"] = float(np.asarray(c["remote_nodes"]).mean())
+        tiers = [token_tiers(np.asarray(layer), model.n_experts, R, system.gpus_per_node)
+                 for layer in np.asarray(routes)]
+        res["fanout_intra"] = float(np.mean([t["intra"].mean() for t in tiers]))
+        res["fanout_ranks_inter"] = float(np.mean([t["ranks_inter"].mean() for t in tiers]))
     return res
 
 
@@ -283,7 +387,20 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
     n_used = stats["n_used"].astype(np.float64)
     dest = stats["remote_ranks"].astype(np.float64) if R else np.full(n_used.shape, float(N))
     p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
-    res = overheads(n_used, dest, p)
+    busiest = {}
+    if R > 1:
+        busiest = _busiest_sampled(spec, model, workload, options, key, samples, routes)
+        p["fanout"] = np.float64(1.0)
+        imb = busiest["imbalance_mean"] if options.imbalance else 1.0
+        if options.redundant_experts and options.imbalance:
+            imb = busiest["imbalance_redundant_mean"]
+        net, nvl = _ep_rows(options, dest, stats["remote_nodes"].astype(np.float64))
+        res = overheads(n_used, net, p, nvl, imb, system.b_nvlink)
+    else:
+        res = overheads(n_used, dest, p)
+        if R == 1:
+            res = {**res, "t_ep_overhead": np.zeros(n_used.shape[:-1]),
+                   "gamma": np.full(n_used.shape[:-1], np.inf)}
     gamma = np.asarray(res["gamma"], np.float64)
     out = {
         "gamma_mean": float(gamma.mean()),
@@ -302,6 +419,35 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
     if R:
         out["fanout_mean"] = float(dest.mean() / N)
         out["fanout_nodes_mean"] = float(stats["remote_nodes"].mean() / N)
+    out.update(busiest)
+    return out
+
+
+# Sample-layers on which the busiest rank is measured (each draws R N_t tokens).
+BUSIEST_SAMPLES = 16
+
+
+def _busiest_sampled(spec, model: ModelSpec, workload: Workload, options: Options, key,
+                     samples: int, routes=None) -> dict:
+    """The busiest rank from concrete routings: every rank holds N_t tokens (R N_t drawn
+    from the same layer distribution), max over ranks of rows received / mean, averaged over
+    up to BUSIEST_SAMPLES sample-layers; with redundant experts also with EPLB-like replicas
+    placed from each routing's own counts. A logits file evaluated as it is: its tokens
+    are all ranks' tokens."""
+    R, N, L, E, k = options.ep_ranks, workload.tokens_per_pass, model.n_moe_layers, \
+        model.n_experts, model.top_k
+    if routes is not None and routes.shape[1] == N:
+        draws = [np.asarray(routes[l]) for l in range(min(L, BUSIEST_SAMPLES))]
+    else:
+        gen = rt.layer_generator(spec, L, R * N, E, k, model.n_group, model.topk_group)
+        m = min(samples * L, BUSIEST_SAMPLES)
+        draws = [np.asarray(gen(jax.random.fold_in(jax.random.fold_in(key, i // L), i % L),
+                                i % L)) for i in range(m)]
+    found = [busiest_rank(ids, E, R, options.redundant_experts) for ids in draws]
+    out = {"imbalance_mean": float(np.mean([f["imbalance"] for f in found])),
+           "imbalance_samples": len(found)}
+    if options.redundant_experts:
+        out["imbalance_redundant_mean"] = float(np.mean([f["imbalance_redundant"] for f in found]))
     return out
 
 
@@ -325,7 +471,8 @@ def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
     ranks. L, passes and T_B cancel in gamma and are not listed. Where gamma is 0 or
     infinite (h = 1, one EP rank) the elasticities are NaN.
     """
-    options = options or Options()
+    # The jnp formula is one tier at the mean rank (sweep.formula): so are these.
+    options = replace(options or Options(), dispatch_mode="flat", imbalance=False)
     p = params_of(model, system, workload, options)
     names = [n for n in SENSITIVITY_PARAMS if n != "ep_ranks" or options.ep_ranks]
     x = {n: jnp.float32(p[n]) for n in names}

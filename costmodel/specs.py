@@ -70,12 +70,26 @@ class ModelSpec:
     n_group: int = 1  # DeepSeek group-limited routing: expert groups per layer
     topk_group: int = 1  # ... groups a token may pick from
     gated: bool = True  # gated MLP (3 matrices) or plain (2)
+    # Attention and dense layers (for T_B only; 0: unknown, counted as free). GQA: n_heads,
+    # n_kv_heads, head_dim; MLA (DeepSeek, Kimi): q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+    # qk_rope_head_dim, v_head_dim (kv_lora_rank > 0 says MLA).
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    dense_intermediate: int = 0  # intermediate size of the dense layers' MLP
     source: str = ""
 
     def __post_init__(self):
         for f in ("n_moe_layers", "n_experts", "top_k", "hidden", "expert_intermediate"):
             _check(f, getattr(self, f), positive=True, integer=True)
-        for f in ("n_layers", "n_shared_experts", "shared_intermediate"):
+        for f in ("n_layers", "n_shared_experts", "shared_intermediate", "n_heads", "n_kv_heads",
+                  "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim", "dense_intermediate"):
             _check(f, getattr(self, f), integer=True)
         if self.top_k > self.n_experts:
             raise SpecError(f"top_k: k={self.top_k} exceeds the {self.n_experts} experts (E)")
@@ -106,6 +120,11 @@ class ModelSpec:
         """S_E * f_E: what one expert costs to move over the host link."""
         return self.expert_params * self.f_e
 
+    @property
+    def n_dense_layers(self) -> int:
+        """Decoder layers without routed experts (DeepSeek's first_k_dense_replace)."""
+        return max(self.n_layers - self.n_moe_layers, 0)
+
     def with_(self, **changes) -> ModelSpec:
         return replace(self, **changes)
 
@@ -117,6 +136,7 @@ class SystemSpec:
     name: str
     b_pcie: float  # [B_pcie] host-to-device bandwidth, B/s
     b_net: float  # [B_net] per-GPU scale-out bandwidth, B/s per direction
+    b_nvlink: float = 450e9  # per-GPU scale-up (NVLink) bandwidth inside a node, B/s per direction
     alpha_pcie: float = 0.0  # latency of one expert copy, s
     alpha_net: float = 0.0  # latency of one collective (dispatch or combine), s
     hbm_bw: float = 3.35e12  # HBM bandwidth, B/s (roofline for T_B)
@@ -129,7 +149,7 @@ class SystemSpec:
     source: str = ""
 
     def __post_init__(self):
-        for f in ("b_pcie", "b_net", "hbm_bw", "peak_flops", "peak_flops_fp8", "hbm_bytes"):
+        for f in ("b_pcie", "b_net", "b_nvlink", "hbm_bw", "peak_flops", "peak_flops_fp8", "hbm_bytes"):
             _check(f, getattr(self, f), positive=True)
         for f in ("alpha_pcie", "alpha_net"):
             _check(f, getattr(self, f))
@@ -169,9 +189,12 @@ class Workload:
         return self.steps if self.decode else 1
 
 
+DISPATCH_MODES = ("per-node", "per-rank", "flat")
+
+
 @dataclass(frozen=True)
 class Options:
-    """The extensions past the seed (DESIGN.md §2). Defaults reproduce the seed exactly."""
+    """The extensions past the seed (docs/model.md). Defaults reproduce the seed exactly."""
 
     fanout: float | None = None  # [phi] remote destinations per token and direction
     ep_ranks: int | None = None  # R: derive phi from R ranks with uniform placement
@@ -179,6 +202,13 @@ class Options:
     combine_dtype: str | None = None  # expert outputs sent back (default: act dtype)
     resident_fraction: float = 0.0  # [h] share of used experts already on the GPU
     routing: str = "worst"  # worst: min(kN, E) (the seed); uniform: E(1-(1-k/E)^N)
+    # With ep_ranks: how a token crosses the network. per-node: one copy per remote node,
+    # forwarded over NVLink inside it (DeepEP's normal kernels); per-rank: one copy per
+    # remote rank (DeepEP's low-latency kernels, a plain all-to-all); flat: every remote
+    # rank at B_net, no NVLink tier (the model before two tiers; what `sweep.formula` computes).
+    dispatch_mode: str = "per-node"
+    redundant_experts: int = 0  # extra expert slots over the ranks, filled with hot experts
+    imbalance: bool = True  # with ep_ranks: the busiest rank sets the pace (False: the mean)
 
     def __post_init__(self):
         if self.fanout is not None and self.ep_ranks is not None:
@@ -191,6 +221,12 @@ class Options:
         for f in ("dispatch_dtype", "combine_dtype"):
             if getattr(self, f) is not None:
                 dtype_bytes(getattr(self, f), f)
+        if self.dispatch_mode not in DISPATCH_MODES:
+            raise SpecError(f"dispatch_mode: {self.dispatch_mode!r} is not one of "
+                            f"{', '.join(DISPATCH_MODES)}")
+        _check("redundant_experts", self.redundant_experts, integer=True)
+        if self.redundant_experts and not self.ep_ranks:
+            raise SpecError("redundant_experts: needs EP ranks (--ep-ranks R)")
         if self.routing not in ("worst", "uniform"):
             raise SpecError(f"routing: unknown routing {self.routing!r} (closed form: worst, uniform)")
 

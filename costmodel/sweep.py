@@ -34,6 +34,9 @@ from moelab.costmodel.specs import (
 # Parameters of `formula`, each a float array (SI units). `ep_ranks` = 0 means "no
 # ranks": phi = fanout (1 in the seed); otherwise phi = fanout * phi_uniform(R, E, k),
 # so `fanout` then scales the derived fan-out (its elasticity is d ln gamma / d ln phi).
+# With ranks the sweep is one tier: every remote rank at B_net, the mean rank (closed_form
+# with Options(dispatch_mode="flat", imbalance=False)); `moelab gamma` gives the two tiers
+# and the busiest rank at one point.
 PARAMS = (
     "tokens",  # [N_t] tokens per pass
     "n_experts",  # [E]
@@ -86,7 +89,8 @@ def formula(p: Mapping, k_max: int = K_MAX) -> dict:
     expert_bytes = p["matrices"] * p["hidden"] * p["expert_intermediate"] * p["f_e"]
     per_layer_p = (1 - p["resident_fraction"]) * n_ue * (p["alpha_pcie"] + expert_bytes / p["b_pcie"])
     payload = phi * N * p["hidden"] * (p["f_dispatch"] + p["f_combine"])
-    per_layer_ep = 2 * p["alpha_net"] + payload / p["b_net"]
+    # One EP rank: nothing is remote, no collective, no latency.
+    per_layer_ep = jnp.where(R == 1, 0.0, 2 * p["alpha_net"] + payload / p["b_net"])
     scale = p["passes"] * p["n_layers"]
     t_p, t_ep = scale * per_layer_p, scale * per_layer_ep
     return {"n_ue": n_ue, "fanout": phi, "t_p_overhead": t_p, "t_ep_overhead": t_ep,
@@ -94,16 +98,21 @@ def formula(p: Mapping, k_max: int = K_MAX) -> dict:
 
 
 def fanout_uniform(R, E, k, k_max: int = K_MAX):
-    """phi = (R - 1)(1 - prod_{i<k} (E - E/R - i) / (E - i)): closed_form.fanout_uniform in jnp."""
+    """closed_form.fanout_uniform in jnp: (R-1)/R [(R - E mod R) hit(a) + (E mod R) hit(a+1)],
+    a = floor(E/R), hit(m) = 1 - prod_{i<k} (E - m - i) / (E - i); exact when R does not divide E."""
     import jax.numpy as jnp
 
     R = jnp.maximum(R, 1.0)
-    per_rank = E / R
-    miss = jnp.ones(jnp.broadcast_shapes(jnp.shape(R), jnp.shape(E), jnp.shape(k)))
+    a = jnp.floor(E / R)
+    big = E - a * R
+    shape = jnp.broadcast_shapes(jnp.shape(R), jnp.shape(E), jnp.shape(k))
+    miss_a, miss_b = jnp.ones(shape), jnp.ones(shape)
     for i in range(k_max):
-        factor = jnp.clip((E - per_rank - i) / (E - i), 0.0, 1.0)
-        miss = jnp.where(i < k, miss * factor, miss)
-    return (R - 1) * (1 - miss)
+        fa = jnp.clip((E - a - i) / (E - i), 0.0, 1.0)
+        fb = jnp.clip((E - a - 1 - i) / (E - i), 0.0, 1.0)
+        miss_a = jnp.where(i < k, miss_a * fa, miss_a)
+        miss_b = jnp.where(i < k, miss_b * fb, miss_b)
+    return (R - 1) / R * ((R - big) * (1 - miss_a) + big * (1 - miss_b))
 
 
 def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,

@@ -23,10 +23,12 @@ Offload schedule (`simulate_offload`), per layer l with n expert copies:
   still cost link time, and the missed experts are copied on demand. hit_rate=1 is an
   oracle (pre-gated routing): the best any predictor can do.
 Expert parallelism schedule (`simulate_ep`), m micro-batches (DeepSeek's two-micro-batch
-overlap at m=2): per layer and micro-batch, dispatch (network) -> expert compute ->
-combine (network) -> the next layer's dispatch of that micro-batch. The network lane
-issues, for each micro-batch, the previous layer's combine then this layer's dispatch,
-so one micro-batch's communication runs while another computes. m=1 is the seed.
+overlap at m=2): per layer and micro-batch, attention -> dispatch (network) -> expert
+compute -> combine (network) -> the next layer's attention of that micro-batch. Per layer
+the compute lane runs every micro-batch's attention, then every micro-batch's experts;
+the network lane every dispatch, then every combine: micro-batch 0's dispatch runs while
+micro-batch 1's attention computes, its combine while micro-batch 1's experts compute.
+m=1 is the seed (everything in sequence).
 
 Compute and transfer split evenly over experts and micro-batches (a model: in the
 memory-bound regime a micro-batch re-reads the weights and splitting costs more).
@@ -91,11 +93,14 @@ def simulate_offload(
     resident: int = 0,
     lookahead: int = 0,
     hit_rate: float = 1.0,
+    attention: Sequence[float] | float = 0.0,
 ) -> Timeline:
     """T_P with overlap. compute[l]: layer l's expert compute (s), transfer[l]: its copies (s).
 
     copies: experts copied per layer (the transfer splits evenly over them); resident:
-    used experts already on the GPU (their share of compute needs no copy).
+    used experts already on the GPU (their share of compute needs no copy). attention[l]:
+    compute before layer l's router (attention): copies of layer l cannot start before it
+    ends, but prefetched copies of layer l run during it.
     """
     if lookahead not in (0, 1):
         raise ValueError(f"lookahead: 0 or 1, got {lookahead}")
@@ -104,6 +109,7 @@ def simulate_offload(
     n_layers = len(compute)
     compute = _per_layer(compute, n_layers)
     transfer = _per_layer(transfer, n_layers)
+    attention = _per_layer(attention, n_layers)
     copies = max(int(copies), 1)
     n_used = copies + max(int(resident), 0)
     # Copies of each layer: (predicted early, of which right) and on demand.
@@ -113,6 +119,8 @@ def simulate_offload(
     early: dict[int, list[Task]] = {}  # layer -> its predicted, right copies (issued early)
     prev_end: list[Task] = []  # the last GEMM of the previous layer (its router follows)
     for l in range(n_layers):
+        if attention[l] > 0:
+            prev_end = [tl.add("compute", f"attention L{l}", attention[l], prev_end)]
         x = transfer[l] / copies  # one expert's copy
         c = compute[l] / n_used  # one expert's GEMM
         # Layer l's routing is known: copy what was not prefetched, then (lookahead)
@@ -138,91 +146,116 @@ def simulate_offload(
 
 
 def simulate_ep(
-    compute: Sequence[float], network: Sequence[float] | float, *, microbatches: int = 2
+    compute: Sequence[float], network: Sequence[float] | float, *, microbatches: int = 2,
+    attention: Sequence[float] | float = 0.0,
 ) -> Timeline:
-    """T_EP with overlap. network[l]: layer l's dispatch + combine time (s), split in halves."""
+    """T_EP with overlap. network[l]: layer l's dispatch + combine time (s), split in halves.
+
+    attention[l]: compute of layer l before its dispatch (a micro-batch's attention runs
+    while another micro-batch's tokens travel: DeepSeek's two-micro-batch overlap)."""
     m = max(int(microbatches), 1)
     n_layers = len(compute)
     compute = _per_layer(compute, n_layers)
     network = _per_layer(network, n_layers)
+    attention = _per_layer(attention, n_layers)
     tl = Timeline()
-    gemm_prev: list[Task | None] = [None] * m  # previous layer's GEMM of each micro-batch
+    combine_prev: list[Task | None] = [None] * m  # previous layer's combine of each micro-batch
     for l in range(n_layers):
         half = network[l] / 2 / m  # dispatch (or combine) of one micro-batch
         c = compute[l] / m
+        dispatches = []
         for b in range(m):
-            after = []
-            if gemm_prev[b] is not None:
-                # The previous layer's combine of this micro-batch: its input comes back.
-                back = network[l - 1] / 2 / m
-                after = [tl.add("network", f"combine L{l - 1} mb{b}", back, [gemm_prev[b]])]
-            dispatch = tl.add("network", f"dispatch L{l} mb{b}", half, after)
-            gemm_prev[b] = tl.add("compute", f"gemm L{l} mb{b}", c, [dispatch])
-    for b in range(m):
-        if gemm_prev[b] is not None:
-            tl.add("network", f"combine L{n_layers - 1} mb{b}", network[-1] / 2 / m,
-                   [gemm_prev[b]])
+            # Micro-batch b's attention needs its tokens back (the previous combine); its
+            # dispatch then runs while the next micro-batch's attention computes.
+            after = [combine_prev[b]] if combine_prev[b] is not None else []
+            if attention[l] > 0:
+                after = [tl.add("compute", f"attention L{l} mb{b}", attention[l] / m, after)]
+            dispatches.append(tl.add("network", f"dispatch L{l} mb{b}", half, after))
+        for b in range(m):
+            gemm = tl.add("compute", f"gemm L{l} mb{b}", c, [dispatches[b]])
+            combine_prev[b] = tl.add("network", f"combine L{l} mb{b}", half, [gemm])
     return tl
 
 
-def overlap_gammas(model, system, workload, options=None, *, lookahead: int = 0,
-                   hit_rate: float = 1.0, microbatches: int = 2) -> dict:
-    """gamma with overlap: the ratio of the two overheads left after the timeline.
+def _steady(makespan_of, n: int = 8) -> tuple[float, float]:
+    """(period, fill): a schedule of alike layers takes fill + L * period once it is steady;
+    period from 2n and n layers, fill the rest at n layers."""
+    short, long = makespan_of(n), makespan_of(2 * n)
+    period = (long - short) / n
+    return period, max(short - n * period, 0.0)
 
-    Per-layer compute and transfer times come from `closed_form.evaluate` (its T_B and
-    its two overheads). Returns the seed's overheads beside the overlapped ones (SI):
-    gamma_overlap = t_p_overhead_overlap_s / t_ep_overhead_overlap_s (inf when EP hides
-    everything and offload does not; nan when both hide everything).
-    `gamma_overlap_oracle` is the same with lookahead=1 and a perfect predictor.
+
+def overlap_times(model, system, workload, options=None, *, lookahead: int = 0,
+                  hit_rate: float = 1.0, microbatches: int = 2) -> dict:
+    """Whole-step times with transfers overlapped with compute, and what stays exposed.
+
+    Per-layer compute comes from `closed_form.layer_compute` (attention with MLA or GQA,
+    the dense layers' MLP, the MoE experts at the expert dtype's roofline; under EP the
+    busiest rank's share), transfers from `closed_form.evaluate`'s overheads. Each strategy
+    is simulated on alike MoE layers; its steady per-layer period times L, plus the dense
+    layers (no transfers), is its step time, so the ratio does not depend on L:
+
+        speedup_ep_overlap = t_p_overlap_s / t_ep_overlap_s   (> 1: EP is faster)
+
+    Pipeline fill and drain (a constant per step) are reported apart (t_*_fill_s). The
+    exposed overheads are what each strategy adds to its own compute; 0: fully hidden.
+    `t_p_overlap_oracle_s` is offload with lookahead=1 and a perfect predictor.
     """
     from moelab.costmodel import closed_form
     from moelab.costmodel.specs import Options
 
     options = options if options is not None else Options()
     r = closed_form.evaluate(model, system, workload, options)
-    n_layers = model.n_moe_layers
-    passes = workload.passes
-    t_b, seed_p, seed_ep, n_ue = r.t_b, r.t_p_overhead, r.t_ep_overhead, r.n_ue
-    per = n_layers * passes
-    compute = [t_b / per] * n_layers
+    c = closed_form.layer_compute(model, system, workload, options)
+    L, passes = model.n_moe_layers, workload.passes
+    per = L * passes
+    seed_p, seed_ep, n_ue = r.t_p_overhead, r.t_ep_overhead, r.n_ue
     h = options.resident_fraction
     # Experts copied per layer and pass: the used ones not already resident (at least 1,
     # a zero-copy layer has zero transfer time anyway).
     copies = max(round(n_ue * (1 - h)), 1)
     resident = max(round(n_ue) - copies, 0)
-
-    def offload(la: int, hr: float) -> float:
-        tl = simulate_offload(compute, seed_p / per, copies=copies, resident=resident,
-                              lookahead=la, hit_rate=hr)
-        return tl.makespan * passes
-
-    t_p = offload(lookahead, hit_rate)
-    t_p_oracle = offload(1, 1.0)
     # A micro-batch holds at least one token (decode at batch 1 cannot be split).
     mb = max(1, min(int(microbatches), int(workload.tokens_per_pass)))
-    t_ep = simulate_ep(compute, seed_ep / per, microbatches=mb).makespan * passes
 
-    def ratio(a: float, b: float) -> float:
-        # Timelines sum many floats: overheads within rounding of zero are zero.
-        eps = 1e-9 * max(t_b, seed_p, seed_ep, 1e-30)
-        a, b = (0.0 if abs(a) < eps else a), (0.0 if abs(b) < eps else b)
-        if b == 0.0:
-            return math.nan if a == 0.0 else math.inf
-        return a / b
+    def offload(la: int, hr: float):
+        return _steady(lambda n: simulate_offload(
+            [c["moe_offload"]] * n, seed_p / per, copies=copies, resident=resident,
+            lookahead=la, hit_rate=hr, attention=c["attention"]).makespan)
 
-    over_p, over_ep, over_oracle = t_p - t_b, t_ep - t_b, t_p_oracle - t_b
+    def step(period: float, moe: float) -> tuple[float, float]:
+        """(with overlap, compute alone) for the whole step, all passes."""
+        dense = model.n_dense_layers * (c["attention"] + c["dense"])
+        return passes * (L * period + dense), passes * (L * (c["attention"] + moe) + dense)
+
+    (p_period, p_fill), (o_period, _) = offload(lookahead, hit_rate), offload(1, 1.0)
+    ep_period, ep_fill = _steady(lambda n: simulate_ep(
+        [c["moe_ep"]] * n, seed_ep / per, microbatches=mb, attention=c["attention"]).makespan)
+    t_p, t_b_p = step(p_period, c["moe_offload"])
+    t_ep, t_b_ep = step(ep_period, c["moe_ep"])
+    t_oracle, _ = step(o_period, c["moe_offload"])
+    eps = 1e-9 * max(t_b_p, t_b_ep, 1e-30)
+
+    def exposed(t: float, base: float) -> float:
+        return 0.0 if t - base < eps else t - base
+
+    exp_p, exp_ep = exposed(t_p, t_b_p), exposed(t_ep, t_b_ep)
     return {
-        "gamma": r.gamma,
-        "gamma_overlap": ratio(over_p, over_ep),
-        "gamma_overlap_oracle": ratio(over_oracle, over_ep),
-        "t_b_s": t_b,
-        "t_p_overhead_s": seed_p,
-        "t_ep_overhead_s": seed_ep,
+        "speedup_ep_overlap": t_p / t_ep if t_ep > 0 else math.inf,
+        "speedup_ep_overlap_oracle": t_oracle / t_ep if t_ep > 0 else math.inf,
         "t_p_overlap_s": t_p,
         "t_ep_overlap_s": t_ep,
-        "t_p_overhead_overlap_s": max(over_p, 0.0),
-        "t_ep_overhead_overlap_s": max(over_ep, 0.0),
-        "t_p_overhead_oracle_s": max(over_oracle, 0.0),
+        "t_p_overlap_oracle_s": t_oracle,
+        "t_b_step_offload_s": t_b_p,
+        "t_b_step_ep_s": t_b_ep,
+        "t_p_exposed_s": exp_p,
+        "t_ep_exposed_s": exp_ep,
+        "t_p_oracle_exposed_s": exposed(t_oracle, t_b_p),
+        "offload_transfer_hidden": exp_p == 0.0,
+        "ep_transfer_hidden": exp_ep == 0.0,
+        "t_p_fill_s": passes * p_fill,
+        "t_ep_fill_s": passes * ep_fill,
+        "layer_compute_s": c,
         "schedule": {
             "copies_per_layer": copies,
             "resident_per_layer": resident,

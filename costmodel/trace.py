@@ -159,9 +159,8 @@ def window_stats(win: np.ndarray, n_experts: int, ranks: int = 0,
     n_used, remote_ranks (summed over tokens; 0 without ranks), max_rank_load (the most
     (token, expert) pairs any EP rank serves; per expert without ranks).
 
-    -1 ids: for N_ue they become a dummy expert E that is not counted; for the fan-out a
-    token's -1s repeat one of its real ids (the same set of ranks), and a token with no
-    real id sends nothing.
+    -1 ids: for N_ue they become a dummy expert E that is not counted; for the fan-out
+    they are `filled` (the same ranks, and none for a token without experts).
     """
     import jax
     import jax.numpy as jnp
@@ -176,20 +175,33 @@ def window_stats(win: np.ndarray, n_experts: int, ranks: int = 0,
     n_used = np.asarray(jax.jit(jax.vmap(lambda ids: layer_stats(ids, E + 1)["n_used"]))(
         jnp.asarray(dummy)))
     n_used = n_used - missing.reshape(W * L, -1).any(-1)  # the dummy expert is not one
-    remote = np.zeros(W * L, np.int64)
+    remote = nodes = np.zeros(W * L, np.int64)
     if ranks:
-        first = np.where(missing.all(-1), 0, flat[np.arange(W * L)[:, None], np.arange(N)[None, :],
-                                                   np.argmax(~missing, -1)])
-        filled = np.where(missing, first[..., None], flat)
-        per_token = np.asarray(jax.jit(jax.vmap(
-            lambda ids: token_fanout(ids, E, ranks, gpus_per_node)[0]))(jnp.asarray(filled)))
-        remote = np.where(missing.all(-1), 0, per_token).sum(-1)
+        filled = np.stack([fill_missing(ids, E, ranks) for ids in flat])
+        remote, nodes = (np.asarray(a).sum(-1) for a in jax.jit(jax.vmap(
+            lambda ids: token_fanout(ids, E, ranks, gpus_per_node)))(jnp.asarray(filled)))
     groups = ranks or E
     owner = np.where(missing, groups, flat.astype(np.int64) * groups // E)
     load = np.zeros((W * L, groups + 1), np.int64)
     np.add.at(load, (np.arange(W * L)[:, None, None], owner), 1)
     return {"n_used": n_used.reshape(W, L), "remote_ranks": remote.reshape(W, L),
+            "remote_nodes": nodes.reshape(W, L),
             "max_rank_load": load[:, :groups].max(-1).reshape(W, L)}
+
+
+def fill_missing(ids: np.ndarray, n_experts: int, ranks: int) -> np.ndarray:
+    """ids [T, k] without -1s and with the same EP traffic: a token's -1s repeat its first
+    real id (the same set of ranks); a token with none gets an expert of its own home rank
+    (t R // T), which sends no row. For the reference's rank counts, which need ids >= 0."""
+    ids = np.asarray(ids)
+    T = ids.shape[0]
+    if T == 0:
+        return ids
+    real = ids >= 0
+    first = ids[np.arange(T), np.argmax(real, -1)]
+    home = np.arange(T) * ranks // T
+    first = np.where(real.any(-1), first, -(-home * n_experts // ranks))
+    return np.where(real, ids, first[:, None]).astype(np.int32)
 
 
 def histogram(tr: Trace) -> np.ndarray:
@@ -262,13 +274,41 @@ def _pass_stats(tr: Trace, ranks: int, gpus_per_node: int) -> tuple[dict, np.nda
     passes = batch_windows(tr)
     sizes = np.array([b.shape[1] for b in passes])
     out = {n: np.zeros((len(passes), len(tr.layers)), np.int64)
-           for n in ("n_used", "remote_ranks", "max_rank_load")}
+           for n in ("n_used", "remote_ranks", "remote_nodes", "max_rank_load")}
     for n in np.unique(sizes):  # one count per pass size
         at = np.flatnonzero(sizes == n)
         st = window_stats(np.stack([passes[i] for i in at]), tr.num_experts, ranks, gpus_per_node)
         for name, v in st.items():
             out[name][at] = v
     return out, sizes
+
+
+# Windows (x layers) on which the busiest rank is measured, as the Monte Carlo's BUSIEST_SAMPLES.
+BUSIEST_WINDOWS = 16
+
+
+def _busiest(tr: Trace, ranks: int, tokens: int, options) -> dict:
+    """The busiest EP rank from the trace itself: windows of R N_t consecutive tokens (every
+    rank holds N_t of them), max over ranks of rows received / mean, averaged over up to
+    BUSIEST_WINDOWS window-layers. A trace shorter than R N_t tokens measures none (then
+    the ranks count as balanced, and `imbalance_note` says so)."""
+    from moelab.costmodel.reference import busiest_rank
+
+    W = tr.tokens // (ranks * tokens)
+    if W == 0:
+        return {"imbalance_note": f"the trace's {tr.tokens} tokens are fewer than {ranks} ranks "
+                                  f"x {tokens}: no busiest rank measured, ranks taken as balanced"}
+    found = []
+    for i in range(min(W * len(tr.layers), BUSIEST_WINDOWS)):
+        w, l = divmod(i, len(tr.layers))
+        ids = fill_missing(tr.ids[l, w * ranks * tokens:(w + 1) * ranks * tokens],
+                           tr.num_experts, ranks)
+        found.append(busiest_rank(ids, tr.num_experts, ranks, options.redundant_experts))
+    out = {"imbalance_mean": float(np.mean([f["imbalance"] for f in found])),
+           "imbalance_samples": len(found)}
+    if options.redundant_experts:
+        out["imbalance_redundant_mean"] = float(np.mean([f["imbalance_redundant"] for f in found]))
+    return out
 
 
 def trace_distribution(model, system, workload, options, path: str,
@@ -297,7 +337,22 @@ def trace_distribution(model, system, workload, options, path: str,
     n_used = st["n_used"].astype(np.float64)  # [W, L_rec]
     dest = st["remote_ranks"].astype(np.float64) if R else np.broadcast_to(N, n_used.shape)
     p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
-    res = overheads(n_used, dest, p)
+    busiest = {}
+    if R > 1:  # as the Monte Carlo: the two EP legs, paced by the busiest rank
+        from moelab.costmodel.reference import _ep_rows
+
+        busiest = _busiest(tr, R, workload.tokens_per_pass, options)
+        p["fanout"] = np.float64(1.0)
+        imb = 1.0
+        if options.imbalance and "imbalance_mean" in busiest:
+            imb = busiest.get("imbalance_redundant_mean", busiest["imbalance_mean"])
+        net, nvl = _ep_rows(options, dest, st["remote_nodes"].astype(np.float64))
+        res = overheads(n_used, net, p, nvl, imb, system.b_nvlink)
+    else:
+        res = overheads(n_used, dest, p)
+        if R == 1:
+            res = {**res, "t_ep_overhead": np.zeros(n_used.shape[:-1]),
+                   "gamma": np.full(n_used.shape[:-1], np.inf)}
     scale = L / len(tr.layers)
     gamma = np.asarray(res["gamma"], np.float64)
     W = n_used.shape[0]
@@ -327,4 +382,6 @@ def trace_distribution(model, system, workload, options, path: str,
                                     f"layers; their statistics stand for all {L}")
     if R:
         out["fanout_mean"] = float(dest.sum() / (N.sum() * dest.shape[1]))
+        out["fanout_nodes_mean"] = float(st["remote_nodes"].sum() / (N.sum() * dest.shape[1]))
+    out.update(busiest)
     return out

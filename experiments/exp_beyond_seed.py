@@ -2,7 +2,10 @@
 
 Start from the seed's gamma for DeepSeek-R1 at one prefill size, change one thing, and
 record gamma_variant / gamma_seed (a tornado chart of log10 changes):
-- fan-out phi: experts spread uniformly over R EP ranks (closed_form.fanout_uniform), and under
+- fan-out over R EP ranks: one tier at B_net (every remote rank, the mean rank: the model
+  before issue 10), then two tiers (NVLink inside a node of G GPUs, the network between;
+  one network copy per remote node as DeepEP's normal kernels, or per remote rank) with the
+  busiest rank setting the pace (closed_form.fanout_tiers, imbalance_uniform); and under
   the model's group-limited routing, per rank and once per node (JAX reference Monte Carlo);
 - dispatch in fp8, combine in bf16 (as DeepEP does);
 - measured link bandwidths instead of nominal ones (presets' measured figures);
@@ -10,7 +13,9 @@ record gamma_variant / gamma_seed (a tornado chart of log10 changes):
 - latency per expert copy alpha_pcie, from a GPU calibration where one exists;
 - residency h: half of the GPU's memory caches experts, uniform routing (hit rate = cached share);
 - expected N_ue under uniform routing instead of the worst case;
-- overlap of transfers with compute (costmodel.timeline: per-expert copies, two micro-batches).
+- overlap of transfers with compute (costmodel.timeline: per-expert copies, two micro-batches,
+  attention and dense layers in the compute): whole-step times and the speedup of EP,
+  T_P / T_EP, which does not depend on L (no longer a ratio of exposed overheads).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ NAME = "beyond-seed"
 SUMMARY = (
     "fan-out, dtypes, measured links, latencies, residency, routing, overlap: each one's effect on gamma"
 )
-VERSION = "2"
+VERSION = "3"
 DEPENDS = (
     "moelab.costmodel.closed_form",
     "moelab.costmodel.presets",
@@ -131,11 +136,23 @@ def variants(cfg, model, system):
     alpha_net, alpha_net_src = _fitted_alpha_net()
     alpha_pcie, alpha_pcie_src = _measured_alpha_pcie()
     measured = load_system(cfg["system"], measured=True)
+    R = cfg["ep_ranks"]
     out = {
-        f"fan-out: EP{cfg['ep_ranks']}, uniform placement": (
+        f"fan-out: EP{R}, one tier (every remote rank at B_net, mean rank)": (
             system,
-            Options(ep_ranks=cfg["ep_ranks"]),
-            "closed_form.fanout_uniform",
+            Options(ep_ranks=R, dispatch_mode="flat", imbalance=False),
+            "closed_form.fanout_uniform (the model before two tiers)",
+        ),
+        f"fan-out: EP{R}, two tiers, per-node dispatch, busiest rank": (
+            system,
+            Options(ep_ranks=R),
+            f"closed_form.fanout_tiers, {system.gpus_per_node} GPUs per node, NVLink "
+            f"{system.b_nvlink / 1e9:g} GB/s; imbalance_uniform",
+        ),
+        f"fan-out: EP{R}, two tiers, per-rank dispatch, busiest rank": (
+            system,
+            Options(ep_ranks=R, dispatch_mode="per-rank"),
+            "closed_form.fanout_tiers (one network copy per remote rank: DeepEP low-latency)",
         ),
         f"dtypes: dispatch {cfg['dispatch_dtype']}, combine {cfg['combine_dtype']}": (
             system,
@@ -157,7 +174,7 @@ def variants(cfg, model, system):
     # Group-limited routing (the model's n_group / topk_group) sampled by the JAX reference: its
     # fan-out over ranks, and over nodes (DeepEP's normal kernels send a token once per remote node).
     groups, groups_src = _group_fanout(cfg, model, system)
-    fanout_all = Options(ep_ranks=cfg["ep_ranks"])
+    fanout_all = Options(ep_ranks=R)  # two tiers, per-node, busiest rank
     if groups is not None:
         out[f"fan-out: EP{cfg['ep_ranks']}, group-limited routing"] = (
             system,
@@ -169,7 +186,6 @@ def variants(cfg, model, system):
             Options(fanout=groups["nodes"]),
             groups_src + "; per-node dedup as in DeepEP normal kernels",
         )
-        fanout_all = Options(fanout=groups["nodes"])
     if alpha_net is not None:
         out[f"alpha_net = {alpha_net * 1e6:.0f} µs per collective"] = (
             system.with_(alpha_net=alpha_net),
@@ -196,7 +212,7 @@ def variants(cfg, model, system):
         "alpha_pcie": alpha_pcie_src if alpha_pcie is None else None,
         "group-limited fan-out": groups_src if groups is None else None,
     }
-    fan = "once per node, group-limited" if groups is not None else f"EP{cfg['ep_ranks']} uniform"
+    fan = f"EP{R} two tiers, per-node dispatch, busiest rank"
     lat = ", ".join(n for n, v in (("alpha_net", alpha_net), ("alpha_pcie", alpha_pcie)) if v is not None)
     desc = (
         f"fan-out {fan}; dispatch {cfg['dispatch_dtype']} / combine {cfg['combine_dtype']}; measured links; "
@@ -237,34 +253,39 @@ def run(cfg: dict, ctx) -> None:
     )
     ctx.advance()
 
-    # Overlap: the timeline on top of the seed, and on top of everything else.
-    overlap_rows, overlap_note = [], None
-    try:
-        from moelab.costmodel.timeline import overlap_gammas
-    except ImportError:
-        overlap_gammas = None
-        overlap_note = "overlap: costmodel.timeline not available yet"
-        ctx.note(overlap_note)
-    if overlap_gammas is not None:
-        for label, s, o in (
-            ("overlap (timeline, 2 micro-batches)", system, Options()),
-            ("all together + overlap", sys_all, opt_all),
-        ):
-            ov = overlap_gammas(model, s, work, o, microbatches=cfg["microbatches"])
-            overlap_rows.append(
-                {
-                    "variant": label,
-                    "gamma": ov["gamma_overlap"],
-                    "ratio_to_seed": ov["gamma_overlap"] / seed.gamma,
-                    "t_p_overhead_s": ov["t_p_overhead_overlap_s"],
-                    "t_ep_overhead_s": ov["t_ep_overhead_overlap_s"],
-                    "t_b_s": ov["t_b_s"],
-                    "tipping_tokens": None,
-                    "source": "costmodel.timeline.overlap_gammas",
-                }
-            )
-        rows.extend(overlap_rows)
+    # Overlap: whole-step times on top of the seed, and on top of everything else.
+    from moelab.costmodel.timeline import overlap_times
+
+    overlap_rows = []
+    for label, s, o in (
+        ("seed + overlap", system, Options()),
+        ("all together + overlap", sys_all, opt_all),
+    ):
+        ov = overlap_times(model, s, work, o, microbatches=cfg["microbatches"])
+        deep = overlap_times(model.with_(n_moe_layers=2 * model.n_moe_layers,
+                                         n_layers=2 * model.n_layers), s, work, o,
+                             microbatches=cfg["microbatches"])
+        overlap_rows.append({
+            "variant": label,
+            "speedup_ep_overlap": ov["speedup_ep_overlap"],
+            "speedup_ep_overlap_2L": deep["speedup_ep_overlap"],
+            # what the report used to call gamma overlapped: the overheads left over the
+            # whole timeline (steady exposure + pipeline fill), offload over EP; grows with L
+            "exposed_ratio": _old_ratio(ov),
+            "exposed_ratio_2L": _old_ratio(deep),
+            "t_p_overlap_s": ov["t_p_overlap_s"],
+            "t_ep_overlap_s": ov["t_ep_overlap_s"],
+            "t_p_exposed_s": ov["t_p_exposed_s"],
+            "t_ep_exposed_s": ov["t_ep_exposed_s"],
+            "t_ep_fill_s": ov["t_ep_fill_s"],
+            "t_b_step_offload_s": ov["t_b_step_offload_s"],
+            "t_b_step_ep_s": ov["t_b_step_ep_s"],
+            "ep_transfer_hidden": ov["ep_transfer_hidden"],
+            "offload_transfer_hidden": ov["offload_transfer_hidden"],
+            "source": "costmodel.timeline.overlap_times",
+        })
     ctx.rows("variants", rows)
+    ctx.rows("overlap", overlap_rows)
     ctx.advance()
 
     tokens = np.geomspace(1, 1e7, cfg["curve_points"])
@@ -272,20 +293,15 @@ def run(cfg: dict, ctx) -> None:
     for name, (s, o, _) in singles.items():
         curves[name] = cf.gamma_of_tokens(model, s, o, tokens)
     curves["all together"] = cf.gamma_of_tokens(model, sys_all, opt_all, tokens)
-    overlap_curve = None
-    if overlap_gammas is not None:
-        t_ov = np.geomspace(64, 1e7, cfg["overlap_points"])
-        overlap_curve = (
-            t_ov,
-            np.array(
-                [
-                    overlap_gammas(
-                        model, system, Workload(tokens=int(t)), Options(), microbatches=cfg["microbatches"]
-                    )["gamma_overlap"]
-                    for t in t_ov
-                ]
-            ),
-        )
+    t_ov = np.geomspace(64, 1e7, cfg["overlap_points"])
+    overlap_curve = (
+        t_ov,
+        np.array([
+            overlap_times(model, system, Workload(tokens=int(t)), Options(),
+                          microbatches=cfg["microbatches"])["speedup_ep_overlap"]
+            for t in t_ov
+        ]),
+    )
     ctx.rows(
         "curves",
         [{"tokens": float(t), **{n: float(c[i]) for n, c in curves.items()}} for i, t in enumerate(tokens)],
@@ -300,16 +316,28 @@ def run(cfg: dict, ctx) -> None:
     ctx.advance()
 
     def g(x):
-        return "∞ (EP overhead fully hidden)" if math.isinf(x) else fmt(x)
+        return "∞ (fully hidden)" if math.isinf(x) else fmt(x)
 
     table = "| variant | gamma | × seed | N_t* (tokens) | source |\n|---|---|---|---|---|\n"
     for r in rows:
-        tip = (
-            fmt(r["tipping_tokens"])
-            if r["tipping_tokens"]
-            else ("none" if "overlap" not in r["variant"] else "—")
-        )
+        tip = fmt(r["tipping_tokens"]) if r["tipping_tokens"] else "none"
         table += f"| {r['variant']} | {g(r['gamma'])} | {g(r['ratio_to_seed'])} | {tip} | {r['source']} |\n"
+    ov_table = ("| with overlap | T_P (s) | T_EP (s) | speedup of EP, T_P / T_EP | at 2 L | "
+                "offload exposed (s) | EP exposed (s) | EP fill (s) | former gamma overlapped "
+                "| at 2 L |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in overlap_rows:
+        ep_exp = "0 (fully hidden)" if r["ep_transfer_hidden"] else fmt(r["t_ep_exposed_s"])
+        ov_table += (f"| {r['variant']} | {fmt(r['t_p_overlap_s'])} | {fmt(r['t_ep_overlap_s'])} | "
+                     f"{fmt(r['speedup_ep_overlap'])} | {fmt(r['speedup_ep_overlap_2L'])} | "
+                     f"{fmt(r['t_p_exposed_s'])} | {ep_exp} | {fmt(r['t_ep_fill_s'])} | "
+                     f"{'inf' if math.isinf(r['exposed_ratio']) else fmt(r['exposed_ratio'])} | "
+                     f"{'inf' if math.isinf(r['exposed_ratio_2L']) else fmt(r['exposed_ratio_2L'])} |\n")
+    by = {r["variant"]: r for r in rows}
+    flat = by[f"fan-out: EP{cfg['ep_ranks']}, one tier (every remote rank at B_net, mean rank)"]
+    tiers = by[f"fan-out: EP{cfg['ep_ranks']}, two tiers, per-node dispatch, busiest rank"]
+    per_rank = by[f"fan-out: EP{cfg['ep_ranks']}, two tiers, per-rank dispatch, busiest rank"]
+    legs = cf.ep_legs(model, system, Options(ep_ranks=cfg["ep_ranks"]), cfg["tokens"])
     together = next(r for r in rows if r["variant"] == "all of the above together")
     ctx.summary.update(
         {
@@ -318,8 +346,8 @@ def run(cfg: dict, ctx) -> None:
             "tipping_all_together": together["tipping_tokens"],
         }
     )
-    notes = "".join(f"\n- {n}" for n in ctx.notes)
     single_rows = [r for r in rows[1 : len(singles) + 1]]
+    seed_ov = overlap_rows[0]
     biggest = max(single_rows, key=lambda r: abs(math.log(r["ratio_to_seed"])))
     ctx.section(f"""
 {model.name} on {system.name}, prefill of {cfg["tokens"]:,} tokens. The seed's gamma is {fmt(seed.gamma)}
@@ -328,13 +356,37 @@ Together they move gamma by ×{fmt(together["ratio_to_seed"])} to {fmt(together[
 point to {fmt(together["tipping_tokens"]) if together["tipping_tokens"] else "none"} tokens: the decision at
 {cfg["tokens"]:,} tokens {"is" if (together["gamma"] > 1) == (seed.gamma > 1) else "is no longer"}
 {"EP" if together["gamma"] > 1 else "offload"}. The largest single effect is "{biggest["variant"]}"
-(×{fmt(biggest["ratio_to_seed"])}). With top-{model.top_k} routing over {cfg["ep_ranks"]} ranks a token's
-activations travel to {fmt(cf.fanout_uniform(cfg["ep_ranks"], model.n_experts, model.top_k))} remote ranks,
-not one as the seed assumes.
-With overlap, an overhead that fits under the compute disappears: gamma then compares what is left.
-{notes}
+(×{fmt(biggest["ratio_to_seed"])}).
 
-{table}""")
+**Two tiers and the busiest rank (what changed).** With top-{model.top_k} routing over {cfg["ep_ranks"]}
+ranks a token reaches {fmt(legs.tiers.ranks)} remote ranks. Counting all of them at B_net (one tier, the
+mean rank, this experiment's earlier fan-out row) gives gamma {fmt(flat["gamma"])}. But
+{fmt(legs.tiers.intra)} of them are on the token's own node of {system.gpus_per_node} GPUs (NVLink,
+{fmt(system.b_nvlink / 1e9)} GB/s), and DeepEP's normal kernels send one copy per remote node
+({fmt(legs.tiers.nodes)} nodes) and forward inside it: with the busiest of the {cfg["ep_ranks"]} ranks
+receiving ×{fmt(legs.imbalance)} the mean, gamma is {fmt(tiers["gamma"])},
+×{fmt(tiers["gamma"] / flat["gamma"])} of the one-tier figure; the {legs.deciding_leg} leg decides.
+One copy per remote rank ({fmt(legs.tiers.ranks_inter)} over the network) gives {fmt(per_rank["gamma"])}.
+
+**Overlap (what changed).** This report used to show "gamma overlapped", the offload overhead left
+after overlap over the EP overhead left. With micro-batches the EP one is mostly pipeline fill and
+drain, a constant, so that ratio grows with the layer count: computed the old way it is
+{g(seed_ov["exposed_ratio"])} at L = {model.n_moe_layers} and {g(seed_ov["exposed_ratio_2L"])} at 2 L.
+It is replaced by whole-step times
+(attention with {"MLA" if model.kv_lora_rank else "GQA"} and the {model.n_dense_layers} dense layers
+now included, fp8 experts at the fp8 peak): EP's step is ×{fmt(seed_ov["speedup_ep_overlap"])} faster
+with overlap on the seed's links, and ×{fmt(seed_ov["speedup_ep_overlap_2L"])} at 2 L (L-free).
+
+{table}
+{ov_table}""")
+
+
+def _old_ratio(ov: dict) -> float:
+    """The former gamma_overlap: (T_P - T_B) / (T_EP - T_B) of the whole timeline, fill included."""
+    import math
+
+    ep = ov["t_ep_exposed_s"] + ov["t_ep_fill_s"]
+    return (ov["t_p_exposed_s"] + ov["t_p_fill_s"]) / ep if ep > 0 else math.inf
 
 
 def _row(name, source, r, seed) -> dict:
@@ -455,11 +507,13 @@ def _plot_curves(ctx, tokens, curves, overlap_curve, cfg) -> None:
         ax.loglog(tokens, c, label=name, **style)
     if overlap_curve is not None:
         t, g = overlap_curve
-        ax.loglog(t, g, "s--", ms=3, color="tab:brown", label="overlap (timeline); gaps: EP fully hidden")
+        ax.loglog(t, g, "s--", ms=3, color="tab:brown",
+                  label="speedup of EP with overlap, T_P / T_EP (timeline)")
     plots.gamma_line(ax, label="gamma = 1")
     ax.set_xlabel("prefill tokens N_t [tokens]")
     ax.set_ylabel(plots.GAMMA_LABEL)
-    ax.set_title("gamma vs N_t for each variant: where each crosses 1 is its tipping point", fontsize=10)
+    ax.set_title("gamma vs N_t for each variant (and EP's overlapped speedup): crossing 1 flips the "
+                 "decision", fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     ctx.plot(fig, "variants_vs_tokens", "gamma vs prefill tokens for the seed and each variant.")
@@ -471,7 +525,7 @@ def _plot_sweeps(ctx, sweeps, seed, cfg) -> None:
     fig, axes = plots.figure(ncols=2, width=9, height=7.5, nrows=2)
     panels = [
         ("resident_fraction", 1.0, "resident fraction h [share of used experts]", "linear"),
-        ("ep_ranks", 1.0, "EP ranks R (fan-out from uniform placement) [ranks]", "log"),
+        ("ep_ranks", 1.0, "EP ranks R (two tiers, per-node dispatch, busiest rank) [ranks]", "log"),
         ("alpha_net_s", 1e6, "alpha_net, latency per collective [µs]", "linear"),
         ("alpha_pcie_s", 1e6, "alpha_pcie, latency per expert copy [µs]", "linear"),
     ]

@@ -1,7 +1,9 @@
 """kernels: dispatch, combine and prefetch measured on a GPU, and the calibrated system's gamma.
 
 Reads what `ci/gpu-check` wrote to experiments/results/<device>/ (bench_dispatch.json,
-bench_combine.json, bench_prefetch.json, calibrate.json). Nothing is measured here; where
+bench_combine.json, bench_prefetch.json, calibrate.json, offload.json): the kernels against
+the copy roof (from do_bench and from CUDA-graph times), the routing metadata at 4K, 32K
+and 256K tokens, and the executed offload's copy time against the model. Nothing is measured here; where
 no GPU run exists the experiment says "not measured on a GPU yet".
 """
 
@@ -13,7 +15,7 @@ NAME = "kernels"
 SUMMARY = (
     "dispatch, combine, prefetch results from GPU runs (experiments/results/DEVICE/) and calibrated gamma"
 )
-VERSION = "1"
+VERSION = "2"
 DEPENDS = ("moelab.costmodel.closed_form", "moelab.costmodel.presets")
 
 RESULTS = Path(__file__).parent / "results"
@@ -22,6 +24,7 @@ FILES = {
     "combine": ("bench_combine.json", "combine.json"),
     "prefetch": ("bench_prefetch.json", "prefetch.json"),
     "calibrate": ("calibrate.json",),
+    "offload": ("offload.json",),
 }
 
 
@@ -88,6 +91,7 @@ def run(cfg: dict, ctx) -> None:
                                 "bandwidth_Bps",
                                 "copy_bandwidth_Bps",
                                 "ratio_to_copy",
+                                "ratio_to_copy_graph",
                                 "speedup_vs_torch",
                                 "metadata_time_s",
                                 "torch_time_s",
@@ -98,12 +102,25 @@ def run(cfg: dict, ctx) -> None:
             if timed:
                 _plot_op(ctx, dev, op, timed)
                 parts.append(_op_table(dev, op, timed, fmt))
+            scaling = [r for r in rows if r.get("op") == "route" and r.get("metadata_time_s")]
+            if scaling:
+                parts.append(_metadata_table(dev, scaling, fmt))
         pre = _load(folder, "prefetch")
         if _on_gpu(pre):
             paths = [r for r in pre if r.get("bandwidth_Bps") and r.get("expert_bytes")]
             if paths:
                 _plot_prefetch(ctx, dev, paths)
                 parts.append(_prefetch_table(dev, paths, fmt))
+        off = _load(folder, "offload")
+        if isinstance(off, dict) and off.get("copy_time_s"):
+            parts.append(
+                f"**offload executed on {dev}:** {off['model']} ({off['layers']} layers x "
+                f"{off['tokens']} tokens): copied {fmt(off['bytes_copied_measured'])} B, model "
+                f"{fmt(off['bytes_copied_model'])} B; copy time {fmt(off['copy_time_s'] * 1e3)} ms "
+                f"against {fmt(off['copy_time_model_s'] * 1e3)} ms at B_pcie "
+                f"{fmt(off['b_pcie'] / 1e9)} GB/s (x{fmt(off['copy_time_ratio'])}); max error "
+                f"{off['max_abs_err']:.1e}."
+            )
         cal = _load(folder, "calibrate")
         if isinstance(cal, dict) and cal.get("name") != "cpu-standin" and cal.get("b_pcie"):
             parts.append(_calibrated_gamma(ctx, dev, folder, cal, cfg, fmt))
@@ -126,16 +143,28 @@ def run(cfg: dict, ctx) -> None:
 def _op_table(dev, op, rows, fmt) -> str:
     t = (
         f"**{op} on {dev}**\n\n"
-        "| shape | time | GB/s | device copy GB/s | ratio to copy | × torch | metadata |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| shape | time | GB/s | device copy GB/s | ratio to copy | ratio (graphs) | × torch "
+        "| metadata |\n|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
         t += (
             f"| {r['shape']} | {fmt(r['time_s'] * 1e6)} µs | {fmt(r['bandwidth_Bps'] / 1e9)} "
             f"| {fmt((r.get('copy_bandwidth_Bps') or 0) / 1e9)} | {fmt(r.get('ratio_to_copy'))} "
-            f"| {fmt(r.get('speedup_vs_torch'))} "
+            f"| {fmt(r.get('ratio_to_copy_graph'))} | {fmt(r.get('speedup_vs_torch'))} "
             f"| {fmt(r['metadata_time_s'] * 1e6) + ' µs' if r.get('metadata_time_s') else '—'} |\n"
         )
+    return t
+
+
+def _metadata_table(dev, rows, fmt) -> str:
+    t = (f"**routing metadata on {dev}** (top-8 of 256): linear in the tokens when the time per "
+         "token stays at the smallest's\n\n| tokens | µs | CUDA graph µs | time per token vs "
+         "smallest |\n|---|---|---|---|\n")  # fmt: skip
+    for r in rows:
+        graph = r.get("metadata_graph_time_s")
+        per_token = fmt(r.get("time_per_token_vs_smallest"))
+        t += (f"| {r['tokens']:,} | {fmt(r['metadata_time_s'] * 1e6)} "
+              f"| {fmt(graph * 1e6) if graph else '—'} | {per_token} |\n")  # fmt: skip
     return t
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 NAME = "landscape"
 SUMMARY = "tipping point N_t* and gamma at typical prefill sizes for every model × system preset (heatmaps)"
-VERSION = "1"
+VERSION = "2"
 DEPENDS = (
     "moelab.costmodel.closed_form",
     "moelab.costmodel.presets",
@@ -156,14 +156,12 @@ def _heatmap(ctx, values, cfg, cbar_label, stem, caption, center, fmt_cell) -> N
         im = ax.imshow(values, cmap="RdBu_r", vmin=center - span, vmax=center + span, aspect="auto")
     else:
         im = ax.imshow(values, cmap="viridis", aspect="auto")
-    lo, hi = im.get_clim()
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             v = values[i, j]
-            # White text on the darkest fifth of the colour range at either end.
-            dark = np.isfinite(v) and (
-                v > hi - 0.2 * (hi - lo) or (center is not None and v < lo + 0.2 * (hi - lo))
-            )
+            # The text colour that contrasts most with the cell's own colour (NaN cells are
+            # blank: the white axes show through).
+            cell = im.cmap(im.norm(v)) if np.isfinite(v) else (1.0, 1.0, 1.0)
             ax.text(
                 j,
                 i,
@@ -171,7 +169,7 @@ def _heatmap(ctx, values, cfg, cbar_label, stem, caption, center, fmt_cell) -> N
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="white" if dark else "black",
+                color=plots.text_color_on(cell),
             )
     ax.set_xticks(range(len(cfg["systems"])), cfg["systems"], rotation=30, ha="right")
     ax.set_yticks(range(len(cfg["models"])), cfg["models"])
@@ -182,35 +180,61 @@ def _heatmap(ctx, values, cfg, cbar_label, stem, caption, center, fmt_cell) -> N
     ctx.plot(fig, stem, caption)
 
 
-def _lines(ctx, cfg, system_name: str = "h100-sxm") -> None:
-    """gamma vs N_t for every model on one system: where each curve crosses 1 is its N_t*."""
+def _lines(ctx, cfg, system_name: str = "h100-sxm", panels: int = 3) -> None:
+    """gamma vs N_t for every model on one system: where each curve crosses 1 is its N_t*.
+
+    All curves fall with slope -1 past saturation, so 15 of them in one frame are a bundle of
+    near-parallel lines. They are dealt round-robin, in order of N_t*, into `panels` frames:
+    curves side by side in N_t* land in different frames, and each frame has few enough
+    lines for one distinct colour and line style each.
+    """
     import numpy as np
 
     from moelab.costmodel import closed_form as cf
     from moelab.costmodel.presets import load_model, load_system
-    from moelab.costmodel.specs import Options
+    from moelab.costmodel.specs import Options, Workload
     from moelab.experiments import plots
 
     system = load_system(system_name, measured=cfg["measured_links"])
     tokens = np.geomspace(1, 1e7, 200)
-    fig, ax = plots.figure(width=7.5, height=5)
+    # Models whose curves coincide (DeepSeek-V3 and R1 share every figure) get one line.
+    curves: list[tuple[list[str], np.ndarray, float | None]] = []
     for m in cfg["models"]:
-        ax.loglog(tokens, cf.gamma_of_tokens(load_model(m), system, Options(), tokens), label=m)
-    plots.gamma_line(ax, label="gamma = 1")
-    for t in cfg["tokens"]:
-        ax.axvline(t, color="gray", lw=0.5, ls=":")
-    ax.set_xlabel("prefill tokens N_t [tokens]")
-    ax.set_ylabel(plots.GAMMA_LABEL)
-    ax.set_title(
+        model = load_model(m)
+        g = cf.gamma_of_tokens(model, system, Options(), tokens)
+        same = next((c for c in curves if np.allclose(c[1], g, rtol=1e-9, atol=0)), None)
+        if same:
+            same[0].append(m)
+        else:
+            curves.append(([m], g, cf.evaluate(model, system, Workload(tokens=1)).tipping_tokens))
+    curves.sort(key=lambda c: c[2] if c[2] is not None else 0.0)
+    fig, axes = plots.figure(ncols=panels, width=4.6 * panels, height=5.2, sharey=True)
+    for p, ax in enumerate(axes):
+        for i, (names, g, tip) in enumerate(curves[p::panels]):
+            style = plots.series_style(i)
+            ax.loglog(tokens, g, lw=1.8, label=" = ".join(names), **style)
+            if tip is not None:
+                ax.plot([tip], [1.0], "o", ms=5, color=style["color"])
+        plots.gamma_line(ax, label="gamma = 1")
+        for t in cfg["tokens"]:
+            ax.axvline(t, color=plots.GUIDE_COLOR, lw=1.2, ls=":")
+            ax.annotate(f"{t:,}", (t, 1), xycoords=("data", "axes fraction"), xytext=(2, -4),
+                        textcoords="offset points", fontsize=7, color=plots.GUIDE_COLOR,
+                        rotation=90, va="top")
+        ax.set_xlabel("prefill tokens N_t [tokens]")
+        ax.set_ylabel(plots.GAMMA_LABEL if p == 0 else "gamma [ratio]")
+        ax.legend(fontsize=8, loc="lower left")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(
         f"Every model preset on {system.name} "
-        f"({system.b_pcie / 1e9:g} GB/s host link, {system.b_net / 1e9:g} GB/s network)",
+        f"({system.b_pcie / 1e9:g} GB/s host link, {system.b_net / 1e9:g} GB/s network); "
+        "dot: tipping point N_t*",
         fontsize=10,
     )
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
-    ax.grid(True, which="both", alpha=0.3)
     ctx.plot(
         fig,
         "gamma_vs_tokens_models",
-        f"gamma vs N_t for every model preset on {system.name}; "
-        "dotted lines: the typical prefill sizes of the table.",
+        f"gamma vs N_t for every model preset on {system.name}, dealt over {panels} panels in order "
+        "of N_t* (a dot where each curve crosses 1); dotted lines: the typical prefill sizes of the "
+        "table; models with identical curves share a line.",
     )

@@ -5,6 +5,9 @@ expected count under uniform top-k is E (1 - (1 - k/E)^N_t) (closed form), and s
 popularity (Zipf, Dirichlet) or DeepSeek's group-limited routing use fewer. The JAX
 reference samples concrete routings (costmodel.reference.gamma_distribution) and gives
 gamma's mean and percentiles; on the seed's worst-case routing it must equal the closed form.
+With EP ranks (issue 10) it also measures the two tiers of the fan-out and the busiest rank
+(max over ranks of rows received / mean) from concrete routings, with and without
+EPLB-like redundant experts, against the closed-form imbalance for uniform routing.
 Sample counts are modest so the report stays within minutes on two cores.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 NAME = "routing"
 SUMMARY = "worst-case vs expected vs skewed N_ue, and gamma's distribution from the JAX Monte Carlo"
-VERSION = "1"
+VERSION = "2"
 DEPENDS = (
     "moelab.costmodel.closed_form",
     "moelab.costmodel.reference",
@@ -39,6 +42,10 @@ def config(quick: bool) -> dict:
         "hist_tokens": 16,
         "hist_samples": 8 if quick else 32,
         "check_tokens": [4, 64] if quick else [4, 64, 1024],
+        "ep_ranks": 32,  # DeepSeek's prefill unit
+        "ep_tokens": 64,  # tokens per rank for the busiest-rank measurement
+        "redundant_experts": 32,  # DeepSeek's EPLB in prefill
+        "ep_samples": 2 if quick else 4,
         "seed": 0,
     }
 
@@ -49,6 +56,7 @@ def STEPS(cfg) -> int:
         + len(cfg["skewed"]) * len(cfg["skewed_tokens"])
         + len(cfg["check_tokens"])
         + len(cfg["skewed"])
+        + 1 + len(cfg["skewed"])
         + 2
     )
 
@@ -148,11 +156,39 @@ def run(cfg: dict, ctx) -> None:
         ctx.advance()
     ctx.json("gamma_samples.json", {"tokens": n, "samples": hist})
 
+    ep_rows = _busiest_rank(ctx, reference, cf, model, system, cfg)
     _plot_n_ue(ctx, rows, model)
     _plot_gamma(ctx, rows)
     _plot_hist(ctx, hist, n, model)
     ctx.advance()
-    _section(ctx, rows, checks, cfg, model)
+    _section(ctx, rows, checks, cfg, model, ep_rows)
+
+
+def _busiest_rank(ctx, reference, cf, model, system, cfg) -> list[dict]:
+    """Per routing, at EP R with N tokens per rank: the two tiers (Monte Carlo means), the
+    busiest rank with and without redundant experts, and gamma with and without them."""
+    from moelab.costmodel.specs import Options, Workload
+
+    R, n, red = cfg["ep_ranks"], cfg["ep_tokens"], cfg["redundant_experts"]
+    out = []
+    for routing in ["uniform", *cfg["skewed"]]:
+        d = reference.gamma_distribution(model, system, Workload(tokens=n),
+                                         Options(ep_ranks=R, redundant_experts=red), routing,
+                                         cfg["ep_samples"], cfg["seed"])
+        plain = reference.gamma_distribution(model, system, Workload(tokens=n), Options(ep_ranks=R),
+                                             routing, cfg["ep_samples"], cfg["seed"])
+        out.append({
+            "routing": routing, "ep_ranks": R, "tokens_per_rank": n,
+            "fanout_mean": d["fanout_mean"], "fanout_nodes_mean": d["fanout_nodes_mean"],
+            "imbalance": d["imbalance_mean"], "imbalance_redundant": d["imbalance_redundant_mean"],
+            "imbalance_closed_form": (cf.imbalance_uniform(n, R, model.n_experts, model.top_k)
+                                      if routing == "uniform" else None),
+            "gamma_mean": plain["gamma_mean"], "gamma_mean_redundant": d["gamma_mean"],
+            "samples": d["imbalance_samples"],
+        })
+        ctx.advance()
+    ctx.rows("busiest_rank", out)
+    return out
 
 
 def _plot_n_ue(ctx, rows, model) -> None:
@@ -256,7 +292,7 @@ def _plot_hist(ctx, hist, n, model) -> None:
     )
 
 
-def _section(ctx, rows, checks, cfg, model) -> None:
+def _section(ctx, rows, checks, cfg, model, ep_rows) -> None:
     from moelab.show import fmt
 
     worst_err = max(abs(c["rel_diff"]) for c in checks)
@@ -284,6 +320,18 @@ def _section(ctx, rows, checks, cfg, model) -> None:
         if base and r["tokens"] == n0 and r["routing"] != "uniform"
     )
     verdict = "EP still wins in every sample" if least["gamma_p05"] > 1 else "offload wins in some samples"
+    uni_ep = next(r for r in ep_rows if r["routing"] == "uniform")
+    skew_text = ", ".join(f"{r['routing']} ×{fmt(r['imbalance'])} (gamma {fmt(r['gamma_mean'])})"
+                          for r in ep_rows if r["routing"] != "uniform")
+    rep_text = ", ".join(f"×{fmt(r['imbalance_redundant'])} ({r['routing']}, gamma "
+                         f"{fmt(r['gamma_mean_redundant'])})" for r in ep_rows)
+    ep_table = ("| routing | EP ranks | remote ranks / nodes per token | busiest / mean | with replicas "
+                "| gamma | with replicas |\n|---|---|---|---|---|---|---|\n")
+    for r in ep_rows:
+        ep_table += (f"| {r['routing']} | {r['ep_ranks']} | {fmt(r['fanout_mean'])} / "
+                     f"{fmt(r['fanout_nodes_mean'])} | {fmt(r['imbalance'])} | "
+                     f"{fmt(r['imbalance_redundant'])} | {fmt(r['gamma_mean'])} | "
+                     f"{fmt(r['gamma_mean_redundant'])} |\n")
     ctx.summary.update(
         {
             "worst_case_rel_diff": worst_err,
@@ -300,4 +348,13 @@ experts make offload cheaper. The smallest sampled mean gamma is {fmt(least["gam
 ({least["routing"]}, N_t = {least["tokens"]:,}; 5% percentile {fmt(least["gamma_p05"])}): {verdict}.
 gamma's spread is narrow because each sample averages N_ue over {model.n_moe_layers} layers.
 
-{table}""")
+{table}
+**The busiest rank (what changed).** With EP the all-to-all ends when its busiest receiver does; the
+EP overhead now pays that rank's rows, measured here on concrete routings with every one of
+{cfg["ep_ranks"]} ranks holding {cfg["ep_tokens"]} tokens, and with {cfg["redundant_experts"]} redundant
+expert slots filled by replicas of each routing's hottest experts (EPLB-like, placed from the
+routing's own counts: an oracle). Uniform routing: ×{fmt(uni_ep["imbalance"])} the mean rank (closed
+form ×{fmt(uni_ep["imbalance_closed_form"])}). Skewed routings load one rank far more:
+{skew_text}. Replicas bring the busiest rank back to {rep_text}.
+
+{ep_table}""")

@@ -1,4 +1,5 @@
-"""seed-r1: the seed's TODO, computed. DeepSeek-R1 on an H100 with PCIe Gen5 and IB NDR.
+"""seed-r1: the worked example the seed names but leaves uncomputed: DeepSeek-R1 on an H100
+with PCIe Gen5 and IB NDR.
 
 gamma across N_t (worst-case routing, as the seed), the tipping point N_t*, the seed's
 three factors, decode at batch 1; beside it the same with measured link bandwidths and
@@ -8,8 +9,11 @@ with expected (uniform) routing. Closed form only, one vectorized call per curve
 from __future__ import annotations
 
 NAME = "seed-r1"
-SUMMARY = "the seed's TODO: DeepSeek-R1 gamma vs N_t on H100 (PCIe Gen5, IB NDR), tipping point, 3 factors"
-VERSION = "1"
+SUMMARY = (
+    "the seed's worked example: DeepSeek-R1 gamma vs N_t on H100 (PCIe Gen5, IB NDR), tipping point, "
+    "3 factors"
+)
+VERSION = "2"
 DEPENDS = ("moelab.costmodel.closed_form", "moelab.costmodel.presets", "moelab.costmodel.specs")
 
 
@@ -141,7 +145,6 @@ def run(cfg: dict, ctx) -> None:
         "decode_batch": cfg["decode_batch"],
         "gamma_decode": dec.gamma,
         "max_rel_diff_ratio_vs_boxed": identity_err,
-        "deciding_factor": ex.deciding_factor,
     }
     ctx.json("result.json", result)
     ctx.summary.update(
@@ -198,8 +201,9 @@ The ratio of overheads and the seed's boxed formula agree to {identity_err:.1e} 
 {fmt(measured.b_net / 1e9)} GB/s network) gamma at {cfg["example_tokens"]:,} tokens is
 {fmt(ex_meas.gamma)} and N_t* = {tipping(ex_meas.tipping_tokens)}; with expected (uniform) routing
 instead of the worst case, gamma = {fmt(ex_unif.gamma)} and N_t* = {tipping(ex_unif.tipping_tokens)}.
-The deciding factor is the {ex.deciding_factor} term: one {model.name} expert weighs as much as
-{fmt(ex.model_term)} tokens' activations, so EP wins for every prefill below {tipping(tip)}.
+The three factors scale gamma alike (each enters it once); the model term is the one far from 1:
+one {model.name} expert weighs as much as {fmt(ex.model_term)} tokens' activations, so EP wins for
+every prefill below {tipping(tip)}.
 """)
 
 

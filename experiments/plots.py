@@ -32,6 +32,42 @@ def figure(ncols: int = 1, width: float = 6.4, height: float = 4.2, nrows: int =
     return fig, axes
 
 
+# Okabe & Ito's colour-blind-safe palette without its yellow (too pale on white) and black
+# (the gamma = 1 line), ordered so that neighbours differ most (blue and sky blue, orange
+# and vermillion far apart); with three line styles, 18 series stay distinct.
+SERIES_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9")
+SERIES_STYLES = ("-", "--", "-.")
+GUIDE_COLOR = "#555555"  # reference lines (dark enough to see at 1.2 pt, lighter than data)
+
+
+def series_style(i: int) -> dict:
+    """Colour and line style of series i: colours cycle first, then the style changes."""
+    n = len(SERIES_COLORS)
+    if i >= n * len(SERIES_STYLES):
+        raise ValueError(f"series {i}: at most {n * len(SERIES_STYLES)} distinct series; split the figure")
+    return {"color": SERIES_COLORS[i % n], "ls": SERIES_STYLES[i // n]}
+
+
+def relative_luminance(rgb) -> float:
+    """WCAG 2 relative luminance of an sRGB colour given as components in [0, 1]."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def text_color_on(rgb) -> str:
+    """"white" or "black": whichever has the higher WCAG contrast ratio on the colour rgb.
+
+    Contrast with white is 1.05 / (L + 0.05), with black (L + 0.05) / 0.05; they are equal
+    at L = sqrt(1.05 * 0.05) - 0.05 = 0.179.
+    """
+    lum = relative_luminance(rgb)
+    return "white" if 1.05 / (lum + 0.05) > (lum + 0.05) / 0.05 else "black"
+
+
 def gamma_line(ax, label: str = "gamma = 1: offload and EP cost the same") -> None:
     """The decision boundary: below it offload wins, above it EP wins."""
     ax.axhline(1.0, color="black", lw=1, ls="--", label=label)

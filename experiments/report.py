@@ -30,7 +30,9 @@ def build(out, quick: bool = False, names=None, force: bool = False, progress: b
     outcomes = run_many(names or "all", out / "experiments", quick=quick, force=force, progress=progress)
     seconds = time.perf_counter() - t0
     blocks = _blocks(out, outcomes, quick, seconds)
-    md = "\n".join(b[1] if b[0] == "md" else f"![{b[2]}]({b[1]})\n\nFigure: {b[2]}\n" for b in blocks)
+    md = "\n".join(
+        align_tables(b[1]) if b[0] == "md" else f"![{b[2]}]({b[1]})\n\nFigure: {b[2]}\n" for b in blocks
+    )
     write_atomic(out / "report.md", md)
     write_atomic(out / "index.html", _html(out, blocks))
     n_plots = sum(1 for b in blocks if b[0] == "img")
@@ -78,7 +80,9 @@ def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> 
         if "gamma" in s:
             tip = s.get("tipping_tokens")
             head.append(
-                f"**The seed's TODO:** {s['model']} at {fmt(s['example_tokens'])} prefill tokens on "
+                f"**Worked example: {s['model']} prefill.** The seed analysis (a back-of-the-envelope "
+                "comparison of expert parallelism in llm-d, November 2025) ends by naming this example "
+                f"without computing it: {s['model']} at {fmt(s['example_tokens'])} prefill tokens on "
                 f"{s['system']} ({s['host_link']}, {s['network']}): gamma = {fmt(s['gamma'])}; tipping point "
                 f"N_t* = {f'{fmt(tip)} tokens' if tip else 'none'}; decode at batch {s['decode_batch']}: "
                 f"gamma = {fmt(s['gamma_decode'])}. Details in [seed-r1](#seed-r1).\n"
@@ -108,11 +112,13 @@ def _blocks(out: Path, outcomes: list[Outcome], quick: bool, seconds: float) -> 
     return blocks
 
 
-# --- a small Markdown to HTML converter: headings, paragraphs, lists, pipe tables, quotes -------
+# --- a small Markdown to HTML converter: headings, paragraphs, lists, pipe tables, quotes, emphasis
 
 _INLINE = [
     (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
     (re.compile(r"\*\*([^*]+)\*\*"), r"<strong>\1</strong>"),
+    # *emphasis*: the opening star follows no word character, so "N_t* = C E" stays text
+    (re.compile(r"(?<![\w*])\*([^\s*][^*]*?)\*(?![\w*])"), r"<em>\1</em>"),
     (re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)"), r'<a href="\2">\1</a>'),
 ]
 
@@ -124,6 +130,56 @@ def _inline(text: str) -> str:
     for pattern, repl in _INLINE:
         text = pattern.sub(repl, text)
     return text
+
+
+# A cell is a number when it starts like one: "75", "-0.5", "×1.3", "10.2 s", "[573, 576]",
+# "307,200 tokens". Placeholders ("—", "none") fit any column.
+_NUMBER = re.compile(r"^[\[(]?[-+−×~≈]?\s*\d")
+_PLACEHOLDERS = {"", "-", "—", "–", "none", "n/a", "nan", "inf", "-inf"}
+_SEPARATOR = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
+
+
+def _plain(cell: str) -> str:
+    return re.sub(r"[`*]", "", cell).strip()
+
+
+def is_number_cell(cell: str) -> bool:
+    return bool(_NUMBER.match(_plain(cell)))
+
+
+def column_alignments(separator: str, body: list[list[str]]) -> list[str]:
+    """"left" or "right" per column: the separator's `:---`/`---:` where written, else right
+    for a column whose every cell (placeholders aside) is a number, left for text."""
+    aligns = []
+    for j, spec in enumerate(c.strip() for c in separator.strip().strip("|").split("|")):
+        if spec.endswith(":") and not spec.startswith(":"):
+            aligns.append("right")
+        elif spec.startswith(":"):
+            aligns.append("left")
+        else:
+            cells = [r[j] for r in body if j < len(r) and _plain(r[j]).lower() not in _PLACEHOLDERS]
+            aligns.append("right" if cells and all(is_number_cell(c) for c in cells) else "left")
+    return aligns
+
+
+def _split_row(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def align_tables(md: str) -> str:
+    """Write each pipe table's alignment into its separator row (`:---` text, `---:` numbers),
+    so report.md renders aligned on GitHub as index.html does."""
+    lines = md.split("\n")
+    for i in range(1, len(lines)):
+        if lines[i - 1].startswith("|") and _SEPARATOR.match(lines[i].strip()):
+            body = []
+            for row in lines[i + 1 :]:
+                if not row.startswith("|"):
+                    break
+                body.append(_split_row(row))
+            aligns = column_alignments(lines[i], body)
+            lines[i] = "|" + "|".join(":---" if a == "left" else "---:" for a in aligns) + "|"
+    return "\n".join(lines)
 
 
 def markdown_to_html(md: str) -> str:
@@ -147,14 +203,20 @@ def markdown_to_html(md: str) -> str:
             line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$", lines[i + 1].strip())
         ):
             flush()
-            rows = [line]
+            rows, separator = [line], lines[i + 1]
             i += 2
             while i < len(lines) and lines[i].startswith("|"):
                 rows.append(lines[i].rstrip())
                 i += 1
-            cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-            head = "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
-            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            cells = [_split_row(r) for r in rows]
+            aligns = column_alignments(separator, cells[1:])
+            cls = [' class="num"' if a == "right" else "" for a in aligns]
+            cls += [""] * max(0, max(map(len, cells)) - len(cls))
+            head = "".join(f"<th{cls[j]}>{_inline(c)}</th>" for j, c in enumerate(cells[0]))
+            body = "".join(
+                "<tr>" + "".join(f"<td{cls[j]}>{_inline(c)}</td>" for j, c in enumerate(r)) + "</tr>"
+                for r in cells[1:]
+            )
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             continue
         elif line.lstrip().startswith(("- ", "* ")):
@@ -182,8 +244,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
 line-height:1.45;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.85em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th:first-child,td:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th.num,td.num{text-align:right;font-variant-numeric:tabular-nums}
 code{background:#f3f3f3;padding:0 3px}
 figure{margin:1.5em 0}
 figure img{max-width:100%;border:1px solid #eee}

@@ -4,17 +4,21 @@ The token-expert pairs are numbered i = t*k + j (token order, then j order); eve
 order below follows that numbering, so the layout never depends on atomics or on the
 order in which programs run.
 
-Dispatch is two or three launches:
-1. `_histogram_kernel` (skipped when one block holds all pairs): pairs per expert in each
-   block of BLOCK_P consecutive pairs -> hist [n_blocks, E].
-2. `_route_kernel`: every program reads the (small) hist, so it knows the counts, the
-   block-padded exclusive scan over experts (offsets) and how many pairs of each expert
-   come before its own block. It then sorts its block's pairs by (expert, i) and each
-   pair's row is `offsets[e] + pairs of e in earlier blocks + rank of i among the
-   block's pairs of e`. It also writes -1 into src_token for the padding rows of its
-   share of the rows and fills block_expert.
-3. `_scatter_kernel`: each token row read once, written to its k rows (fp8 optional).
-Combine is one launch, `_combine_kernel`: a gather-sum per token tile.
+The routing metadata is two launches over blocks of BLOCK_P consecutive pairs, linear in
+the pairs (every id read twice, every block count once by each launch):
+1. `_route_count_kernel`: per block, the pairs of each expert (hist[b, e]) and each pair's
+   rank among its block's pairs of its expert (a sort by (expert, i) inside the block),
+   parked in `slot`. Ids outside [0, E) are not routed, whatever their value (so the
+   compiled kernel and the interpreter agree); those other than -1 are counted into an
+   error flag on the device. The last program to finish (a ticket counter) runs the
+   per-expert scan over the blocks: hist[b, e] becomes the pairs of e in earlier blocks,
+   and it writes counts and the block-padded offsets.
+2. `_route_place_kernel`: row of pair i = offsets[e] + hist[b, e] + rank (one tl.gather
+   from two [BLOCK_E] vectors), src_token of that row; then each program's share of the
+   experts (their padding rows: src_token -1, scales 0; their block_expert entries) and
+   of the unused tail rows. It has a program per block and at least one per 4 experts.
+The scatter is one launch, `_scatter_kernel`: each token row read once, written to its k
+rows (fp8 optional). Combine is one launch, `_combine_kernel`: a gather-sum per token tile.
 
 `python -m moelab.kernels.compile_check` lowers all of them for sm_90 without a GPU.
 """
@@ -23,127 +27,137 @@ import triton
 import triton.language as tl
 
 
-# Sizes are not specialized (no recompilation per value: the routing kernel's sort takes
-# seconds to compile, and these kernels gain nothing from knowing a size divides by 16).
-@triton.jit(do_not_specialize=["P", "E"])
-def _histogram_kernel(
+# Sizes are not specialized (no recompilation per value: the sort takes seconds to
+# compile, and these kernels gain nothing from knowing a size divides by 16).
+@triton.jit(do_not_specialize=["P", "E", "block_m", "n_blocks"])
+def _route_count_kernel(
     ids_ptr,  # [P] int32|int64: topk_ids flattened, pair i = t*k + j; -1 = not routed
-    hist_ptr,  # [n_blocks, E] int32 (out): pairs of each block routed to each expert
+    hist_ptr,  # [n_blocks, E] int32 (out): pairs of e in block b; after the scan, in earlier blocks
+    rank_ptr,  # [P] int32 (out): rank of pair i among its block's pairs of its expert
+    counts_ptr,  # [E] int32 (out)
+    offsets_ptr,  # [E+1] int32 (out)
+    status_ptr,  # [2] int32, zeroed: [0] ticket counter, [1] (out) ids outside [-1, E)
     P,
     E,
+    block_m,
+    n_blocks,
     BLOCK_P: tl.constexpr,  # pairs per program (power of two)
-    BLOCK_E: tl.constexpr,  # power of two > E: bin BLOCK_E-1 collects the -1 ids
+    BLOCK_E: tl.constexpr,  # power of two > E: bin BLOCK_E-1 collects the pairs not routed
+    BLOCK_B: tl.constexpr,  # hist rows per step of the scan
 ):
     """grid (n_blocks,) = (cdiv(P, BLOCK_P),)"""
     i_b = tl.program_id(0)
-    o_p = i_b.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    b_id = tl.load(ids_ptr + o_p, mask=o_p < P, other=-1)
-    # -1 ids and lanes past P land in the spare bin BLOCK_E-1 (>= E), which is not stored.
-    b_e = tl.where(b_id >= 0, b_id, BLOCK_E - 1).to(tl.int32)
+    o_p = tl.arange(0, BLOCK_P)
+    o_i = i_b.to(tl.int64) * BLOCK_P + o_p
+    m_i = o_i < P
+    b_id = tl.load(ids_ptr + o_i, mask=m_i, other=-1)
+    m_ok = (b_id >= 0) & (b_id < E)
+    tl.atomic_add(status_ptr + 1, tl.sum((m_i & (b_id != -1) & ~m_ok).to(tl.int32), axis=0))
+    # pairs not routed (and lanes past P) get the spare expert BLOCK_E-1 (>= E): counted
+    # nowhere that is stored, sorted last
+    b_e = tl.where(m_ok, b_id, BLOCK_E - 1).to(tl.int32)
     b_h = tl.histogram(b_e, BLOCK_E)  # [BE]
     o_e = tl.arange(0, BLOCK_E)
-    tl.store(hist_ptr + i_b.to(tl.int64) * E + o_e, b_h, mask=o_e < E)
+    m_e = o_e < E
+    tl.store(hist_ptr + i_b.to(tl.int64) * E + o_e, b_h, mask=m_e)
+
+    # rank: sort the block's pairs by (expert, pair index); sorted position minus the
+    # sorted position of the expert's first pair (an exclusive scan of the histogram)
+    b_sorted = tl.sort(b_e * BLOCK_P + o_p)  # [BP]
+    b_se = b_sorted // BLOCK_P
+    b_sp = b_sorted % BLOCK_P
+    b_first = tl.cumsum(b_h, axis=0) - b_h  # [BE]
+    b_rank = o_p - tl.gather(b_first, b_se, 0)
+    tl.store(rank_ptr + i_b.to(tl.int64) * BLOCK_P + b_sp, b_rank, mask=b_se < E)
+
+    # The last program to arrive scans. The barrier orders every thread's stores above
+    # before the ticket's release; the scan reads through L2 (.cg), where they landed.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(status_ptr, 1, sem="acq_rel")
+    if ticket == n_blocks - 1:
+        b_carry = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for b0 in range(0, n_blocks, BLOCK_B):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            p_h = hist_ptr + o_b.to(tl.int64)[:, None] * E + o_e[None, :]
+            m_h = (o_b < n_blocks)[:, None] & m_e[None, :]
+            b_hh = tl.load(p_h, mask=m_h, other=0, cache_modifier=".cg")  # [BB, BE]
+            tl.store(p_h, tl.cumsum(b_hh, axis=0) - b_hh + b_carry[None, :], mask=m_h)
+            b_carry += tl.sum(b_hh, axis=0)
+        # block-padded exclusive scan over experts: offsets[e] = sum_{e' < e} ceil(c/bm)*bm
+        b_pad = (b_carry + block_m - 1) // block_m * block_m
+        b_end = tl.cumsum(b_pad, axis=0)
+        tl.store(counts_ptr + o_e, b_carry, mask=m_e)
+        tl.store(offsets_ptr + 1 + o_e, b_end, mask=m_e)
+        tl.store(offsets_ptr + o_e, tl.zeros([BLOCK_E], dtype=tl.int32), mask=o_e == 0)
 
 
-@triton.jit(do_not_specialize=["P", "E", "N_pad", "block_m", "k", "n_blocks", "rows_per_prog"])
-def _route_kernel(
-    ids_ptr,  # [P] int32|int64: topk_ids flattened
-    hist_ptr,  # [n_blocks, E] int32: from _histogram_kernel (unused when ONE_BLOCK)
-    table_ptr,  # [n_blocks, 3, BLOCK_E] int32 scratch: each program's own gather tables
-    counts_ptr,  # [E] int32 (out, program 0)
-    offsets_ptr,  # [E+1] int32 (out, program 0)
-    slot_ptr,  # [P] int32 (out): row of pair i, -1 where the id is -1
+@triton.jit
+def _fill_range(ptr, lo, hi, value, BLOCK: tl.constexpr):
+    """ptr[lo:hi] = value (hi <= lo: nothing)."""
+    for r0 in range(lo, hi, BLOCK):
+        o_r = r0 + tl.arange(0, BLOCK)
+        tl.store(ptr + o_r, tl.zeros([BLOCK], ptr.dtype.element_ty) + value, mask=o_r < hi)
+
+
+@triton.jit(do_not_specialize=["P", "E", "N_pad", "block_m", "k", "experts_per_prog",
+                               "rows_per_prog", "n_groups"])
+def _route_place_kernel(
+    ids_ptr,  # [P] int32|int64
+    before_ptr,  # [n_blocks, E] int32: pairs of e in earlier blocks (from the count kernel)
+    counts_ptr,  # [E] int32
+    offsets_ptr,  # [E+1] int32
+    slot_ptr,  # [P] int32: in, the rank; out, the row of pair i (-1 where not routed)
     src_ptr,  # [N_pad] int32 (out): token of each row, -1 for padding rows
     block_expert_ptr,  # [N_pad // block_m] int32 (out): expert of each block, -1 past the used rows
+    scale_ptr,  # [N_pad * n_groups] float32 (out, padding rows only: 0); n_groups 0: unused
     P,
     E,
     N_pad,
     block_m,
     k,
-    n_blocks,
-    rows_per_prog,  # rows of src_token/block_expert each program classifies (multiple of BLOCK_R)
-    BLOCK_P: tl.constexpr,  # pairs per program (power of two), same as the histogram's
-    BLOCK_E: tl.constexpr,  # power of two > E
-    LOG2_BLOCK_E: tl.constexpr,
-    BLOCK_B: tl.constexpr,  # hist rows read per step
-    BLOCK_R: tl.constexpr,  # rows classified per step
-    ONE_BLOCK: tl.constexpr,  # n_blocks == 1: count the block here, no histogram launch
+    experts_per_prog,  # experts whose padding and blocks each program writes
+    rows_per_prog,  # unused tail rows each program writes (at most)
+    n_groups,  # fp8 scales per row (0 without fp8)
+    BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per store step
 ):
-    """grid (n_blocks,)"""
+    """grid (n_place,), n_place >= n_blocks: programs past the blocks place no pairs"""
     i_b = tl.program_id(0)
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E
-    o_p = tl.arange(0, BLOCK_P)
-    o_i = i_b.to(tl.int64) * BLOCK_P + o_p
+    # first row of this block's pairs of each expert
+    o_i = i_b.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_i = o_i < P
+    # a program past the blocks of pairs (only experts and rows to write) reads no block row
+    m_eb = m_e & (tl.zeros([BLOCK_E], tl.int64) + i_b.to(tl.int64) * BLOCK_P < P)
+    b_base = tl.load(offsets_ptr + o_e, mask=m_eb, other=0) + tl.load(
+        before_ptr + i_b.to(tl.int64) * E + o_e, mask=m_eb, other=0)  # [BE]
     b_id = tl.load(ids_ptr + o_i, mask=m_i, other=-1)
-    # -1 ids and lanes past P get the expert BLOCK_E-1 (>= E): counted nowhere, sorted last.
-    b_e = tl.where(b_id >= 0, b_id, BLOCK_E - 1).to(tl.int32)
+    m_ok = m_i & (b_id >= 0) & (b_id < E)
+    b_e = tl.where(m_ok, b_id, 0).to(tl.int32)
+    b_row = tl.gather(b_base, b_e, 0) + tl.load(slot_ptr + o_i, mask=m_ok, other=0)
+    tl.store(slot_ptr + o_i, tl.where(m_ok, b_row, -1), mask=m_i)
+    tl.store(src_ptr + b_row.to(tl.int64), (o_i // k).to(tl.int32), mask=m_ok)
 
-    # 1. counts, pairs of each expert before this block, and this block's own pairs
-    if ONE_BLOCK:
-        b_own = tl.where(m_e, tl.histogram(b_e, BLOCK_E), 0)  # [BE]
-        b_count = b_own
-        b_before = tl.zeros([BLOCK_E], dtype=tl.int32)
-    else:
-        b_count = tl.zeros([BLOCK_E], dtype=tl.int32)
-        b_before = tl.zeros([BLOCK_E], dtype=tl.int32)
-        for b0 in range(0, n_blocks, BLOCK_B):
-            o_b = b0 + tl.arange(0, BLOCK_B)
-            p_h = hist_ptr + o_b.to(tl.int64)[:, None] * E + o_e[None, :]
-            b_h = tl.load(p_h, mask=(o_b < n_blocks)[:, None] & m_e[None, :], other=0)  # [BB, BE]
-            b_count += tl.sum(b_h, axis=0)
-            b_before += tl.sum(tl.where((o_b < i_b)[:, None], b_h, 0), axis=0)
-        b_own = tl.load(hist_ptr + i_b.to(tl.int64) * E + o_e, mask=m_e, other=0)
-
-    # 2. block-padded exclusive scan over experts: offsets[e] = sum_{e' < e} ceil(c/bm)*bm
-    b_pad = (b_count + block_m - 1) // block_m * block_m
-    b_end = tl.cumsum(b_pad, axis=0)  # offsets[e+1]
-    b_start = b_end - b_pad  # offsets[e]
-    n_used = tl.sum(b_pad, axis=0)
-    if i_b == 0:
-        tl.store(counts_ptr + o_e, b_count, mask=m_e)
-        tl.store(offsets_ptr + 1 + o_e, b_end, mask=m_e)
-        tl.store(offsets_ptr + o_e, b_start, mask=o_e == 0)
-
-    # 3. gather tables (a register vector cannot be indexed by data, global memory can):
-    #    base[e]  = row of this block's first pair of e, minus its sorted position;
-    #    start[e] = offsets[e] and real_end[e] = offsets[e] + counts[e] (padding test),
-    #    past E: a huge start so that the binary search never picks them.
-    b_first = tl.cumsum(b_own, axis=0) - b_own  # sorted position of the block's first pair of e
-    p_table = table_ptr + i_b.to(tl.int64) * (3 * BLOCK_E)
-    tl.store(p_table + o_e, b_start + b_before - b_first)
-    tl.store(p_table + BLOCK_E + o_e, tl.where(m_e, b_start, 2147483647))
-    tl.store(p_table + 2 * BLOCK_E + o_e, b_start + b_count)
-    # The stores above must be visible to every thread of this program before the gathers.
-    tl.debug_barrier()
-
-    # 4. slots: sort the block's pairs by (expert, pair index); position p in that order
-    #    minus the position of the expert's first pair is the rank within the expert.
-    b_sorted = tl.sort(b_e * BLOCK_P + o_p)  # [BP]
-    b_se = b_sorted // BLOCK_P
-    b_sp = b_sorted % BLOCK_P
-    m_s = b_se < E
-    b_row = tl.load(p_table + b_se, mask=m_s, other=0) + o_p
-    o_pair = i_b.to(tl.int64) * BLOCK_P + b_sp
-    tl.store(slot_ptr + o_pair, b_row, mask=m_s)
-    tl.store(src_ptr + b_row.to(tl.int64), (o_pair // k).to(tl.int32), mask=m_s)
-    tl.store(slot_ptr + o_i, tl.full([BLOCK_P], -1, tl.int32), mask=m_i & (b_id < 0))
-
-    # 5. this program's share of the rows: -1 in src_token for padding, block_expert.
-    for r0 in range(0, rows_per_prog, BLOCK_R):
-        o_r = i_b * rows_per_prog + r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < N_pad
-        # binary search: the last expert whose group starts at or before the row
-        b_lo = tl.zeros([BLOCK_R], dtype=tl.int32)
-        for s in tl.static_range(LOG2_BLOCK_E):
-            b_cand = b_lo + (BLOCK_E >> (s + 1))  # steps BLOCK_E/2, BLOCK_E/4, ..., 1
-            b_v = tl.load(p_table + BLOCK_E + b_cand, mask=b_cand < BLOCK_E, other=2147483647)
-            b_lo = tl.where(b_v <= o_r, b_cand, b_lo)
-        b_real_end = tl.load(p_table + 2 * BLOCK_E + b_lo)
-        tl.store(src_ptr + o_r, tl.full([BLOCK_R], -1, tl.int32), mask=m_r & (o_r >= b_real_end))
-        b_blk = tl.where(o_r < n_used, b_lo, -1)
-        tl.store(block_expert_ptr + o_r // block_m, b_blk, mask=m_r & (o_r % block_m == 0))
+    # this program's experts: padding rows (src_token -1, scales 0) and block_expert
+    e_lo = i_b * experts_per_prog
+    e_hi = tl.minimum(e_lo + experts_per_prog, E)
+    for e in range(e_lo, e_hi):
+        start = tl.load(offsets_ptr + e)
+        real_end = start + tl.load(counts_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
+        _fill_range(src_ptr, real_end, end, -1, BLOCK_R)
+        _fill_range(scale_ptr, real_end.to(tl.int64) * n_groups, end.to(tl.int64) * n_groups, 0.0, BLOCK_R)
+        _fill_range(block_expert_ptr, start // block_m, end // block_m, e, BLOCK_R)
+    # this program's share of the rows past the used ones
+    n_used = tl.load(offsets_ptr + E)
+    lo = tl.minimum(n_used + i_b * rows_per_prog, N_pad)
+    hi = tl.minimum(lo + rows_per_prog, N_pad)
+    _fill_range(src_ptr, lo, hi, -1, BLOCK_R)
+    _fill_range(scale_ptr, lo.to(tl.int64) * n_groups, hi.to(tl.int64) * n_groups, 0.0, BLOCK_R)
+    # used rows end on a block boundary, so the tail's blocks are [lo/bm, ceil(hi/bm))
+    _fill_range(block_expert_ptr, (lo + block_m - 1) // block_m, (hi + block_m - 1) // block_m, -1, BLOCK_R)
 
 
 @triton.jit
@@ -154,7 +168,8 @@ def _round_to_e4m3(x, fp8_max):
     rounding (triton 3.9) loses the carry into the exponent (127.9 -> 64), and with the
     rounding done here the interpreter and the GPU agree bit for bit.
     """
-    x = tl.minimum(tl.maximum(x, -fp8_max), fp8_max)
+    # NaN stays NaN (tl.minimum/maximum would drop it, turning it into -fp8_max)
+    x = tl.clamp(x, -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL)
     b_exp = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     # e4m3: 3 mantissa bits, smallest normal exponent -6 (below it the step stays 2^-9)
     b_ulp_exp = tl.maximum(b_exp, -6) - 3
@@ -197,9 +212,18 @@ def _scatter_kernel(
         # (floored so that an all-zero group gets a finite scale). div_rn: IEEE division,
         # as torch's; a plain `/` compiles to an approximate division on NVIDIA GPUs.
         b_amax = tl.maximum(tl.max(tl.abs(b_xf), axis=1), 1e-4)  # [BT]
+        # tl.max and tl.maximum drop NaN; torch's amax and clamp keep it: a group holding a
+        # NaN gets scale NaN (so every value of it dequantizes to NaN), as in torch. An
+        # infinity needs nothing: scale inf, finite values 0, the infinity inf/inf = NaN.
+        b_nan = tl.max((b_xf != b_xf).to(tl.int32), axis=1) > 0
+        b_amax = tl.where(b_nan, float("nan"), b_amax)
         b_scale = tl.math.div_rn(b_amax, tl.full([BLOCK_T], FP8_MAX, tl.float32))
         b_q = tl.math.div_rn(b_xf, tl.broadcast_to(b_scale[:, None], [BLOCK_T, BLOCK_D]))
         b_out = _round_to_e4m3(b_q, FP8_MAX).to(tl.float8e4nv)
+        # NaN written as e4m3's NaN bits (0x7F), as torch: the interpreter's cast of a NaN
+        # gives 384, the GPU's saturating cast is not documented to keep it
+        b_nan8 = tl.full([BLOCK_T, BLOCK_D], 0x7F, tl.int8).to(tl.float8e4nv, bitcast=True)
+        b_out = tl.where(b_q != b_q, b_nan8, b_out)
     else:
         b_out = b_x
     for j in tl.static_range(K):

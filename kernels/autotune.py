@@ -5,7 +5,13 @@ shape per token class (`tuned.TOKEN_CLASSES`), checks every candidate's output a
 the reference before it may win, and keeps the fastest. The ops read the result through
 `kernels/tuned.py`.
 
-    python -m moelab.kernels.autotune [--budget S] [--out DIR]
+    python -m moelab.kernels.autotune [--budget S] [--out DIR] [--parts route,ops]
+
+Two parts, each runnable alone (ci/gpu-check runs `route` first, since the routing
+metadata matters most, and `ops` after the benchmarks): `route` tunes the routing
+kernels' block of pairs and warps at the prefill shape; `ops` the scatter, fp8 scatter
+and combine tiles per class, on top of the routing winner. A part merges its entries
+into the device's file; the other part's entries are kept.
 """
 
 from __future__ import annotations
@@ -94,14 +100,16 @@ def _best(op, cls, candidates, run, check, left, log):
     return best, best_t
 
 
-def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> dict:
-    """Measure candidates on this GPU and write tuned/<slug>.json; returns the file's dict.
+PARTS = ("route", "ops")
 
-    Order: prefill shapes first (they matter most), each op's candidates measured with
-    triton.testing.do_bench; stops trying new candidates when the budget is spent (the
-    best so far is kept). Every candidate's output is checked against the reference
-    before it may win.
-    """
+
+def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print,
+             parts=PARTS) -> dict:
+    """Measure candidates on this GPU and merge them into tuned/<slug>.json; returns the
+    file's dict. Every candidate's output is checked against the reference before it may
+    win; no new candidate is tried once the budget is spent (the best so far is kept)."""
+    import json
+
     import torch
     import triton
 
@@ -111,70 +119,89 @@ def autotune(budget_s: float = 60.0, out_dir: Path | None = None, log=print) -> 
 
     if not torch.cuda.is_available():
         raise RuntimeError("autotune needs a CUDA device")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts: unknown {sorted(unknown)} (known: {', '.join(PARTS)})")
     t0 = time.perf_counter()
     dev = torch.device("cuda")
     slug = device_slug(dev)
+    path = (Path(out_dir) if out_dir else TUNED_DIR) / f"{slug}.json"
     result = {"device": torch.cuda.get_device_name(dev), "slug": slug,
               "torch": torch.__version__, "triton": triton.__version__, "configs": {},
               "timings_us": {}}  # fmt: skip
+    if path.exists():  # the other part's entries stay
+        old = json.loads(path.read_text())
+        result["configs"].update(old.get("configs", {}))
+        result["timings_us"].update(old.get("timings_us", {}))
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def left():
         return budget_s - (time.perf_counter() - t0)
 
-    for cls in ("prefill", "decode", "small"):
+    def shape(cls):
         n, d, k, E = TUNE_SHAPES[cls]
         x = torch.randn(n, d, device=dev, dtype=torch.bfloat16, generator=gen)
         ids = torch.rand(n, E, device=dev, generator=gen).topk(k, dim=1).indices.to(torch.int32)
         w = torch.rand(n, k, device=dev, generator=gen)
-        ref = dispatch_reference(x, ids, E, 64)
-        for op in ("dispatch", "combine", "dispatch_fp8"):
-            if op == "combine":
-                run = partial(combine, ref.hidden, ref, w)
-                want = combine_reference(ref.hidden, ref, w).float()
-                check = partial(_close, want)
-            else:
-                run = partial(dispatch, x, ids, E, 64, op == "dispatch_fp8", check_ids=False)
-                check = partial(_dispatch_ok, x, ids, E, op == "dispatch_fp8")
-            best, best_t = _best(op, cls, _candidates(op, cls), run, check, left, log)
-            if best is not None:
-                result["configs"][f"{op}:{cls}"] = asdict(best)
-                result["timings_us"][f"{op}:{cls}"] = best_t * 1e3
-        # the routing kernel's own parameters, on top of the best scatter config; only for
-        # prefill: below ~1000 pairs one routing program holds them all anyway
-        if cls != "prefill":
-            continue
-        key = f"dispatch:{cls}"
+        return x, ids, w, E, dispatch_reference(x, ids, E, 64)
+
+    route_fields = {}
+    if "route" in parts:
+        # the routing kernels' own parameters, at prefill: below ~1000 pairs one routing
+        # program holds them all anyway
+        x, ids, w, E, ref = shape("prefill")
+        key = "dispatch:prefill"
         base = DispatchConfig(**result["configs"].get(key, asdict(DEFAULTS["dispatch"])))
         cands = (replace(base, **rc) for rc in _route_candidates())
-        run = partial(route, ids, E, 64, check_ids=False)
-        best, best_t = _best("route", cls, cands, run, partial(_same_slots, ref), left, log)
+        run = partial(route, ids, E, 64)
+        best, best_t = _best("route", "prefill", cands, run, partial(_same_slots, ref), left, log)
         if best is not None:
             result["configs"][key] = asdict(best)
-            result["timings_us"][f"route:{cls}"] = best_t * 1e3
-    # "large" is not measured (it would not fit the budget): it takes the prefill configs
-    for op in ("dispatch", "dispatch_fp8", "combine"):
-        if f"{op}:prefill" in result["configs"]:
-            result["configs"].setdefault(f"{op}:large", result["configs"][f"{op}:prefill"])
+            result["timings_us"]["route:prefill"] = best_t * 1e3
+    if "ops" in parts:
+        prefill = result["configs"].get("dispatch:prefill", {})
+        route_fields = {f: prefill[f] for f in ("block_p", "route_warps", "block_b") if f in prefill}
+        for cls in ("prefill", "decode", "small"):
+            x, ids, w, E, ref = shape(cls)
+            for op in ("dispatch", "combine", "dispatch_fp8"):
+                if op == "combine":
+                    run = partial(combine, ref.hidden, ref, w)
+                    want = combine_reference(ref.hidden, ref, w).float()
+                    check = partial(_close, want)
+                    cands = _candidates(op, cls)
+                else:
+                    run = partial(dispatch, x, ids, E, 64, op == "dispatch_fp8")
+                    check = partial(_dispatch_ok, x, ids, E, op == "dispatch_fp8")
+                    # the routing winner stays under the scatter candidates
+                    cands = (replace(c, **route_fields) for c in _candidates(op, cls))
+                best, best_t = _best(op, cls, cands, run, check, left, log)
+                if best is not None:
+                    result["configs"][f"{op}:{cls}"] = asdict(best)
+                    result["timings_us"][f"{op}:{cls}"] = best_t * 1e3
+        # "large" is not measured (it would not fit the budget): it takes the prefill configs
+        for op in ("dispatch", "dispatch_fp8", "combine"):
+            if f"{op}:prefill" in result["configs"]:
+                result["configs"][f"{op}:large"] = result["configs"][f"{op}:prefill"]
     result["elapsed_s"] = time.perf_counter() - t0
     from moelab.io import write_json
 
-    path = (Path(out_dir) if out_dir else TUNED_DIR) / f"{slug}.json"
     write_json(path, result)
     _load.cache_clear()
-    log(f"tuned configs written to {path} ({result['elapsed_s']:.0f} s)")
+    log(f"tuned configs ({', '.join(parts)}) written to {path} ({result['elapsed_s']:.0f} s)")
     return result
 
 
 def main(argv=None) -> int:
-    """python -m moelab.kernels.autotune [--budget S] [--out DIR]"""
+    """python -m moelab.kernels.autotune [--budget S] [--out DIR] [--parts route,ops]"""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m moelab.kernels.autotune", description=__doc__)
     p.add_argument("--budget", type=float, default=60.0, help="seconds to spend at most")
     p.add_argument("--out", help="folder for <slug>.json (default: kernels/tuned)")
+    p.add_argument("--parts", default=",".join(PARTS), help="route, ops or both [route,ops]")
     args = p.parse_args(argv)
-    autotune(args.budget, Path(args.out) if args.out else None)
+    autotune(args.budget, Path(args.out) if args.out else None,
+             parts=tuple(x for x in args.parts.split(",") if x))  # fmt: skip
     return 0
 
 

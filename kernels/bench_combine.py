@@ -44,7 +44,8 @@ def bench(args) -> list[dict]:
             y = lay.hidden  # identity experts: the dispatched rows (padding rows are zero)
             _bench_combine_kernel(row, y, lay, w, combine_reference, cuda, quick)
         rows.append(row)
-    T.print_rows(rows, ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_torch", "torch_us"])
+    T.print_rows(rows, ["kernel_us", "graph_us", "GB/s", "copy GB/s", "x_copy", "x_copy_graph", "x_torch",
+                  "torch_us"])
     T.print_goals(rows, "combine")
     return rows
 
@@ -72,7 +73,7 @@ def _bench_combine_kernel(row, y, lay, w, combine_reference, cuda, quick):
     pairs = int((lay.slot >= 0).sum())
     # in: the routed rows, weights, slot; out: one row per token
     nbytes = pairs * d * y.element_size() + 2 * lay.slot.numel() * 4 + tokens * d * out.element_size()
-    copy = T.copy_time(nbytes, y.device, cuda, quick)
+    copy, copy_graph = T.copy_times(nbytes, y.device, cuda, quick)
     row.update(time_s=t, time_s_p20=t20, time_s_p80=t80, bytes=nbytes, bandwidth_Bps=nbytes / t,
-               copy_time_s=copy, copy_bandwidth_Bps=nbytes / copy, ratio_to_copy=copy / t,
                speedup_vs_torch=row["torch_time_s"] / t)  # fmt: skip
+    T.roof_fields(row, nbytes, copy, copy_graph)

@@ -4,7 +4,7 @@
     y = grouped_gemm(layout.hidden, layout.block_expert, ...)   # one expert per block
     out = combine(y, layout, topk_weights)                        # moelab.kernels.combine
 
-The layout is the contract of DESIGN.md §5 (`DispatchLayout` below documents each field).
+The layout is the contract of docs/contracts.md (`DispatchLayout` below documents each field).
 Rows of one expert keep token order, then j order (pair i = t*k + j): the order is fixed by
 construction (a sort inside each block of pairs plus a scan over blocks), never by atomics,
 so the layout is the same on every run and every device. The kernels are in
@@ -18,9 +18,15 @@ device, so `hidden` gets the static bound
 
 (at most min(P, E) experts are used, each wastes at most block_m - 1 rows of padding; the
 used rows are a multiple of block_m, so rounding the bound down still holds them).
-Padding rows of `hidden` (and of `scales`) are left unwritten: `src_token == -1` marks them
-and `block_expert == -1` marks whole blocks past the used rows; a grouped GEMM computes
-garbage there that combine never reads.
+Padding rows of `hidden` are left unwritten: `src_token == -1` marks them and
+`block_expert == -1` marks whole blocks past the used rows; a grouped GEMM computes
+garbage there that combine never reads. Their fp8 `scales` are zeroed (the routing kernel
+visits those rows anyway), so a statistic over the scales or a scaled GEMM output holds no
+NaN from uninitialized memory.
+
+No host synchronization on this path (nor in combine): the routing is two launches, the
+scatter one, and out-of-range ids raise a device flag (`layout.bad_ids`) that
+`validate(layout)` reads when the caller chooses, instead of an `.item()` per call.
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ class DispatchLayout:
     # when rows are ordered by expert, so rows for rank r are already one contiguous range:
     rank_counts: torch.Tensor | None = None  # [R] pairs sent to each rank (padding excluded)
     rank_offsets: torch.Tensor | None = None  # [R+1] first row for each rank (= offsets[r*E/R])
+    # [1] int32 on the device: ids outside [-1, E) seen (treated as not routed). Read it
+    # when a sync suits you: `validate(layout)`.
+    bad_ids: torch.Tensor | None = None
 
     def __post_init__(self):
         for name in ("counts", "offsets", "src_token", "slot", "block_expert"):
@@ -117,32 +126,50 @@ def used_experts(counts) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_ids(topk_ids: torch.Tensor, num_experts: int, check_ids: bool):
+def _check_args(topk_ids: torch.Tensor, num_experts: int, block_m):
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise ValueError("topk_ids: expected a 2-D tensor [N_t, k]")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids: dtype {topk_ids.dtype}, expected int32 or int64")
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    if check_ids and topk_ids.numel():
-        # Host synchronization: the ids live on the device; one bool comes back.
-        bad = ((topk_ids < -1) | (topk_ids >= num_experts)).any()
-        if bad.item():
-            lo, hi = int(topk_ids.min()), int(topk_ids.max())
-            raise ValueError(
-                f"topk_ids: ids must lie in [-1, {num_experts}) (-1 = not routed), "
-                f"found values in [{lo}, {hi}]"
-            )
-
-
-def _check_block_m(block_m):
     if not isinstance(block_m, int) or block_m < 1:
         raise ValueError(f"block_m: expected a positive int, got {block_m!r}")
+
+
+def validate_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError if an id lies outside [-1, E). Host synchronization (one bool,
+    and the range on failure): call it where a sync does not matter."""
+    _check_args(topk_ids, num_experts, 1)
+    if topk_ids.numel() and bool(((topk_ids < -1) | (topk_ids >= num_experts)).any()):
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        raise ValueError(
+            f"topk_ids: ids must lie in [-1, {num_experts}) (-1 = not routed), "
+            f"found values in [{lo}, {hi}]"
+        )
+
+
+def validate(layout: DispatchLayout) -> DispatchLayout:
+    """Read the layout's device error flag (a host synchronization) and raise ValueError if
+    the routing saw ids outside [-1, E); returns the layout. The kernels treat such ids as
+    not routed (slot -1), so a layout is well-formed either way; this says it happened."""
+    bad = int(layout.bad_ids.item()) if layout.bad_ids is not None else 0
+    if bad:
+        raise ValueError(
+            f"topk_ids: {bad} ids outside [-1, {layout.num_experts}) (-1 = not routed); "
+            "they were not routed"
+        )
+    return layout
 
 
 # ------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------
+
+# below this many pairs the routing blocks shrink to 256 pairs (a decode batch sorts
+# 256 keys, not 1024): two block sizes in all, so two compilations per E and ids dtype
+SMALL_P = 256
+EXPERTS_PER_PROGRAM = 4
 
 
 def route(
@@ -150,29 +177,36 @@ def route(
     num_experts: int,
     block_m: int = 64,
     *,
-    check_ids: bool = True,
+    check_ids: bool = False,
     config=None,
+    _scales: torch.Tensor | None = None,
 ) -> DispatchLayout:
-    """The layout's metadata only (histogram, block-padded scan, slots): hidden is None.
+    """The layout's metadata only (counts, block-padded offsets, slots): hidden is None.
 
-    One launch when all pairs fit one block of the routing kernel, else two.
+    Two launches, no host synchronization: ids outside [-1, E) are treated as not routed
+    and counted in `layout.bad_ids` (on the device; `validate(layout)` reads it).
+    check_ids=True checks them on the host first instead (`validate_ids`, which syncs).
     """
     from moelab.kernels import _dispatch_triton as K
     from moelab.kernels.tuned import dispatch_config
 
-    _check_block_m(block_m)
-    _check_ids(topk_ids, num_experts, check_ids)
+    _check_args(topk_ids, num_experts, block_m)
+    if check_ids:
+        validate_ids(topk_ids, num_experts)
     n_tokens, k = topk_ids.shape
     device = topk_ids.device
     E, P = num_experts, n_tokens * k
     n_pad = padded_rows(n_tokens, k, E, block_m)
     cfg = config or dispatch_config(n_tokens, k, E, 0, False, device)
+    # [0] the count kernel's ticket counter, [1] ids outside [-1, E)
+    status = torch.zeros((2,), dtype=INDEX_DTYPE, device=device)
 
     if P == 0:  # nothing routed (no tokens or k = 0): no launch, N_pad = 0
         zeros = torch.zeros((E + 1,), dtype=INDEX_DTYPE, device=device)
         empty = torch.zeros((0,), dtype=INDEX_DTYPE, device=device)
         slot = torch.full((n_tokens, k), -1, dtype=INDEX_DTYPE, device=device)
-        return DispatchLayout(None, zeros[:E].clone(), zeros, empty, slot, empty.clone(), block_m)
+        return DispatchLayout(None, zeros[:E].clone(), zeros, empty, slot, empty.clone(), block_m,
+                              bad_ids=status[1:])  # fmt: skip
 
     ids = topk_ids.contiguous().view(-1)
     counts = _empty((E,), INDEX_DTYPE, device)
@@ -183,26 +217,29 @@ def route(
 
     # tl.histogram (compiled) needs a multiple of 32 bins and, to count each element once,
     # at least one element per thread: BLOCK_P >= 32 * warps, BLOCK_E >= 32.
-    # Few distinct block sizes: each new one is a compilation of seconds.
-    block_p = max(32, min(cfg.block_p, max(256, triton_next_pow2(P))))
+    block_p = cfg.block_p if P > SMALL_P else min(cfg.block_p, SMALL_P)
     warps = max(1, min(cfg.route_warps, block_p // 32))
-    n_blocks = max(1, math.ceil(P / block_p))
+    n_blocks = math.ceil(P / block_p)
     block_e = max(32, triton_next_pow2(E + 1))  # one spare bin (at least) for the -1 ids
-    rows = math.ceil(n_pad / n_blocks)  # rows of src_token each program classifies
-    block_r = 128 if rows <= 128 else cfg.block_r
-    rows_per_prog = math.ceil(rows / block_r) * block_r
+    block_b = max(1, min(cfg.block_b, 8192 // block_e))  # the scan's tile: <= 8K counts
     hist = _empty((n_blocks, E), INDEX_DTYPE, device)
-    table = _empty((n_blocks, 3, block_e), INDEX_DTYPE, device)
-    if n_blocks > 1:
-        K._histogram_kernel[(n_blocks,)](ids, hist, P, E, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=warps)
-    K._route_kernel[(n_blocks,)](
-        ids, hist, table, counts, offsets, slot, src_token, block_expert,
-        P, E, n_pad, block_m, k, n_blocks, rows_per_prog,
-        BLOCK_P=block_p, BLOCK_E=block_e, LOG2_BLOCK_E=block_e.bit_length() - 1,
-        BLOCK_B=cfg.block_b, BLOCK_R=block_r,
-        ONE_BLOCK=n_blocks == 1, num_warps=warps,
+    # fp8 dispatch: the padding rows' scales are zeroed here (rows this kernel visits anyway)
+    scales = _scales if _scales is not None else torch.empty((1,), dtype=torch.float32, device=device)
+    n_groups = _scales.shape[1] if _scales is not None else 0
+    K._route_count_kernel[(n_blocks,)](
+        ids, hist, slot, counts, offsets, status, P, E, block_m, n_blocks,
+        BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
-    return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m)
+    # the placement's programs: one per block of pairs, and enough that none loops over
+    # more than EXPERTS_PER_PROGRAM experts (their padding and blocks: serial scalar loads)
+    n_place = max(n_blocks, math.ceil(E / EXPERTS_PER_PROGRAM))
+    K._route_place_kernel[(n_place,)](
+        ids, hist, counts, offsets, slot, src_token, block_expert, scales,
+        P, E, n_pad, block_m, k, math.ceil(E / n_place), math.ceil(n_pad / n_place), n_groups,
+        BLOCK_P=block_p, BLOCK_E=block_e, BLOCK_R=cfg.block_r, num_warps=warps,
+    )  # fmt: skip
+    return DispatchLayout(None, counts, offsets, src_token, slot, block_expert, block_m,
+                          bad_ids=status[1:])  # fmt: skip
 
 
 def dispatch(
@@ -213,16 +250,17 @@ def dispatch(
     quantize_fp8: bool = False,
     ep_ranks: int | None = None,
     *,
-    check_ids: bool = True,
+    check_ids: bool = False,
     config=None,
 ) -> DispatchLayout:
-    """Permute token rows into expert groups (DESIGN.md §5).
+    """Permute token rows into expert groups (docs/contracts.md).
 
     hidden [N_t, d] float (any strides); topk_ids [N_t, k] int32/int64 in [-1, E), -1 =
     not routed here (dropped or remote). quantize_fp8: rows stored as float8_e4m3fn with
     per-token, per-128-column float32 scales (d must be a multiple of 128). ep_ranks=R:
-    also per-rank counts/offsets (E must be a multiple of R). check_ids=False skips the
-    id range check and its host synchronization (for callers whose ids are known good).
+    also per-rank counts/offsets (E must be a multiple of R). No host synchronization: ids
+    outside [-1, E) are not routed and counted in `layout.bad_ids` (`validate(layout)`
+    raises if any); check_ids=True checks them on the host before launching instead.
     config: a tuned.DispatchConfig (default: the tuned one for this device and shape).
     """
     from moelab.kernels import _dispatch_triton as K
@@ -244,10 +282,11 @@ def dispatch(
     k = topk_ids.shape[1] if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 else 0
     cfg = config or dispatch_config(n_tokens, k, num_experts, d, quantize_fp8, hidden.device)
 
-    layout = route(topk_ids, num_experts, block_m, check_ids=check_ids, config=cfg)
-    n_pad = layout.n_pad
+    _check_args(topk_ids, num_experts, block_m)
+    n_pad = padded_rows(n_tokens, k, num_experts, block_m)
     out = _empty((n_pad, d), FP8_DTYPE if quantize_fp8 else hidden.dtype, hidden.device)
     scales = _empty((n_pad, d // FP8_GROUP), torch.float32, hidden.device) if quantize_fp8 else None
+    layout = route(topk_ids, num_experts, block_m, check_ids=check_ids, config=cfg, _scales=scales)
     block_d = FP8_GROUP if quantize_fp8 else min(cfg.block_d, max(16, triton_next_pow2(d)))
     if n_tokens and d and k:
         grid = (math.ceil(n_tokens / cfg.block_t), math.ceil(d / block_d))

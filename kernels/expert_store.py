@@ -37,16 +37,21 @@ class HostExpertStore:
 
     One contiguous block per expert (gate, up, down back to back, each `[rows, cols]` in the
     expert dtype), 256-byte aligned. `scale` shrinks hidden and intermediate sizes (1.0 is
-    the model's true expert size); `experts` limits how many experts per layer are stored
-    (default: all E). Memory is pinned when CUDA is available (zero-copy and async copies
-    need page-locked memory). Contents are random (a random base block per layer XORed
-    with a per-expert signature), so that a wrong block or a wrong offset is detected.
+    the model's true expert size), or `hidden` and `intermediate` set them; `experts`
+    limits how many experts per layer are stored (default: all E). Memory is pinned when
+    CUDA is available (zero-copy and async copies need page-locked memory). Contents are
+    random (a random base block per layer XORed with a per-expert signature), so that a
+    wrong block or a wrong offset is detected.
     """
 
     def __init__(self, model: ModelSpec, *, layers: int = 1, experts: int | None = None,
-                 scale: float = 1.0, pin: bool | None = None, seed: int = 0):
+                 scale: float = 1.0, pin: bool | None = None, seed: int = 0,
+                 hidden: int | None = None, intermediate: int | None = None):
         if not 0 < scale <= 1:
             raise SpecError(f"scale: must be in (0, 1], got {scale}")
+        for name, v in (("hidden", hidden), ("intermediate", intermediate)):
+            if v is not None and v < 1:
+                raise SpecError(f"{name}: must be >= 1, got {v}")
         if layers < 1:
             raise SpecError(f"layers: at least 1, got {layers}")
         self.model = model
@@ -54,8 +59,9 @@ class HostExpertStore:
         self.n_experts = model.n_experts if experts is None else int(experts)
         if not 1 <= self.n_experts <= model.n_experts:
             raise SpecError(f"experts: must be in [1, {model.n_experts}], got {experts}")
-        self.hidden = max(1, round(model.hidden * scale))
-        self.intermediate = max(1, round(model.expert_intermediate * scale))
+        # sizes: given outright (as `moelab ep` and `moelab offload` shrink them), else scaled
+        self.hidden = hidden or max(1, round(model.hidden * scale))
+        self.intermediate = intermediate or max(1, round(model.expert_intermediate * scale))
         d, i = self.hidden, self.intermediate
         shapes = [("gate", (i, d)), ("up", (i, d)), ("down", (d, i))]
         if not model.gated:

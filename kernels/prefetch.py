@@ -22,8 +22,10 @@ nothing overlaps. This module builds the real path and measures it:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -136,6 +138,13 @@ class _ThreadLanes:
         self._check()
 
 
+def _finish_lanes(lanes, slots) -> None:
+    """The prefetcher's finaliser: wait for in-flight copies into `slots`, then let go.
+    A transfer's error cannot be raised from a finaliser: it is dropped here."""
+    with contextlib.suppress(Exception):
+        lanes.close()
+
+
 class _SetEvent:
     def __init__(self, event: threading.Event):
         self.event = event
@@ -228,6 +237,16 @@ class Prefetcher:
             # Host synchronization, once: the side stream must not read the slots' or the
             # index's memory before the kernels that made them have run.
             torch.cuda.synchronize(self.device)
+        # Dropped without close(): wait for the copies in flight before the slots' memory
+        # goes back to the allocator (the copy engine may still be writing it). The
+        # finaliser holds the slots, not the prefetcher, so it never keeps it alive.
+        self._finalizer = weakref.finalize(self, _finish_lanes, self.lanes, self.slots)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- transfers ---
     def _issue_copy(self, layer: int, expert: int, slot: int):
@@ -305,8 +324,14 @@ class Prefetcher:
         self.lanes.synchronize()
 
     def close(self) -> None:
-        """Wait for the issued transfers and stop the transfer lane (its thread on a CPU)."""
-        self.lanes.close()
+        """Wait for the issued transfers and stop the transfer lane (its thread on a CPU);
+        raises a transfer's error. Also what `with Prefetcher(...)` does on exit."""
+        if self._finalizer.detach() is not None:  # only once
+            self.lanes.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     # --- lookahead ---
     def _learn(self, layer: int, experts: list[int]) -> None:

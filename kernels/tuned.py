@@ -4,6 +4,8 @@ Tuned configs are data: `kernels/tuned/<device-slug>.json` (slug of the CUDA dev
 e.g. `nvidia-h200`), one entry per (op, shape class). A missing file, device or entry
 falls back to `DEFAULTS`. The files are written by `kernels/autotune.py`, a tool that runs
 the kernels on a GPU; this module only reads them, so the ops never import a benchmark.
+Files are validated on load (`validate_configs`): a block size that is not a power of
+two would fail deep inside a kernel's compilation, a wrong field silently do nothing.
 
 Shape classes are by tokens per pass (the other dimensions move the optimum little for
 these memory-bound kernels): decode batches, small and large prefills.
@@ -17,6 +19,8 @@ from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
+from moelab.costmodel.specs import SpecError
+
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 # (upper bound on tokens, class name), ascending
@@ -26,8 +30,8 @@ TOKEN_CLASSES = ((64, "decode"), (1024, "small"), (8192, "prefill"), (None, "lar
 @dataclass(frozen=True)
 class DispatchConfig:
     block_p: int = 1024  # pairs per routing program (power of two); the sort size
-    block_b: int = 32  # histogram rows read per step by each routing program
-    block_r: int = 1024  # padding rows classified per step
+    block_b: int = 32  # block counts per step of the routing's scan (capped at 8K counts)
+    block_r: int = 256  # rows per store step of the routing's padding and block fills
     route_warps: int = 8
     block_t: int = 4  # tokens per scatter program
     block_d: int = 1024  # columns per scatter program (fp8: always 128, the scale group)
@@ -79,12 +83,63 @@ def token_class(n_tokens: int) -> str:
     raise AssertionError("unreachable")
 
 
+# What a tuned value may be: (power of two required, smallest, largest). tl.arange needs
+# powers of two for every block size; warps are powers of two by CUDA's launch rules.
+LIMITS = {
+    "block_p": (True, 32, 4096), "block_b": (True, 1, 1024), "block_r": (True, 16, 4096),
+    "route_warps": (True, 1, 16), "block_t": (True, 1, 256), "block_d": (True, 16, 8192),
+    "num_warps": (True, 1, 32), "num_stages": (False, 1, 8),
+}  # fmt: skip
+CONFIG_CLASSES = {"dispatch": DispatchConfig, "dispatch_fp8": DispatchConfig,
+                  "combine": CombineConfig}  # fmt: skip
+
+
+def _check_value(where: str, value, pow2: bool, lo: int, hi: int) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    if ok and pow2 and value & (value - 1):
+        ok = False
+    if not ok:
+        want = f"{'a power of two' if pow2 else 'an integer'} in [{lo}, {hi}]"
+        raise SpecError(f"{where}: must be {want}, got {value!r}")
+    return value
+
+
+def validate_configs(data, path) -> dict:
+    """The `configs` of a tuned file, checked: known ops, shape classes and fields, each
+    value in range (powers of two where tl.arange needs them). A bad file gets one
+    SpecError naming the file and the field, e.g. `tuned/x.json: configs["dispatch:
+    prefill"].block_p: must be a power of two in [32, 4096], got 100`."""
+    if not isinstance(data, dict) or not isinstance(data.get("configs", {}), dict):
+        raise SpecError(f"{path}: configs: expected an object of 'op:class' entries")
+    classes = {name for _, name in TOKEN_CLASSES}
+    out = {}
+    for key, entry in data.get("configs", {}).items():
+        where = f'{path}: configs["{key}"]'
+        op, _, cls = str(key).partition(":")
+        if op not in CONFIG_CLASSES or cls not in classes:
+            raise SpecError(f"{where}: unknown entry (ops {sorted(CONFIG_CLASSES)}, classes "
+                            f"{sorted(classes)})")  # fmt: skip
+        if not isinstance(entry, dict):
+            raise SpecError(f"{where}: expected an object of fields")
+        known = {f.name for f in fields(CONFIG_CLASSES[op])}
+        for name, value in entry.items():
+            if name not in known:
+                raise SpecError(f"{where}.{name}: unknown field (known: {', '.join(sorted(known))})")
+            _check_value(f"{where}.{name}", value, *LIMITS[name])
+        out[key] = dict(entry)
+    return out
+
+
 @lru_cache(maxsize=16)
 def _load(slug: str) -> dict:
     path = TUNED_DIR / f"{slug}.json"
     if not path.exists():
         return {}
-    return json.loads(path.read_text()).get("configs", {})
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: not valid JSON ({e})") from None
+    return validate_configs(data, path)
 
 
 def _lookup(op: str, n_tokens: int, device, cls):
@@ -96,8 +151,7 @@ def _lookup(op: str, n_tokens: int, device, cls):
         default = replace(default, block_d=DECODE_BLOCK_D)
     if not entry:
         return default
-    known = {f.name for f in fields(cls)}
-    return replace(default, **{k: int(v) for k, v in entry.items() if k in known})
+    return replace(default, **entry)  # fields and values checked on load
 
 
 def dispatch_config(n_tokens, k, num_experts, d, quantize_fp8, device) -> DispatchConfig:

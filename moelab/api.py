@@ -49,7 +49,8 @@ def model_spec(model: str | ModelSpec, expert_dtype: str | None = None,
 def system_spec(system: str | SystemSpec = "h100-sxm", *, host_link: str | None = None,
                 network: str | None = None, measured_links: bool = False, latencies: bool = False,
                 b_pcie: float | None = None, b_net: float | None = None,
-                alpha_pcie: float | None = None, alpha_net: float | None = None) -> SystemSpec:
+                alpha_pcie: float | None = None, alpha_net: float | None = None,
+                gpus_per_node: int | None = None) -> SystemSpec:
     """A SystemSpec from a GPU preset, a system file or a SystemSpec, with links swapped or set.
 
     b_pcie, b_net in B/s; alpha_pcie, alpha_net in seconds.
@@ -65,7 +66,8 @@ def system_spec(system: str | SystemSpec = "h100-sxm", *, host_link: str | None 
         spec = load_system(system, host_link=host_link, network=network,
                            measured=measured_links, latencies=latencies)
     overrides = {k: v for k, v in (("b_pcie", b_pcie), ("b_net", b_net), ("alpha_pcie", alpha_pcie),
-                                   ("alpha_net", alpha_net)) if v is not None}
+                                   ("alpha_net", alpha_net), ("gpus_per_node", gpus_per_node))
+                 if v is not None}
     return spec.with_(**overrides) if overrides else spec
 
 
@@ -91,6 +93,8 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
           resident_fraction: float = 0.0, routing: str = "worst", samples: int = 0, seed: int = 0,
           sensitivities: bool = False, overlap: bool = False, lookahead: bool = False,
           hit_rate: float = 1.0, microbatches: int = 2,
+          gpus_per_node: int | None = None, dispatch_mode: str = "per-node",
+          redundant_experts: int = 0,
           progress: Callable[[int, int], None] | None = None) -> Report:
     """gamma = offload overhead / EP overhead, its parts and N_t*, as `moelab gamma --json`.
 
@@ -99,13 +103,16 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     in s. routing: "worst" (the seed) or "uniform" in closed form; with samples > 0 also a
     Monte Carlo routing (zipf:S, dirichlet:A, groups, logits:FILE.npy, hist:FILE) through
     the JAX reference. `progress(done, total)` is called during long Monte Carlo runs.
+    With ep_ranks: gpus_per_node (default: the system's) splits the ranks into nodes,
+    dispatch_mode "per-node" (default, DeepEP's normal kernels) or "per-rank" says how a
+    token crosses the network, redundant_experts adds replica slots of the hottest experts.
     """
     from moelab.costmodel.closed_form import evaluate
 
     m = model_spec(model, expert_dtype, act_dtype)
     s = system_spec(system, host_link=host_link, network=network, measured_links=measured_links,
                     latencies=latencies, b_pcie=b_pcie, b_net=b_net, alpha_pcie=alpha_pcie,
-                    alpha_net=alpha_net)
+                    alpha_net=alpha_net, gpus_per_node=gpus_per_node)
     is_trace = routing.startswith("trace:")
     recorded_passes = tokens == "trace"
     if recorded_passes:  # the trace's own forward passes; the closed form gets their mean size
@@ -128,16 +135,17 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
                             f"in closed form: {', '.join(CLOSED_FORM_ROUTINGS)}")
     options = Options(fanout=fanout, ep_ranks=ep_ranks, dispatch_dtype=dispatch_dtype,
                       combine_dtype=combine_dtype, resident_fraction=resident_fraction,
-                      routing=routing if routing in CLOSED_FORM_ROUTINGS else "worst")
+                      routing=routing if routing in CLOSED_FORM_ROUTINGS else "worst",
+                      dispatch_mode=dispatch_mode, redundant_experts=redundant_experts)
     r = evaluate(m, s, w, options)
     out = Report(
         gamma=r.gamma,
         gamma_seed_formula=r.gamma_seed,
         decision=r.decision,
-        deciding_factor=r.deciding_factor,
         n_ue=r.n_ue,
         tokens=r.tokens,
         tipping_tokens=plain_number(r.tipping_tokens) if not w.decode else None,
+        tipping_tokens_low=plain_number(r.tipping_tokens_low) if not w.decode else None,
         t_b_s=r.t_b,
         t_p_s=r.t_p,
         t_ep_s=r.t_ep,
@@ -165,6 +173,11 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
                 "swapped": bool(host_link or network)},
         workload={"decode": w.decode, "tokens": w.tokens, "batch": w.batch, "steps": w.steps},
     )
+    out.update(ep_terms(r, m))
+    if w.decode:
+        out.update(decode_terms(r, m, s))
+    if isinstance(system, str):
+        out.update(measured_terms(m, system, w, options, host_link, network, gpus_per_node))
     if is_trace:  # a recorded routing: its windows are the samples
         from moelab.costmodel.trace import trace_distribution
 
@@ -180,19 +193,73 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
         out["routing"] = routing
         out["routing_closed_form"] = options.routing
     if overlap:
-        from moelab.costmodel.timeline import overlap_gammas
+        from moelab.costmodel.timeline import overlap_times
 
         if not 0 <= hit_rate <= 1:
             raise SpecError(f"hit_rate: must be in [0, 1], got {hit_rate}")
         if microbatches < 1:
             raise SpecError(f"microbatches: must be >= 1, got {microbatches}")
-        out.update(overlap_gammas(m, s, w, options, lookahead=int(lookahead), hit_rate=hit_rate,
-                                  microbatches=microbatches))
+        out.update(overlap_times(m, s, w, options, lookahead=int(lookahead), hit_rate=hit_rate,
+                                 microbatches=microbatches))
     if sensitivities:
         from moelab.costmodel.reference import sensitivities as elasticities
 
-        out["sensitivities"] = elasticities(m, s, w, options)
+        # + 0.0 turns a -0.0 (a zero elasticity reached from below) into 0.0
+        out["sensitivities"] = {k: v + 0.0 for k, v in elasticities(m, s, w, options).items()}
     return out
+
+
+def ep_terms(r, m) -> dict:
+    """With EP ranks: both tiers, the busiest rank, the two legs and which one decides."""
+    if r.ep is None:
+        return {}
+    e = r.ep
+    return {
+        "ep_ranks": e.ranks, "gpus_per_node": e.gpus_per_node, "dispatch_mode": e.dispatch_mode,
+        "fanout_intra": e.tiers.intra, "fanout_nodes": e.tiers.nodes,
+        "fanout_ranks_inter": e.tiers.ranks_inter,
+        "net_copies": e.net_copies, "nvlink_copies": e.nvlink_copies,
+        "imbalance": e.imbalance, "imbalance_no_redundancy": e.imbalance_no_redundancy,
+        "redundant_experts": e.redundant_experts,
+        "redundant_expert_bytes_per_rank": e.redundant_bytes_per_rank,
+        # whole pass, all MoE layers and passes: what each leg costs alone (latency apart)
+        "t_ep_net_s": r.passes * m.n_moe_layers * e.t_net,
+        "t_ep_nvlink_s": r.passes * m.n_moe_layers * e.t_nvlink,
+        "ep_deciding_leg": e.deciding_leg,
+    }
+
+
+def decode_terms(r, m, s) -> dict:
+    """Decode re-fetches the used experts every step; the seed's literal N_t -> N_OS differs."""
+    from moelab.costmodel.closed_form import gamma_seed, n_used_worst
+
+    steps = r.passes
+    literal = float(gamma_seed(m.expert_params, m.f_e, m.hidden, m.f_a, s.b_net, s.b_pcie,
+                               n_used_worst(steps, m.top_k, m.n_experts), steps))
+    return {
+        "decode_refetch": True,
+        "gamma_seed_literal_nos": literal,
+        "decode_note": (f"decode re-fetches the {r.n_ue:g} used experts of every MoE layer at "
+                        f"every step (no cache across steps: --resident-fraction models one); "
+                        f"the seed's literal 'replace N_t by N_OS' over N_OS = {steps:,} steps "
+                        f"would give gamma = {literal:.4g}"),
+    }
+
+
+def measured_terms(m, system: str, w, options, host_link, network, gpus_per_node) -> dict:
+    """gamma with measured links and published or fitted latencies, each input's source named."""
+    from moelab.costmodel.closed_form import evaluate
+    from moelab.costmodel.presets import link_inputs, load_system
+
+    if system.endswith(".json") or "/" in system:
+        return {}
+    inputs = link_inputs(system, host_link, network)
+    spec = load_system(system, host_link=host_link, network=network).with_(
+        **{k: v for k, (v, _) in inputs.items()},
+        **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}))
+    r = evaluate(m, spec, w, options)
+    return {"gamma_measured": r.gamma,
+            "gamma_measured_inputs": {k: {"value": v, "source": src} for k, (v, src) in inputs.items()}}
 
 
 def plain_number(x):

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, SystemSpec, Workload
+from moelab.costmodel.specs import (
+    DISPATCH_MODES,
+    DTYPE_BYTES,
+    ModelSpec,
+    Options,
+    SpecError,
+    SystemSpec,
+    Workload,
+)
 
 DTYPES = sorted(DTYPE_BYTES)
 
@@ -56,6 +64,14 @@ def add_option_args(p: argparse.ArgumentParser) -> None:
     fan.add_argument("--fanout", type=float, metavar="PHI", help="remote destinations per token [1]")
     fan.add_argument("--ep-ranks", type=int, metavar="R",
                      help="derive the fan-out from R EP ranks, experts spread uniformly")
+    g.add_argument("--gpus-per-node", type=int, metavar="G",
+                   help="with --ep-ranks: GPUs per node (NVLink inside, the network between) [system]")
+    g.add_argument("--dispatch-mode", choices=DISPATCH_MODES, default="per-node",
+                   help="with --ep-ranks: one network copy per remote node, forwarded over NVLink "
+                        "(DeepEP normal kernels), or one per remote rank [per-node]")
+    g.add_argument("--redundant-experts", type=int, default=0, metavar="N",
+                   help="with --ep-ranks: N extra expert slots holding replicas of the hottest "
+                        "experts (EPLB-like) [0]")
     g.add_argument("--alpha-pcie-us", type=float, metavar="µs", help="latency per expert copy [0]")
     g.add_argument("--alpha-net-us", type=float, metavar="µs", help="latency per collective [0]")
     g.add_argument("--latencies", action="store_true",
@@ -87,6 +103,14 @@ def spec_kwargs(args) -> dict:
     for name in ("fanout", "ep_ranks", "dispatch_dtype", "combine_dtype"):
         kwargs[name] = getattr(args, name, None)
     kwargs["resident_fraction"] = getattr(args, "resident_fraction", 0.0)
+    gpn = getattr(args, "gpus_per_node", None)
+    if gpn is not None and gpn < 1:
+        raise SpecError(f"--gpus-per-node: must be >= 1, got {gpn}")
+    redundant = getattr(args, "redundant_experts", 0) or 0
+    if redundant < 0:
+        raise SpecError(f"--redundant-experts: must be >= 0, got {redundant}")
+    kwargs.update(gpus_per_node=gpn, dispatch_mode=getattr(args, "dispatch_mode", "per-node"),
+                  redundant_experts=redundant)
     return kwargs
 
 
@@ -98,12 +122,13 @@ def build_specs(args) -> tuple[ModelSpec, SystemSpec, Workload, Options]:
     model = api.model_spec(kw["model"], kw["expert_dtype"], kw["act_dtype"])
     system = api.system_spec(kw["system"], **{k: kw.get(k) for k in (
         "host_link", "network", "measured_links", "latencies", "b_pcie", "b_net", "alpha_pcie",
-        "alpha_net")})
+        "alpha_net", "gpus_per_node")})
     workload = api.workload(kw.get("tokens"), kw.get("decode", False), kw.get("batch", 1),
                             kw.get("steps", 1))
     options = Options(fanout=kw["fanout"], ep_ranks=kw["ep_ranks"],
                       dispatch_dtype=kw["dispatch_dtype"], combine_dtype=kw["combine_dtype"],
                       resident_fraction=kw["resident_fraction"],
+                      dispatch_mode=kw["dispatch_mode"], redundant_experts=kw["redundant_experts"],
                       routing="uniform" if getattr(args, "routing", "worst") == "uniform" else "worst")
     return model, system, workload, options
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "presets": "moelab.commands.presets",
     "sweep": "moelab.commands.sweep",
     "ep": "moelab.commands.ep",
+    "offload": "moelab.commands.offload",
     "bench": "moelab.commands.bench",
     "calibrate": "moelab.commands.calibrate",
     "experiment": "moelab.commands.experiment",

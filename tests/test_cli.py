@@ -44,7 +44,7 @@ def test_extensions_flags(capsys):
     out = run_json(capsys, "gamma", *SEED, "--tokens", "4096", "--ep-ranks", "32",
                    "--dispatch-dtype", "fp8", "--alpha-net-us", "20", "--resident-fraction", "0.5")
     assert out["fanout"] == pytest.approx(7.04, abs=0.01)
-    assert out["f_dispatch"] == 1 and out["f_combine"] == 2
+    assert out["f_dispatch"] == 1 + 4 / 128 and out["f_combine"] == 2  # fp8 + a scale per 128
     assert out["alpha_net_s"] == pytest.approx(20e-6)
     assert out["gamma"] < 75  # fan-out and residency both favour offload here
 
@@ -57,8 +57,9 @@ def test_uniform_routing(capsys):
 def test_table_names_the_three_factors(capsys):
     assert main(["gamma", *SEED, "--tokens", "4096"]) == 0
     text = capsys.readouterr().out
-    for word in ("model", "system", "query", "decides", "307,200", "75"):
+    for word in ("model", "system", "query", "307,200", "75", "gamma measured"):
         assert word in text
+    assert "decides" not in text  # the three factors scale gamma alike: none decides alone
 
 
 def test_tipping_and_presets(capsys):
@@ -150,14 +151,49 @@ def test_subprocess_no_traceback_and_light_imports():
     assert ok.returncode == 0 and ok.stderr.strip() == "[]"
 
 
-def test_overlap_reports_both_gammas(capsys):
+def test_overlap_reports_step_times_and_exposed_overheads(capsys):
     out = run_json(capsys, "gamma", *SEED, "--tokens", "4096", "--overlap")
     assert out["gamma"] == pytest.approx(75)
-    for key in ("gamma_overlap", "t_p_overhead_overlap_s", "t_ep_overhead_overlap_s"):
+    for key in ("speedup_ep_overlap", "t_p_overlap_s", "t_ep_overlap_s", "t_p_exposed_s",
+                "t_ep_exposed_s", "offload_transfer_hidden", "ep_transfer_hidden"):
         assert key in out
-    # Overlap can only hide time: neither overhead grows.
-    assert out["t_p_overhead_overlap_s"] <= out["t_p_overhead_s"] * (1 + 1e-9)
-    assert out["t_ep_overhead_overlap_s"] <= out["t_ep_overhead_s"] * (1 + 1e-9)
+    assert "gamma_overlap" not in out
+    # Overlap can only hide time: neither exposed overhead exceeds the seed's.
+    assert out["t_p_exposed_s"] <= out["t_p_overhead_s"] * (1 + 1e-9)
+    assert out["t_ep_exposed_s"] <= out["t_ep_overhead_s"] * (1 + 1e-9)
+    assert out["speedup_ep_overlap"] == pytest.approx(out["t_p_overlap_s"] / out["t_ep_overlap_s"])
+    assert main(["gamma", *SEED, "--tokens", "4096", "--overlap", "--b-net", "5000"]) == 0
+    assert "fully hidden" in capsys.readouterr().out
+
+
+def test_kimi_ep16_reports_both_tiers_the_imbalance_and_the_deciding_leg(capsys):
+    out = run_json(capsys, "gamma", "--model", "kimi-k2", "--tokens", "4096", "--ep-ranks", "16")
+    for key in ("fanout", "fanout_intra", "fanout_nodes", "fanout_ranks_inter", "t_ep_net_s",
+                "t_ep_nvlink_s", "imbalance", "ep_deciding_leg", "gamma_measured"):
+        assert key in out, key
+    # 384 experts, 24 per rank, 192 per node: a token misses the other node with
+    # probability C(192, 8) / C(384, 8) (by hand: prod_{i<8} (192 - i) / (384 - i)).
+    import math
+
+    miss = math.prod((192 - i) / (384 - i) for i in range(8))
+    assert out["fanout_nodes"] == pytest.approx(1 - miss, rel=1e-12)
+    assert out["fanout_intra"] + out["fanout_ranks_inter"] == pytest.approx(out["fanout"])
+    assert out["ep_deciding_leg"] == "network" and out["dispatch_mode"] == "per-node"
+    assert 1 < out["imbalance"] < 1.05
+    # per-node dispatch: one network copy per remote node, so gamma is near the seed's 112.5
+    assert out["gamma"] == pytest.approx(112.5 / (out["fanout_nodes"] * out["imbalance"]), rel=1e-9)
+    per_rank = run_json(capsys, "gamma", "--model", "kimi-k2", "--tokens", "4096", "--ep-ranks",
+                        "16", "--dispatch-mode", "per-rank")
+    assert per_rank["net_copies"] == pytest.approx(out["fanout_ranks_inter"])
+    assert per_rank["gamma"] < out["gamma"] / 3
+
+
+def test_ep_flags_errors(capsys):
+    for argv, flag in ((["--ep-ranks", "16", "--gpus-per-node", "0"], "--gpus-per-node"),
+                       (["--ep-ranks", "16", "--redundant-experts", "-1"], "--redundant-experts"),
+                       (["--redundant-experts", "4"], "--redundant-experts")):
+        assert main(["gamma", *argv]) == 2
+        assert flag in capsys.readouterr().err
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys):

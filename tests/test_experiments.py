@@ -121,7 +121,7 @@ def test_markdown_to_html_tables_and_lists():
         "## Title\n\ntext with `code` and **bold**\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- x\n- y\n"
     )
     assert "<h2>Title</h2>" in html and "<code>code</code>" in html and "<strong>bold</strong>" in html
-    assert "<th>a</th>" in html and "<td>2</td>" in html and "<li>y</li>" in html
+    assert '<th class="num">a</th>' in html and '<td class="num">2</td>' in html and "<li>y</li>" in html
 
 
 def test_experiment_list_names_every_experiment_once(capsys):

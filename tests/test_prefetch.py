@@ -338,8 +338,7 @@ def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
     from moelab.cli import main
 
     out = tmp_path / "system.json"
-    # --no-kernels: the dispatch/combine benchmarks have their own tests and GPU check.
-    assert main(["calibrate", "--quick", "--no-kernels", "--out", str(out)]) == 0
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     sys_ = presets.load_system(str(out))
     assert sys_.b_pcie == data["b_pcie"] > 0 and sys_.hbm_bw > 0 and sys_.peak_flops > 0
@@ -351,9 +350,78 @@ def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["b_pcie"] == data["b_pcie"]
 
 
+def test_calibrate_reads_kernel_rows_and_never_reruns_them(tmp_path, monkeypatch, capsys):
+    """--kernels-from DIR: dispatch/combine GB/s come from the rows a benchmark run left
+    in DIR; the benchmarks themselves are not run again (they would raise here)."""
+    import json
+
+    from moelab.cli import main
+    from moelab.kernels import bench_combine, bench_dispatch
+
+    def no_rerun(args):
+        raise AssertionError("calibrate reran a kernel benchmark")
+
+    monkeypatch.setattr(bench_dispatch, "bench", no_rerun)
+    monkeypatch.setattr(bench_combine, "bench", no_rerun)
+    (tmp_path / "bench_dispatch.json").write_text(json.dumps(
+        [{"shape": "a", "bandwidth_Bps": 2e12}, {"shape": "b", "bandwidth_Bps": 3e12},
+         {"shape": "c", "error": "failed"}]))  # fmt: skip
+    assert main(["calibrate", "--quick", "--kernels-from", str(tmp_path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["measurements"]["dispatch_combine"]
+    assert got["dispatch"] == {"bandwidth_Bps": {"a": 2e12, "b": 3e12}, "max_Bps": 3e12}
+    assert "bench_combine.json" in got["combine"]["skipped"]  # missing: said, not fatal
+
+
 def test_calibrate_latency_fit():
     from moelab.commands.calibrate import _fit_latency
 
     sizes = [4096, 65536, 1 << 20, 1 << 24]
     alpha, bw = _fit_latency(sizes, [5e-6 + s / 50e9 for s in sizes])
     assert alpha == pytest.approx(5e-6, rel=1e-6) and bw == pytest.approx(50e9, rel=1e-6)
+
+
+# --- lifetime ------------------------------------------------------------------------
+
+
+def test_prefetcher_is_a_context_manager():
+    with Prefetcher(tiny(), 4, device=DEVICE) as pf:
+        fetch = pf.fetch(0, [1, 2])
+        got = fetch.weights(2)
+        want = pf.store.views(pf.store.block(0, 2).to(DEVICE))
+        assert all(torch.equal(got[n].view(torch.uint8), want[n].view(torch.uint8)) for n in got)
+        fetch.release()
+        assert not pf.closed
+    assert pf.closed
+    pf.close()  # a second close is harmless
+    if not GPU:
+        assert not pf.lanes._worker.is_alive()
+
+
+def test_dropped_prefetcher_waits_for_copies_in_flight():
+    """Dropped without close(): its finaliser waits for the transfer lane before the slots
+    can be freed. A slow transfer (0.3 s) is queued; dropping the prefetcher must not
+    return before it has run."""
+    import gc
+
+    pf = Prefetcher(tiny(), 4, device=DEVICE)
+    finished = []
+    t0 = time.perf_counter()
+
+    def slow():
+        time.sleep(0.3)
+        finished.append(time.perf_counter() - t0)
+
+    if GPU:  # a long kernel on the side stream stands for the copy
+        pf.lanes.side_run(lambda: torch.cuda._sleep(300_000_000))
+        pf.lanes.side_run(lambda: finished.append(0.0))
+        event = pf.lanes.side_record()
+    else:
+        pf.lanes.side_run(slow)
+    lanes = pf.lanes
+    del pf
+    gc.collect()
+    if GPU:
+        assert event.query()  # the side stream had finished when the drop returned
+    else:
+        assert finished and finished[0] >= 0.3
+        assert not lanes._worker.is_alive()

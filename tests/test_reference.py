@@ -76,7 +76,7 @@ def test_worst_case_routing_equals_closed_form(model, system, workload, options)
 
 
 def test_seed_worked_example():
-    """DESIGN.md §1: R1, fp8 experts, bf16 activations, 64 / 50 GB/s, N_t = 4096: gamma 75."""
+    """The worked example (docs/model.md): R1, fp8 experts, bf16 activations, 64 / 50 GB/s, N_t = 4096: gamma 75."""
     model = ModelSpec("r1", 58, 256, 8, 7168, 2048, expert_dtype="fp8", act_dtype="bf16")
     system = SystemSpec("s", b_pcie=64e9, b_net=50e9)
     routes = rt.worst_case(58, 4096, 256, 8)
@@ -226,7 +226,8 @@ def test_gamma_distribution_is_the_mean_of_concrete_evaluations():
     spec = parse_routing("zipf:1.0")
     gen = rt.layer_generator(spec, 3, 12, 256, 8)
     gammas = [ref.evaluate_routes(model, H100, w, opts,
-                                  rt.layers(gen, jax.random.fold_in(jax.random.key(3), s), 3))["gamma"]
+                                  rt.layers(gen, jax.random.fold_in(jax.random.key(3), s), 3),
+                                  imbalance=out["imbalance_mean"])["gamma"]
               for s in range(4)]
     assert out["gamma_mean"] == pytest.approx(np.mean(gammas), rel=1e-5)
 
@@ -268,7 +269,8 @@ def test_gamma_distribution_rejects_samples():
        resident=st.sampled_from([0.0, 0.4]))
 def test_sensitivities_match_finite_differences(model, system, tokens, routing, ranks, resident):
     """jax.grad elasticities against central differences of closed_form.evaluate (float64)."""
-    options = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident)
+    flat = {"dispatch_mode": "flat", "imbalance": False}  # the jnp formula's one tier
+    options = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident, **flat)
     w = Workload(tokens=tokens)
     got = ref.sensitivities(model, system, w, options)
     eps = 1e-4
@@ -282,8 +284,9 @@ def test_sensitivities_match_finite_differences(model, system, tokens, routing, 
         fd = (log_gamma(sys=up) - log_gamma(sys=down)) / (math.log1p(eps) - math.log1p(-eps))
         assert got[name] == pytest.approx(fd, abs=2e-4), name
     if resident:
-        up = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident * (1 + eps))
-        down = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident * (1 - eps))
+        up = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident * (1 + eps), **flat)
+        down = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident * (1 - eps),
+                       **flat)
         fd = (log_gamma(opt=up) - log_gamma(opt=down)) / (math.log1p(eps) - math.log1p(-eps))
         assert got["resident_fraction"] == pytest.approx(fd, abs=2e-4)
     # every parameter is reported, and the elasticities the algebra fixes hold

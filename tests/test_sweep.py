@@ -40,7 +40,8 @@ def points(draw):
         ep_ranks=draw(st.integers(1, 512)) if fan == "ranks" else None,
         dispatch_dtype=draw(dt), combine_dtype=draw(dt),
         resident_fraction=draw(st.floats(0, 0.99)),
-        routing=draw(st.sampled_from(["worst", "uniform"])))
+        routing=draw(st.sampled_from(["worst", "uniform"])),
+        dispatch_mode="flat", imbalance=False)  # the sweep's one tier, mean rank
     return model, system, workload, options
 
 
@@ -80,7 +81,9 @@ def test_grid_order_and_overrides_match_pointwise():
     models, systems = {"r1": R1, "mix": MIX}, {"h100": H100, "b200": B200}
     for (m, s, dt, n, r), g, phi in zip(rows, res["gamma"], res["fanout"], strict=True):
         model = models[m].with_(expert_dtype=dt)
-        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None))
+        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None,
+                                                                        dispatch_mode="flat",
+                                                                        imbalance=False))
         assert g == pytest.approx(want.gamma, rel=2e-5)
         assert phi == pytest.approx(want.fanout, rel=2e-5)
 
@@ -156,7 +159,7 @@ def test_cli_writes_tidy_csv_and_plot(tmp_path, capsys):
     assert n_tokens == 48 and len(rows) == 4 * n_tokens
     assert "50 values round to 48 distinct" in capsys.readouterr().err
     assert list(rows[0])[:5] == ["model", "system", "routing", "tokens", "b_pcie_GBps"]
-    # below saturation gamma = C k (DESIGN.md §1): 1/2 * 3072 * 50/64 * 8 = 9600 at N_t = 1
+    # below saturation gamma = C k (docs/model.md): 1/2 * 3072 * 50/64 * 8 = 9600 at N_t = 1
     r = next(r for r in rows if r["tokens"] == "1" and r["b_pcie_GBps"] == "64")
     assert float(r["gamma"]) == pytest.approx(9600, rel=1e-6) and r["decision"] == "ep"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,5 @@
 """The overlap timeline: between the seed's sum and the lanes' bound, exact in the limits."""
 
-import math
 
 import pytest
 from hypothesis import given
@@ -8,7 +7,7 @@ from hypothesis import strategies as st
 
 from moelab.costmodel import closed_form, presets
 from moelab.costmodel.specs import Options, Workload
-from moelab.costmodel.timeline import overlap_gammas, simulate_ep, simulate_offload
+from moelab.costmodel.timeline import overlap_times, simulate_ep, simulate_offload
 
 REL = 1e-9
 
@@ -113,9 +112,7 @@ def test_tasks_respect_lanes_in_order():
             assert b.start >= a.end - 1e-12
 
 
-# --- overlap_gammas on the closed form ----------------------------------------------------
-
-KEYS = {"gamma_overlap", "t_p_overhead_overlap_s", "t_ep_overhead_overlap_s"}
+# --- overlap_times on the closed form ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -126,44 +123,87 @@ KEYS = {"gamma_overlap", "t_p_overhead_overlap_s", "t_ep_overhead_overlap_s"}
         Workload(decode=True, batch=1, steps=16),  # decode: one token per step
     ],
 )
-def test_overlap_gammas_between_bounds(workload):
+def test_overlap_exposed_between_bounds(workload):
     model, system = presets.load_model("deepseek-r1"), presets.load_system("h100-sxm")
     r = closed_form.evaluate(model, system, workload, Options())
-    out = overlap_gammas(model, system, workload, Options())
-    assert set(out) >= KEYS
-    assert out["gamma"] == pytest.approx(r.gamma)
-    for name, seed in (("p", r.t_p_overhead), ("ep", r.t_ep_overhead)):
-        over = out[f"t_{name}_overhead_overlap_s"]
+    out = overlap_times(model, system, workload, Options())
+    for name, seed, base in (("p", r.t_p_overhead, out["t_b_step_offload_s"]),
+                             ("ep", r.t_ep_overhead, out["t_b_step_ep_s"])):
+        exposed = out[f"t_{name}_exposed_s"]
         # Hidden at most the whole compute, at most the whole overhead.
-        assert _close_or_above(seed, over)
-        assert _close_or_above(over, max(seed - r.t_b, 0.0))
-    assert out["gamma_overlap"] == pytest.approx(
-        out["t_p_overhead_overlap_s"] / out["t_ep_overhead_overlap_s"], rel=1e-12)
+        assert _close_or_above(seed, exposed)
+        assert _close_or_above(exposed, max(seed - base, 0.0))
+        assert out[f"t_{name}_overlap_s"] == pytest.approx(base + exposed, rel=1e-9)
+    assert out["speedup_ep_overlap"] == pytest.approx(
+        out["t_p_overlap_s"] / out["t_ep_overlap_s"], rel=1e-12)
+    assert not any(k.startswith("gamma") for k in out)  # no ratio of exposed overheads left
 
 
-def test_overlap_gammas_zero_compute_is_the_seed():
+def test_overlap_zero_compute_is_the_seed():
     model = presets.load_model("mixtral-8x7b")
-    # A GPU with no compute cost: T_B -> 0, nothing to hide behind.
-    system = presets.load_system("h100-sxm").with_(peak_flops=1e300, hbm_bw=1e300)
-    out = overlap_gammas(model, system, Workload(tokens=512), Options())
-    assert out["t_b_s"] < 1e-200
-    assert out["t_p_overhead_overlap_s"] == pytest.approx(out["t_p_overhead_s"], rel=1e-9)
-    assert out["t_ep_overhead_overlap_s"] == pytest.approx(out["t_ep_overhead_s"], rel=1e-9)
-    assert out["gamma_overlap"] == pytest.approx(out["gamma"], rel=1e-9)
+    # A GPU with no compute cost: nothing to hide behind, the step is the overheads.
+    system = presets.load_system("h100-sxm").with_(peak_flops=1e300, peak_flops_fp8=1e300,
+                                                   hbm_bw=1e300)
+    r = closed_form.evaluate(model, system, Workload(tokens=512), Options())
+    out = overlap_times(model, system, Workload(tokens=512), Options())
+    assert out["t_b_step_offload_s"] < 1e-200
+    assert out["t_p_exposed_s"] == pytest.approx(r.t_p_overhead, rel=1e-9)
+    assert out["t_ep_exposed_s"] == pytest.approx(r.t_ep_overhead, rel=1e-9)
+    assert out["speedup_ep_overlap"] == pytest.approx(r.gamma, rel=1e-9)
 
 
-def test_overlap_gammas_zero_transfer_has_no_overhead():
+def test_overlap_zero_transfer_is_fully_hidden():
     model = presets.load_model("mixtral-8x7b")
     system = presets.load_system("h100-sxm").with_(b_pcie=1e300, b_net=1e300)
-    out = overlap_gammas(model, system, Workload(tokens=512), Options())
-    assert out["t_p_overhead_overlap_s"] == pytest.approx(0.0, abs=1e-15)
-    assert out["t_ep_overhead_overlap_s"] == pytest.approx(0.0, abs=1e-15)
-    assert math.isnan(out["gamma_overlap"])
+    out = overlap_times(model, system, Workload(tokens=512), Options())
+    assert out["t_p_exposed_s"] == 0.0 and out["t_ep_exposed_s"] == 0.0
+    assert out["offload_transfer_hidden"] and out["ep_transfer_hidden"]
+    assert out["speedup_ep_overlap"] == pytest.approx(
+        out["t_b_step_offload_s"] / out["t_b_step_ep_s"], rel=1e-9)
 
 
-def test_overlap_gammas_resident_experts_need_no_copy():
+def test_overlap_ep_hidden_behind_attention_and_experts():
+    """A fast network: two micro-batches hide dispatch and combine entirely behind compute."""
+    model, system = presets.load_model("deepseek-r1"), presets.load_system("h100-sxm")
+    out = overlap_times(model, system.with_(b_net=5e12), Workload(tokens=4096), Options())
+    assert out["ep_transfer_hidden"] and not out["offload_transfer_hidden"]
+
+
+def test_overlap_resident_experts_need_no_copy():
     model, system = presets.load_model("qwen3-30b-a3b"), presets.load_system("h100-sxm")
-    half = overlap_gammas(model, system, Workload(tokens=8), Options(resident_fraction=0.5))
-    none = overlap_gammas(model, system, Workload(tokens=8), Options())
+    half = overlap_times(model, system, Workload(tokens=8), Options(resident_fraction=0.5))
+    none = overlap_times(model, system, Workload(tokens=8), Options())
     assert half["schedule"]["copies_per_layer"] * 2 == none["schedule"]["copies_per_layer"]
-    assert half["t_p_overhead_overlap_s"] < none["t_p_overhead_overlap_s"]
+    assert half["t_p_exposed_s"] < none["t_p_exposed_s"]
+
+
+@pytest.mark.parametrize("name,workload,kw", [
+    ("deepseek-r1", Workload(tokens=4096), {}),
+    ("kimi-k2", Workload(tokens=1024), {"ep_ranks": 16}),
+    ("mixtral-8x7b", Workload(decode=True, batch=4, steps=3), {}),
+    ("gpt-oss-20b", Workload(tokens=64), {"lookahead": 1, "microbatches": 4}),
+])
+def test_speedup_ep_overlap_does_not_depend_on_L(name, workload, kw):
+    """Doubling every layer (MoE and dense) doubles both step times: the ratio stays."""
+    model, system = presets.load_model(name), presets.load_system("h100-sxm")
+    opts = Options(ep_ranks=kw.pop("ep_ranks", None))
+    one = overlap_times(model, system, workload, opts, **kw)
+    two = overlap_times(model.with_(n_moe_layers=2 * model.n_moe_layers,
+                                    n_layers=2 * model.n_layers), system, workload, opts, **kw)
+    assert two["speedup_ep_overlap"] == pytest.approx(one["speedup_ep_overlap"], rel=1e-9)
+    assert two["t_p_overlap_s"] == pytest.approx(2 * one["t_p_overlap_s"], rel=1e-9)
+    assert two["t_ep_exposed_s"] == pytest.approx(2 * one["t_ep_exposed_s"], rel=1e-9, abs=1e-15)
+
+
+def test_nothing_called_gamma_grows_with_L():
+    import moelab
+
+    model = presets.load_model("deepseek-r1")
+    deep = model.with_(n_moe_layers=4 * model.n_moe_layers, n_layers=4 * model.n_layers)
+    for kw in ({}, {"ep_ranks": 32}, {"microbatches": 4}):
+        a = moelab.gamma(model, overlap=True, **kw)
+        b = moelab.gamma(deep, overlap=True, **kw)
+        keys = [k for k in a if "gamma" in k and isinstance(a[k], float)]
+        assert "gamma" in keys and "gamma_measured" in keys
+        for k in keys + ["speedup_ep_overlap", "speedup_ep_overlap_oracle"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-9), k

@@ -258,3 +258,23 @@ def test_tokens_trace_uses_the_recorded_passes(tmp_path):
     bare = _write(tmp_path / "bare.json", ids, 8)
     with pytest.raises(SpecError, match="no batch_sizes"):
         api.gamma("mixtral-8x7b", tokens="trace", routing=f"trace:{bare}")
+
+
+def test_ep_ranks_from_a_trace_measure_its_busiest_rank(tmp_path):
+    E, R, B = 8, 4, 4
+    ids = _ids(2, 40, E, 2, seed=8, holes=0.1)
+    path = _write(tmp_path / "t.json", ids, E)
+    r = api.gamma("mixtral-8x7b", decode=True, batch=B, routing=f"trace:{path}", ep_ranks=R)
+    # brute force: windows of R B tokens, token t on rank t R // (R B), one row per remote rank hit
+    found = []
+    for i in range(min((40 // (R * B)) * 2, 16)):
+        w, l = divmod(i, 2)
+        rows = np.zeros(R)
+        for t, tok in enumerate(ids[l, w * R * B:(w + 1) * R * B].tolist()):
+            for rank in {e * R // E for e in tok if e >= 0} - {t // B}:
+                rows[rank] += 1
+        found.append(rows.max() / rows.mean())
+    assert r.imbalance_samples == len(found) == 4
+    assert r.imbalance_mean == pytest.approx(np.mean(found))
+    _, remote, _ = _brute(tr.windows(tr.load(path), B), E, R)
+    assert r.fanout_mean == pytest.approx(remote.sum() / (10 * B * 2))

@@ -6,8 +6,9 @@ Measured on the GPU (CUDA events, medians):
   from 4 KiB to 64 MiB: the fixed cost of one copy, s;
 - hbm_bw: device -> device copy, bytes read + written per second;
 - peak_flops: a bf16 GEMM (8192^3, 4096^3 with --quick): achieved, not the datasheet's;
-- dispatch / combine GB/s through `moelab.kernels.bench_dispatch|combine` when it is there (reported only:
-  the system file has no field for them).
+- dispatch / combine GB/s read from the rows a `moelab bench dispatch|combine --out DIR`
+  run left there (`--kernels-from DIR`; reported only: the system file has no field for
+  them). Calibrate never reruns those benchmarks: on the GPU check they ran just before.
 Not measurable on one GPU: b_net and alpha_net (the network) and gpus_per_node come from a
 preset (--network, default: the --system preset's network, guessed from the device name);
 "source" in the file says which numbers were measured and which were taken.
@@ -35,8 +36,9 @@ def add_arguments(p):
                                     "per node) [guessed from the device name, else h100-sxm]")
     p.add_argument("--network", help="network preset for b_net and alpha_net [the system's]")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="skip the dispatch/combine kernel benchmarks (moelab bench dispatch)")
+    p.add_argument("--kernels-from", metavar="DIR",
+                   help="report dispatch/combine GB/s from bench_dispatch.json and "
+                        "bench_combine.json in DIR (written by moelab bench NAME --out DIR)")
     p.add_argument("--json", action="store_true", help="print the system and the measurements")
 
 
@@ -74,7 +76,7 @@ def _fit_latency(sizes, times) -> tuple[float, float]:
     return max(alpha, 0.0), (1.0 / slope if slope > 0 else float("inf"))
 
 
-def measure(quick: bool, kernels: bool = True) -> dict:
+def measure(quick: bool, kernels_from: str | None = None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -120,30 +122,25 @@ def measure(quick: bool, kernels: bool = True) -> dict:
         m["gemm_flops"] = 2 * n**3 / t
     finally:
         torch.set_num_threads(threads)
-    if not kernels:
-        m["dispatch_combine"] = {"skipped": "--no-kernels"}
-    elif not cuda:
-        m["dispatch_combine"] = {"skipped": "no GPU: the Triton kernels need one"}
+    if kernels_from is None:
+        m["dispatch_combine"] = {"skipped": "no --kernels-from: run moelab bench dispatch|"
+                                            "combine --out DIR, then pass DIR"}
     else:
-        m["dispatch_combine"] = _dispatch_combine()
+        m["dispatch_combine"] = _dispatch_combine(kernels_from)
     return m
 
 
-def _dispatch_combine() -> dict:
-    """Dispatch and combine GB/s from the kernels' own benchmarks (their quick shapes)."""
-    import argparse
-    import contextlib
-    import importlib
-    import io
+def _dispatch_combine(folder: str) -> dict:
+    """Dispatch and combine GB/s from the rows of their benchmarks' last run in `folder`."""
+    from pathlib import Path
 
     out = {}
     for name in ("dispatch", "combine"):
+        path = Path(folder) / f"bench_{name}.json"
         try:
-            fn = importlib.import_module(f"moelab.kernels.bench_{name}").bench
-            with contextlib.redirect_stdout(io.StringIO()):  # their table is not ours
-                rows = fn(argparse.Namespace(quick=True, out=None, json=False, name=name))
-        except Exception as e:  # a benchmark that cannot run here is reported, not fatal
-            out[name] = {"skipped": f"{type(e).__name__}: {e}"}
+            rows = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # a missing or cut-off file is reported, not fatal
+            out[name] = {"skipped": f"{path}: {type(e).__name__}: {e}"}
             continue
         # The kernel's achieved B/s per shape (rows without one: no GPU, or a failed check).
         shapes = {str(r.get("shape", i)): r["bandwidth_Bps"] for i, r in enumerate(rows)
@@ -167,7 +164,7 @@ def run(args) -> int:
     from moelab.costmodel.presets import load_system
     from moelab.costmodel.specs import SystemSpec, as_dict
 
-    m = measure(args.quick, kernels=not args.no_kernels)
+    m = measure(args.quick, kernels_from=args.kernels_from)
     preset_name = args.system or _guess_preset(m["device"])
     preset = load_system(preset_name, network=args.network, latencies=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -24,7 +24,8 @@ def add_arguments(p):
     g.add_argument("--sensitivities", action="store_true",
                    help="elasticities d ln(gamma)/d ln(theta) (JAX grad)")
     g.add_argument("--overlap", action="store_true",
-                   help="also gamma with transfers overlapped with compute (timeline)")
+                   help="also whole-step times with transfers overlapped with compute (timeline): "
+                        "speedup_ep_overlap = T_P / T_EP, and what stays exposed")
     g.add_argument("--lookahead", action="store_true",
                    help="with --overlap: prefetch layer l+1's predicted experts during layer l")
     g.add_argument("--hit-rate", type=float, default=1.0,
@@ -96,16 +97,15 @@ def print_table(out: dict) -> None:
     t.add_column("factor")
     t.add_column("formula")
     t.add_column("value", justify="right")
-    decides = out["deciding_factor"]
-    mark = {name: " ◀ decides" if name == decides else "" for name in ("model", "system", "query")}
-    t.add_row("model" + mark["model"], "S_E f_E / (d f_a)", fmt(out["model_term"]))
-    t.add_row("system" + mark["system"], "B_net / B_pcie", fmt(out["system_term"]))
-    t.add_row("query" + mark["query"], f"N_ue / N_t = {fmt(out['n_ue'])} / {out['tokens']:,}",
+    t.add_row("model", "S_E f_E / (d f_a)", fmt(out["model_term"]))
+    t.add_row("system", "B_net / B_pcie", fmt(out["system_term"]))
+    t.add_row("query", f"N_ue / N_t = {fmt(out['n_ue'])} / {out['tokens']:,}",
               fmt(out["query_term"]))
     t.add_row("seed gamma", "1/2 · model · system · query", fmt(out["gamma_seed_formula"]))
     extra = out["gamma"] / out["gamma_seed_formula"] if out["gamma_seed_formula"] else float("nan")
     if abs(extra - 1) > 1e-12:
-        t.add_row("past the seed", "fan-out, dtypes, latency, residency", f"×{fmt(extra)}")
+        t.add_row("past the seed", "fan-out, tiers, busiest rank, dtypes, latency, residency",
+                  f"×{fmt(extra)}")
     t.add_row("[bold]gamma[/bold]", "(T_P - T_B) / (T_EP - T_B)", f"[bold]{fmt(out['gamma'])}[/bold]")
     t.add_section()
     t.add_row("T_P - T_B", "offload overhead", f"{fmt(out['t_p_overhead_s'])} s")
@@ -117,6 +117,29 @@ def print_table(out: dict) -> None:
         t.add_row("N_t*", "tokens where gamma = 1", f"{fmt(out['tipping_tokens'])}")
     elif not w["decode"]:
         t.add_row("N_t*", "tokens where gamma = 1", "none: offload wins at every N_t")
+    if out.get("tipping_tokens_low") is not None:
+        t.add_row("N_t* low", "lower crossing (EP latency floor)", fmt(out["tipping_tokens_low"]))
+    if "fanout_nodes" in out:
+        t.add_section()
+        G = out["gpus_per_node"]
+        t.add_row("fan-out intra", f"remote ranks on the own node (G = {G})", fmt(out["fanout_intra"]))
+        t.add_row("fan-out nodes", "remote nodes", fmt(out["fanout_nodes"]))
+        t.add_row("fan-out inter", "remote ranks on other nodes", fmt(out["fanout_ranks_inter"]))
+        t.add_row("imbalance", "busiest rank / mean (rows received)", fmt(out["imbalance"]))
+        if out.get("redundant_experts"):
+            t.add_row("  without replicas", "contiguous placement", fmt(out["imbalance_no_redundancy"]))
+            t.add_row("  replica memory", "per rank, all MoE layers",
+                      f"{fmt(out['redundant_expert_bytes_per_rank'] / 1e9)} GB")
+        leg = out["ep_deciding_leg"]
+        t.add_row("network leg" + (" ◀ decides" if leg == "network" else ""),
+                  f"{fmt(out['net_copies'])} copies/token at B_net ({out['dispatch_mode']})",
+                  f"{fmt(out['t_ep_net_s'])} s")
+        t.add_row("NVLink leg" + (" ◀ decides" if leg == "nvlink" else ""),
+                  f"{fmt(out['nvlink_copies'])} copies/token at B_nvlink", f"{fmt(out['t_ep_nvlink_s'])} s")
+    if out.get("gamma_measured") is not None:
+        t.add_section()
+        t.add_row("gamma measured", "measured links, published/fitted latencies (--json: sources)",
+                  fmt(out["gamma_measured"]))
     sampled = "gamma_mean" in out
     trace = out.get("trace")  # a recorded routing: its windows are the samples
     if sampled:
@@ -139,11 +162,17 @@ def print_table(out: dict) -> None:
             t.add_row("  p05 – p95", "over windows and layers",
                       f"{fmt(out['n_ue_p05'])} – {fmt(out['n_ue_p95'])}")
         t.add_row("offload wins", "share of samples", f"{out['offload_win_fraction']:.1%}")
-    if "gamma_overlap" in out:
+    if "speedup_ep_overlap" in out:
         t.add_section()
-        t.add_row("gamma overlapped", "transfers hidden behind compute", fmt(out["gamma_overlap"]))
-        t.add_row("  with an oracle prefetch", "next layer's experts known early",
-                  fmt(out.get("gamma_overlap_oracle")))
+        t.add_row("T_P overlapped", "offload step, copies behind compute", f"{fmt(out['t_p_overlap_s'])} s")
+        t.add_row("T_EP overlapped", "EP step, micro-batches", f"{fmt(out['t_ep_overlap_s'])} s")
+        t.add_row("speedup of EP", "T_P / T_EP, overlapped (L-free)", fmt(out["speedup_ep_overlap"]))
+        for name, key, flag in (("offload exposed", "t_p_exposed_s", "offload_transfer_hidden"),
+                                ("EP exposed", "t_ep_exposed_s", "ep_transfer_hidden")):
+            t.add_row(name, "overhead left after overlap",
+                      "fully hidden" if out[flag] else f"{fmt(out[key])} s")
+        t.add_row("  with an oracle prefetch", "offload exposed, next layer known early",
+                  f"{fmt(out['t_p_oracle_exposed_s'])} s")
     if "sensitivities" in out:
         t.add_section()
         for name, value in out["sensitivities"].items():
@@ -156,6 +185,8 @@ def print_table(out: dict) -> None:
                       "strategies, counted in T_B, never moved.")
     if out.get("trace_layers_note"):
         console.print(f"Trace: {out['trace_layers_note']}.")
+    if out.get("decode_note"):
+        console.print(out["decode_note"] + ".")
     verdict = out["gamma_mean"] if sampled else out["gamma"]
     winner = "OFFLOAD over the host link" if verdict < 1 else "EXPERT PARALLELISM"
     if trace:

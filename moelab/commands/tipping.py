@@ -26,6 +26,7 @@ def tipping_row(args) -> dict:
     # gamma at one token is the plateau C k of the seed (worst case, k <= E).
     r = evaluate(model, system, workload, options)
     return {"model": model.name, "system": system.name, "tipping_tokens": r.tipping_tokens,
+            "tipping_tokens_low": r.tipping_tokens_low,
             "gamma_one_token": r.gamma, "C": r.gamma / min(model.top_k, model.n_experts),
             "E": model.n_experts, "k": model.top_k, "b_pcie": system.b_pcie,
             "b_net": system.b_net, "routing": options.routing}
@@ -49,10 +50,14 @@ def run(args) -> int:
     from moelab.show import console, fmt
 
     t = Table(title="tipping point N_t* (offload wins above it)", title_justify="left")
-    for col in ("model", "system", "gamma at N_t=1", "N_t*"):
+    low = any(r["tipping_tokens_low"] is not None for r in rows)
+    cols = ("model", "system", "gamma at N_t=1", "N_t*") + (("N_t* low (EP latency)",) if low else ())
+    for col in cols:
         t.add_column(col, justify="left" if col in ("model", "system") else "right")
     for r in rows:
         tip = "none: offload always wins" if r["tipping_tokens"] is None else fmt(r["tipping_tokens"])
-        t.add_row(r["model"], r["system"], fmt(r["gamma_one_token"]), tip)
+        extra = (("-" if r["tipping_tokens_low"] is None else fmt(r["tipping_tokens_low"]),)
+                 if low else ())
+        t.add_row(r["model"], r["system"], fmt(r["gamma_one_token"]), tip, *extra)
     console().print(t)
     return 0
