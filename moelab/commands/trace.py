@@ -9,8 +9,6 @@ from __future__ import annotations
 
 HELP = "routing traces: import JSON-lines router logs; fit Zipf and Dirichlet to a trace"
 
-FIT_TOKENS = (4, 16, 64, 256)
-
 
 def add_arguments(p):
     sub = p.add_subparsers(dest="action", required=True)
@@ -54,6 +52,8 @@ def run(args) -> int:
                   f"{len(out['layers'])} layers, {out['tokens']:,} tokens"
                   + (f", {len(out['batch_sizes'])} batches" if out.get("batch_sizes") else ""))
         return 0
+    from moelab.costmodel.trace import fit
+
     out = fit(args.file, args.ep_ranks, args.samples, args.seed)
     if args.json:
         from moelab.api import finite_or_null
@@ -149,61 +149,6 @@ def do_import(args) -> dict:
 
 
 # --- fit ---------------------------------------------------------------------------------------
-
-
-def _generator_stats(routing: str, E: int, k: int, N: int, ranks: int, samples: int,
-                     seed: int) -> tuple[float, float]:
-    """(mean N_ue, mean max-rank load) over `samples` layers of N tokens drawn by `routing`."""
-    import jax
-
-    from moelab.costmodel import routing as rt
-    from moelab.costmodel import trace as tr
-    from moelab.costmodel.specs import parse_routing
-
-    gen = rt.layer_generator(parse_routing(routing), 1, N, E, k)
-    ids = jax.jit(lambda key: rt.layers(gen, key, samples))(jax.random.key(seed))
-    st = tr.window_stats(jax.device_get(ids)[:, None], E, ranks)
-    return float(st["n_used"].mean()), float(st["max_rank_load"].mean())
-
-
-def fit(path: str, ranks: int | None = None, samples: int = 200, seed: int = 0) -> dict:
-    """The fitted parameters and, per N_t, the trace's N_ue and max-rank load against
-    uniform (N_ue in closed form), fitted Zipf and fitted Dirichlet, with relative errors."""
-    from moelab.costmodel import closed_form as cf
-    from moelab.costmodel import trace as tr
-    from moelab.costmodel.specs import SpecError
-
-    t = tr.load(path)
-    E, k = t.num_experts, t.top_k
-    R = min(8, E) if ranks is None else ranks
-    if R < 1 or R > E:
-        raise SpecError(f"ep_ranks: must be in [1, E={E}], got {R}")
-    if samples < 1:
-        raise SpecError(f"samples: must be >= 1, got {samples}")
-    h = tr.histogram(t)
-    s, a = tr.fit_zipf(h), tr.fit_dirichlet(h)
-    gens = {"uniform": "uniform", "zipf": f"zipf:{s:.6g}", "dirichlet": f"dirichlet:{a:.6g}"}
-    rows = []
-    for N in FIT_TOKENS:
-        if t.tokens < N:
-            rows.append({"tokens": N, "windows": 0})
-            continue
-        st = tr.window_stats(tr.windows(t, N), E, R)
-        row = {"tokens": N, "windows": int(st["n_used"].shape[0]),
-               "trace_n_ue": float(st["n_used"].mean()),
-               "trace_max_rank_load": float(st["max_rank_load"].mean())}
-        for name, routing in gens.items():
-            n_ue, load = _generator_stats(routing, E, k, N, R, samples, seed)
-            if name == "uniform":
-                n_ue = float(cf.n_used_uniform(N, k, E))  # exact expectation
-            row[f"{name}_n_ue"] = n_ue
-            row[f"{name}_n_ue_error"] = n_ue / row["trace_n_ue"] - 1
-            row[f"{name}_max_rank_load"] = load
-            row[f"{name}_max_rank_load_error"] = load / row["trace_max_rank_load"] - 1
-        rows.append(row)
-    return {"file": path, "model": t.model, "num_experts": E, "top_k": k,
-            "layers": len(t.layers), "tokens": t.tokens, "ep_ranks": R,
-            "zipf_s": s, "dirichlet_a": a, "samples": samples, "rows": rows}
 
 
 def print_fit(out: dict) -> None:
