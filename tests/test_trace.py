@@ -278,3 +278,12 @@ def test_ep_ranks_from_a_trace_measure_its_busiest_rank(tmp_path):
     assert r.imbalance_mean == pytest.approx(np.mean(found))
     _, remote, _ = _brute(tr.windows(tr.load(path), B), E, R)
     assert r.fanout_mean == pytest.approx(remote.sum() / (10 * B * 2))
+
+
+def test_cli_table_says_the_trace_stands_for_all_layers(tmp_path, capsys):
+    path = _write(tmp_path / "mix.json", _ids(2, 12, 8, 2, seed=6), 8)
+    assert main(["gamma", "--model", "mixtral-8x7b", "--routing", f"trace:{path}", "--decode",
+                 "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "mean of 3 windows of 4 tokens" in out
+    assert "records 2 of the model's 32 MoE layers" in out
