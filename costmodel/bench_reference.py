@@ -7,7 +7,10 @@ checked; a failed check raises instead.
 
     moelab bench reference [--quick]   R1 routing [58, 16384, 8] through the reference
                                        (goal 1 s), 1000 Monte Carlo samples of R1
-                                       prefill at N_t 4096 (goal 10 s)
+                                       prefill at N_t 4096 (goal 10 s), and per
+                                       generator (zipf, dirichlet, groups, hist) its
+                                       time per R1 sample and ratio to uniform's
+                                       (issue 12's goal: within 3x)
 """
 
 from __future__ import annotations
