@@ -76,7 +76,8 @@ def test_worst_case_routing_equals_closed_form(model, system, workload, options)
 
 
 def test_seed_worked_example():
-    """The worked example (docs/model.md): R1, fp8 experts, bf16 activations, 64 / 50 GB/s, N_t = 4096: gamma 75."""
+    """The worked example (docs/model.md): R1, fp8 experts, bf16 activations, 64 / 50 GB/s,
+    N_t = 4096: gamma 75."""
     model = ModelSpec("r1", 58, 256, 8, 7168, 2048, expert_dtype="fp8", act_dtype="bf16")
     system = SystemSpec("s", b_pcie=64e9, b_net=50e9)
     routes = rt.worst_case(58, 4096, 256, 8)
