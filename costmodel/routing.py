@@ -7,7 +7,9 @@ L independent layers. Within a token the k ids are distinct (top-k without repla
   per token instead of E Gumbel scores, from a counter hash that fuses into its
   consumer: what makes R1-scale Monte Carlo affordable).
 - `popular`: successive sampling without replacement from a popularity vector p over
-  experts (Gumbel top-k of log p). `zipf_logp`, `dirichlet_logp`, `hist_logp` make p.
+  experts, from a stream of alias-method draws per token (`popular_gumbel`, Gumbel top-k
+  of log p, is the same distribution from E scores per token). `zipf_logp`,
+  `dirichlet_logp`, `hist_logp` make p.
 - `group_limited`: DeepSeek-V3's node-limited top-k: a token scores every expert,
   keeps the `topk_group` of `n_group` groups with the best top-2 score sum, then takes
   its top-k inside them.
@@ -19,6 +21,7 @@ logits:PATH.npy | hist:PATH.npy/.json.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from functools import lru_cache
@@ -117,8 +120,9 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(values, -1), jnp.stack(indices, -1)
 
 
-def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
-    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp).
+def popular_gumbel(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
+    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
+    from E Gumbel scores per token (the reference `popular` is tested against).
 
     Top-k of log p + Gumbel noise draws the first expert with probability p_e, the next
     from the rest renormalized, and so on (the Gumbel top-k trick). Experts with
@@ -151,6 +155,140 @@ def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: 
     in_kept = (jnp.arange(n_group)[None, :, None] == keep[:, None, :]).any(-1)  # [N, G]
     masked = jnp.where(in_kept[:, :, None], grouped, -jnp.inf).reshape(tokens, n_experts)
     return top_k(masked, k)[1]
+
+
+# --- successive sampling from a few draws per token -----------------------------------------
+
+
+def _mulhi(a: jax.Array, b) -> jax.Array:
+    """High 32 bits of the 64-bit product of uint32 a and b (from 16-bit halves: no x64)."""
+    b = jnp.asarray(b, jnp.uint32)
+    a0, a1, b0, b1 = a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16
+    mid = a1 * b0 + ((a0 * b0) >> 16)
+    return a1 * b1 + (mid >> 16) + ((a0 * b1 + (mid & 0xFFFF)) >> 16)
+
+
+def _alias_bits(n_experts: int) -> tuple[int, int]:
+    """(b, t): b bits hold a position in [0, E), t = 30 - b bits a bucket's own share of T = 2^t."""
+    b = max(n_experts - 1, 1).bit_length()
+    return b, 30 - b
+
+
+def alias_table(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(order [E] int32, table [E] uint32): a Walker alias table of popularity exp(logp)
+    over the experts sorted by popularity (position i holds expert order[i]).
+
+    p is quantized to integer weights summing to E T (T = 2^t; 2^30 units in all, the
+    rounding remainder to the largest), so a weight is exact to 2^-30 of the total.
+    Bucket i keeps its own position for `own_i` of its T units and sends the rest to
+    `alias_i`, packed as own << b | alias. Built in integers, no float drift, by one
+    sweep over the sorted weights (Vose's pairing with two pointers): the lightest
+    unfinished bucket is topped up from the current heavy one, which once it falls
+    below T is finished next, topped up from the next heavy one.
+    """
+    E = logp.shape[-1]
+    b, t = _alias_bits(E)
+    T = 1 << t
+    order = jnp.argsort(logp).astype(jnp.int32)  # ascending popularity
+    p = jnp.exp(logp[order] - jax.nn.logsumexp(logp))
+    w = jnp.floor(p * float(E * T)).astype(jnp.int32)
+    w = w.at[E - 1].add(E * T - w.sum())
+
+    def step(_, state):
+        s, h, rest, own, alias = state  # next light, current heavy and its residual
+        heavy_done = (rest < T) & (h > s)  # the heavy one is light now: finish it
+        i = jnp.where(heavy_done, h, s)
+        give = jnp.where(heavy_done, rest, w[s])
+        partner = jnp.where(heavy_done, h - 1, h)
+        live = s < h
+        own = jnp.where(live, own.at[i].set(give), own)
+        alias = jnp.where(live, alias.at[i].set(partner), alias)
+        new_rest = jnp.where(heavy_done, w[jnp.maximum(h - 1, 0)], rest) - (T - give)
+        return (jnp.where(live & ~heavy_done, s + 1, s), jnp.where(heavy_done, h - 1, h),
+                jnp.where(live, new_rest, rest), own, alias)
+
+    pos = jnp.arange(E, dtype=jnp.int32)
+    s, h, rest, own, alias = jax.lax.fori_loop(
+        0, E, step, (jnp.int32(0), jnp.int32(E - 1), w[E - 1], jnp.full(E, T, jnp.int32), pos))
+    # A full bucket (own = T) is its own alias, so storing T - 1 in t bits changes nothing.
+    alias = jnp.where(own >= T, pos, alias)
+    own = jnp.minimum(own, T - 1)
+    return order, (own.astype(jnp.uint32) << b) | alias.astype(jnp.uint32)
+
+
+def _alias_draw(table: jax.Array, u: jax.Array) -> jax.Array:
+    """int32 positions drawn from an alias table by uint32 random words u: bucket
+    i = floor(u E / 2^32), then the next t bits of u E against own_i (exact for E a
+    power of 2; otherwise each bucket is off by at most E / 2^32)."""
+    E = table.shape[-1]
+    b, t = _alias_bits(E)
+    i = _mulhi(u, E).astype(jnp.int32)
+    v = (u * jnp.uint32(E)) >> (32 - t)
+    # Materialized: fused into its consumers, XLA CPU recomputes the lookup for each.
+    entry = jax.lax.optimization_barrier(table.at[i].get(mode="promise_in_bounds"))
+    return jnp.where(v < (entry >> b), i, (entry & ((1 << b) - 1)).astype(jnp.int32))
+
+
+# Draws per token before the rest of a short token is finished by Gumbel top-k.
+STREAM_DRAWS_PER_K = 8
+
+
+def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
+    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
+    the distribution of `popular_gumbel` from a few draws per token instead of E scores.
+
+    Each token draws experts independently from p (alias method: a hash and a lookup)
+    and keeps the first k distinct ones. Skipping a repeat makes the next kept expert p
+    renormalized over those not kept yet: successive sampling exactly (p to 2^-30 of
+    its total, `alias_table`). A loop draws once per token per round until every token
+    has k; a token still short after 8 k draws (a few experts hold nearly all of p) is
+    finished exactly by Gumbel top-k over the experts it has not kept (successive
+    sampling is memoryless), N/16 such tokens at a time.
+    """
+    E = logp.shape[-1]
+    if not 0 < k <= E:
+        raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
+    if tokens == 0:
+        return jnp.zeros((0, k), jnp.int32)
+    rounds = STREAM_DRAWS_PER_K * k
+    if tokens * max(rounds, E) >= 2**32:
+        raise SpecError(f"tokens: {tokens} x {max(rounds, E)} draws exceed the 32-bit counter")
+    order, table = alias_table(logp)
+    t = jnp.arange(tokens, dtype=jnp.uint32)
+
+    def draw(state):  # round i: one draw per token (counter i N + t)
+        i, kept, have = state
+        c = _alias_draw(table, counter_bits(key, i.astype(jnp.uint32) * jnp.uint32(tokens) + t))
+        new = (have < k) & ~functools.reduce(jnp.logical_or, [s == c for s in kept])
+        kept = tuple(jnp.where(new & (have == j), c, s) for j, s in enumerate(kept))
+        return i + 1, kept, have + new.astype(jnp.int32)
+
+    start = (jnp.int32(0), tuple(jnp.full((tokens,), -1, jnp.int32) for _ in range(k)),
+             jnp.zeros(tokens, jnp.int32))
+    _, kept, have = jax.lax.while_loop(lambda s: (s[0] < rounds) & (s[2] < k).any(), draw, start)
+    kept = jnp.stack(kept, -1)  # positions in `order`
+
+    logp_sorted = logp[order].astype(jnp.float32)
+    batch = -(-tokens // 16)
+    gkey = jax.random.fold_in(key, 1)
+    pos = jnp.arange(E, dtype=jnp.int32)
+    slot = jnp.arange(k, dtype=jnp.int32)[None, :]
+
+    def finish(state):  # the next `batch` short tokens: top-(k - have) of log p + Gumbel
+        kept, have = state
+        rows = jnp.nonzero(have < k, size=batch, fill_value=tokens)[0]
+        r = jnp.minimum(rows, tokens - 1)
+        mine, got = kept[r], have[r][:, None]
+        g = counter_bits(gkey, r.astype(jnp.uint32)[:, None] * jnp.uint32(E) + pos.astype(jnp.uint32))
+        noise = -jnp.log(-jnp.log(((g >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)))
+        taken = (mine[:, :, None] == pos).any(1)
+        best = top_k(jnp.where(taken, -jnp.inf, logp_sorted + noise), k)[1]
+        mine = jnp.where(slot >= got, jnp.take_along_axis(best, jnp.maximum(slot - got, 0), -1),
+                         mine)
+        return kept.at[rows].set(mine, mode="drop"), have.at[rows].set(k, mode="drop")
+
+    kept, _ = jax.lax.while_loop(lambda s: (s[1] < k).any(), finish, (kept, have))
+    return order[kept]
 
 
 def from_logits(logits: jax.Array, k: int) -> jax.Array:

@@ -235,7 +235,7 @@ class Options:
 class RoutingSpec:
     """A parsed --routing string."""
 
-    kind: str  # uniform | zipf | dirichlet | groups | logits | hist
+    kind: str  # uniform | zipf | dirichlet | groups | logits | hist | trace
     param: float = 0.0  # Zipf exponent s or Dirichlet concentration a
     path: str = ""  # logits or histogram file
 
@@ -246,7 +246,8 @@ class RoutingSpec:
 
 
 def parse_routing(spec: str) -> RoutingSpec:
-    """A --routing string: uniform | zipf:S | dirichlet:A | groups | logits:PATH | hist:PATH."""
+    """A --routing string: uniform | zipf:S | dirichlet:A | groups | logits:PATH | hist:PATH |
+    trace:PATH (a recorded routing, costmodel/trace.py)."""
     kind, _, arg = spec.partition(":")
     if kind in ("uniform", "groups") and not arg:
         return RoutingSpec(kind)
@@ -259,12 +260,12 @@ def parse_routing(spec: str) -> RoutingSpec:
             raise SpecError(f"routing: {kind} parameter must be finite and "
                             f"{'> 0' if kind == 'dirichlet' else '>= 0'}, got {arg}")
         return RoutingSpec(kind, value)
-    if kind in ("logits", "hist") and arg:
+    if kind in ("logits", "hist", "trace") and arg:
         if not Path(arg).is_file():
             raise SpecError(f"routing: no such file {arg!r}")
         return RoutingSpec(kind, path=arg)
     raise SpecError(f"routing: unknown routing {spec!r} (uniform | zipf:S | dirichlet:A | groups "
-                    "| logits:PATH.npy | hist:PATH.npy|.json)")
+                    "| logits:PATH.npy | hist:PATH.npy|.json | trace:PATH.json|.npz)")
 
 
 def as_dict(spec) -> dict:

@@ -8,6 +8,10 @@ gamma's mean and percentiles; on the seed's worst-case routing it must equal the
 With EP ranks (issue 10) it also measures the two tiers of the fan-out and the busiest rank
 (max over ranks of rows received / mean) from concrete routings, with and without
 EPLB-like redundant experts, against the closed-form imbalance for uniform routing.
+Real routing (issue 12): where ../shared/traces/ (next to the repo; MOELAB_TRACES overrides)
+holds recorded traces, each one's N_ue(N_t) and max-rank load against uniform routing and the
+Zipf and Dirichlet generators fitted to it (`costmodel.trace.fit`); where it is absent, the
+report says so. The traces are read in place, never copied.
 Sample counts are modest so the report stays within minutes on two cores.
 """
 
@@ -17,6 +21,7 @@ NAME = "routing"
 SUMMARY = "worst-case vs expected vs skewed N_ue, and gamma's distribution from the JAX Monte Carlo"
 VERSION = "2"
 DEPENDS = (
+    "moelab.costmodel.trace",
     "moelab.costmodel.closed_form",
     "moelab.costmodel.reference",
     "moelab.costmodel.routing",
@@ -27,7 +32,23 @@ DEPENDS = (
 def INPUTS(cfg):
     from moelab.experiments.runner import preset_files
 
-    return preset_files(cfg["model"])
+    return preset_files(cfg["model"]) + trace_files()
+
+
+def traces_dir():
+    """Where recorded traces are looked for: MOELAB_TRACES, else ../shared/traces next to the repo."""
+    import os
+    from pathlib import Path
+
+    import moelab.costmodel
+
+    root = Path(moelab.costmodel.__file__).resolve().parents[1]
+    return Path(os.environ.get("MOELAB_TRACES") or root.parent / "shared" / "traces")
+
+
+def trace_files():
+    d = traces_dir()
+    return sorted(p for p in d.glob("*") if p.suffix in (".json", ".npz")) if d.is_dir() else []
 
 
 def config(quick: bool) -> dict:
@@ -47,6 +68,7 @@ def config(quick: bool) -> dict:
         "redundant_experts": 32,  # DeepSeek's EPLB in prefill
         "ep_samples": 2 if quick else 4,
         "seed": 0,
+        "trace_samples": 50 if quick else 200,  # sampled layers per generator and N_t
     }
 
 
@@ -57,7 +79,7 @@ def STEPS(cfg) -> int:
         + len(cfg["check_tokens"])
         + len(cfg["skewed"])
         + 1 + len(cfg["skewed"])
-        + 2
+        + 3
     )
 
 
@@ -162,6 +184,51 @@ def run(cfg: dict, ctx) -> None:
     _plot_hist(ctx, hist, n, model)
     ctx.advance()
     _section(ctx, rows, checks, cfg, model, ep_rows)
+    _traces(ctx, cfg)
+    ctx.advance()
+
+
+def _traces(ctx, cfg) -> None:
+    """Recorded traces against uniform routing and the generators fitted to them."""
+    from moelab.costmodel.trace import fit
+    from moelab.show import fmt
+
+    files = trace_files()
+    if not files:
+        ctx.note(f"no routing traces at {traces_dir()}: the real-routing comparison is skipped")
+        ctx.section(f"""
+**Real routing.** No recorded traces were found at `{traces_dir()}` (set MOELAB_TRACES to a folder of
+trace files, docs/traces.md), so this run compares no real routing with the generators.""")
+        return
+    fits = [fit(str(f), samples=cfg["trace_samples"], seed=cfg["seed"]) for f in files]
+    rows = [{"file": f["file"].rsplit("/", 1)[-1], "E": f["num_experts"], "k": f["top_k"],
+             "layers": f["layers"], "trace_tokens": f["tokens"], "zipf_s": f["zipf_s"],
+             "dirichlet_a": f["dirichlet_a"], **r} for f in fits for r in f["rows"]]
+    ctx.rows("traces", rows)
+    table = ("| trace | N_t | N_ue trace | uniform | Zipf (s) | Dirichlet (a) | max-rank load trace "
+             "| uniform | Zipf | Dirichlet |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        if not r["windows"]:
+            continue
+        table += (f"| {r['file']} | {r['tokens']} | {fmt(r['trace_n_ue'])} "
+                  f"| {r['uniform_n_ue_error']:+.1%} | {r['zipf_n_ue_error']:+.1%} ({fmt(r['zipf_s'])}) "
+                  f"| {r['dirichlet_n_ue_error']:+.1%} ({fmt(r['dirichlet_a'])}) "
+                  f"| {fmt(r['trace_max_rank_load'])} | {r['uniform_max_rank_load_error']:+.1%} "
+                  f"| {r['zipf_max_rank_load_error']:+.1%} | {r['dirichlet_max_rank_load_error']:+.1%} |\n")
+    worst = max((r for r in rows if r["windows"]), key=lambda r: abs(r["uniform_n_ue_error"]))
+    ctx.summary["trace_uniform_n_ue_max_error"] = worst["uniform_n_ue_error"]
+    direction = ("there the real tokens share experts more than uniform ones, so uniform routing "
+                 "overstates what offload must move" if worst["uniform_n_ue_error"] > 0 else
+                 "there the real tokens spread over more experts than uniform ones")
+    ctx.section(f"""
+**Real routing.** {len(files)} recorded trace(s) from `{traces_dir()}` (read in place; provenance in
+its README), cut into windows of N_t consecutive tokens and counted exactly. Errors are generator /
+trace - 1 (uniform N_ue in closed form; Zipf and Dirichlet fitted to each trace's histogram by
+maximum likelihood, {cfg["trace_samples"]} sampled layers each; max-rank load on min(8, E) EP ranks).
+Uniform routing misses N_ue by up to {worst["uniform_n_ue_error"]:+.1%} ({worst["file"]},
+N_t = {worst["tokens"]}): {direction}.
+
+{table}""")
 
 
 def _busiest_rank(ctx, reference, cf, model, system, cfg) -> list[dict]:

@@ -113,12 +113,24 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     s = system_spec(system, host_link=host_link, network=network, measured_links=measured_links,
                     latencies=latencies, b_pcie=b_pcie, b_net=b_net, alpha_pcie=alpha_pcie,
                     alpha_net=alpha_net, gpus_per_node=gpus_per_node)
+    is_trace = routing.startswith("trace:")
+    recorded_passes = tokens == "trace"
+    if recorded_passes:  # the trace's own forward passes; the closed form gets their mean size
+        from moelab.costmodel.trace import load as load_trace
+
+        if not is_trace or decode:
+            raise SpecError("tokens: 'trace' uses the passes of a prefill --routing trace:FILE")
+        sizes = load_trace(parse_routing(routing).path).batch_sizes
+        if sizes is None:
+            raise SpecError(f"tokens: the trace {parse_routing(routing).path!r} has no "
+                            "batch_sizes: give --tokens N for windows of N tokens")
+        tokens = max(1, round(sum(sizes) / len(sizes)))
     w = workload(tokens, decode, batch, steps)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
     if routing not in CLOSED_FORM_ROUTINGS:
         parse_routing(routing)  # an unknown name is an error before anything else is said
-        if samples == 0:
+        if samples == 0 and not is_trace:
             raise SpecError(f"routing: {routing} is drawn by Monte Carlo: add samples (--samples N); "
                             f"in closed form: {', '.join(CLOSED_FORM_ROUTINGS)}")
     options = Options(fanout=fanout, ep_ranks=ep_ranks, dispatch_dtype=dispatch_dtype,
@@ -166,7 +178,14 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
         out.update(decode_terms(r, m, s))
     if isinstance(system, str):
         out.update(measured_terms(m, system, w, options, host_link, network, gpus_per_node))
-    if samples:
+    if is_trace:  # a recorded routing: its windows are the samples
+        from moelab.costmodel.trace import trace_distribution
+
+        out.update(trace_distribution(m, s, w, options, routing.partition(":")[2],
+                                      recorded_passes=recorded_passes))
+        out["routing"] = routing
+        out["routing_closed_form"] = options.routing
+    elif samples:
         from moelab.costmodel.reference import gamma_distribution
 
         out.update(gamma_distribution(m, s, w, options, routing=routing, samples=samples,

@@ -36,10 +36,20 @@ def add_model_system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-dtype", choices=DTYPES, help="activation dtype [config]")
 
 
+def _tokens(text: str) -> int | str:
+    """--tokens: an integer, or `trace` (the recorded passes of a --routing trace:FILE)."""
+    if text == "trace":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
 def add_workload_args(p: argparse.ArgumentParser, tokens_default: int | None = 4096) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--tokens", type=int, default=None, metavar="N_t",
-                   help=f"prefill tokens [{tokens_default}]")
+    g.add_argument("--tokens", type=_tokens, default=None, metavar="N_t",
+                   help=f"prefill tokens, or `trace`: the passes a trace recorded [{tokens_default}]")
     g.add_argument("--decode", action="store_true", help="decode instead of prefill")
     g.add_argument("--batch", type=int, default=1, metavar="B", help="decode batch [1]")
     g.add_argument("--steps", type=int, default=1, metavar="N_OS", help="decode steps [1]")

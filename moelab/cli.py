@@ -24,6 +24,7 @@ COMMANDS = {
     "calibrate": "moelab.commands.calibrate",
     "experiment": "moelab.commands.experiment",
     "report": "moelab.commands.report",
+    "trace": "moelab.commands.trace",
 }
 
 

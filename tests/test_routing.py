@@ -179,3 +179,69 @@ def test_gumbel_noise_moments():
     assert abs(g.mean() - 0.5772156649) < 5 * se  # Euler's gamma
     assert abs(g.var() - math.pi**2 / 6) < 0.01
     assert np.isfinite(g).all()
+
+
+# --- popular: the alias-stream sampler against Gumbel top-k (the same distribution) ----------
+
+
+@pytest.mark.parametrize("E,seed", [(6, 0), (64, 1), (256, 2), (60, 3)])
+def test_alias_table_holds_the_quantized_popularity_exactly(E, seed):
+    rng = np.random.default_rng(seed)
+    logp = np.log(rng.dirichlet(np.full(E, 0.5))).astype(np.float32)
+    logp[rng.integers(E)] = -np.inf  # an expert that is never chosen
+    order, table = (np.asarray(a) for a in rt.alias_table(jnp.asarray(logp)))
+    b = max(E - 1, 1).bit_length()
+    T = 1 << (30 - b)
+    own, alias = (table >> b).astype(np.int64), (table & ((1 << b) - 1)).astype(np.int64)
+    own = np.where(alias == np.arange(E), T, own)  # a self-aliased bucket is all its own
+    mass = own.copy()
+    np.add.at(mass, alias, T - own)  # units each position receives, over all buckets
+    p = np.exp(logp.astype(np.float64) - np.logaddexp.reduce(logp.astype(np.float64)))
+    # by hand: E T units shared as floor(p E T) (p E T in float32: 24 bits), the remainder
+    # to the largest; so within 16 E units (1e-6 of the total at E = 64) of p E T
+    np.testing.assert_allclose(mass, p[order] * E * T, atol=16 * E)
+    assert mass.sum() == E * T and mass[order == np.argmin(logp)].item() == 0
+
+
+def _pairs(ids: np.ndarray, E: int) -> np.ndarray:
+    return np.bincount(ids[:, 0] * E + ids[:, 1], minlength=E * E) / len(ids)
+
+
+@pytest.mark.parametrize("logp", [
+    np.log([0.4, 0.3, 0.15, 0.1, 0.05]),  # mild skew
+    np.array([0.0, -3.0, -3.5, -9.0, -12.0]),  # heavy: the first expert takes ~93%
+    np.array([0.0, -40.0, -41.0, -45.0, -60.0]),  # a few hold all but 1e-17: Gumbel finishes
+])
+def test_popular_is_successive_sampling_like_gumbel_top_k(logp):
+    # The ordered pair (first, second draw) has probability p_a p_b / (1 - p_a): compare
+    # both samplers with it, each within 5 standard errors.
+    n, E = 40_000, len(logp)
+    p = np.exp(logp - np.logaddexp.reduce(logp))
+    rest = [np.delete(p, a).sum() for a in range(E)]  # 1 - p_a, without cancellation
+    expect = np.array([p[a] * p[b] / rest[a] if a != b else 0.0
+                       for a in range(E) for b in range(E)])
+    se = np.sqrt(expect * (1 - expect) / n) + 1 / n
+    for sampler, seed in ((rt.popular, 5), (rt.popular_gumbel, 6)):
+        ids = np.asarray(sampler(jax.random.key(seed), n, jnp.asarray(logp, jnp.float32), 3))
+        assert _distinct_rows(ids) and ids.min() >= 0 and ids.max() < E
+        assert np.all(np.abs(_pairs(ids, E) - expect) <= 5 * se), sampler.__name__
+
+
+def test_popular_marginals_at_r1_scale():
+    # Zipf(1.2) over R1's 256 experts, k = 8: each expert's share of tokens, both samplers
+    # against each other, within 5 standard errors of their difference.
+    E, k, n = 256, 8, 20_000
+    logp = rt.zipf_logp(jax.random.key(0), E, 1.2)
+    a = np.asarray(rt.popular(jax.random.key(1), n, logp, k))
+    g = np.asarray(rt.popular_gumbel(jax.random.key(2), n, logp, k))
+    assert _distinct_rows(a)
+    fa, fg = (np.bincount(x.ravel(), minlength=E) / n for x in (a, g))
+    se = np.sqrt((fa * (1 - fa) + fg * (1 - fg)) / n) + 1 / n
+    assert np.all(np.abs(fa - fg) <= 5 * se)
+
+
+def test_popular_with_no_tokens_and_k_equal_e():
+    logp = jnp.log(jnp.array([0.7, 0.2, 0.1]))
+    assert rt.popular(jax.random.key(0), 0, logp, 2).shape == (0, 2)
+    ids = np.asarray(rt.popular(jax.random.key(0), 50, logp, 3))
+    assert np.all(np.sort(ids, 1) == np.arange(3))

@@ -16,7 +16,8 @@ def add_arguments(p):
     g = p.add_argument_group("routing and extras")
     g.add_argument("--routing", default="worst",
                    help="worst (the seed) | uniform | zipf:S | dirichlet:A | groups | "
-                        "logits:FILE.npy | hist:FILE (Monte Carlo with --samples) [worst]")
+                        "logits:FILE.npy | hist:FILE (Monte Carlo with --samples) | "
+                        "trace:FILE (a recorded routing, docs/traces.md) [worst]")
     g.add_argument("--samples", type=int, default=0,
                    help="Monte Carlo samples of concrete routings (JAX reference) [0]")
     g.add_argument("--seed", type=int, default=0, help="random seed for --samples [0]")
@@ -140,13 +141,26 @@ def print_table(out: dict) -> None:
         t.add_row("gamma measured", "measured links, published/fitted latencies (--json: sources)",
                   fmt(out["gamma_measured"]))
     sampled = "gamma_mean" in out
+    trace = out.get("trace")  # a recorded routing: its windows are the samples
     if sampled:
         t.add_section()
-        t.add_row(f"gamma ({out['routing']})", f"mean of {out['samples']:,} sampled routings",
-                  fmt(out["gamma_mean"]))
+        if trace:
+            from pathlib import Path
+
+            size = trace["window_tokens"]
+            windows = (f"windows of {size:,} tokens" if isinstance(size, int)
+                       else "recorded passes")
+            t.add_row(f"gamma (trace {Path(trace['path']).name})",
+                      f"mean of {trace['windows']:,} {windows}", fmt(out["gamma_mean"]))
+        else:
+            t.add_row(f"gamma ({out['routing']})", f"mean of {out['samples']:,} sampled routings",
+                      fmt(out["gamma_mean"]))
         t.add_row("  p05 – p95", "5th and 95th percentiles",
                   f"{fmt(out['gamma_p05'])} – {fmt(out['gamma_p95'])}")
         t.add_row("N_ue mean", "used experts per layer", fmt(out["n_ue_mean"]))
+        if trace:
+            t.add_row("  p05 – p95", "over windows and layers",
+                      f"{fmt(out['n_ue_p05'])} – {fmt(out['n_ue_p95'])}")
         t.add_row("offload wins", "share of samples", f"{out['offload_win_fraction']:.1%}")
     if "speedup_ep_overlap" in out:
         t.add_section()
@@ -169,11 +183,15 @@ def print_table(out: dict) -> None:
     if m.get("n_shared_experts"):
         console.print(f"Shared experts ({m['n_shared_experts']} per MoE layer): resident under both "
                       "strategies, counted in T_B, never moved.")
+    if out.get("trace_layers_note"):
+        console.print(f"Trace: {out['trace_layers_note']}.")
     if out.get("decode_note"):
         console.print(out["decode_note"] + ".")
     verdict = out["gamma_mean"] if sampled else out["gamma"]
     winner = "OFFLOAD over the host link" if verdict < 1 else "EXPERT PARALLELISM"
-    if sampled:
+    if trace:
+        basis = f"mean over {trace['windows']:,} windows of the trace"
+    elif sampled:
         basis = f"mean over {out['samples']:,} {out['routing']} routings"
     else:
         basis = "expected, uniform routing" if out["routing"] == "uniform" else "worst case"
