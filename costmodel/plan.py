@@ -178,26 +178,18 @@ def _load_json(path: str):
 
 
 def _trace_routing(spec: str, path: str, n_layers: int, n_experts: int, k: int) -> Routing:
-    """A recorded routing (the layout of /work/shared/traces): its per-layer histogram gives the
-    marginals, its ids the order of accesses for cache simulations."""
-    data = _load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or not data["ids"]:
-        raise SpecError(f"routing: {path} is not a trace (needs ids[layer][token] = k expert ids)")
-    E, top_k = data.get("num_experts"), data.get("top_k")
-    if (E, top_k) != (n_experts, k):
-        raise SpecError(f"routing: {path} was recorded with E={E}, k={top_k}; the model has "
-                        f"E={n_experts}, k={k}")
-    ids = data["ids"]
-    if len(ids) > n_layers:
-        raise SpecError(f"routing: {path} has {len(ids)} layers; the model has {n_layers} MoE layers")
-    counts = np.zeros((len(ids), n_experts))
-    for layer, tokens in enumerate(ids):
-        flat = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if flat.size == 0 or flat.min() < 0 or flat.max() >= n_experts:
-            raise SpecError(f"routing: {path}: layer {layer} has no tokens or ids outside [0, {n_experts})")
-        counts[layer] = np.bincount(flat, minlength=n_experts)
+    """A recorded routing (costmodel/trace.py's format, docs/traces.md): its per-layer
+    histogram gives the marginals, its ids the order of accesses for cache simulations."""
+    from moelab.costmodel import trace
+
+    tr = trace.load(path)
+    trace.check_model(tr, n_experts, k, n_layers)
+    counts = trace.histogram(tr).astype(float)
+    if np.any(counts.sum(-1) <= 0):
+        raise SpecError(f"routing: trace {path!r} has a layer without any expert chosen")
     q = _marginals(counts / counts.sum(-1, keepdims=True), k)
-    return Routing(spec, q, ids=[[list(map(int, t)) for t in tokens] for tokens in ids])
+    ids = [[[int(e) for e in token if e >= 0] for token in layer] for layer in np.asarray(tr.ids)]
+    return Routing(spec, q, ids=ids)
 
 
 @dataclass(frozen=True)

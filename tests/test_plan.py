@@ -398,7 +398,7 @@ def test_trace_routing_gives_marginals_and_the_recorded_order(tmp_path):
     # layer 1 alternates {2, 3} and {0, 3}.
     ids = [[[0, 1]] * 4, [[2, 3], [0, 3], [2, 3], [0, 3]]]
     path = tmp_path / "trace.json"
-    path.write_text(json.dumps({"num_experts": 4, "top_k": 2, "ids": ids}))
+    path.write_text(json.dumps({"num_experts": 4, "top_k": 2, "layers": [0, 1], "ids": ids}))
     route = planner.make_routing(f"trace:{path}", 2, 4, 2)
     # layer 0: p = (1/2, 1/2, 0, 0) -> q = min(1, 2 p) = (1, 1, 0, 0)
     assert route.q[0].tolist() == [1.0, 1.0, 0.0, 0.0]
