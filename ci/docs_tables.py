@@ -108,7 +108,26 @@ def published_list() -> str:
     return "\n".join(out)
 
 
-TABLES = {"models": models_table, "systems": systems_table, "published": published_list}
+def cpus_table() -> str:
+    """CPU presets (moelab plan --cpu) as the loader computes them: the whole node."""
+    from moelab.costmodel.presets import cpu_names, cpu_table, load_cpu
+
+    out = [
+        "| CPU | sockets | cores per socket | DRAM per node [GB/s] | bf16 / int8 per node [TFLOP/s, TOP/s] "
+        "| source |",
+        "|:---|---:|---:|---:|---:|:---|",
+    ]
+    for name in cpu_names():
+        c, raw = load_cpu(name), cpu_table()["cpus"][name]
+        out.append(
+            f"| {name} | {c.sockets} | {raw['cores']} | {c.dram_bw / 1e9:,.1f} | "
+            f"{c.matmul_flops['bf16'] / 1e12:,.1f} / {c.matmul_flops['int8'] / 1e12:,.1f} | {c.source} |"
+        )
+    return "\n".join(out)
+
+
+TABLES = {"models": models_table, "systems": systems_table, "cpus": cpus_table,
+          "published": published_list}
 
 
 def render(text: str) -> str:

@@ -142,3 +142,53 @@ def _system_from_file(path: str) -> SystemSpec:
             raise SpecError(f"system: {path} lacks {required} (B/s)")
     data.setdefault("name", Path(path).stem)
     return SystemSpec(**data)
+
+
+# --- added for `moelab plan` (issue 11): raw configs and CPU presets ----------------------
+
+
+def model_config(name: str) -> dict:
+    """The config.json behind a model preset or a path: what memory.py counts from."""
+    from moelab.costmodel.hf_config import load_config
+
+    if _is_path(name):
+        cfg = load_config(name)
+    else:
+        path = PRESETS / "models" / f"{name}.json"
+        if not path.is_file():
+            load_model(name)  # raises the usual unknown-preset message
+        cfg = json.loads(path.read_text())
+    if not isinstance(cfg, dict):
+        raise SpecError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+@cache
+def cpu_table() -> dict:
+    return json.loads((PRESETS / "cpus.json").read_text())
+
+
+def cpu_names() -> list[str]:
+    return sorted(cpu_table()["cpus"])
+
+
+def load_cpu(name: str):
+    """A CPU preset (see `cpu_names()`) as a CpuSpec (costmodel/plan.py)."""
+    from moelab.costmodel.plan import CpuSpec
+
+    entries = cpu_table()["cpus"]
+    if name not in entries:
+        raise SpecError(f"cpu: unknown preset {name!r} (known: {', '.join(sorted(entries))})")
+    c = entries[name]
+    # Nominal DRAM: channels x MT/s x 8 bytes per transfer; matrix peak: cores x clock x ops/cycle.
+    per_socket = (c["dram_channels"] * c["dram_MTps"] * 1e6 * 8 if c.get("dram_channels")
+                  else c["dram_GBps"] * GB)
+    return CpuSpec(
+        name=name,
+        sockets=c["sockets"],
+        dram_bw=per_socket * c["sockets"],
+        dram_bw_measured=(c.get("dram_measured_GBps") or 0) * GB * c["sockets"],
+        matmul_flops={k: c["cores"] * c["base_GHz"] * 1e9 * ops * c["sockets"]
+                      for k, ops in c["ops_per_core_cycle"].items()},
+        source=c["source"],
+    )

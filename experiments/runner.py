@@ -45,6 +45,7 @@ EXPERIMENTS = {
     "ep-executed": "moelab.experiments.exp_ep_executed",
     "validation": "moelab.experiments.exp_validation",
     "kernels": "moelab.experiments.exp_kernels",
+    "decision-map": "moelab.experiments.exp_decision_map",
 }
 
 DEFAULT_ROOT = Path("out") / "experiments"

@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     "gamma": "moelab.api",
+    "plan": "moelab.api",
+    "CpuSpec": "moelab.costmodel.plan",
     "Report": "moelab.api",
     "model_spec": "moelab.api",
     "system_spec": "moelab.api",

@@ -280,3 +280,142 @@ def finite_or_null(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+# --- plan: which deployment to pick (issue 11) ----------------------------------------------
+
+DEFAULT_HOST_MEM = 2e12  # bytes of host DRAM per node when not given (assumed; set host_mem)
+DEFAULT_CONTEXT = 4096
+
+
+def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, gpus: int = 8,
+         gpus_per_node: int | None = None, cpu="xeon-8470", host_mem: float = DEFAULT_HOST_MEM,
+         gpus_per_host_link: int = 1, tokens: int | None = None, decode_batch: int | None = None,
+         context: int | None = None, routing: str = "uniform", slo: float | None = None,
+         kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
+         nominal: bool = False, host_link: str | None = None, network: str | None = None,
+         hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
+         cache_steps: int = 0, seed: int = 0) -> Report:
+    """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
+
+    model: preset name or path to a HF config.json (memory is counted from the config).
+    system: GPU preset or system file; gpus GPUs in nodes of gpus_per_node (default: the
+    preset's). cpu: CPU preset of each node (`moelab presets cpus`) or a CpuSpec (all sockets
+    of a node, SI units); host_mem: host DRAM per node
+    in bytes; gpus_per_host_link: GPUs sharing one host link / PCIe switch.
+    Workload, one of: tokens = prefill tokens per forward pass (a chunked prefill's chunk),
+    or decode_batch = sequences per decode step; context = tokens of context per sequence
+    (default: tokens for prefill, 4096 for decode). routing: worst | uniform | skewed
+    (zipf:1.2) | zipf:S | hist:PATH | trace:PATH (a recorded routing: its histogram for the
+    marginals, its token order for cache_steps). slo: step-time budget in seconds. nominal=True takes
+    datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
+    replaces the CPU preset's DRAM bandwidth. cache_steps > 0 also runs the offload
+    strategy's expert cache (LRU and the Belady bound, kernels/expert_cache.py) over that
+    many passes of a concrete routing drawn from `routing`. Returns a Report with the keys
+    of `moelab plan --json`.
+    """
+    from moelab.costmodel import memory
+    from moelab.costmodel import plan as planner
+    from moelab.costmodel.closed_form import evaluate
+    from moelab.costmodel.presets import load_cpu, model_config
+
+    if isinstance(model, ModelSpec):
+        raise SpecError("model: plan counts memory from the config.json: give a preset name or a path")
+    if tokens is not None and decode_batch is not None:
+        raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
+    m = model_spec(model, expert_dtype)
+    cfg = model_config(model)
+    host_cpu = cpu if isinstance(cpu, planner.CpuSpec) else load_cpu(cpu)
+    if host_dram_bw is not None:
+        if not host_dram_bw > 0:
+            raise SpecError(f"host_dram_bw: must be > 0, got {host_dram_bw!r}")
+        from dataclasses import replace as _replace
+
+        host_cpu = _replace(host_cpu, dram_bw=host_dram_bw, dram_bw_measured=0.0)
+    s = system_spec(system, host_link=host_link, network=network, measured_links=not nominal,
+                    latencies=True)
+    decode = decode_batch is not None
+    n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SpecError(f"{'decode_batch' if decode else 'tokens'}: must be an integer >= 1, got {n!r}")
+    ctx = context if context is not None else (DEFAULT_CONTEXT if decode else n)
+    if not decode and isinstance(ctx, int) and not isinstance(ctx, bool) and ctx < 1:
+        raise SpecError(f"context: a prefill pass needs a context of at least 1 token, got {ctx}")
+    # A prefill pass of n tokens holds one chunk of a longer prompt (context >= n) or whole
+    # prompts of `context` tokens, ceil(n / context) of them.
+    sequences = n if decode else (-(-n // ctx) if isinstance(ctx, int) else 1)
+    p = planner.Plan(
+        model=m, cfg=cfg, system=s, cpu=host_cpu, gpus=gpus,
+        gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
+        tokens=n, sequences=sequences, context=ctx, decode=decode,
+        routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
+        host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
+        cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
+        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization)
+    result = planner.plan_all(p)
+    offload = next(x for x in result["strategies"] if x["name"] == "offload")
+    if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:
+        raise SpecError(f"cache_steps: must be an integer >= 0, got {cache_steps!r}")
+    if cache_steps and offload["feasible"]:
+        offload["cache_simulation"] = _simulate_offload_cache(p, offload, cache_steps, seed)
+    w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
+    g = evaluate(m, s.with_(gpus_per_node=p.gpus_per_node), w,
+                 Options(ep_ranks=gpus if gpus > 1 else None,
+                         resident_fraction=offload.get("resident_fraction", 0.0),
+                         routing="uniform" if routing == "uniform" else "worst"))
+    return Report(
+        model=m.name,
+        weights_bytes=memory.weights_bytes(cfg, m),
+        kv_bytes_per_token=memory.kv_bytes_per_token(cfg, kv_dtype, ctx),
+        kv_bytes_per_token_full_attention=memory.kv_bytes_per_token(cfg, kv_dtype),
+        kv_bytes_total=p.kv_total(),
+        memory_groups=[{"name": grp.name, "params": grp.params, "dtype": grp.dtype, "bytes": grp.bytes}
+                       for grp in memory.param_groups(cfg, m)],
+        assumptions=memory.assumptions(cfg, m) + [
+            f"usable HBM = {hbm_utilization:g} x capacity", f"routing {routing}"
+            + (f" = {planner.SKEWED}" if routing == "skewed" else ""),
+            f"host DRAM {host_mem / 1e9:,.0f} GB per node"
+            + (" (default; set host_mem)" if host_mem == DEFAULT_HOST_MEM else ""),
+            "offload, cpu-experts and hybrid run one instance per GPU, the traffic split evenly"],
+        kv_dtype=kv_dtype,
+        model_layers=m.n_layers or m.n_moe_layers, model_moe_layers=m.n_moe_layers,
+        model_experts=m.n_experts,
+        workload={"decode": decode, "tokens_per_pass": n, "sequences": p.sequences, "context": ctx},
+        system={"name": s.name, "gpus": gpus, "gpus_per_node": p.gpus_per_node,
+                "hbm_bytes": s.hbm_bytes, "b_pcie": s.b_pcie, "b_net": s.b_net,
+                "b_nvlink": p.b_up, "alpha_pcie_s": s.alpha_pcie, "alpha_net_s": s.alpha_net,
+                "hbm_utilization": hbm_utilization, "nominal": nominal},
+        host={"cpu": host_cpu.name, "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
+              "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
+        strategies=result["strategies"],
+        best=result["best"],
+        gamma={"gamma": g.gamma, "decision": g.decision, "t_p_overhead_s": g.t_p_overhead,
+               "t_ep_overhead_s": g.t_ep_overhead, "ep_ranks": gpus,
+               "resident_fraction": offload.get("resident_fraction", 0.0)},
+    )
+
+
+def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
+    """LRU and Belady hit rates of the offload GPU's expert slots over a concrete routing, and
+    the stream time each would give (the planner itself pins the hottest experts)."""
+    from moelab.costmodel import plan as planner
+    from moelab.kernels.expert_cache import simulate_cache
+
+    m = p.model
+    n = -(-p.tokens // offload["gpus"])
+    slots = offload["resident_per_layer"] * m.n_moe_layers + 2  # cache + the staging pair
+    trace = planner.sample_steps(p.routing, m.n_moe_layers, m.n_experts, m.top_k, n, steps, seed)
+    steps = len(trace) // m.n_moe_layers  # a recorded trace may hold fewer passes
+    if steps == 0:
+        return {"steps": 0, "note": f"the trace holds fewer than {n} tokens: no pass to simulate"}
+    out = {"steps": steps, "slots": slots, "tokens_per_pass": n,
+           "pinned_hit_rate": offload["hit_rate"]}
+    per_miss = offload["terms"]["stream_s"] / offload["misses_per_layer"] / m.n_moe_layers \
+        if offload["misses_per_layer"] else 0.0
+    accesses = sum(len(used) for _, used in trace)
+    for policy in ("lru", "belady"):
+        stats = simulate_cache(trace, slots, policy)
+        out[f"{policy}_hit_rate"] = stats["hit_rate"]
+        out[f"{policy}_stream_s"] = stats["misses"] / steps * per_miss
+    out["accesses"] = accesses
+    return out

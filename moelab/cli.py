@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "gamma": "moelab.commands.gamma",
     "tipping": "moelab.commands.tipping",
+    "plan": "moelab.commands.plan",
     "presets": "moelab.commands.presets",
     "sweep": "moelab.commands.sweep",
     "ep": "moelab.commands.ep",

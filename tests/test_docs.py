@@ -140,6 +140,9 @@ def test_contracts_list_every_json_key():
         ["presets", "--json"],
         ["sweep", "--json", "--tokens", "1,10"],
         ["experiment", "list", "--json"],
+        ["plan", "--json"],
+        ["plan", "--json", "--model", "mixtral-8x7b", "--gpus", "1", "--decode-batch", "4",
+         "--cache-steps", "2"],
     ]
     missing = {}
     for argv in runs:

@@ -8,7 +8,7 @@ HELP = "list model and system presets with their key figures and sources"
 
 
 def add_arguments(p):
-    p.add_argument("kind", nargs="?", choices=("models", "systems", "all"), default="all")
+    p.add_argument("kind", nargs="?", choices=("models", "systems", "cpus", "all"), default="all")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
 
 
@@ -34,6 +34,15 @@ def rows(kind: str) -> dict:
                 "name": name, "b_pcie": s.b_pcie, "b_net": s.b_net, "host_link": s.host_link,
                 "network": s.network, "hbm_bw": s.hbm_bw, "peak_flops": s.peak_flops,
                 "gpus_per_node": s.gpus_per_node, "source": s.source})
+    if kind in ("cpus", "all"):
+        from moelab.costmodel.presets import cpu_names, load_cpu
+
+        out["cpus"] = []
+        for name in cpu_names():
+            c = load_cpu(name)
+            out["cpus"].append({"name": name, "sockets": c.sockets, "dram_bw": c.dram_bw,
+                                "dram_bw_measured": c.dram_bw_measured or None,
+                                "matmul_flops": c.matmul_flops, "source": c.source})
     return out
 
 
@@ -65,5 +74,15 @@ def run(args) -> int:
             t.add_row(s["name"], s["host_link"], f"{s['b_pcie'] / 1e9:g} GB/s", s["network"],
                       f"{s['b_net'] / 1e9:g} GB/s", f"{s['hbm_bw'] / 1e12:g} TB/s",
                       f"{s['peak_flops'] / 1e12:g} TFLOP/s")
+        out.print(t)
+    if "cpus" in data:
+        t = Table(title="CPUs per node, for moelab plan --cpu (nominal DRAM; matrix peak at base clock)",
+                  title_justify="left")
+        for col in ("name", "sockets", "DRAM", "bf16", "int8"):
+            t.add_column(col)
+        for c in data["cpus"]:
+            f = c["matmul_flops"]
+            t.add_row(c["name"], str(c["sockets"]), f"{c['dram_bw'] / 1e9:,.0f} GB/s",
+                      f"{f['bf16'] / 1e12:,.1f} TFLOP/s", f"{f['int8'] / 1e12:,.1f} TOP/s")
         out.print(t)
     return 0
