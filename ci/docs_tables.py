@@ -122,7 +122,8 @@ def cpus_table() -> str:
         peaks = "; ".join(
             f"{isa} {f['bf16'] / 1e12:,.1f} / {f['int8'] / 1e12:,.1f}"
             for isa, f in ((i, load_cpu(name, i).matmul_flops) for i in raw["ops_per_core_cycle"]))
-        out.append(f"| {name} | {c.sockets} | {raw['cores']} | {c.dram_bw / 1e9:,.1f} | {peaks} | {c.source} |")
+        out.append(f"| {name} | {c.sockets} | {raw['cores']} | {c.dram_bw / 1e9:,.1f} | {peaks} "
+                   f"| {c.source} |")
     return "\n".join(out)
 
 
