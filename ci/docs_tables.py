@@ -114,15 +114,16 @@ def cpus_table() -> str:
 
     out = [
         "| CPU | sockets | cores per socket | DRAM per node [GB/s] | bf16 / int8 per node [TFLOP/s, TOP/s] "
-        "| source |",
-        "|:---|---:|---:|---:|---:|:---|",
+        "by --cpu-isa (first: default) | source |",
+        "|:---|---:|---:|---:|:---|:---|",
     ]
     for name in cpu_names():
         c, raw = load_cpu(name), cpu_table()["cpus"][name]
-        out.append(
-            f"| {name} | {c.sockets} | {raw['cores']} | {c.dram_bw / 1e9:,.1f} | "
-            f"{c.matmul_flops['bf16'] / 1e12:,.1f} / {c.matmul_flops['int8'] / 1e12:,.1f} | {c.source} |"
-        )
+        peaks = "; ".join(
+            f"{isa} {f['bf16'] / 1e12:,.1f} / {f['int8'] / 1e12:,.1f}"
+            for isa, f in ((i, load_cpu(name, i).matmul_flops) for i in raw["ops_per_core_cycle"]))
+        out.append(f"| {name} | {c.sockets} | {raw['cores']} | {c.dram_bw / 1e9:,.1f} | {peaks} "
+                   f"| {c.source} |")
     return "\n".join(out)
 
 

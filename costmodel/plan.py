@@ -54,6 +54,7 @@ class CpuSpec:
     dram_bw_measured: float  # published measurement (STREAM-like), B/s; 0 if none
     matmul_flops: dict = field(default_factory=dict)  # dtype -> FLOP/s (ops/s for int8), all sockets
     source: str = ""
+    isa: str = ""  # the matrix instruction set matmul_flops is for (amx, avx512, sve2)
 
     def __post_init__(self):
         if isinstance(self.sockets, bool) or not isinstance(self.sockets, int) or self.sockets < 1:
@@ -591,9 +592,9 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
     mem["gpu_each"]["experts_on_gpu"] = r * L * m.expert_bytes
     mem["gpu_each"]["needed"] = gpu_need + r * L * m.expert_bytes
     overlap = max(t_gpu, L * max(t_gexp, link + t_cpu))
-    what = (f"hottest {r} of {m.n_experts} experts per layer on the GPU, the rest on {p.cpu.name} "
-            f"({p.cpu_expert_dtype})" if name == "hybrid"
-            else f"routed experts on {p.cpu.name} ({p.cpu_expert_dtype})")
+    on = f"{p.cpu.name} ({p.cpu_expert_dtype}{', ' + p.cpu.isa if p.cpu.isa else ''})"
+    what = (f"hottest {r} of {m.n_experts} experts per layer on the GPU, the rest on {on}"
+            if name == "hybrid" else f"routed experts on {on}")
     return _slo(p, _result(name, g, True, f"{what}: the CPU computes {cpu_used:,.3g} of the "
                                           f"{used:,.3g} experts used per layer",
                            step, overlap, bound, mem, p.tokens, terms=terms, gpu_experts_per_layer=r,

@@ -172,23 +172,33 @@ def cpu_names() -> list[str]:
     return sorted(cpu_table()["cpus"])
 
 
-def load_cpu(name: str):
-    """A CPU preset (see `cpu_names()`) as a CpuSpec (costmodel/plan.py)."""
+def load_cpu(name: str, isa: str | None = None, sockets: int | None = None):
+    """A CPU preset (see `cpu_names()`) as a CpuSpec (costmodel/plan.py), its matrix peak at
+    instruction set `isa` (one of the preset's ops_per_core_cycle keys; default: the first, its best),
+    on `sockets` sockets per node (default: the preset's; e.g. 1 for a run pinned to one socket)."""
     from moelab.costmodel.plan import CpuSpec
 
     entries = cpu_table()["cpus"]
     if name not in entries:
         raise SpecError(f"cpu: unknown preset {name!r} (known: {', '.join(sorted(entries))})")
     c = entries[name]
+    rates = c["ops_per_core_cycle"]
+    isa = next(iter(rates)) if isa is None else isa
+    if isa not in rates:
+        raise SpecError(f"cpu_isa: {name} has no {isa!r} matrix path (known: {', '.join(rates)})")
+    sockets = c["sockets"] if sockets is None else sockets
+    if isinstance(sockets, bool) or not isinstance(sockets, int) or sockets < 1:
+        raise SpecError(f"cpu_sockets: must be an integer >= 1, got {sockets!r}")
     # Nominal DRAM: channels x MT/s x 8 bytes per transfer; matrix peak: cores x clock x ops/cycle.
     per_socket = (c["dram_channels"] * c["dram_MTps"] * 1e6 * 8 if c.get("dram_channels")
                   else c["dram_GBps"] * GB)
     return CpuSpec(
         name=name,
-        sockets=c["sockets"],
-        dram_bw=per_socket * c["sockets"],
-        dram_bw_measured=(c.get("dram_measured_GBps") or 0) * GB * c["sockets"],
-        matmul_flops={k: c["cores"] * c["base_GHz"] * 1e9 * ops * c["sockets"]
-                      for k, ops in c["ops_per_core_cycle"].items()},
+        sockets=sockets,
+        dram_bw=per_socket * sockets,
+        dram_bw_measured=(c.get("dram_measured_GBps") or 0) * GB * sockets,
+        matmul_flops={k: c["cores"] * c["base_GHz"] * 1e9 * ops * sockets
+                      for k, ops in rates[isa].items()},
         source=c["source"],
+        isa=isa,
     )

@@ -731,7 +731,7 @@ def _cpu_implied(r: dict) -> str:
         )
     tops = r["measured"] * 2 * per_token / 1e12
     return (
-        f"Implied: {fmt(r['measured'])} tokens/s x {fmt(2 * per_token / 1e9)} G multiply-adds x 2 per "
+        f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token / 1e9)} G multiply-adds x 2 ops per "
         f"token = {fmt(tops)} T ops/s on the CPU."
     )
 

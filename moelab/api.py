@@ -289,7 +289,8 @@ DEFAULT_CONTEXT = 4096
 
 
 def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, gpus: int = 8,
-         gpus_per_node: int | None = None, cpu="xeon-8470", host_mem: float = DEFAULT_HOST_MEM,
+         gpus_per_node: int | None = None, cpu="xeon-8470", cpu_isa: str | None = None,
+         cpu_sockets: int | None = None, host_mem: float = DEFAULT_HOST_MEM,
          gpus_per_host_link: int = 1, tokens: int | None = None, decode_batch: int | None = None,
          context: int | None = None, routing: str = "uniform", slo: float | None = None,
          kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
@@ -301,7 +302,9 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     model: preset name or path to a HF config.json (memory is counted from the config).
     system: GPU preset or system file; gpus GPUs in nodes of gpus_per_node (default: the
     preset's). cpu: CPU preset of each node (`moelab presets cpus`) or a CpuSpec (all sockets
-    of a node, SI units); host_mem: host DRAM per node
+    of a node, SI units); cpu_isa: the CPU's matrix instruction set for the experts (amx |
+    avx512 | sve2, as the preset lists; default its best); cpu_sockets: sockets of the preset
+    per node (default the preset's; 1 for a run pinned to one socket); host_mem: host DRAM per node
     in bytes; gpus_per_host_link: GPUs sharing one host link / PCIe switch.
     Workload, one of: tokens = prefill tokens per forward pass (a chunked prefill's chunk),
     or decode_batch = sequences per decode step; context = tokens of context per sequence
@@ -325,7 +328,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
     m = model_spec(model, expert_dtype)
     cfg = model_config(model)
-    host_cpu = cpu if isinstance(cpu, planner.CpuSpec) else load_cpu(cpu)
+    if isinstance(cpu, planner.CpuSpec) and (cpu_isa, cpu_sockets) != (None, None):
+        raise SpecError(f"{'cpu_isa' if cpu_isa is not None else 'cpu_sockets'}: only with a CPU "
+                        "preset name (a CpuSpec carries its own figures)")
+    host_cpu = cpu if isinstance(cpu, planner.CpuSpec) else load_cpu(cpu, cpu_isa, cpu_sockets)
     if host_dram_bw is not None:
         if not host_dram_bw > 0:
             raise SpecError(f"host_dram_bw: must be > 0, got {host_dram_bw!r}")
@@ -385,7 +391,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                 "hbm_bytes": s.hbm_bytes, "b_pcie": s.b_pcie, "b_net": s.b_net,
                 "b_nvlink": p.b_up, "alpha_pcie_s": s.alpha_pcie, "alpha_net_s": s.alpha_net,
                 "hbm_utilization": hbm_utilization, "nominal": nominal},
-        host={"cpu": host_cpu.name, "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
+        host={"cpu": host_cpu.name, "cpu_isa": host_cpu.isa, "cpu_sockets": host_cpu.sockets,
+              "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
               "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
         strategies=result["strategies"],
         best=result["best"],

@@ -353,6 +353,47 @@ def test_cpu_presets_computed_from_their_parts():
         load_cpu("pentium")
 
 
+def test_gold_6454s_peaks_by_isa_and_socket_count():
+    # Xeon Gold 6454S (the KTransformers V0.2 host): 32 cores per socket, 2.2 GHz base, 8 x DDR5-4800.
+    # DRAM: 8 x 4800e6 x 8 B = 307.2 GB/s per socket, 614.4 GB/s for two.
+    # AMX (default, listed first): 32 x 2.2e9 x 2048 = 144.18 T int8 op/s per socket, 288.36 T for two.
+    # AVX-512: VPDPBUSD 2 ports x 128 = 256 int8 ops, VDPBF16PS 2 x 64 = 128 bf16 FLOP per core and cycle:
+    #   two sockets: 64 x 2.2e9 x 256 = 36.04 T op/s int8, 64 x 2.2e9 x 128 = 18.02 TFLOP/s bf16.
+    c = load_cpu("xeon-gold-6454s")
+    assert c.isa == "amx" and c.sockets == 2
+    assert c.dram_bw == pytest.approx(614.4e9)
+    assert c.matmul_flops["int8"] == pytest.approx(288.3584e12)
+    v = load_cpu("xeon-gold-6454s", "avx512")
+    assert v.matmul_flops == pytest.approx({"int8": 36.0448e12, "bf16": 18.0224e12})
+    one = load_cpu("xeon-gold-6454s", "avx512", sockets=1)  # numactl -N 1 -m 1: one socket
+    assert one.dram_bw == pytest.approx(307.2e9)
+    assert one.matmul_flops["int8"] == pytest.approx(18.0224e12)
+    assert load_cpu("epyc-9755").isa == "avx512"
+    with pytest.raises(SpecError, match="cpu_isa"):
+        load_cpu("epyc-9755", "amx")  # Zen has no AMX
+    with pytest.raises(SpecError, match="cpu_sockets"):
+        load_cpu("xeon-8470", sockets=0)
+
+
+def test_cpu_isa_scales_a_matmul_bound_cpu_time_by_the_ratio_of_peaks():
+    # A long prefill with DRAM made plentiful, so the CPU matrix units bound the CPU experts under
+    # both paths: cpu_s = L x 2 n k S_E / peak, so avx512 / amx = 2048 / 256 = 8 for int8 weights.
+    kw = dict(gpus=1, gpus_per_node=1, tokens=8192, cpu="xeon-gold-6454s", host_dram_bw=1e16,
+              host_mem=1e12, cpu_expert_dtype="int8")
+    runs = {isa: moelab.plan("deepseek-v3", **kw, cpu_isa=isa) for isa in ("amx", "avx512")}
+    cpu = {isa: next(s for s in r["strategies"] if s["name"] == "cpu-experts") for isa, r in runs.items()}
+    assert all(c["feasible"] and c["bound"] == "CPU matrix throughput" for c in cpu.values())
+    assert cpu["avx512"]["terms"]["cpu_s"] / cpu["amx"]["terms"]["cpu_s"] == pytest.approx(2048 / 256)
+    assert runs["avx512"]["host"]["cpu_isa"] == "avx512" and runs["amx"]["host"]["cpu_sockets"] == 2
+    # The same figure from its parts: 58 MoE layers x 2 x 8192 tokens x 8 experts x S_E / 36.04 T op/s.
+    m = load_model("deepseek-v3")
+    assert cpu["avx512"]["terms"]["cpu_s"] == pytest.approx(
+        m.n_moe_layers * 2 * 8192 * m.top_k * m.expert_params / 36.0448e12)
+    # A CpuSpec carries its own peak: an ISA on top of it is refused.
+    with pytest.raises(SpecError, match="cpu_isa"):
+        moelab.plan("deepseek-v3", gpus=1, cpu=load_cpu("xeon-8470"), cpu_isa="avx512")
+
+
 def test_presets_command_lists_cpus(capsys):
     assert main(["presets", "cpus", "--json"]) == 0
     names = [c["name"] for c in json.loads(capsys.readouterr().out)["cpus"]]

@@ -16,6 +16,11 @@ def add_arguments(p):
     g.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node [the system's]")
     g.add_argument("--cpu", default="xeon-8470",
                    help="CPU preset of each node (moelab presets cpus) [xeon-8470]")
+    g.add_argument("--cpu-isa", choices=("amx", "avx512", "sve2"),
+                   help="the CPU's matrix instruction set for the experts, e.g. avx512 for an "
+                        "engine without AMX kernels [the preset's best]")
+    g.add_argument("--cpu-sockets", type=int, metavar="S",
+                   help="sockets of --cpu per node, e.g. 1 for a run pinned to one socket [the preset's]")
     g.add_argument("--host-mem-gb", type=float, default=2000, metavar="GB",
                    help="host DRAM per node [2000, an assumption]")
     g.add_argument("--host-dram-gbps", type=float, metavar="GB/s",
@@ -58,7 +63,8 @@ def compute(args):
         raise SpecError(f"--host-dram-gbps: must be > 0, got {args.host_dram_gbps}")
     dram = args.host_dram_gbps * 1e9 if args.host_dram_gbps is not None else None
     return api.plan(args.model, args.system, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-                    cpu=args.cpu, host_mem=args.host_mem_gb * 1e9,
+                    cpu=args.cpu, cpu_isa=args.cpu_isa,
+                    cpu_sockets=args.cpu_sockets, host_mem=args.host_mem_gb * 1e9,
                     gpus_per_host_link=args.gpus_per_host_link, tokens=args.tokens,
                     decode_batch=args.decode_batch, context=args.context, routing=args.routing,
                     slo=args.slo_ms / 1e3 if args.slo_ms is not None else None,

@@ -35,14 +35,17 @@ def rows(kind: str) -> dict:
                 "network": s.network, "hbm_bw": s.hbm_bw, "peak_flops": s.peak_flops,
                 "gpus_per_node": s.gpus_per_node, "source": s.source})
     if kind in ("cpus", "all"):
-        from moelab.costmodel.presets import cpu_names, load_cpu
+        from moelab.costmodel.presets import cpu_names, cpu_table, load_cpu
 
         out["cpus"] = []
         for name in cpu_names():
             c = load_cpu(name)
+            by_isa = {isa: load_cpu(name, isa).matmul_flops
+                      for isa in cpu_table()["cpus"][name]["ops_per_core_cycle"]}
             out["cpus"].append({"name": name, "sockets": c.sockets, "dram_bw": c.dram_bw,
                                 "dram_bw_measured": c.dram_bw_measured or None,
-                                "matmul_flops": c.matmul_flops, "source": c.source})
+                                "isa": c.isa, "matmul_flops": c.matmul_flops,
+                                "matmul_flops_by_isa": by_isa, "source": c.source})
     return out
 
 
@@ -78,11 +81,12 @@ def run(args) -> int:
     if "cpus" in data:
         t = Table(title="CPUs per node, for moelab plan --cpu (nominal DRAM; matrix peak at base clock)",
                   title_justify="left")
-        for col in ("name", "sockets", "DRAM", "bf16", "int8"):
+        for col in ("name", "sockets", "DRAM", "--cpu-isa", "bf16", "int8"):
             t.add_column(col)
         for c in data["cpus"]:
-            f = c["matmul_flops"]
-            t.add_row(c["name"], str(c["sockets"]), f"{c['dram_bw'] / 1e9:,.0f} GB/s",
-                      f"{f['bf16'] / 1e12:,.1f} TFLOP/s", f"{f['int8'] / 1e12:,.1f} TOP/s")
+            for isa, f in c["matmul_flops_by_isa"].items():
+                t.add_row(c["name"], str(c["sockets"]), f"{c['dram_bw'] / 1e9:,.0f} GB/s",
+                          isa + (" (default)" if isa == c["isa"] else ""),
+                          f"{f['bf16'] / 1e12:,.1f} TFLOP/s", f"{f['int8'] / 1e12:,.1f} TOP/s")
         out.print(t)
     return 0
