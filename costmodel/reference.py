@@ -354,6 +354,27 @@ def _stats_runner(gen: rt.Generator, n_layers: int, n_experts: int, ranks: int,
     return run
 
 
+def rank_overheads(n_used, dest, remote_nodes, p: dict, options: Options, system: SystemSpec,
+                   imbalance=1.0) -> dict:
+    """The overheads of concrete per-layer counts, as the Monte Carlo and traces both use them.
+
+    With R > 1 EP ranks: the two EP legs (network and NVLink, from the remote ranks and
+    nodes per token) paced by the busiest rank (`imbalance`); with one rank nothing is
+    remote (EP costs 0, gamma is infinite); without ranks, one destination per token as in
+    the seed (`dest` then holds the tokens).
+    """
+    R = options.ep_ranks or 0
+    if R > 1:
+        net, nvl = _ep_rows(options, dest, np.asarray(remote_nodes, np.float64))
+        return overheads(n_used, net, {**p, "fanout": np.float64(1.0)}, nvl, imbalance,
+                         system.b_nvlink)
+    res = overheads(n_used, dest, p)
+    if R == 1:
+        res = {**res, "t_ep_overhead": np.zeros(n_used.shape[:-1]),
+               "gamma": np.full(n_used.shape[:-1], np.inf)}
+    return res
+
+
 def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
                        options: Options | None, routing: str, samples: int,
                        seed: int = 0, progress=None) -> dict:
@@ -390,17 +411,12 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
     busiest = {}
     if R > 1:
         busiest = _busiest_sampled(spec, model, workload, options, key, samples, routes)
-        p["fanout"] = np.float64(1.0)
         imb = busiest["imbalance_mean"] if options.imbalance else 1.0
         if options.redundant_experts and options.imbalance:
             imb = busiest["imbalance_redundant_mean"]
-        net, nvl = _ep_rows(options, dest, stats["remote_nodes"].astype(np.float64))
-        res = overheads(n_used, net, p, nvl, imb, system.b_nvlink)
     else:
-        res = overheads(n_used, dest, p)
-        if R == 1:
-            res = {**res, "t_ep_overhead": np.zeros(n_used.shape[:-1]),
-                   "gamma": np.full(n_used.shape[:-1], np.inf)}
+        imb = 1.0
+    res = rank_overheads(n_used, dest, stats["remote_nodes"], p, options, system, imb)
     gamma = np.asarray(res["gamma"], np.float64)
     out = {
         "gamma_mean": float(gamma.mean()),

@@ -377,7 +377,7 @@ def trace_distribution(model, system, workload, options, path: str,
     fewer layers than the model stands for all L: the overheads are those of its layers
     scaled by L / L_rec (gamma, a ratio, is theirs), and the result says so
     (`trace_layers_note`)."""
-    from moelab.costmodel.reference import overheads
+    from moelab.costmodel.reference import rank_overheads
     from moelab.costmodel.sweep import params_of
 
     tr = load(path)
@@ -395,21 +395,12 @@ def trace_distribution(model, system, workload, options, path: str,
     dest = st["remote_ranks"].astype(np.float64) if R else np.broadcast_to(N, n_used.shape)
     p = {name: np.float64(v) for name, v in params_of(model, system, workload, options).items()}
     busiest = {}
+    imb = 1.0
     if R > 1:  # as the Monte Carlo: the two EP legs, paced by the busiest rank
-        from moelab.costmodel.reference import _ep_rows
-
         busiest = _busiest(tr, R, workload.tokens_per_pass, options)
-        p["fanout"] = np.float64(1.0)
-        imb = 1.0
         if options.imbalance and "imbalance_mean" in busiest:
             imb = busiest.get("imbalance_redundant_mean", busiest["imbalance_mean"])
-        net, nvl = _ep_rows(options, dest, st["remote_nodes"].astype(np.float64))
-        res = overheads(n_used, net, p, nvl, imb, system.b_nvlink)
-    else:
-        res = overheads(n_used, dest, p)
-        if R == 1:
-            res = {**res, "t_ep_overhead": np.zeros(n_used.shape[:-1]),
-                   "gamma": np.full(n_used.shape[:-1], np.inf)}
+    res = rank_overheads(n_used, dest, st["remote_nodes"], p, options, system, imb)
     scale = L / len(tr.layers)
     gamma = np.asarray(res["gamma"], np.float64)
     W = n_used.shape[0]
