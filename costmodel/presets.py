@@ -21,7 +21,8 @@ PRESETS = Path(__file__).parent / "presets"
 GB = 1e9  # the seed's GB/s are 1e9 B/s
 
 
-def _is_path(name: str) -> bool:
+def is_path(name: str) -> bool:
+    """A file the user named (a config.json or system file), not a preset name."""
     return name.endswith(".json") or "/" in name or Path(name).is_file()
 
 
@@ -31,7 +32,7 @@ def model_names() -> list[str]:
 
 def load_model(name: str):
     """A preset name (see `model_names()`) or a path to a local config.json."""
-    if _is_path(name):
+    if is_path(name):
         return model_from_file(name)
     path = PRESETS / "models" / f"{name}.json"
     if not path.is_file():
@@ -72,7 +73,7 @@ def load_system(name: str = "h100-sxm", host_link: str | None = None,
     A system file (as `moelab calibrate` writes) holds SystemSpec's fields in SI units.
     `latencies=True` takes the links' published latencies; the seed ignores them (0).
     """
-    if _is_path(name):
+    if is_path(name):
         return _system_from_file(name)
     gpu = _pick("gpus", name)
     link_name, net_name = host_link or gpu["host_link"], network or gpu["network"]
@@ -151,7 +152,7 @@ def model_config(name: str) -> dict:
     """The config.json behind a model preset or a path: what memory.py counts from."""
     from moelab.costmodel.hf_config import load_config
 
-    if _is_path(name):
+    if is_path(name):
         cfg = load_config(name)
     else:
         path = PRESETS / "models" / f"{name}.json"

@@ -183,13 +183,12 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
 
         out.update(trace_distribution(m, s, w, options, routing.partition(":")[2],
                                       recorded_passes=recorded_passes))
-        out["routing"] = routing
-        out["routing_closed_form"] = options.routing
     elif samples:
         from moelab.costmodel.reference import gamma_distribution
 
         out.update(gamma_distribution(m, s, w, options, routing=routing, samples=samples,
                                       seed=seed, progress=progress))
+    if is_trace or samples:  # the closed-form rows above used worst or uniform
         out["routing"] = routing
         out["routing_closed_form"] = options.routing
     if overlap:
@@ -249,9 +248,9 @@ def decode_terms(r, m, s) -> dict:
 def measured_terms(m, system: str, w, options, host_link, network, gpus_per_node) -> dict:
     """gamma with measured links and published or fitted latencies, each input's source named."""
     from moelab.costmodel.closed_form import evaluate
-    from moelab.costmodel.presets import link_inputs, load_system
+    from moelab.costmodel.presets import is_path, link_inputs, load_system
 
-    if system.endswith(".json") or "/" in system:
+    if is_path(system):  # a system file: its links are what was measured
         return {}
     inputs = link_inputs(system, host_link, network)
     spec = load_system(system, host_link=host_link, network=network).with_(
