@@ -218,77 +218,245 @@ def alias_table(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _alias_draw(table: jax.Array, u: jax.Array) -> jax.Array:
     """int32 positions drawn from an alias table by uint32 random words u: bucket
-    i = floor(u E / 2^32), then the next t bits of u E against own_i (exact for E a
-    power of 2; otherwise each bucket is off by at most E / 2^32)."""
+    i = floor(u E / 2^32), then the next t bits v of u E against own_i (exact for E a
+    power of 2; otherwise each bucket is off by at most E / 2^32).
+
+    The entry is read once (XLA CPU fuses a gather only into a single consumer): with
+    entry = own << b | alias and mask = 2^b - 1, d = (v << b | mask) - entry is negative
+    exactly when v < own, and otherwise its low b bits are mask - alias (no borrow).
+    """
     E = table.shape[-1]
     b, t = _alias_bits(E)
+    mask = (1 << b) - 1
     i = _mulhi(u, E).astype(jnp.int32)
     v = (u * jnp.uint32(E)) >> (32 - t)
-    # Materialized: fused into its consumers, XLA CPU recomputes the lookup for each.
-    entry = jax.lax.optimization_barrier(table.at[i].get(mode="promise_in_bounds"))
-    return jnp.where(v < (entry >> b), i, (entry & ((1 << b) - 1)).astype(jnp.int32))
+    d = ((v << b) | jnp.uint32(mask)).astype(jnp.int32) - table[i].astype(jnp.int32)
+    return jnp.where(d < 0, i, mask - (d & mask))
 
+
+def _keep(kept: list[jax.Array], have: jax.Array, c: jax.Array, k: int):
+    """Offer draw c to each token's picks: kept (k arrays, newest first, -1 empty) takes
+    it, shifting the older ones down, unless it is a repeat or the token has k."""
+    new = (have < k) & ~functools.reduce(jnp.logical_or, [s == c for s in kept])
+    kept = [jnp.where(new, c, kept[0])] + [jnp.where(new, kept[m - 1], kept[m])
+                                            for m in range(1, k)]
+    return kept, have + new.astype(jnp.int32)
+
+
+def _stream(key, table, token, draws: int, tokens: int, k: int):
+    """(kept, have) after alias draws 0 .. draws-1 of the tokens `token` (uint32, any
+    shape), draw j of token t from counter j N + t, each offered to the token's picks
+    (`_keep`). Unrolled: elementwise, so XLA fuses it into the pass that consumes it."""
+    kept = [jnp.full(token.shape, -1, jnp.int32)] * k
+    have = jnp.zeros(token.shape, jnp.int32)
+    for j in range(draws):
+        c = _alias_draw(table, counter_bits(key, jnp.uint32(j * tokens) + token))
+        kept, have = _keep(kept, have, c, k)
+    return kept, have
+
+
+def stream_draws(p: np.ndarray, k: int) -> int:
+    """Draws per token in `popular_positions`' first pass: the 97th percentile of the
+    draws a token needs for k distinct experts, simulated (numpy, fixed seed) on 2048
+    tokens spread over the rows of p [M, E]; clipped to [k, 4k]. Speed only: however
+    many it is, the later stages finish every token exactly."""
+    p = np.atleast_2d(np.asarray(p, np.float64))
+    p = p / p.sum(-1, keepdims=True)
+    n, most = 2048, 4 * k
+    rng = np.random.default_rng(0)
+    row = np.arange(n) % len(p)
+    cdf = np.cumsum(p, -1)
+    u = rng.random((n, most))
+    draws = np.stack([np.searchsorted(cdf[r], u[i], side="right") for i, r in enumerate(row)])
+    draws = np.minimum(draws, p.shape[-1] - 1)
+    seen = np.zeros((n, p.shape[-1]), bool)
+    count = np.zeros(n, np.int64)
+    need = np.full(n, most + 1)
+    for j in range(most):
+        c = draws[:, j]
+        count += ~seen[np.arange(n), c]
+        seen[np.arange(n), c] = True
+        need = np.where((count >= k) & (need > most), j + 1, need)
+    return int(np.clip(np.quantile(need, QUANTILE), k, most))
+
+
+QUANTILE = 0.99
 
 # Draws per token before the rest of a short token is finished by Gumbel top-k.
 STREAM_DRAWS_PER_K = 8
 
 
-def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
-    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
-    the distribution of `popular_gumbel` from a few draws per token instead of E scores.
+def _check_counters(tokens: int, k: int, n_experts: int) -> None:
+    if tokens * max(STREAM_DRAWS_PER_K * k, n_experts) >= 2**32:
+        raise SpecError(f"tokens: {tokens} x {max(STREAM_DRAWS_PER_K * k, n_experts)} draws "
+                        "exceed the 32-bit counter")
 
-    Each token draws experts independently from p (alias method: a hash and a lookup)
-    and keeps the first k distinct ones. Skipping a repeat makes the next kept expert p
-    renormalized over those not kept yet: successive sampling exactly (p to 2^-30 of
-    its total, `alias_table`). A loop draws once per token per round until every token
-    has k; a token still short after 8 k draws (a few experts hold nearly all of p) is
-    finished exactly by Gumbel top-k over the experts it has not kept (successive
-    sampling is memoryless), N/16 such tokens at a time.
+
+def _finish(gkey, rows, taken, have, logp_sorted, k: int) -> jax.Array:
+    """[n, k] positions, -1 past k - have: the rest of tokens `rows` (taken [n, E]: the
+    positions they have kept; have [n] how many), by Gumbel top-k of log p over the
+    positions not taken, from fresh noise (counter row E + position, of gkey)."""
+    E = logp_sorted.shape[-1]
+    pos = jnp.arange(E, dtype=jnp.uint32)
+    g = counter_bits(gkey, rows.astype(jnp.uint32)[:, None] * jnp.uint32(E) + pos)
+    noise = -jnp.log(-jnp.log(((g >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)))
+    best = top_k(jnp.where(taken, -jnp.inf, logp_sorted.astype(jnp.float32) + noise), k)[1]
+    return jnp.where(jnp.arange(k) < (k - have)[:, None], best, -1)
+
+
+def popular_sorted(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: jax.Array,
+                   k: int, token: jax.Array | None = None) -> jax.Array:
+    """[tokens, k] positions in an alias table (`alias_table`; logp_sorted: log p by
+    position) of k distinct experts per token by successive sampling (or [n, k] for the
+    tokens `token` [n] only: their rows of the same routing).
+
+    Each token draws positions independently from p (alias method: a hash and a lookup)
+    and keeps the first k distinct ones. Skipping a repeat makes the next kept one p
+    renormalized over those not kept yet: successive sampling exactly (p to 2^-30 of its
+    total, `alias_table`). A loop draws once per token per round (round j of token t:
+    counter j N + t) until every token has k; a token still short after 8 k draws (a
+    few experts hold nearly all of p) is finished exactly by Gumbel top-k over the
+    experts it has not kept (successive sampling is memoryless: what a token keeps next
+    depends only on what it has), 1/16 of the tokens at a time.
     """
-    E = logp.shape[-1]
-    if not 0 < k <= E:
-        raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
-    if tokens == 0:
+    t = jnp.arange(tokens, dtype=jnp.uint32) if token is None else token.astype(jnp.uint32)
+    n = t.shape[0]
+    if n == 0:
         return jnp.zeros((0, k), jnp.int32)
     rounds = STREAM_DRAWS_PER_K * k
-    if tokens * max(rounds, E) >= 2**32:
-        raise SpecError(f"tokens: {tokens} x {max(rounds, E)} draws exceed the 32-bit counter")
-    order, table = alias_table(logp)
-    t = jnp.arange(tokens, dtype=jnp.uint32)
 
-    def draw(state):  # round i: one draw per token (counter i N + t)
+    def draw(state):
         i, kept, have = state
         c = _alias_draw(table, counter_bits(key, i.astype(jnp.uint32) * jnp.uint32(tokens) + t))
         new = (have < k) & ~functools.reduce(jnp.logical_or, [s == c for s in kept])
+        # Materialized once: XLA CPU would recompute the draw in each of the k + 1 updates.
+        c, new = jax.lax.optimization_barrier((c, new))
         kept = tuple(jnp.where(new & (have == j), c, s) for j, s in enumerate(kept))
         return i + 1, kept, have + new.astype(jnp.int32)
 
-    start = (jnp.int32(0), tuple(jnp.full((tokens,), -1, jnp.int32) for _ in range(k)),
-             jnp.zeros(tokens, jnp.int32))
+    start = (jnp.int32(0), tuple(jnp.full((n,), -1, jnp.int32) for _ in range(k)),
+             jnp.zeros(n, jnp.int32))
     _, kept, have = jax.lax.while_loop(lambda s: (s[0] < rounds) & (s[2] < k).any(), draw, start)
-    kept = jnp.stack(kept, -1)  # positions in `order`
-
-    logp_sorted = logp[order].astype(jnp.float32)
-    batch = -(-tokens // 16)
+    kept = jnp.stack(kept, -1)
+    batch = -(-n // 16)
     gkey = jax.random.fold_in(key, 1)
-    pos = jnp.arange(E, dtype=jnp.int32)
-    slot = jnp.arange(k, dtype=jnp.int32)[None, :]
 
-    def finish(state):  # the next `batch` short tokens: top-(k - have) of log p + Gumbel
+    def finish(state):  # the next `batch` short tokens
         kept, have = state
-        rows = jnp.nonzero(have < k, size=batch, fill_value=tokens)[0]
-        r = jnp.minimum(rows, tokens - 1)
-        mine, got = kept[r], have[r][:, None]
-        g = counter_bits(gkey, r.astype(jnp.uint32)[:, None] * jnp.uint32(E) + pos.astype(jnp.uint32))
-        noise = -jnp.log(-jnp.log(((g >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)))
-        taken = (mine[:, :, None] == pos).any(1)
-        best = top_k(jnp.where(taken, -jnp.inf, logp_sorted + noise), k)[1]
-        mine = jnp.where(slot >= got, jnp.take_along_axis(best, jnp.maximum(slot - got, 0), -1),
-                         mine)
+        rows = jnp.nonzero(have < k, size=batch, fill_value=n)[0]
+        r = jnp.minimum(rows, n - 1)
+        mine, got = kept[r], have[r]
+        taken = (mine[:, :, None] == jnp.arange(logp_sorted.shape[-1])).any(1)
+        rest = _finish(gkey, t[r], taken, got, logp_sorted, k)
+        slot = jnp.arange(k)
+        mine = jnp.where(slot >= got[:, None], jnp.take_along_axis(
+            rest, jnp.maximum(slot - got[:, None], 0), -1), mine)
         return kept.at[rows].set(mine, mode="drop"), have.at[rows].set(k, mode="drop")
 
     kept, _ = jax.lax.while_loop(lambda s: (s[1] < k).any(), finish, (kept, have))
-    return order[kept]
+    return kept
+
+
+def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
+    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
+    the distribution of `popular_gumbel` from a few draws per token instead of E scores
+    (`popular_sorted`). Experts with p = 0 are never drawn; at least k must have p > 0."""
+    E = logp.shape[-1]
+    if not 0 < k <= E:
+        raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
+    _check_counters(tokens, k, E)
+    order, table = alias_table(logp)
+    return order[popular_sorted(key, tokens, table, logp[order], k)]
+
+
+def _stream_words(key, table, t, real, draws: int, tokens: int, k: int):
+    """Tokens t [G, 32] (real: which are tokens, not padding) make draws 0 .. draws-1
+    (`_stream`); one reduction over the 32 lanes ORs their sets into bit words ([W] words
+    [G]) and gives a word [G] whose bit i marks lane i still short of k."""
+    lane = jnp.arange(32, dtype=jnp.uint32)
+    kept, have = _stream(key, table, t, draws, tokens, k)
+    ops = [*set_words([jnp.where(real, c, -1) for c in kept], table.shape[-1], empty=True),
+           jnp.where(real & (have < k), jnp.uint32(1) << lane, jnp.uint32(0))]
+    red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
+                         lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
+    words = [functools.reduce(jnp.bitwise_or, list(w)) for w in red[:-1]]
+    return words, ((red[-1][:, None] >> lane) & 1).reshape(-1).astype(bool)
+
+
+def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: jax.Array,
+                 k: int, draws: int) -> jax.Array:
+    """int32: the experts one layer uses (the union of its tokens' expert sets) under
+    successive sampling from an alias table, counted straight from the draws: what the
+    Monte Carlo needs without EP ranks.
+
+    The law of `popular_sorted` (a stream of alias draws per token, draw j of token t
+    from counter j N + t, the first k distinct kept; a token still short after 2 `draws`
+    draws finished by Gumbel top-k), in three stages. A token's set is the same function
+    of its own random numbers whichever stage completes it, and a short token's partial
+    set is part of its final set, so ORing both into the union is exact:
+    1. every token makes `draws` draws (`stream_draws`: ~99% of tokens get k), one
+       reduction ORs their sets into bit words and marks the short ones. Unrolled and
+       elementwise, it is one fused pass (materialized, each of the k picks would cost
+       XLA CPU a recomputation of the whole chain, and a loop a pass per round);
+    2. the first N/16 short tokens, compacted, replay their draws and make as many more;
+    3. any still short, 8 at a time, replay those 2 `draws` draws and are finished by
+       Gumbel top-k over the experts they have not kept (`_finish`).
+    """
+    E = table.shape[-1]
+    if tokens == 0:
+        return jnp.int32(0)
+    lane = jnp.arange(32, dtype=jnp.uint32)
+    groups = -(-tokens // 32)
+    t = jnp.arange(groups, dtype=jnp.uint32)[:, None] * jnp.uint32(32) + lane
+    words, short = _stream_words(key, table, t, t < tokens, draws, tokens, k)
+
+    rows = jnp.nonzero(short, size=32 * -(-tokens // 512), fill_value=32 * groups)[0]
+    r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32).reshape(-1, 32)
+    more, still = _stream_words(key, table, r, (rows < tokens).reshape(-1, 32), 2 * draws,
+                                tokens, k)
+    words = tuple(w | m for w, m in zip(words, more, strict=True))
+    short = short.at[rows].set(still, mode="drop")
+    gkey = jax.random.fold_in(key, 1)
+
+    def finish(state):  # 8 short tokens: replay their draws, then Gumbel top-k
+        short, words = state
+        rows = jnp.nonzero(short, size=8, fill_value=32 * groups)[0]
+        r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32)
+        # Per token its set's words and count, by a reduction over a second, padding lane:
+        # one fused pass (per-token outputs would each recompute the chain).
+        real = (rows < tokens)[:, None] & (jnp.arange(2) == 0)
+        kept, have = _stream(key, table, jnp.stack([r, r], -1), 2 * draws, tokens, k)
+        ops = [*set_words([jnp.where(real, c, -1) for c in kept], E, empty=True),
+               jnp.where(real, have, 0).astype(jnp.uint32)]
+        red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
+                             lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
+        pos = jnp.arange(E, dtype=jnp.uint32)
+        taken = ((jnp.stack(red[:-1], -1)[:, pos >> 5] >> (pos & 31)) & 1).astype(bool)
+        rest = _finish(gkey, r, taken, red[-1].astype(jnp.int32), logp_sorted, k)
+        rest = jnp.where((rows < tokens)[:, None], rest, -1)
+        new = set_words([rest[:, j] for j in range(k)], E, empty=True)
+        return (short.at[rows].set(False, mode="drop"),
+                tuple(w | functools.reduce(jnp.bitwise_or, list(n))
+                      for w, n in zip(words, new, strict=True)))
+
+    _, words = jax.lax.while_loop(lambda s: s[0].any(), finish, (short, words))
+    return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
+
+
+def set_words(cols: list[jax.Array], n: int, empty: bool = False) -> list[jax.Array]:
+    """Per row, the set of values in cols (arrays of one shape, values in [0, n); with
+    `empty`, -1 for none) as ceil(n/32) uint32 words. A set, not a one-hot [..., n]: k
+    selects and ORs per word, all elementwise, so XLA fuses it with whatever produced
+    the ids."""
+    bits = [jnp.left_shift(jnp.uint32(1), (c & 31).astype(jnp.uint32)) for c in cols]
+    words = []
+    for w in range((n + 31) // 32):
+        word = jnp.uint32(0)
+        for c, b in zip(cols, bits, strict=True):
+            hit = (c >> 5) == w if n > 32 else c >= 0 if empty else None
+            word = word | (b if hit is None else jnp.where(hit, b, jnp.uint32(0)))
+        words.append(word)
+    return words
 
 
 def from_logits(logits: jax.Array, k: int) -> jax.Array:
@@ -362,6 +530,57 @@ def load_array(path: str) -> np.ndarray:
         raise SpecError(f"routing: cannot read {path!r}: {e}") from None
 
 
+def _popular_generator(tokens: int, k: int, draws: int, layer_table) -> Generator:
+    """gen(key, l) -> ids by successive sampling, with `gen.used(key, l)`: the experts the
+    layer uses, counted straight from the draws (`popular_used`, for the Monte Carlo).
+    layer_table(key, l) -> (order [E], alias table [E], log p by position [E])."""
+    def gen(key, l):
+        order, table, logp_sorted = layer_table(jax.random.fold_in(key, 2), l)
+        return order[popular_sorted(jax.random.fold_in(key, 1), tokens, table, logp_sorted, k)]
+
+    def used(key, l):  # the order is not needed: XLA drops it
+        _, table, logp_sorted = layer_table(jax.random.fold_in(key, 2), l)
+        return popular_used(jax.random.fold_in(key, 1), tokens, table, logp_sorted, k, draws)
+
+    gen.used = used
+    return gen
+
+
+def _zipf_generator(tokens: int, E: int, k: int, s: float) -> Generator:
+    """Zipf: slot j has popularity 1/(j+1)^s, so one alias table serves every layer; each
+    layer draws which expert holds each slot (a uniform random permutation, as the
+    random ranks of `zipf_logp`)."""
+    logq = -s * np.log(np.arange(1, E + 1, dtype=np.float64))
+    logq = (logq - np.logaddexp.reduce(logq)).astype(np.float32)
+    order, table = (np.asarray(a) for a in alias_table(jnp.asarray(logq)))
+
+    def layer_table(key, l):
+        return (jax.random.permutation(key, E)[order], jnp.asarray(table),
+                jnp.asarray(logq[order]))
+
+    return _popular_generator(tokens, k, stream_draws(np.exp(logq), k), layer_table)
+
+
+def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
+    """Dirichlet: each layer its own popularity and alias table (the first pass's draws
+    from 8 popularity vectors drawn in numpy)."""
+    def layer_table(key, l):
+        logp = dirichlet_logp(key, E, a)
+        order, table = alias_table(logp)
+        return order, table, logp[order]
+
+    draws = stream_draws(np.random.default_rng(0).dirichlet(np.full(E, a), 8), k)
+    return _popular_generator(tokens, k, draws, layer_table)
+
+
+def _hist_generator(tokens: int, k: int, logp: np.ndarray) -> Generator:
+    """Measured histograms [L, E]: every layer's alias table built once."""
+    order, table = jax.vmap(alias_table)(jnp.asarray(logp))
+    logp_sorted = jnp.take_along_axis(jnp.asarray(logp), order, -1)
+    return _popular_generator(tokens, k, stream_draws(np.exp(logp), k),
+                              lambda key, l: (order[l], table[l], logp_sorted[l]))
+
+
 @lru_cache(maxsize=32)
 def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: int, k: int,
                     n_group: int = 1, topk_group: int = 1) -> Generator:
@@ -377,12 +596,12 @@ def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: in
     E = n_experts
     if spec.kind == "uniform":
         return lambda key, l: uniform(key, tokens, E, k)
+    if spec.kind in ("zipf", "dirichlet", "hist"):
+        _check_counters(tokens, k, E)
     if spec.kind == "zipf":
-        return lambda key, l: popular(jax.random.fold_in(key, 1), tokens,
-                                      zipf_logp(jax.random.fold_in(key, 2), E, spec.param), k)
+        return _zipf_generator(tokens, E, k, spec.param)
     if spec.kind == "dirichlet":
-        return lambda key, l: popular(jax.random.fold_in(key, 1), tokens,
-                                      dirichlet_logp(jax.random.fold_in(key, 2), E, spec.param), k)
+        return _dirichlet_generator(tokens, E, k, spec.param)
     if spec.kind == "groups":
         return lambda key, l: group_limited(key, tokens, E, k, n_group, topk_group)
     if spec.kind == "hist":
@@ -391,10 +610,10 @@ def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: in
             raise SpecError(f"routing: histogram has {logp.shape[-1]} experts, the model {E}")
         if np.any(np.isfinite(logp).sum(-1) < k):
             raise SpecError(f"routing: histogram has fewer than k={k} experts with counts")
-        table = jnp.asarray(np.broadcast_to(logp, (n_layers, E)) if logp.ndim == 1 else logp)
-        if table.shape[0] != n_layers:
-            raise SpecError(f"routing: histogram has {table.shape[0]} layers, the model {n_layers}")
-        return lambda key, l: popular(key, tokens, table[l], k)
+        logp = np.broadcast_to(logp, (n_layers, E)) if logp.ndim == 1 else logp
+        if logp.shape[0] != n_layers:
+            raise SpecError(f"routing: histogram has {logp.shape[0]} layers, the model {n_layers}")
+        return _hist_generator(tokens, k, logp)
     if spec.kind == "logits":
         ids = jnp.asarray(logits_routes(spec.path, n_layers, E, k))  # [L, N_file, k]
         n_file = ids.shape[1]

@@ -245,3 +245,57 @@ def test_popular_with_no_tokens_and_k_equal_e():
     assert rt.popular(jax.random.key(0), 0, logp, 2).shape == (0, 2)
     ids = np.asarray(rt.popular(jax.random.key(0), 50, logp, 3))
     assert np.all(np.sort(ids, 1) == np.arange(3))
+
+
+# --- popular_used: the experts used, straight from the draws (the Monte Carlo's path) ---------
+
+
+def _used_both_ways(gen, key, n, E):
+    """(experts used by gen.used, distinct ids gen draws) on n layer-samples, same keys."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+    used = np.asarray(jax.jit(jax.vmap(lambda kk: gen.used(kk, 0)))(keys))
+    ids = np.asarray(jax.jit(jax.vmap(lambda kk: gen(kk, 0)))(keys))
+    assert _distinct_rows(ids) and ids.min() >= 0 and ids.max() < E
+    return used, np.array([len(np.unique(x)) for x in ids])
+
+
+@pytest.mark.parametrize("spec,E,k,tokens", [
+    ("zipf:1.2", 64, 4, 24),  # N_ue well below E, so it varies
+    ("dirichlet:0.3", 64, 4, 24),
+    ("zipf:0", 40, 6, 10),  # uniform popularity; E not a power of 2
+])
+def test_popular_used_counts_the_same_routing(spec, E, k, tokens):
+    # Tokens that finish within the first 2 `draws` draws get the same set both ways (the
+    # same counters); only the rare Gumbel-finished ones differ. So per layer-sample the
+    # counts agree but for a few, and their means within standard errors.
+    gen = rt.layer_generator(parse_routing(spec), 1, tokens, E, k)
+    used, counted = _used_both_ways(gen, jax.random.key(8), 300, E)
+    assert np.mean(used == counted) > 0.95
+    se = math.sqrt((used.var() + counted.var()) / len(used)) + 1e-9
+    assert abs(used.mean() - counted.mean()) < 5 * se
+
+
+def test_popular_used_finishes_heavy_skew_exactly(tmp_path):
+    # Two experts hold all but 1e-12 of p, k = 4: nearly every token needs the Gumbel
+    # finisher (stage 3) for its last two. Its last two experts are then drawn from the
+    # rest in proportion to p: with p of experts 2..5 as 8:4:2:1 (and 6, 7 zero), compare
+    # the number of experts used by 1 token with the exact law: the set is {0, 1} plus two
+    # of {2..5} by successive sampling, so 4 always; with 3 tokens the union's size law
+    # is checked against popular_gumbel (E scores per token) within standard errors.
+    E, k = 8, 4
+    hist = np.array([1.0, 1.0, 8e-12, 4e-12, 2e-12, 1e-12, 0.0, 0.0])
+    np.save(tmp_path / "h.npy", hist)
+    gen = rt.layer_generator(parse_routing(f"hist:{tmp_path / 'h.npy'}"), 1, 1, E, k)
+    used, counted = _used_both_ways(gen, jax.random.key(1), 50, E)
+    assert np.all(used == 4) and np.all(counted == 4)
+    tokens, n = 3, 3000
+    gen = rt.layer_generator(parse_routing(f"hist:{tmp_path / 'h.npy'}"), 1, tokens, E, k)
+    used = np.asarray(jax.jit(jax.vmap(lambda kk: gen.used(kk, 0)))(
+        jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(n))))
+    with np.errstate(divide="ignore"):
+        logp = jnp.asarray(np.log(hist / hist.sum()), jnp.float32)
+    ref_ids = np.asarray(rt.popular_gumbel(jax.random.key(3), tokens * n, logp, k))
+    ref_used = np.array([len(np.unique(x)) for x in ref_ids.reshape(n, tokens, k)])
+    for v in range(4, 7):  # the union's size: 4, 5 or 6
+        a, b = np.mean(used == v), np.mean(ref_used == v)
+        assert abs(a - b) < 5 * math.sqrt((a * (1 - a) + b * (1 - b)) / n) + 1e-9, v
