@@ -395,7 +395,7 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
         stats["n_used"] = np.asarray(c["n_used"]).reshape(1, L)
     else:
         gen = rt.layer_generator(spec, L, N, E, k, model.n_group, model.topk_group)
-        width = k if spec.kind in ("uniform", "logits") else E
+        width = k  # elements per token a chunk holds: ids, never E scores
         stats = sample_stats(gen, key, samples, L, N, width, E, R, system.gpus_per_node,
                              progress)
 

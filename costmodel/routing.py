@@ -133,8 +133,82 @@ def popular_gumbel(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.
 
 
 def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
+                  topk_group: int) -> jax.Array:
+    """[tokens, k]: DeepSeek-V3 group-limited top-k on iid Gumbel scores, the law of
+    `group_limited_gumbel` from about 2 G + 2 k random numbers per token instead of E.
+
+    A Gumbel score is -log X with X ~ Exp(1), so a group's best scores are its smallest
+    X, whose order statistics are drawn directly (Renyi): X_(1) = Z_1 / m and
+    X_(j+1) = X_(j) + Z_(j+1) / (m - j), Z iid Exp(1), m = E / G experts per group.
+    1. Each group draws X_(1), X_(2); its score, the sum of its two best, is
+       -log(X_(1) X_(2)), so the token keeps the `topk_group` groups of smallest product
+       (X_(1) alone when a group has one expert).
+    2. Its top-k among the kept groups' experts are the k smallest X there: a merge of
+       the kept groups' ascending lists, each extended one Renyi step (a fresh Z per
+       step) when the merge takes its head.
+    3. Which experts hold a group's c best scores is, the scores being iid, a uniformly
+       random c-subset of the group, independent of the values: Floyd's algorithm per
+       group, as `uniform`.
+    Output order: by group in merge order, not by score (nothing downstream uses it).
+    """
+    G, tg = int(n_group), int(topk_group)
+    m = n_experts // G
+    if G * m != n_experts:
+        raise SpecError(f"n_group: {G} groups do not divide E={n_experts}")
+    if not 0 < tg <= G or tg * m < k:
+        raise SpecError(f"topk_group: {tg} groups of {m} experts hold fewer than k={k} "
+                        "experts")
+    words = 2 * G + 2 * k  # random words per token
+    if tokens * words >= 2**32:
+        raise SpecError(f"tokens: {tokens} x {words} draws exceed the 32-bit counter")
+    t = jnp.arange(tokens, dtype=jnp.uint32) * jnp.uint32(words)
+    bits = [counter_bits(key, t + jnp.uint32(j)) for j in range(words)]
+
+    def expo(u):  # Exp(1) from 24 random bits, the resolution of `gumbel`
+        return -jnp.log(((u >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24))
+
+    x1 = [expo(bits[2 * g]) / m for g in range(G)]
+    x2 = [x1[g] + expo(bits[2 * g + 1]) / max(m - 1, 1) if m > 1 else jnp.inf for g in range(G)]
+    score = [x1[g] * x2[g] if m > 1 else x1[g] for g in range(G)]  # smaller: better group
+    inf = jnp.float32(jnp.inf)
+    head, used = [], []  # per group: the next X to merge, how many the merge took
+    for g in range(G):
+        better = sum(((score[h] < score[g]) | ((score[h] == score[g]) & (h < g))).astype(jnp.int32)
+                     for h in range(G) if h != g)
+        head.append(jnp.where(better < tg, x1[g], inf))
+        used.append(jnp.zeros(tokens, jnp.int32))
+    pick_group, pick_rank = [], []  # per merge step: its group, its rank within the group
+    for i in range(k):
+        best, gi = head[0], jnp.zeros(tokens, jnp.int32)
+        for g in range(1, G):
+            take = head[g] < best
+            best, gi = jnp.where(take, head[g], best), jnp.where(take, g, gi)
+        z = expo(bits[2 * G + i])
+        for g in range(G):  # X_(c) of group gi was just taken; the next is X_(c+1)
+            c = used[g] + 1
+            nxt = jnp.where(c == 1, x2[g], head[g] + z / jnp.maximum(m - c, 1).astype(jnp.float32))
+            head[g] = jnp.where(gi == g, jnp.where(c < m, nxt, inf), head[g])
+            used[g] = jnp.where(gi == g, c, used[g])
+        pick_group.append(gi)
+        pick_rank.append(functools.reduce(jnp.add, [jnp.where(gi == g, used[g] - 1, 0)
+                                                     for g in range(G)]))
+    ids = []
+    for i, gi in enumerate(pick_group):  # Floyd in the group: j = m - c_g + rank, draw in [0, j]
+        total = functools.reduce(jnp.add, [jnp.where(gi == g, used[g], 0) for g in range(G)])
+        n = (m - total + pick_rank[i] + 1).astype(jnp.uint32)
+        # (24 random bits x n) >> 24: exact integers, each value off by at most n / 2^24
+        d = (((bits[2 * G + k + i] >> 8) * n) >> 24).astype(jnp.int32) + gi * m
+        if ids:
+            d = jnp.where(functools.reduce(jnp.logical_or, [p == d for p in ids]),
+                          gi * m + n.astype(jnp.int32) - 1, d)
+        ids.append(d)
+    return jnp.stack(ids, -1)
+
+
+def group_limited_gumbel(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
                   topk_group: int, logp: jax.Array | None = None) -> jax.Array:
-    """[tokens, k]: DeepSeek-V3 group-limited top-k on random scores.
+    """[tokens, k]: DeepSeek-V3 group-limited top-k on E Gumbel scores per token (the
+    reference `group_limited` is tested against).
 
     Scores are Gumbel noise (+ log p when given), so without groups this is `popular`.
     As in DeepSeek-V3's router: a group's score is the sum of its two best expert

@@ -299,3 +299,46 @@ def test_popular_used_finishes_heavy_skew_exactly(tmp_path):
     for v in range(4, 7):  # the union's size: 4, 5 or 6
         a, b = np.mean(used == v), np.mean(ref_used == v)
         assert abs(a - b) < 5 * math.sqrt((a * (1 - a) + b * (1 - b)) / n) + 1e-9, v
+
+
+@pytest.mark.parametrize("E,n_group,topk_group,k", [
+    (12, 4, 2, 3),  # groups of 3, two kept
+    (8, 4, 1, 2),  # one group kept: both picks in it
+    (6, 6, 3, 3),  # groups of one expert: a group's score is its one score
+    (8, 2, 2, 4),  # every group kept: plain top-k
+    (9, 3, 2, 5),  # k > a group: the merge takes a group to its end
+])
+def test_group_limited_is_the_gumbel_router(E, n_group, topk_group, k):
+    # Order statistics (group_limited) against E Gumbel scores (group_limited_gumbel):
+    # the frequency of every k-subset of experts, each within 5 standard errors of the
+    # difference, and a chi-square over all subsets seen.
+    n = 30_000
+    a = np.sort(np.asarray(rt.group_limited(jax.random.key(1), n, E, k, n_group, topk_group)), -1)
+    b = np.sort(np.asarray(rt.group_limited_gumbel(jax.random.key(2), n, E, k, n_group,
+                                                   topk_group)), -1)
+    assert _distinct_rows(a) and a.min() >= 0 and a.max() < E
+    codes = lambda x: (x * E ** np.arange(k)).sum(-1)  # noqa: E731
+    cells, ca = np.unique(codes(a), return_counts=True)
+    fa = dict(zip(cells.tolist(), ca.tolist()))
+    cells, cb = np.unique(codes(b), return_counts=True)
+    fb = dict(zip(cells.tolist(), cb.tolist()))
+    assert set(fa) <= set(fb) | {c for c in fa if fa[c] < 10}  # nothing the router never picks
+    z = [(fa.get(c, 0) - fb.get(c, 0)) / math.sqrt(fa.get(c, 0) + fb.get(c, 0))
+         for c in set(fa) | set(fb)]
+    assert max(abs(x) for x in z) < 5
+    chi2, dof = sum(x * x for x in z), len(z)  # mean dof, sd sqrt(2 dof)
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def test_group_limited_marginals_at_deepseek_scale():
+    # DeepSeek-V3/R1: 8 groups of 32, 4 kept, top-8. Per expert its share of tokens and
+    # per token the number of groups hit, both samplers within 5 standard errors.
+    E, k, n = 256, 8, 20_000
+    a = np.asarray(rt.group_limited(jax.random.key(5), n, E, k, 8, 4))
+    g = np.asarray(rt.group_limited_gumbel(jax.random.key(6), n, E, k, 8, 4))
+    assert _distinct_rows(a)
+    fa, fg = (np.bincount(x.ravel(), minlength=E) / n for x in (a, g))
+    se = np.sqrt((fa * (1 - fa) + fg * (1 - fg)) / n) + 1 / n
+    assert np.all(np.abs(fa - fg) <= 5 * se)
+    ha, hg = (np.array([len(set(r)) for r in (x // 32).tolist()]) for x in (a, g))
+    assert abs(ha.mean() - hg.mean()) < 5 * math.sqrt((ha.var() + hg.var()) / n)
