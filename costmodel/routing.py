@@ -551,13 +551,57 @@ def zipf_logp(key: jax.Array, n_experts: int, s: float) -> jax.Array:
     return logp - jax.nn.logsumexp(logp)
 
 
+def log_gamma(key: jax.Array, n: int, a: float, tries: int = 4) -> jax.Array:
+    """[n] log of Gamma(a) variates (float32), by Marsaglia and Tsang's exact rejection
+    method, from `counter_bits`: `tries` proposals per variate in one elementwise pass,
+    then a loop (rarely entered: a proposal is rejected with probability < 5% for shape
+    >= 1) over those all rejected. Shape a < 1: log G(a) = log G(a + 1) + log(U) / a
+    (Marsaglia and Tsang's boost), which keeps tiny variates from underflowing.
+
+    Each try: x ~ N(0, 1) (Box-Muller), v = (1 + c x)^3 with d = shape - 1/3,
+    c = 1 / sqrt(9 d); accept d v when v > 0 and log U < x^2/2 + d - d v + d log v.
+    """
+    shape = a + 1.0 if a < 1 else a
+    d = shape - 1.0 / 3.0
+    c = 1.0 / np.sqrt(9.0 * d)
+    i = jnp.arange(n, dtype=jnp.uint32)
+
+    def unit(u):  # (0, 1) from 24 random bits
+        return ((u >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)
+
+    def propose(t):  # try t of every variate: (accepted, log of d v)
+        u = [unit(counter_bits(key, (i * jnp.uint32(tries + 64) + t) * jnp.uint32(3) + j))
+             for j in range(3)]
+        x = jnp.sqrt(-2.0 * jnp.log(u[0])) * jnp.cos(2.0 * np.pi * u[1])
+        v = (1.0 + c * x) ** 3
+        logv = jnp.log(jnp.maximum(v, 1e-30))
+        ok = (v > 0) & (jnp.log(u[2]) < 0.5 * x * x + d - d * v + d * logv)
+        return ok, np.log(d) + logv
+
+    done, logg = jnp.zeros(n, bool), jnp.zeros(n, jnp.float32)
+    for t in range(tries):
+        ok, val = propose(jnp.uint32(t))
+        logg, done = jnp.where(~done & ok, val, logg), done | ok
+
+    def again(state):  # the few all rejected: fresh tries, one at a time
+        t, done, logg = state
+        ok, val = propose(t.astype(jnp.uint32))
+        return t + 1, done | ok, jnp.where(~done & ok, val, logg)
+
+    _, _, logg = jax.lax.while_loop(lambda s: ~s[1].all() & (s[0] < tries + 64), again,
+                                    (jnp.int32(tries), done, logg))
+    if a < 1:
+        logg = logg + jnp.log(unit(counter_bits(key, i + jnp.uint32(n * 3 * (tries + 64))))) / a
+    return logg
+
+
 def dirichlet_logp(key: jax.Array, n_experts: int, a: float) -> jax.Array:
     """[E] log-popularity p ~ Dirichlet(a, ..., a): a -> inf is uniform, small a is skewed.
 
-    Drawn as normalized Gamma(a) variates in log space (jax.random.loggamma), so that a
-    small a does not underflow p to exact zeros.
+    Drawn as normalized Gamma(a) variates in log space (`log_gamma`), so that a small a
+    does not underflow p to exact zeros.
     """
-    logg = jax.random.loggamma(key, jnp.full((n_experts,), a, jnp.float32))
+    logg = log_gamma(key, n_experts, a)
     return logg - jax.nn.logsumexp(logg)
 
 

@@ -341,3 +341,17 @@ def test_group_limited_marginals_at_deepseek_scale():
     assert np.all(np.abs(fa - fg) <= 5 * se)
     ha, hg = (np.array([len(set(r)) for r in (x // 32).tolist()]) for x in (a, g))
     assert abs(ha.mean() - hg.mean()) < 5 * math.sqrt((ha.var() + hg.var()) / n)
+
+
+@pytest.mark.parametrize("a", [0.05, 0.3, 1.0, 2.5])  # boosted (a < 1) and not
+def test_log_gamma_is_gamma(a):
+    # Against numpy's Gamma sampler: the fraction below each of numpy's deciles, within 5
+    # standard errors of the difference; mean a and variance a (Gamma(a, 1)).
+    n = 100_000
+    g = np.exp(np.asarray(rt.log_gamma(jax.random.key(1), n, a), np.float64))
+    ref = np.random.default_rng(0).gamma(a, size=n)
+    for q in np.quantile(ref, np.linspace(0.1, 0.9, 9)):
+        fa, fr = np.mean(g < q), np.mean(ref < q)
+        assert abs(fa - fr) < 5 * math.sqrt((fa * (1 - fa) + fr * (1 - fr)) / n), (a, q)
+    assert abs(g.mean() - a) < 5 * math.sqrt(a / n)
+    assert np.all(np.isfinite(np.asarray(rt.log_gamma(jax.random.key(2), 1000, a))))
