@@ -27,7 +27,8 @@ def points(draw):
     system = SystemSpec(
         name="s", b_pcie=draw(st.floats(1e9, 1e12)), b_net=draw(st.floats(1e9, 1e12)),
         alpha_pcie=draw(st.sampled_from([0.0, 2e-6, 3e-5])),
-        alpha_net=draw(st.sampled_from([0.0, 5e-6, 1e-4])))
+        alpha_net=draw(st.sampled_from([0.0, 5e-6, 1e-4])), b_nvlink=draw(st.floats(1e10, 2e12)),
+        gpus_per_node=draw(st.integers(1, 16)))
     if draw(st.booleans()):
         workload = Workload(tokens=draw(st.integers(1, 10**7)))
     else:
@@ -41,19 +42,54 @@ def points(draw):
         dispatch_dtype=draw(dt), combine_dtype=draw(dt),
         resident_fraction=draw(st.floats(0, 0.99)),
         routing=draw(st.sampled_from(["worst", "uniform"])),
-        dispatch_mode="flat", imbalance=False)  # the sweep's one tier, mean rank
+        # mostly `moelab gamma`'s default (per-node, busiest rank); all modes and the mean rank
+        dispatch_mode=draw(st.sampled_from(["per-node", "per-node", "per-rank", "flat"])),
+        imbalance=draw(st.sampled_from([True, True, True, False])))
     return model, system, workload, options
 
 
-@settings(max_examples=60)
-@given(point=points())
-def test_formula_equals_closed_form(point):
-    model, system, workload, options = point
+def _check_against_closed_form(model, system, workload, options):
     p = {k: np.float32(v) for k, v in sw.params_of(model, system, workload, options).items()}
     got = {k: float(v) for k, v in sw.formula(p).items()}
     want = cf.evaluate(model, system, workload, options)
     for name in ("gamma", "n_ue", "fanout", "t_p_overhead", "t_ep_overhead"):
         assert got[name] == pytest.approx(getattr(want, name), rel=2e-5, abs=1e-30), name
+    legs = want.ep
+    if legs is not None:  # R >= 2: each leg and the busiest rank, as moelab gamma reports them
+        scale = want.passes * model.n_moe_layers
+        assert got["t_ep_net"] == pytest.approx(scale * legs.t_net, rel=2e-5, abs=1e-30)
+        assert got["t_ep_nvlink"] == pytest.approx(scale * legs.t_nvlink, rel=2e-5, abs=1e-30)
+        assert got["fanout_nodes"] == pytest.approx(legs.tiers.nodes, rel=2e-5, abs=1e-30)
+        assert got["imbalance"] == pytest.approx(legs.imbalance, rel=2e-6)
+        if not np.isclose(legs.t_net, legs.t_nvlink, rtol=1e-4):
+            assert got["ep_leg"] == (1 if legs.deciding_leg == "network" else 2)
+
+
+@settings(max_examples=60)
+@given(point=points())
+def test_formula_equals_closed_form(point):
+    """The jnp formula is closed_form.evaluate, two tiers and the busiest rank included."""
+    _check_against_closed_form(*point)
+
+
+@settings(max_examples=20)
+@given(point=points())
+def test_flat_mean_rank_is_the_one_tier_model(point):
+    """dispatch_mode flat with the mean rank: every remote rank at B_net, phi = fanout_uniform
+    (the model before two tiers), in both implementations."""
+    model, system, workload, options = point
+    if not options.ep_ranks or options.ep_ranks < 2:
+        return
+    from dataclasses import replace
+
+    options = replace(options, dispatch_mode="flat", imbalance=False)
+    _check_against_closed_form(model, system, workload, options)
+    p = {k: np.float64(v) for k, v in sw.params_of(model, system, workload, options).items()}
+    phi = cf.fanout_uniform(options.ep_ranks, model.n_experts, model.top_k)
+    f_d, f_c = cf.activation_bytes(model, options)
+    one_tier = cf.ep_overhead(workload.tokens_per_pass, model.hidden, f_d, f_c, system.b_net,
+                              model.n_moe_layers, system.alpha_net, phi) * workload.passes
+    assert float(sw.formula(p)["t_ep_overhead"]) == pytest.approx(float(one_tier), rel=1e-6)
 
 
 R1 = ModelSpec("r1", 58, 256, 8, 7168, 2048, expert_dtype="fp8", act_dtype="bf16")
@@ -81,9 +117,7 @@ def test_grid_order_and_overrides_match_pointwise():
     models, systems = {"r1": R1, "mix": MIX}, {"h100": H100, "b200": B200}
     for (m, s, dt, n, r), g, phi in zip(rows, res["gamma"], res["fanout"], strict=True):
         model = models[m].with_(expert_dtype=dt)
-        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None,
-                                                                        dispatch_mode="flat",
-                                                                        imbalance=False))
+        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None))
         assert g == pytest.approx(want.gamma, rel=2e-5)
         assert phi == pytest.approx(want.fanout, rel=2e-5)
 
