@@ -160,14 +160,16 @@ def _args(**kw):
 
 
 def test_parse_values():
-    from moelab.commands.sweep import parse_values, whole_tokens
+    from moelab.commands.sweep import parse_values, whole
 
     assert parse_values("b_pcie", "16,32") == [16.0, 32.0]
     np.testing.assert_allclose(parse_values("b_net", "1:100:log:3"), [1, 10, 100])
     # 1, 1.33, 1.76, 2.33, 3.08, ...: rounded, duplicates merged, and said so
-    values, note = whole_tokens(parse_values("tokens", "1:1e6:log:50"))
+    values, note = whole("tokens", parse_values("tokens", "1:1e6:log:50"))
     assert values[:3] == [1.0, 2.0, 3.0] and "50 values round to 48" in note
-    assert whole_tokens([1.0, 2.0, 8.0]) == ([1.0, 2.0, 8.0], None)
+    assert whole("tokens", [1.0, 2.0, 8.0]) == ([1.0, 2.0, 8.0], None)
+    assert whole("ep_ranks", [2.0, 2.4, 8.0]) == ([2.0, 8.0], "--ep-ranks: 3 values round to 2 "
+                                                 "distinct whole rank counts; duplicates merged")
     assert parse_values("resident_fraction", "0:1:lin:5") == [0, 0.25, 0.5, 0.75, 1]
     with pytest.raises(SpecError, match="positive ends"):
         parse_values("tokens", "0:1:log:3")
