@@ -232,3 +232,116 @@ def test_benchmarks_run_quick(capsys):
     rows = bench_sweep(args) + bench_reference(args)
     assert all(r["measured_s"] > 0 for r in rows)
     assert "goal/meas" in capsys.readouterr().out
+
+
+# --- a recorded trace in the sweep ---------------------------------------------------------------
+
+
+def _zipf_trace(path, layers, tokens, E, k, seed=0, holes=0.05):
+    """A generated trace (Zipf-skewed, some -1 ids), written as JSON (docs/traces.md)."""
+    import json
+
+    from moelab.costmodel import routing as rt
+    from moelab.costmodel.specs import parse_routing
+
+    gen = rt.layer_generator(parse_routing("zipf:1.0"), layers, tokens, E, k)
+    ids = np.stack([np.asarray(gen(jax.random.fold_in(jax.random.key(seed), l), l))
+                    for l in range(layers)])
+    ids = np.where(np.random.default_rng(seed).random(ids.shape) < holes, -1, ids)
+    path.write_text(json.dumps({"num_experts": E, "top_k": k, "layers": list(range(layers)),
+                                "ids": ids.tolist()}))
+    return str(path)
+
+
+def _sweep_rows(**kw):
+    from moelab.commands import sweep as cmd_sweep
+
+    columns, rows, summary = cmd_sweep.compute(_args(**kw))
+    return [dict(zip(columns, r, strict=True)) for r in rows], summary
+
+
+@pytest.mark.parametrize("ranks,mode", [(None, None), (4, "per-node"), (4, "flat"), (1, None)])
+def test_trace_rows_are_gamma_trace_means(tmp_path, ranks, mode):
+    """Each row of `sweep --routing trace:` is `gamma --routing trace:` at the same point: the
+    trace's mean N_ue, fan-outs and busiest rank in the formula, so the overheads are the mean
+    overheads over the windows (one leg decides in every window here: windows of >= 16
+    tokens always cross nodes) and gamma is their ratio."""
+    from moelab import api
+
+    path = _zipf_trace(tmp_path / "mix.json", 3, 1024, 8, 2, seed=1)  # Mixtral: E = 8, k = 2
+    kw = dict(model="mixtral-8x7b", routing=f"trace:{path}", tokens="16,64", json=True)
+    if ranks:
+        kw.update(ep_ranks=str(ranks), gpus_per_node="2")
+    if mode:
+        kw.update(dispatch_mode=mode)
+    rows, summary = _sweep_rows(**kw)
+    assert len(rows) == 2
+    for row in rows:
+        g = api.gamma("mixtral-8x7b", tokens=row["tokens"], routing=f"trace:{path}",
+                      ep_ranks=ranks, gpus_per_node=2 if ranks else None,
+                      dispatch_mode=mode or "per-node")
+        assert row["n_ue"] == pytest.approx(g.n_ue_mean, rel=1e-6)
+        assert row["t_p_overhead_s"] == pytest.approx(g.t_p_overhead_mean, rel=1e-6)
+        if ranks == 1:  # nothing is remote: EP costs nothing, gamma is infinite
+            assert row["t_ep_overhead_s"] == 0 and g.t_ep_overhead_mean == 0
+            continue
+        assert row["t_ep_overhead_s"] == pytest.approx(g.t_ep_overhead_mean, rel=1e-6)
+        assert row["gamma"] == pytest.approx(g.t_p_overhead_mean / g.t_ep_overhead_mean, rel=1e-6)
+        if ranks:
+            assert row["fanout"] == pytest.approx(g.fanout_mean, rel=1e-6)
+            assert row["fanout_nodes"] == pytest.approx(g.fanout_nodes_mean, rel=1e-6)
+            assert row["imbalance"] == pytest.approx(g.imbalance_mean, rel=1e-6)
+            assert g.imbalance_samples > 0 and row["imbalance"] > 1
+    # skewed routing uses fewer experts than uniform: the trace is not the closed form
+    uniform, _ = _sweep_rows(model="mixtral-8x7b", routing="uniform", tokens="16", json=True)
+    assert rows[0]["n_ue"] < uniform[0]["n_ue"]
+
+
+def test_trace_decode_windows_are_the_batch(tmp_path):
+    from moelab import api
+
+    path = _zipf_trace(tmp_path / "mix.json", 2, 256, 8, 2, seed=2)
+    rows, summary = _sweep_rows(model="mixtral-8x7b", routing=f"worst,trace:{path}", decode=True,
+                                batch="2,8", steps="10", ep_ranks="8", dispatch_mode="flat",
+                                json=True)
+    assert [(r["routing"], r["batch"]) for r in rows] == [
+        ("worst", 2), ("worst", 8), (f"trace:{path}", 2), (f"trace:{path}", 8)]
+    for row in rows[2:]:
+        g = api.gamma("mixtral-8x7b", decode=True, batch=row["batch"], steps=10,
+                      routing=f"trace:{path}", ep_ranks=8, dispatch_mode="flat")
+        assert row["n_ue"] == pytest.approx(g.n_ue_mean, rel=1e-6)
+        assert row["t_p_overhead_s"] == pytest.approx(g.t_p_overhead_mean, rel=1e-6)
+        assert row["t_ep_overhead_s"] == pytest.approx(g.t_ep_overhead_mean, rel=1e-6)
+    # the worst-case rows are the closed form's
+    for row in rows[:2]:
+        g = api.gamma("mixtral-8x7b", decode=True, batch=row["batch"], steps=10, ep_ranks=8,
+                      dispatch_mode="flat")
+        assert row["gamma"] == pytest.approx(g.gamma, rel=2e-5)
+    # the busiest rank needs windows of R B tokens: 8 x 64 = 512 > the trace's 256, so none is
+    # measured (the ranks count as balanced) and a note says so
+    _, summary = _sweep_rows(model="mixtral-8x7b", routing=f"trace:{path}", decode=True,
+                             batch="64", ep_ranks="8", json=True)
+    assert any("no busiest rank measured" in n for n in summary["notes"])
+
+
+def test_trace_errors_exit_2(tmp_path, capsys):
+    from moelab.cli import main
+
+    other = _zipf_trace(tmp_path / "olmoe.json", 1, 64, 64, 8)
+    mix = _zipf_trace(tmp_path / "mix.json", 1, 64, 8, 2)
+    for argv, needle in [
+        (["--model", "mixtral-8x7b", "--routing", f"trace:{other}"], "E=64, k=8"),
+        (["--model", "mixtral-8x7b,olmoe-1b-7b", "--routing", f"trace:{mix}"], "E=8, k=2"),
+        (["--model", "mixtral-8x7b", "--routing", "trace:nope.json"], "no such file"),
+        (["--model", "mixtral-8x7b", "--routing", "zipf:1"], "worst, uniform and trace:FILE"),
+        (["--model", "mixtral-8x7b", "--routing", f"trace:{mix}", "--ep-ranks", "4",
+          "--dispatch-mode", "per-rank"], "per-rank"),
+        (["--model", "mixtral-8x7b", "--routing", f"trace:{mix}", "--tokens", "65"],
+         "fewer than one window of 65"),
+        (["--dispatch-mode", "per-gpu"], "per-node, per-rank"),
+        (["--decode", "--tokens", "4"], "--tokens"),
+        (["--batch", "4"], "--batch"),
+    ]:
+        assert main(["sweep", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "--routing" in err if "routing" in needle else needle in err, err
