@@ -147,16 +147,15 @@ def host_terms(tokens, ep_ranks, n_experts, top_k, gpus_per_node, trace=None) ->
 
     Closed form: the tiers of `closed_form.fanout_tiers` and `closed_form.imbalance_uniform`
     at N_t tokens per rank (what `closed_form.ep_legs` uses without redundant experts);
-    n_ue_measured = -1. A trace (`trace.Trace`): its window means at N_t (`trace.window_means`:
-    N_ue, remote ranks and nodes per token, the busiest rank measured on R N_t tokens, as
-    `moelab gamma --routing trace:` takes them); it has no per-rank split of the tiers
-    (fanout_ranks_inter NaN). A `note` comes back where the trace says something.
+    n_ue_measured = -1. A trace: `trace(N_t, R, G)` gives its window means at N_t
+    (`functools.partial(trace.window_means, a_trace)`: N_ue, remote ranks and nodes per
+    token, the busiest rank measured on R N_t tokens, as `moelab gamma --routing trace:`
+    takes them); it has no per-rank split of the tiers (fanout_ranks_inter NaN). A `note`
+    comes back where the trace says something.
     """
     R, E, k, G = int(ep_ranks), int(n_experts), int(top_k), int(gpus_per_node)
     if trace is not None:
-        from moelab.costmodel.trace import window_means
-
-        m = window_means(trace, int(tokens), R, G)
+        m = trace(int(tokens), R, G)
         return {"fanout_ranks": m["fanout"], "fanout_nodes": m["fanout_nodes"],
                 "fanout_ranks_inter": float("nan"), "imbalance": m["imbalance"],
                 "n_ue_measured": m["n_ue"], "note": m.get("note")}
@@ -290,7 +289,8 @@ def evaluate_grid(base: Mapping[str, float], axes: Sequence[Axis],
     Returns each output as a flat array [n] in row-major order of the axes (the last
     varies fastest, as `grid_labels`). Where two axes set the same parameter, the later
     axis wins. The grid is split over a 1-D mesh of `devices` (default: all) along its
-    longest axis. `traces`: the recorded traces that a `trace` parameter i > 0 names.
+    longest axis. `traces`: the recorded traces that a `trace` parameter i > 0 names, each
+    a function (N_t, R, G) -> its window means (`host_terms`).
     """
     return grid_kernel(base, axes, outputs, devices, traces)()
 

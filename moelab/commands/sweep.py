@@ -174,8 +174,9 @@ def build_grid(args):
 
 
 def routing_axis(routings: list[str], models) -> tuple:
-    """(the routing axis, the loaded traces): worst, uniform or trace:FILE, each trace checked
-    against every model (E, k and layers, as moelab gamma checks it)."""
+    """(the routing axis, the traces as sweep.host_terms takes them): worst, uniform or
+    trace:FILE, each trace checked against every model (E, k and layers, as moelab gamma
+    checks it)."""
     import numpy as np
 
     from moelab.costmodel import sweep as sw
@@ -191,12 +192,14 @@ def routing_axis(routings: list[str], models) -> tuple:
             continue
         if not r.startswith("trace:"):
             raise SpecError(f"--routing: the sweep takes worst, uniform and trace:FILE, got {r!r}")
-        from moelab.costmodel.trace import check_model, load
+        from functools import partial
+
+        from moelab.costmodel.trace import check_model, load, window_means
 
         t = load(parse_routing(r).path)  # a missing or malformed file: SpecError naming it
         for m in models:
             check_model(t, m.n_experts, m.top_k, m.n_moe_layers)
-        traces.append(t)
+        traces.append(partial(window_means, t))
         uniform.append(0.0)
         index.append(float(len(traces)))  # the formula's `trace`: 1-based, 0 is none
     return sw.Axis("routing", tuple(routings), {"uniform": np.array(uniform),
