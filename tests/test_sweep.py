@@ -345,3 +345,38 @@ def test_trace_errors_exit_2(tmp_path, capsys):
         assert main(["sweep", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "--routing" in err if "routing" in needle else needle in err, err
+
+
+def test_cli_two_tier_rows_are_moelab_gamma():
+    """Rows over R, G, B_nvlink and the dispatch mode are `moelab gamma` at the same point:
+    gamma, the legs, the deciding one, the busiest rank; --rank-load mean is the closed form
+    with imbalance off. R = 40 does not divide E = 384 (ranks of 9 and 10 experts)."""
+    from moelab import api
+
+    rows, _ = _sweep_rows(model="kimi-k2", tokens="1,4096", ep_ranks="16,40", gpus_per_node="4,8",
+                          b_nvlink="100,450", dispatch_mode="per-node,per-rank",
+                          rank_load="busiest,mean", json=True)
+    assert len(rows) == 64
+    m = api.model_spec("kimi-k2")
+    for row in rows:
+        system = api.system_spec("h100-sxm").with_(b_nvlink=row["b_nvlink_GBps"] * 1e9,
+                                                    gpus_per_node=row["gpus_per_node"])
+        kw = dict(tokens=row["tokens"], ep_ranks=row["ep_ranks"], dispatch_mode=row["dispatch_mode"])
+        if row["rank_load"] == "mean":
+            r = cf.evaluate(m, system, Workload(tokens=row["tokens"]),
+                            Options(ep_ranks=row["ep_ranks"], dispatch_mode=row["dispatch_mode"],
+                                    imbalance=False))
+            assert row["gamma"] == pytest.approx(r.gamma, rel=2e-5)
+            assert row["imbalance"] == 1
+            continue
+        g = api.gamma(m, system, **kw)
+        assert row["gamma"] == pytest.approx(g.gamma, rel=2e-5)
+        assert row["imbalance"] == pytest.approx(g.imbalance, rel=1e-6)
+        assert row["fanout"] == pytest.approx(g.fanout, rel=1e-6)
+        assert row["fanout_nodes"] == pytest.approx(g.fanout_nodes, rel=1e-6)
+        assert row["t_ep_net_s"] == pytest.approx(g.t_ep_net_s, rel=2e-5)
+        assert row["t_ep_nvlink_s"] == pytest.approx(g.t_ep_nvlink_s, rel=2e-5)
+        assert row["ep_deciding_leg"] == g.ep_deciding_leg
+    # both legs decide somewhere on this grid, and the busiest rank costs something at 1 token
+    assert {r["ep_deciding_leg"] for r in rows} == {"network", "nvlink"}
+    assert min(r["imbalance"] for r in rows if r["rank_load"] == "busiest" and r["tokens"] == 1) > 1.3
