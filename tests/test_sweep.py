@@ -341,6 +341,8 @@ def test_trace_errors_exit_2(tmp_path, capsys):
         (["--dispatch-mode", "per-gpu"], "per-node, per-rank"),
         (["--decode", "--tokens", "4"], "--tokens"),
         (["--batch", "4"], "--batch"),
+        (["--steps", "10"], "--steps"),
+        (["--decode", "--steps", "0"], "--steps"),
     ]:
         assert main(["sweep", *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -137,8 +137,8 @@ def build_grid(args):
         raise SpecError("--tokens: give --tokens for prefill or --decode --batch B, not both")
     if args.batch and not args.decode:
         raise SpecError("--batch: a decode batch goes with --decode (prefill: --tokens)")
-    if args.steps < 1:
-        raise SpecError(f"--steps: must be >= 1, got {args.steps}")
+    if args.steps < 1 or (args.steps != 1 and not args.decode):
+        raise SpecError(f"--steps: decode steps, >= 1 and with --decode, got {args.steps}")
     routings, traces = routing_axis(names(args.routing), models)
     if traces and "per-rank" in names(args.dispatch_mode or ""):
         raise SpecError("--dispatch-mode: per-rank needs the inter-node rank count per token, "
