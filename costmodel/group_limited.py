@@ -102,7 +102,7 @@ def _order_stat_range(count: int, upper_rank: int, lower_rank: int) -> tuple[flo
         log_p = np.where(a == 0, 0.0, a * np.log(p))
         log_q = np.where(a == count, 0.0, (count - a) * np.log1p(-p))
     pmf = np.exp(log_c + log_p + log_q)
-    above = lambda r: pmf[:, r:].sum(1)  # noqa: E731  P(r-th largest > x)
+    above = lambda r: pmf[:, r:].sum(1)  # P(r-th largest > x)
     hi = x[np.nonzero(above(upper_rank) > TAIL)[0][-1]]
     lo = x[np.nonzero(above(lower_rank) < 1 - TAIL)[0][0]]
     return lo - 0.5, hi + 0.5
@@ -202,7 +202,7 @@ def contributing_groups(n_experts: int, k: int, n_group: int, topk_group: int,
     """
     m = _check(n_experts, k, n_group, topk_group)
     n, t, top = n_group, topk_group, k - 1
-    exact = {1: k} if m == 1 else {}  # m = 1: every expert its own group
+    exact = {k: 1} if m == 1 else {}  # m = 1: every expert its own group, J = k
     if not exact and (t == 1 or k == 1):
         exact = {1: 1}
     if not exact and k == t * m:  # every kept expert picked
@@ -224,7 +224,7 @@ def contributing_groups(n_experts: int, k: int, n_group: int, topk_group: int,
     z_edges = np.linspace(z_lo, z_hi, panels + 1)
     s_nodes, s_weights = _gauss_legendre(np.linspace(s_lo, s_hi, panels + 1), nodes)
     law = np.zeros(t + 1)
-    for s, ws in zip(s_nodes, s_weights):
+    for s, ws in zip(s_nodes, s_weights, strict=True):
         z, wz = _gauss_legendre(np.sort(np.append(z_edges, np.clip(s / 2, z_lo, z_hi))), nodes)
         A_U, A_T, D_U, D_T, p_s_above = _group_terms(s, z, m, top, x2_edges, nodes)
         g_rest = np.zeros(z.shape + (top + 1, t + 1))
