@@ -127,3 +127,39 @@ def test_bad_shapes_are_named():
         gl.contributing_groups(256, 8, 8, 9)
     with pytest.raises(SpecError, match="^n_group:"):
         gl.contributing_groups(256, 8, 7, 4)
+
+
+R1_TABLE = {8: "| 8 (EP64), one group per node |", 4: "| 4 (EP32), two groups per node |"}
+
+
+def _model_md() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parent.parent / "docs" / "model.md").read_text()
+
+
+def test_model_md_states_the_computed_figures():
+    """docs/model.md's R1 table and percentages: exact value and bounds as the code gives them."""
+    text = _model_md()
+    for nodes, row in R1_TABLE.items():
+        exact = cf.fanout_nodes_group_limited(nodes, 8, 4, 256, 8)
+        low = cf.fanout_nodes_group_limited_lower_bound(nodes, 8, 4, 256, 8)
+        high = cf.fanout_nodes_group_limited_upper_bound(nodes, 8, 4)
+        line = next(line for line in text.splitlines() if line.startswith(row))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{exact:.4f}" and cells[3] == f"{low:.4f}" and cells[4] == f"{high:.4f}"
+        ep = f"EP{nodes * 8}"
+        assert f"{(high - exact) / high:.1%} below it on {ep}" in text.replace("\n", " ") or \
+            f"{(high - exact) / high:.1%} on {ep}" in text.replace("\n", " "), ep
+
+
+@pytest.mark.slow
+def test_model_md_monte_carlo_figures():
+    """The Monte Carlo column of docs/model.md's R1 table: 1.6 M tokens of the router, seed 123."""
+    text, tokens = _model_md(), 1_600_000
+    for nodes, row in R1_TABLE.items():
+        ids = router_ids(256, 8, 8, 4, tokens, seed=123)
+        x = ref.token_tiers(ids, 256, nodes, 1)["nodes"]
+        line = next(line for line in text.splitlines() if line.startswith(row))
+        cell = [c.strip() for c in line.strip("|").split("|")][2]
+        assert cell == f"{x.mean():.4f} ± {x.std(ddof=1) / math.sqrt(tokens):.4f}"
