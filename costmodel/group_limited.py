@@ -243,6 +243,8 @@ def fanout_nodes(nodes: int, n_experts: int, k: int, n_group: int, topk_group: i
     M = int(nodes)
     if M < 1 or n_group % M:
         raise SpecError(f"nodes: {M} nodes must divide n_group={n_group}")
+    if M == 1:
+        return 0.0
     law = contributing_groups(n_experts, k, n_group, topk_group)
     g = n_group // M
     miss = sum(p * comb(n_group - g, j) / comb(n_group, j) for j, p in enumerate(law))
