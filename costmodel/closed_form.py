@@ -157,8 +157,8 @@ def fanout_nodes_group_limited(nodes: int, n_group: int, topk_group: int, n_expe
     The router of routing.group_limited (groups kept for the sum of their two best Gumbel
     scores, top-k among the kept groups' experts), contiguous placement, n_group a multiple
     of the node count: costmodel/group_limited.py integrates the law of the number of
-    groups the k experts fall in (R1, 8 of 256 experts, 4 of 8 groups: 3.4760 remote nodes
-    on 8 nodes, 2.3454 on 4). The two bounds below bracket it.
+    groups the k experts fall in (R1's figures against Monte Carlo: docs/model.md). The two
+    bounds below bracket it.
     """
     return group_limited.fanout_nodes(nodes, n_experts, k, n_group, topk_group)
 
