@@ -492,7 +492,8 @@ def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
       slope of a forward difference at N_t (1 + 1e-4) (the imbalance is a sum over whole
       row counts: it steps where (R - 1) N_t crosses an integer and is smooth just above);
     - counts (E, k, R, G: expert placement is defined for whole ones) by a central
-      difference of ln gamma over the neighbouring counts theta - 1 and theta + 1, the whole
+      difference of ln gamma over the neighbouring counts theta - 1 and theta + 1 (E +- R
+      where R divides E, so that both neighbours keep an even placement), the whole
       model (N_ue, the tiers, the imbalance) recomputed at each; one-sided at a bound
       (k <= E, k >= 1, R >= 2: one rank moves nothing, G >= 1). Without ranks, E and k
       move only N_ue.
@@ -540,10 +541,15 @@ def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
         "gpus_per_node": (system.gpus_per_node, 1, None, lambda g: log_gamma_at(
             s=system.with_(gpus_per_node=g))),
     }
+    # E steps by R where R divides it: E +- 1 would split unevenly over the ranks, and the
+    # busiest rank's one extra expert would swamp the trend (R1 on 32 ranks: -10 against -1).
+    R = options.ep_ranks or 0
+    e_step = R if R > 1 and E % R == 0 else 1
     for n in names:
         if n in COUNTS:
             value, lo, hi, at = neighbours[n]
-            a, b = max(value - 1, lo), value + 1 if hi is None else min(value + 1, hi)
+            step = e_step if n == "n_experts" else 1
+            a, b = max(value - step, lo), value + step if hi is None else min(value + step, hi)
             out[n] = round((at(b) - at(a)) / (log(b) - log(a)), 6) if b > a else float("nan")
     out = {n: out[n] for n in names}  # the documented order
     out["f_a"] = (out["f_dispatch"] * (options.dispatch_dtype is None)

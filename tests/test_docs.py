@@ -171,7 +171,7 @@ def test_the_worked_figures_in_model_md_are_the_code_s():
         f"at 4096\ntokens gamma = 1200 · 256 / 4096 = {r.gamma:.0f}": True,
         f"phi = {ep.fanout:.2f}": True,
         f"gamma\nfalls from 75 to {ep.gamma:.1f}": True,
-        f"R1 on 32 ranks at 4096 tokens has E-elasticity {ep.sensitivities['n_experts']:.0f},": True,
+        f"R1 on 32 ranks at 4096 tokens has E-elasticity {ep.sensitivities['n_experts']:.2f},": True,
     }
     for phrase, consistent in figures.items():
         assert consistent and phrase in text, phrase
