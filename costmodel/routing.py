@@ -9,10 +9,18 @@ L independent layers. Within a token the k ids are distinct (top-k without repla
 - `popular`: successive sampling without replacement from a popularity vector p over
   experts, from a stream of alias-method draws per token (`popular_gumbel`, Gumbel top-k
   of log p, is the same distribution from E scores per token). `zipf_logp`,
-  `dirichlet_logp`, `hist_logp` make p.
+  `dirichlet_logp`, `hist_logp` make p. The Monte Carlo without EP ranks counts the
+  experts used straight from the draws (`popular_used`: one fused pass, no ids stored).
 - `group_limited`: DeepSeek-V3's node-limited top-k: a token scores every expert,
   keeps the `topk_group` of `n_group` groups with the best top-2 score sum, then takes
-  its top-k inside them.
+  its top-k inside them; drawn from order statistics (about 2 G + 2 k numbers per token),
+  `group_limited_gumbel` from E scores.
+
+What a sampler costs on XLA CPU decides its shape: elementwise chains fuse into one
+vectorized loop with their consumer, while a table lookup (a gather) in that loop makes it
+scalar, and an array materialized per pick makes XLA recompute the chain once per array.
+`layer_generator` gives each routing a generator `gen(key, l) -> [N_t, k]`; the skewed
+ones also carry `gen.used(key, l)`, the experts one layer uses.
 - `from_logits`: top-k of router logits the user supplies (a .npy file).
 
 `parse(spec)` reads the CLI's routing strings: uniform | zipf:S | dirichlet:A | groups |
