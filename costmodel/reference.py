@@ -304,10 +304,13 @@ def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int,
     Sample s is the routing `routing.layers(gen, fold_in(key, s), L)`: layer-samples are
     independent, so they are flattened into one index m = s L + l and run in chunks of
     fixed size (one compilation) whose ids fit in `_CHUNK_ELEMENTS` (`width`: elements
-    per token the generator touches, k for uniform, E for Gumbel scores).
+    per token the generator touches, k for ids, E for scores; 1 without ranks for a
+    generator that counts the experts used itself, `gen.used`).
     `progress(done, total)` in samples, after each chunk (which then waits for its result).
     """
     total = samples * n_layers
+    if not ranks and hasattr(gen, "used"):
+        width = 1  # counted straight from the draws: nothing per token is stored
     chunk = int(min(total, max(1, _CHUNK_ELEMENTS // max(1, tokens * width))))
     run = _stats_runner(gen, n_layers, n_experts, ranks, gpus_per_node)
     parts = []
@@ -395,7 +398,10 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
         stats["n_used"] = np.asarray(c["n_used"]).reshape(1, L)
     else:
         gen = rt.layer_generator(spec, L, N, E, k, model.n_group, model.topk_group)
-        width = k  # elements per token a chunk holds: ids, never E scores
+        # elements per token a chunk holds: ids; the skewed samplers' loop of draw rounds
+        # keeps k arrays of ids and runs faster on small chunks (sample_stats: not when
+        # they count straight from the draws)
+        width = E if spec.kind in ("zipf", "dirichlet", "hist") else k
         stats = sample_stats(gen, key, samples, L, N, width, E, R, system.gpus_per_node,
                              progress)
 

@@ -142,7 +142,22 @@ def popular_gumbel(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.
 
 def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
                   topk_group: int) -> jax.Array:
-    """[tokens, k]: DeepSeek-V3 group-limited top-k on iid Gumbel scores, the law of
+    """[tokens, k] ids of `group_ids`, materialized in one pass: XLA CPU computes k
+    elementwise outputs as k loops, each recomputing the whole chain, but the k outputs
+    of one reduction in one loop; so each token is computed beside a padding lane that
+    a sum over the two lanes drops."""
+    lane0 = jnp.arange(2) == 0
+    ids = group_ids(key, tokens, n_experts, k, n_group, topk_group, lanes=2)
+    red = jax.lax.reduce(tuple(jnp.where(lane0, c, 0) for c in ids),
+                         tuple(jnp.int32(0) for _ in ids),
+                         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (1,))
+    return jnp.stack(red, -1)
+
+
+def group_ids(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
+              topk_group: int, lanes: int = 0) -> list[jax.Array]:
+    """k arrays [tokens] (or [tokens, lanes], every lane the same token): the experts of
+    DeepSeek-V3 group-limited top-k on iid Gumbel scores, the law of
     `group_limited_gumbel` from about 2 G + 2 k random numbers per token instead of E.
 
     A Gumbel score is -log X with X ~ Exp(1), so a group's best scores are its smallest
@@ -170,6 +185,8 @@ def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: 
     if tokens * words >= 2**32:
         raise SpecError(f"tokens: {tokens} x {words} draws exceed the 32-bit counter")
     t = jnp.arange(tokens, dtype=jnp.uint32) * jnp.uint32(words)
+    if lanes:
+        t = jnp.broadcast_to(t[:, None], (tokens, lanes))
     bits = [counter_bits(key, t + jnp.uint32(j)) for j in range(words)]
 
     def expo(u):  # Exp(1) from 24 random bits, the resolution of `gumbel`
@@ -184,10 +201,10 @@ def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: 
         better = sum(((score[h] < score[g]) | ((score[h] == score[g]) & (h < g))).astype(jnp.int32)
                      for h in range(G) if h != g)
         head.append(jnp.where(better < tg, x1[g], inf))
-        used.append(jnp.zeros(tokens, jnp.int32))
+        used.append(jnp.zeros(t.shape, jnp.int32))
     pick_group, pick_rank = [], []  # per merge step: its group, its rank within the group
     for i in range(k):
-        best, gi = head[0], jnp.zeros(tokens, jnp.int32)
+        best, gi = head[0], jnp.zeros(t.shape, jnp.int32)
         for g in range(1, G):
             take = head[g] < best
             best, gi = jnp.where(take, head[g], best), jnp.where(take, g, gi)
@@ -210,7 +227,7 @@ def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: 
             d = jnp.where(functools.reduce(jnp.logical_or, [p == d for p in ids]),
                           gi * m + n.astype(jnp.int32) - 1, d)
         ids.append(d)
-    return jnp.stack(ids, -1)
+    return ids
 
 
 def group_limited_gumbel(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
@@ -672,6 +689,22 @@ def _popular_generator(tokens: int, k: int, draws: int, layer_table) -> Generato
     return gen
 
 
+def _groups_generator(tokens: int, E: int, k: int, n_group: int, topk_group: int) -> Generator:
+    """Group-limited ids; `gen.used` counts the experts used in the same fused pass."""
+    def gen(key, l):
+        return group_limited(key, tokens, E, k, n_group, topk_group)
+
+    def used(key, l):
+        cols = group_ids(key, tokens, E, k, n_group, topk_group)
+        words = set_words(cols, E)
+        red = jax.lax.reduce(tuple(words), tuple(jnp.uint32(0) for _ in words),
+                             lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (0,))
+        return sum(jax.lax.population_count(w).astype(jnp.int32) for w in red)
+
+    gen.used = used
+    return gen
+
+
 def _zipf_generator(tokens: int, E: int, k: int, s: float) -> Generator:
     """Zipf: slot j has popularity 1/(j+1)^s, so one alias table serves every layer; each
     layer draws which expert holds each slot (a uniform random permutation, as the
@@ -729,7 +762,7 @@ def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: in
     if spec.kind == "dirichlet":
         return _dirichlet_generator(tokens, E, k, spec.param)
     if spec.kind == "groups":
-        return lambda key, l: group_limited(key, tokens, E, k, n_group, topk_group)
+        return _groups_generator(tokens, E, k, n_group, topk_group)
     if spec.kind == "hist":
         logp = hist_logp(load_array(spec.path))
         if logp.shape[-1] != E:
