@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -186,82 +186,299 @@ def fanout_nodes_group_limited(nodes: int, n_group: int, topk_group: int, n_expe
 
 
 # --- the busiest rank -----------------------------------------------------------------------
+#
+# Every rank holds N tokens and sends each once to every remote rank it hits (hit[r] = P(a
+# token hits rank r)); X_r = rows rank r receives from the other ranks' M = (R - 1) N tokens,
+# so E[X_r] = M hit[r] and Var X_r = M hit[r] (1 - hit[r]) exactly. The X_r are dependent:
+# a token's k picks compete for ranks, so receivers are negatively correlated and the busiest
+# is busier than among independent ones (1.5-6% at 1-2 tokens per rank). What fixes the
+# spread between ranks is exact and cheap: the total S = sum_r X_r is a sum over tokens of D'
+# (the remote ranks a token hits), and with D the ranks a token hits, home included,
+#     Var S = N (R-1) sum_r h_r (1 - h_r) + N (R-2) (Var D - sum_r h_r (1 - h_r)),
+# which with the marginal variances fixes sum_{r != s} Cov(X_r, X_s) = Var S - sum_r Var X_r.
+# The model keeps these exact: receivers Y_r independent beta-binomials (M trials, mean
+# M h_r, variance f M h_r (1 - h_r)) conditioned on their sum, the sum drawn from a
+# discretized normal with the exact mean and Var S, and f fitted so that the receivers'
+# marginal variances come out exact. Then, with G_r the pgf of Y_r and G_r,c its terms up to z^c,
+#     P(max_r X_r <= c) = sum_s P(S = s) [z^s] prod_r G_r,c(z) / [z^s] prod_r G_r(z),
+#     E[max] = sum_{c >= 0} (1 - P(max <= c)).
+# For large counts the conditioning is dropped: independent receivers with the dispersion
+# f0 = (R sum_r Var X_r - Var S) / ((R - 1) sum_r Var X_r), which gives every pair of ranks
+# its exact mean spread Var(X_r - X_s) / 2 (exact in the normal limit). Checked against
+# Monte Carlo of concrete routings in tests/test_imbalance.py (docs/model.md: the grid and
+# the worst error).
+
+_CONDITIONED_MAX_LENGTH = 2**13  # R * top above this: independent receivers (they agree to 1e-4)
 
 
-def _expected_max_binomials(n, p, count) -> float:
-    """E[max_u X_u] for independent X_u ~ Binomial(n_u, p_u), `count` units of each kind.
-
-    E[max] = sum_{x >= 0} (1 - prod_u F_u(x)); the pmfs are summed on a window of +-14
-    standard deviations around the means (outside it the terms are 1 or 0 to 1e-40).
-    """
-    n, p, count = (np.asarray(a, float) for a in (n, p, count))
-    keep = (p > 0) & (n > 0) & (count > 0)
-    if not keep.any():
-        return 0.0
-    n, p, count = n[keep], np.minimum(p[keep], 1.0), count[keep]
-    mean, sd = n * p, np.sqrt(n * p * (1 - p))
-    lo = int(max(0.0, np.floor(np.min(mean - 14 * sd - 2))))
-    hi = int(min(np.max(n), np.ceil(np.max(mean + 14 * sd + 2))))
-    if hi - lo > 4000:
-        # Large counts: the binomials are normal to far better than 1% of the mean;
-        # integrate 1 - prod Phi((x + 1/2 - mean) / sd) on a fine grid instead of per integer.
-        x = np.linspace(lo, hi, 4001)
-        erf = np.frompyfunc(math.erf, 1, 1)
-        log_prod = np.zeros_like(x)
-        for m_u, s_u, c_u in zip(mean, sd, count, strict=True):
-            cdf = 0.5 * (1 + erf((x + 0.5 - m_u) / (s_u * math.sqrt(2)) if s_u > 0 else
-                                 np.where(x + 0.5 >= m_u, 1e9, -1e9)).astype(float))
-            with np.errstate(divide="ignore"):
-                log_prod += c_u * np.log(np.maximum(cdf, 0.0))
-        return float(lo + np.trapezoid(1 - np.exp(log_prod), x))
-    x = np.arange(lo, hi + 1, dtype=float)
+def _beta_binomial(n: int, p: float, dispersion: float, top: int) -> np.ndarray:
+    """pmf on 0..top (top <= n) of the beta-binomial with n trials, mean n p and variance
+    dispersion * n p (1 - p) (1: the binomial). Its terms are the binomial's times
+    prod_{i<x} (1 + i/a) prod_{i<n-x} (1 + i/b) / prod_{i<n} (1 + i/(a+b)), summed as log1p
+    so that a dispersion near 1 (a + b huge) keeps full precision."""
+    pmf = np.zeros(top + 1)
+    if p <= 0 or p >= 1:
+        pmf[0 if p <= 0 else n] = 1.0
+        return pmf
+    x = np.arange(top + 1, dtype=float)
     lg = np.frompyfunc(math.lgamma, 1, 1)
-    log_cdf_sum = np.zeros_like(x)
-    for n_u, p_u, c_u in zip(n, p, count, strict=True):
-        if p_u >= 1:
-            cdf = (x >= n_u).astype(float)
+    log_pmf = (math.lgamma(n + 1) - lg(x + 1).astype(float) - lg(n - x + 1).astype(float)
+               + x * math.log(p) + (n - x) * math.log1p(-p))
+    if dispersion > 1 + 1e-12:
+        s = (n - dispersion) / (dispersion - 1)  # a + b
+        i = np.arange(n, dtype=float)
+        rise_a = np.concatenate([[0.0], np.cumsum(np.log1p(i / (p * s)))])
+        rise_b = np.concatenate([[0.0], np.cumsum(np.log1p(i / ((1 - p) * s)))])
+        log_pmf += rise_a[: top + 1] + rise_b[n - np.arange(top + 1)] - np.sum(np.log1p(i / s))
+    return np.exp(log_pmf)
+
+
+class _Receivers:
+    """Rank kinds (hit h_j, count n_j) with M trials each, and the law of their total S."""
+
+    def __init__(self, M: int, hit, count, total_mean: float, total_var: float):
+        self.M, self.hit, self.count = M, np.asarray(hit, float), np.asarray(count, np.int64)
+        self.R = int(self.count.sum())
+        mean, var = M * self.hit, M * self.hit * (1 - self.hit)
+        spread = math.sqrt(2.5 * float(var.max())) + 1  # the fitted f stays below 2.5
+        self.top = int(min(M, math.ceil(float(mean.max()) + 12 * spread + 4)))
+        self.length = 1 << int(self.R * self.top).bit_length()
+        s = np.arange(self.R * self.top + 1)
+        z2 = (s - total_mean) ** 2 / (2 * max(total_var, 1e-9))
+        law = np.exp(-(z2 - z2.min()))
+        self.total = law / law.sum()  # P(S = s), a discretized normal
+        self.var_sum = float(np.sum(self.count * var))
+
+    def _product(self, pmfs, extra=None):
+        """Coefficients of prod_j (pgf_j)^{n_j} (with one factor of kind j replaced by
+        extra[j], summed over j with weight n_j, when extra is given)."""
+        F = [np.fft.rfft(p, self.length) for p in pmfs]
+        if extra is None:
+            out = np.prod([_power(f, n) for f, n in zip(F, self.count, strict=True)], axis=0)
         else:
-            xs = np.minimum(x, n_u)
-            logpmf = (math.lgamma(n_u + 1) - lg(xs + 1).astype(float) - lg(n_u - xs + 1).astype(float)
-                      + xs * math.log(p_u) + (n_u - xs) * math.log1p(-p_u))
-            pmf = np.where(x <= n_u, np.exp(logpmf), 0.0)
-            cdf = np.minimum(np.cumsum(pmf) / max(pmf.sum(), 1e-300), 1.0)
-            cdf = np.where(x >= n_u, 1.0, cdf)
+            out = 0
+            for j, (g, n) in enumerate(zip(extra, self.count, strict=True)):
+                rest = np.prod([_power(f, c - (i == j)) for i, (f, c) in
+                                enumerate(zip(F, self.count, strict=True))], axis=0)
+                out = out + n * np.fft.rfft(g, self.length) * rest
+        return np.fft.irfft(out, self.length)[: self.total.size]
+
+    def pmfs(self, dispersion):
+        return [_beta_binomial(self.M, h, min(dispersion, self.M), self.top) for h in self.hit]
+
+    def _ratio(self, num, den):
+        ok = den > 1e-14 * den.max()
+        return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+
+    def variance_sum(self, dispersion) -> float:
+        """sum_r Var X_r under the conditioned model (means taken as exact, M h_r)."""
+        pmfs = self.pmfs(dispersion)
+        x = np.arange(self.top + 1, dtype=float)
+        den = self._product(pmfs)
+        second = self._ratio(self._product(pmfs, [x * x * p for p in pmfs]), den)
+        return float(np.sum(self.total * np.clip(second, 0, None))
+                     - np.sum(self.count * (self.M * self.hit) ** 2))
+
+    def fit_dispersion(self, guess: float) -> float:
+        """f with the model's sum_r Var X_r equal to the exact one: regula falsi on f in
+        [1, M], from the normal-limit guess (the variance grows with f)."""
+        def gap(f):
+            return self.variance_sum(f) - self.var_sum
+
+        lo, g_lo = 1.0, gap(1.0)
+        if g_lo >= 0 or self.M <= 1:
+            return 1.0
+        hi = min(float(self.M), max(guess, 1.0 + 1e-3))
+        g_hi = gap(hi)
+        while g_hi < 0 and hi < self.M:
+            lo, g_lo, hi = hi, g_hi, min(float(self.M), 1 + 2 * (hi - 1))
+            g_hi = gap(hi)
+        if g_hi <= 0:
+            return hi
+        side = 0
+        for _ in range(40):  # Illinois variant: halve the weight of a side kept twice
+            mid = (lo * g_hi - hi * g_lo) / (g_hi - g_lo)
+            g_mid = gap(mid)
+            if abs(g_mid) < 1e-7 * self.var_sum or hi - lo < 1e-9:
+                return mid
+            if g_mid < 0:
+                lo, g_lo = mid, g_mid
+                g_hi = g_hi / 2 if side == -1 else g_hi
+                side = -1
+            else:
+                hi, g_hi = mid, g_mid
+                g_lo = g_lo / 2 if side == 1 else g_lo
+                side = 1
+        return mid
+
+    def expected_max(self, dispersion) -> float:
+        pmfs = self.pmfs(dispersion)
+        den = self._product(pmfs)
         with np.errstate(divide="ignore"):
-            log_cdf_sum += c_u * np.log(cdf)
-    return float(lo + np.sum(1 - np.exp(log_cdf_sum[:-1])))
+            log_cdf = [np.log(np.cumsum(p)) for p in pmfs]
+        out = 0.0
+        for c in range(self.top):
+            # below 1e-20 for independent receivers: no correlation lifts it to matter
+            if sum(n * lc[c] for n, lc in zip(self.count, log_cdf, strict=True)) < -46:
+                out += 1.0
+                continue
+            p_all = float(np.sum(self.total * np.clip(self._ratio(
+                self._product([p[: c + 1] for p in pmfs]), den), 0, 1)))
+            out += 1 - p_all
+            if 1 - p_all < 1e-10:
+                break
+        return out
 
 
-def imbalance_from_probabilities(tokens_per_rank, hit) -> float:
-    """E[max over ranks of (token, rank) pairs received] / their mean.
+def _power(f: np.ndarray, n) -> np.ndarray:
+    """f ** n for a non-negative integer n by repeated squaring (numpy's complex power is
+    several times slower)."""
+    n, out = int(n), np.ones_like(f)
+    while n:
+        if n & 1:
+            out = out * f
+        n >>= 1
+        if n:
+            f = f * f
+    return out
 
-    Every rank holds `tokens_per_rank` tokens (the per-GPU view of the seed: each GPU has
-    N_t) and sends each to the remote ranks it hits; rank r is hit by a token with
-    probability hit[r]. Rank r receives X_r ~ Binomial((R-1) N, hit[r]) rows. The X_r of
-    different ranks are treated as independent (they are weakly, negatively correlated
-    through a token's k picks): an approximation, checked against Monte Carlo of the exact
-    routing in tests/test_imbalance.py (within 1% from 4 tokens per rank on).
+
+def _expected_max_independent(M: int, hit, count, dispersion: float) -> float:
+    """E[max_r Y_r] for independent beta-binomial receivers (M trials, mean M h_j, variance
+    dispersion * M h_j (1 - h_j), count[j] of kind j): sum_c (1 - prod_r P(Y_r <= c)), per
+    integer on a window of +-14 standard deviations, or for large counts (M > 1e5 or a window
+    over 4000) with normal receivers integrated on a fine grid."""
+    hit, count = np.asarray(hit, float), np.asarray(count, float)
+    mean, sd = M * hit, np.sqrt(dispersion * M * hit * (1 - hit))
+    lo = int(max(0.0, np.floor(np.min(mean - 14 * sd - 2))))
+    hi = int(min(M, np.ceil(np.max(mean + 14 * sd + 2))))
+    if M <= 100_000 and hi - lo <= 4000:
+        x = np.arange(hi + 1)
+        log_cdf = np.zeros(hi + 1)
+        for h, c in zip(hit, count, strict=True):
+            cdf = np.minimum(np.cumsum(_beta_binomial(M, h, dispersion, hi)), 1.0)
+            with np.errstate(divide="ignore"):
+                log_cdf += c * np.log(np.where(x >= M, 1.0, cdf))
+        return float(lo + np.sum(1 - np.exp(log_cdf[lo:-1])))
+    x = np.linspace(lo, hi, 4001)
+    erf = np.frompyfunc(math.erf, 1, 1)
+    log_prod = np.zeros_like(x)
+    for m, s, c in zip(mean, sd, count, strict=True):
+        z = (x + 0.5 - m) / (s * math.sqrt(2)) if s > 0 else np.where(x + 0.5 >= m, 1e9, -1e9)
+        with np.errstate(divide="ignore"):
+            log_prod += c * np.log(np.maximum(0.5 * (1 + erf(z).astype(float)), 0.0))
+    return float(lo + np.trapezoid(1 - np.exp(log_prod), x))
+
+
+def _expected_max_received(tokens: int, hit, hits_variance: float) -> float:
+    """E[max_r X_r] for an integer number of tokens per rank (the model above)."""
+    R = hit.size
+    M = (R - 1) * tokens
+    values, counts = np.unique(np.round(hit, 12), return_counts=True)
+    keep = values > 0
+    var_each = float(np.sum(hit * (1 - hit)))
+    total_var = tokens * (R - 1) * var_each + tokens * (R - 2) * (hits_variance - var_each)
+    receivers = _Receivers(M, values[keep], counts[keep], M * float(hit.sum()), total_var)
+    f0 = (R * M * var_each - total_var) / ((R - 1) * M * var_each) if var_each > 0 else 1.0
+    if R * receivers.top <= _CONDITIONED_MAX_LENGTH and receivers.R == R:
+        return receivers.expected_max(receivers.fit_dispersion(f0))
+    return _expected_max_independent(M, values[keep], counts[keep], max(1.0, f0))
+
+
+def imbalance_from_probabilities(tokens_per_rank, hit, hits_variance=None) -> float:
+    """E[max over ranks of rows received] / their mean (the model above).
+
+    Every rank holds `tokens_per_rank` tokens and sends each to the remote ranks it hits;
+    rank r is hit by a token with probability hit[r]. hits_variance: Var of the number of
+    ranks one token hits (home included), which carries the receivers' correlation; None
+    treats the ranks as hit independently (sum_r h_r (1 - h_r)). A fractional N
+    interpolates E[max] linearly between the neighbouring integers (E[max] = 0 at N = 0).
     """
     hit = np.asarray(hit, float)
-    R = hit.size
-    n = (R - 1) * float(tokens_per_rank)
-    mean = n * hit.mean()
+    R, N = hit.size, float(tokens_per_rank)
+    mean = (R - 1) * N * hit.mean()
     if R < 2 or mean <= 0:
         return 1.0
-    values, counts = np.unique(np.round(hit, 15), return_counts=True)
-    expected_max = _expected_max_binomials(np.full(values.shape, n), values, counts)
-    # E[max_r X_r] >= max_r E[X_r] for any joint law; the normal path for large counts can
-    # land a hair below it when the ranks' means differ (R not dividing E): hold the bound.
-    return float(max(expected_max, n * hit.max()) / mean)
+    var_d = float(np.sum(hit * (1 - hit))) if hits_variance is None else float(hits_variance)
+    below = math.floor(N)
+    expected_max = _expected_max_received(below, hit, var_d) if below > 0 else 0.0
+    if below < N:
+        expected_max = ((below + 1 - N) * expected_max
+                        + (N - below) * _expected_max_received(below + 1, hit, var_d))
+    # E[max_r X_r] >= max_r E[X_r] for any joint law: hold the bound.
+    return float(max(expected_max, (R - 1) * N * hit.max()) / mean)
+
+
+def hits_uniform(ranks: int, n_experts: int, k: int, held=None) -> tuple[np.ndarray, float]:
+    """(hit[r], Var D) for uniform top-k routing, exact: D the ranks one token hits.
+
+    held: per rank its experts (eplb_placement), a replicated expert's tokens split evenly
+    over its copies (each pick goes to one copy at random); default contiguous blocks. A
+    token misses a set A of ranks with probability E[prod_{e picked} x_e] = e_k(x) / C(E, k),
+    x_e = 1 - (copies of e in A) / copies_e, e_k the k-th elementary symmetric polynomial
+    (only the experts in A have x_e < 1). Then P(hit r and s) = 1 - miss(r) - miss(s) +
+    miss(r, s) and Var D = sum_r h_r + sum_{r != s} P(hit r and s) - (sum_r h_r)^2. Ranks
+    and pairs with the same multiset of x are computed once.
+    """
+    E, R, k = int(n_experts), int(ranks), int(k)
+    held = contiguous_placement(E, R) if held is None else [list(h) for h in held]
+    copies = np.bincount(np.concatenate([np.asarray(h, np.int64) for h in held]), minlength=E)
+
+    @cache
+    def miss(xs: tuple) -> float:  # P(all k picks avoid the set; the set's x < 1 given)
+        e = np.zeros(k + 1)
+        e[0] = 1.0
+        for x in xs:
+            e[1:] = e[1:] + e[:-1] * x
+        rest = E - len(xs)
+        return float(sum(e[i] * math.comb(rest, k - i) for i in range(k + 1)) / math.comb(E, k))
+
+    def x_of(ranks_in_set) -> tuple:
+        inside = {}
+        for r in ranks_in_set:
+            for e in held[r]:
+                inside[e] = inside.get(e, 0) + 1
+        return tuple(sorted(round(1 - n / copies[e], 12) for e, n in inside.items()))
+
+    sig = [x_of([r]) for r in range(R)]
+    hit = np.array([1 - miss(s) for s in sig])
+    kinds: dict[tuple, int] = {}
+    for s in sig:
+        kinds[s] = kinds.get(s, 0) + 1
+    names = list(kinds)
+    both_sum = 0.0  # sum over unordered pairs r < s of miss(r, s), first as if none shared
+    for a, sa in enumerate(names):
+        for sb in names[a:]:
+            pairs = kinds[sa] * (kinds[sa] - 1) // 2 if sb == sa else kinds[sa] * kinds[sb]
+            both_sum += pairs * miss(tuple(sorted(sa + sb)))
+    holders: dict[int, list[int]] = {}
+    for r, h in enumerate(held):
+        for e in h:
+            holders.setdefault(e, []).append(r)
+    shared = {(r, s) for rs in holders.values() if len(rs) > 1
+              for i, r in enumerate(rs) for s in rs[i + 1:]}
+    for r, s in shared:  # pairs holding copies of one expert: the joint x differs
+        both_sum += miss(x_of([r, s])) - miss(tuple(sorted(sig[r] + sig[s])))
+    pairs_total = R * (R - 1) // 2
+    miss_sum = float(np.sum(1 - hit))
+    both = pairs_total - (R - 1) * miss_sum + both_sum  # sum_{r<s} P(hit r and s)
+    var_d = float(hit.sum() + 2 * both - hit.sum() ** 2)
+    return hit, max(var_d, 0.0)
 
 
 @lru_cache(maxsize=4096)
 def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int) -> float:
-    """imbalance under uniform top-k and contiguous placement (see imbalance_from_probabilities)."""
+    """imbalance under uniform top-k and contiguous placement (imbalance_from_probabilities
+    with the exact hit probabilities and Var D of hits_uniform)."""
     if int(ranks) < 2:
         return 1.0
-    hit = 1 - miss_probability(experts_per_rank(n_experts, ranks), n_experts, k)
-    return imbalance_from_probabilities(tokens_per_rank, hit)
+    hit, var_d = _hits_contiguous(int(ranks), int(n_experts), int(k))
+    return imbalance_from_probabilities(tokens_per_rank, hit, var_d)
+
+
+@lru_cache(maxsize=256)
+def _hits_contiguous(ranks: int, n_experts: int, k: int) -> tuple[np.ndarray, float]:
+    return hits_uniform(ranks, n_experts, k)
 
 
 def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
