@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import numpy as np
 
@@ -187,71 +187,172 @@ def fanout_nodes_group_limited(nodes: int, n_group: int, topk_group: int, n_expe
 
 # --- the busiest rank -----------------------------------------------------------------------
 #
-# Every rank holds N tokens and sends each once to every remote rank it hits (hit[r] = P(a
-# token hits rank r)); X_r = rows rank r receives from the other ranks' M = (R - 1) N tokens,
-# so E[X_r] = M hit[r] and Var X_r = M hit[r] (1 - hit[r]) exactly. The X_r are dependent:
-# a token's k picks compete for ranks, so receivers are negatively correlated and the busiest
-# is busier than among independent ones (1.5-6% at 1-2 tokens per rank). What fixes the
-# spread between ranks is exact and cheap: the total S = sum_r X_r is a sum over tokens of D'
-# (the remote ranks a token hits), and with D the ranks a token hits, home included,
-#     Var S = N (R-1) sum_r h_r (1 - h_r) + N (R-2) (Var D - sum_r h_r (1 - h_r)),
-# which with the marginal variances fixes sum_{r != s} Cov(X_r, X_s) = Var S - sum_r Var X_r.
-# The model keeps these exact: receivers Y_r independent beta-binomials (M trials, mean
-# M h_r, variance f M h_r (1 - h_r)) conditioned on their sum, the sum drawn from a
-# discretized normal with the exact mean and Var S, and f fitted so that the receivers'
-# marginal variances come out exact. Then, with G_r the pgf of Y_r and G_r,c its terms up to z^c,
+# Every rank holds N tokens and sends each once to every remote rank it hits; X_r = rows
+# rank r receives from the other ranks' M = (R - 1) N tokens. Exact and cheap: each X_r's
+# mean and variance, and the variance of the total S = sum_r X_r, a sum over tokens of the
+# remote ranks each hits. A token's k picks compete for ranks, so receivers are negatively
+# correlated: with the marginal variances, Var S fixes sum_{r != s} Cov(X_r, X_s) and so the
+# mean spread between two ranks,
+#     W = mean over r != s of Var(X_r - X_s) / 2 = (R sum_r Var X_r - Var S) / (R (R - 1)),
+# which in the normal limit sets E[max] (equicorrelated normals: mu + sqrt(W) E[max Z]).
+# Independent receivers with the exact means miss it (1.5-6% low at 1-2 tokens per rank).
+# The model: receivers Y_r independent, each with the exact mean and f times the exact
+# variance (beta-binomial over M trials; a binomial with fewer trials when f Var X_r is
+# below the binomial's), where
+#     f0 = W / mean_r Var X_r = (R sum_r Var X_r - Var S) / ((R - 1) sum_r Var X_r)
+# gives every pair of ranks its exact mean spread. For small counts (R * top <= 2^13) the
+# receivers are also conditioned on their sum, drawn from a discretized normal with the
+# exact mean and Var S, with f refitted so that the marginal variances come out exact:
 #     P(max_r X_r <= c) = sum_s P(S = s) [z^s] prod_r G_r,c(z) / [z^s] prod_r G_r(z),
-#     E[max] = sum_{c >= 0} (1 - P(max <= c)).
-# For large counts the conditioning is dropped: independent receivers with the dispersion
-# f0 = (R sum_r Var X_r - Var S) / ((R - 1) sum_r Var X_r), which gives every pair of ranks
-# its exact mean spread Var(X_r - X_s) / 2 (exact in the normal limit). Checked against
-# Monte Carlo of concrete routings in tests/test_imbalance.py (docs/model.md: the grid and
-# the worst error).
+# G_r the pgf of Y_r, G_r,c its terms up to z^c; E[max] = sum_{c >= 0} (1 - P(max <= c)).
+# An approximation, checked against Monte Carlo of concrete routings (tests/test_imbalance.py;
+# docs/model.md gives the grid and the worst error) and against exact enumeration on tiny cases.
 
-_CONDITIONED_MAX_LENGTH = 2**13  # R * top above this: independent receivers (they agree to 1e-4)
+_CONDITIONED_MAX_LENGTH = 2**13  # beyond: unconditioned (they agree to 1e-4 there)
+
+
+@dataclass(frozen=True)
+class RankLoads:
+    """Exact moments of the rows each rank receives (X_r) with N tokens per rank."""
+
+    mean: np.ndarray  # [R] E[X_r]
+    var: np.ndarray  # [R] Var X_r
+    total_var: float  # Var sum_r X_r
+    trials: int  # (R - 1) N: the most rows one rank can receive
+
+
+def loads_from_probabilities(tokens: int, hit, hits_variance: float | None = None) -> RankLoads:
+    """Every token hits rank r with probability hit[r]; hits_variance = Var D, D the ranks a
+    token hits (home included; None: ranks hit independently, sum_r h_r (1 - h_r)).
+    Var S = N (R-1) sum_r h_r (1 - h_r) + N (R-2) (Var D - sum_r h_r (1 - h_r)): a token's
+    covariances sum to Var D - sum_r h_r (1 - h_r), and R - 2 ranks' tokens reach a pair."""
+    hit = np.asarray(hit, float)
+    R, N = hit.size, int(tokens)
+    spread = hit * (1 - hit)
+    var_d = float(spread.sum()) if hits_variance is None else float(hits_variance)
+    total_var = N * (R - 1) * spread.sum() + N * (R - 2) * (var_d - spread.sum())
+    return RankLoads((R - 1) * N * hit, (R - 1) * N * spread, float(total_var), (R - 1) * N)
+
+
+def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
+    """Uniform top-k routing over a placement (per rank its experts), as reference.rank_loads
+    counts it: token t on rank t // N; a replicated expert's token t goes to its copy
+    t mod copies. Exact: for one token every expert has one destination, a_r experts on
+    rank r, so rank r is missed with probability miss(a_r) = C(E - a_r, k) / C(E, k) and
+    Cov(hit r, hit s) = miss(a_r + a_s) - miss(a_r) miss(a_s); tokens with the same copy
+    pattern (t mod lcm(copies)) share them."""
+    E, R, N, k = int(n_experts), len(held), int(tokens), int(k)
+    copies = np.zeros(E, np.int64)
+    table = np.zeros((E, R), np.int64)  # table[e, j]: rank of copy j (rank order)
+    for r, h in enumerate(held):
+        for e in h:
+            table[e, copies[e]] = r
+            copies[e] += 1
+    T = R * N
+    period = math.lcm(*(int(c) for c in copies))
+    classes = period if period <= T else T
+    t = np.arange(T)
+    count = np.zeros((R, classes))  # tokens by (home, copy pattern)
+    np.add.at(count, (t * R // T, t % classes), 1.0)
+    dest = table[np.arange(E)[None, :], np.arange(classes)[:, None] % copies[None, :]]
+    a = np.stack([np.bincount(d, minlength=R) for d in dest]).astype(float)  # [classes, R]
+    miss = miss_probability(a, E, k)
+    hit = 1 - miss
+    spread = hit * (1 - hit)
+    # row[c, r] = sum_{s != r} Cov(hit r, hit s) for pattern c, over the distinct a values
+    values = [np.unique(row, return_counts=True) for row in a]
+    row = np.stack([
+        sum(n * (miss_probability(a[c] + u, E, k) - miss[c] * miss_probability(u, E, k))
+            for u, n in zip(*values[c], strict=True))
+        - (miss_probability(2 * a[c], E, k) - miss[c] ** 2)
+        for c in range(classes)])
+    foreign = count.sum(0)[None, :] - count  # [r, c]: tokens of pattern c not on rank r
+    mean = np.sum(foreign * hit.T, axis=1)
+    var = np.sum(foreign * spread.T, axis=1)
+    per_token = spread.sum(1)[None, :] - spread.T + row.sum(1)[None, :] - 2 * row.T  # [home, c]
+    return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N)
 
 
 def _beta_binomial(n: int, p: float, dispersion: float, top: int) -> np.ndarray:
-    """pmf on 0..top (top <= n) of the beta-binomial with n trials, mean n p and variance
-    dispersion * n p (1 - p) (1: the binomial). Its terms are the binomial's times
-    prod_{i<x} (1 + i/a) prod_{i<n-x} (1 + i/b) / prod_{i<n} (1 + i/(a+b)), summed as log1p
-    so that a dispersion near 1 (a + b huge) keeps full precision."""
+    """pmf on 0..top of the beta-binomial with n trials, mean n p and variance
+    dispersion * n p (1 - p) (1: the binomial; at most n). Its terms are the binomial's
+    times prod_{i<x} (1 + i/a) prod_{i<n-x} (1 + i/b) / prod_{i<n} (1 + i/(a+b)), summed as
+    log1p so that a dispersion near 1 (a + b huge) keeps full precision."""
     pmf = np.zeros(top + 1)
     if p <= 0 or p >= 1:
-        pmf[0 if p <= 0 else n] = 1.0
+        if p <= 0 or n <= top:
+            pmf[0 if p <= 0 else n] = 1.0
         return pmf
-    x = np.arange(top + 1, dtype=float)
+    x = np.arange(min(top, n) + 1, dtype=float)
     lg = np.frompyfunc(math.lgamma, 1, 1)
     log_pmf = (math.lgamma(n + 1) - lg(x + 1).astype(float) - lg(n - x + 1).astype(float)
                + x * math.log(p) + (n - x) * math.log1p(-p))
+    dispersion = min(dispersion, n * (1 - 1e-9))
     if dispersion > 1 + 1e-12:
         s = (n - dispersion) / (dispersion - 1)  # a + b
         i = np.arange(n, dtype=float)
         rise_a = np.concatenate([[0.0], np.cumsum(np.log1p(i / (p * s)))])
         rise_b = np.concatenate([[0.0], np.cumsum(np.log1p(i / ((1 - p) * s)))])
-        log_pmf += rise_a[: top + 1] + rise_b[n - np.arange(top + 1)] - np.sum(np.log1p(i / s))
-    return np.exp(log_pmf)
+        xi = x.astype(np.int64)
+        log_pmf += rise_a[xi] + rise_b[n - xi] - np.sum(np.log1p(i / s))
+    pmf[: x.size] = np.exp(log_pmf)
+    return pmf
+
+
+def _receiver_pmf(trials: int, mean: float, var: float, top: int) -> np.ndarray:
+    """pmf on 0..top of a count of at most `trials` with this mean and variance: the
+    beta-binomial over all trials when var is at least the binomial's, else binomials over
+    n = mean^2 / (mean - var) trials (a mixture of the two integers around n)."""
+    if mean <= 0:
+        return _beta_binomial(trials, 0.0, 1.0, top)
+    binomial_var = mean * (1 - mean / trials)
+    if var >= binomial_var:
+        return _beta_binomial(trials, mean / trials, var / binomial_var if binomial_var > 0
+                              else 1.0, top)
+    n = mean * mean / (mean - var)
+    n0 = max(math.floor(n), math.ceil(mean))
+    if n0 >= n:
+        return _beta_binomial(n0, mean / n0, 1.0, top)
+    v0, v1 = mean * (1 - mean / n0), mean * (1 - mean / (n0 + 1))
+    w = (v1 - var) / (v1 - v0)
+    return w * _beta_binomial(n0, mean / n0, 1.0, top) + (1 - w) * _beta_binomial(
+        n0 + 1, mean / (n0 + 1), 1.0, top)
+
+
+def _power(f: np.ndarray, n) -> np.ndarray:
+    """f ** n for an integer n >= 0 by repeated squaring (numpy's complex power is slower)."""
+    n, out = int(n), np.ones_like(f)
+    while n:
+        if n & 1:
+            out = out * f
+        n >>= 1
+        if n:
+            f = f * f
+    return out
 
 
 class _Receivers:
-    """Rank kinds (hit h_j, count n_j) with M trials each, and the law of their total S."""
+    """Rank kinds j (mean, variance, count n_j) with the law of their total; builds the
+    receivers' pmfs for a variance factor f and evaluates the conditioned model."""
 
-    def __init__(self, M: int, hit, count, total_mean: float, total_var: float):
-        self.M, self.hit, self.count = M, np.asarray(hit, float), np.asarray(count, np.int64)
-        self.R = int(self.count.sum())
-        mean, var = M * self.hit, M * self.hit * (1 - self.hit)
-        spread = math.sqrt(2.5 * float(var.max())) + 1  # the fitted f stays below 2.5
-        self.top = int(min(M, math.ceil(float(mean.max()) + 12 * spread + 4)))
-        self.length = 1 << int(self.R * self.top).bit_length()
-        s = np.arange(self.R * self.top + 1)
-        z2 = (s - total_mean) ** 2 / (2 * max(total_var, 1e-9))
+    def __init__(self, loads: RankLoads, mean, var, count, top: int):
+        self.trials, self.mean, self.var = loads.trials, mean, var
+        self.count = np.asarray(count, np.int64)
+        self.top, self.R = top, int(self.count.sum())
+        self.length = 1 << int(self.R * top).bit_length()
+        s = np.arange(self.R * top + 1)
+        z2 = (s - float(np.sum(self.count * mean))) ** 2 / (2 * max(loads.total_var, 1e-9))
         law = np.exp(-(z2 - z2.min()))
-        self.total = law / law.sum()  # P(S = s), a discretized normal
+        self.total = law / law.sum()  # P(S = s): discretized normal, exact mean and Var S
         self.var_sum = float(np.sum(self.count * var))
 
+    def pmfs(self, f):
+        return [_receiver_pmf(self.trials, m, f * v, self.top)
+                for m, v in zip(self.mean, self.var, strict=True)]
+
     def _product(self, pmfs, extra=None):
-        """Coefficients of prod_j (pgf_j)^{n_j} (with one factor of kind j replaced by
-        extra[j], summed over j with weight n_j, when extra is given)."""
+        """Coefficients of prod_j pgf_j^{n_j}; with extra, sum_j n_j extra_j pgf_j^{n_j - 1}
+        prod_{i != j} pgf_i^{n_i}."""
         F = [np.fft.rfft(p, self.length) for p in pmfs]
         if extra is None:
             out = np.prod([_power(f, n) for f, n in zip(F, self.count, strict=True)], axis=0)
@@ -263,63 +364,55 @@ class _Receivers:
                 out = out + n * np.fft.rfft(g, self.length) * rest
         return np.fft.irfft(out, self.length)[: self.total.size]
 
-    def pmfs(self, dispersion):
-        return [_beta_binomial(self.M, h, min(dispersion, self.M), self.top) for h in self.hit]
-
-    def _ratio(self, num, den):
+    @staticmethod
+    def _ratio(num, den):
         ok = den > 1e-14 * den.max()
         return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
 
-    def variance_sum(self, dispersion) -> float:
-        """sum_r Var X_r under the conditioned model (means taken as exact, M h_r)."""
-        pmfs = self.pmfs(dispersion)
-        x = np.arange(self.top + 1, dtype=float)
-        den = self._product(pmfs)
-        second = self._ratio(self._product(pmfs, [x * x * p for p in pmfs]), den)
+    def variance_sum(self, f) -> float:
+        """sum_r Var X_r in the conditioned model (means taken as the exact ones)."""
+        pmfs = self.pmfs(f)
+        x2 = np.arange(self.top + 1, dtype=float) ** 2
+        second = self._ratio(self._product(pmfs, [x2 * p for p in pmfs]), self._product(pmfs))
         return float(np.sum(self.total * np.clip(second, 0, None))
-                     - np.sum(self.count * (self.M * self.hit) ** 2))
+                     - np.sum(self.count * self.mean ** 2))
 
-    def fit_dispersion(self, guess: float) -> float:
-        """f with the model's sum_r Var X_r equal to the exact one: regula falsi on f in
-        [1, M], from the normal-limit guess (the variance grows with f)."""
+    def fit(self, guess: float) -> float:
+        """f with the conditioned model's sum_r Var X_r equal to the exact one (regula falsi,
+        Illinois variant; the variance grows with f)."""
         def gap(f):
             return self.variance_sum(f) - self.var_sum
 
         lo, g_lo = 1.0, gap(1.0)
-        if g_lo >= 0 or self.M <= 1:
+        if g_lo >= 0:
             return 1.0
-        hi = min(float(self.M), max(guess, 1.0 + 1e-3))
+        hi = max(guess, 1.0 + 1e-3)
         g_hi = gap(hi)
-        while g_hi < 0 and hi < self.M:
-            lo, g_lo, hi = hi, g_hi, min(float(self.M), 1 + 2 * (hi - 1))
+        while g_hi < 0 and hi < self.trials:
+            lo, g_lo, hi = hi, g_hi, min(float(self.trials), 1 + 2 * (hi - 1))
             g_hi = gap(hi)
         if g_hi <= 0:
             return hi
-        side = 0
-        for _ in range(40):  # Illinois variant: halve the weight of a side kept twice
+        side, mid = 0, hi
+        for _ in range(40):
             mid = (lo * g_hi - hi * g_lo) / (g_hi - g_lo)
             g_mid = gap(mid)
             if abs(g_mid) < 1e-7 * self.var_sum or hi - lo < 1e-9:
-                return mid
+                break
             if g_mid < 0:
-                lo, g_lo = mid, g_mid
-                g_hi = g_hi / 2 if side == -1 else g_hi
-                side = -1
+                lo, g_lo, g_hi, side = mid, g_mid, g_hi / 2 if side == -1 else g_hi, -1
             else:
-                hi, g_hi = mid, g_mid
-                g_lo = g_lo / 2 if side == 1 else g_lo
-                side = 1
+                hi, g_hi, g_lo, side = mid, g_mid, g_lo / 2 if side == 1 else g_lo, 1
         return mid
 
-    def expected_max(self, dispersion) -> float:
-        pmfs = self.pmfs(dispersion)
+    def expected_max(self, f) -> float:
+        pmfs = self.pmfs(f)
         den = self._product(pmfs)
         with np.errstate(divide="ignore"):
-            log_cdf = [np.log(np.cumsum(p)) for p in pmfs]
+            log_cdf = np.array([np.log(np.minimum(np.cumsum(p), 1.0)) for p in pmfs])
         out = 0.0
         for c in range(self.top):
-            # below 1e-20 for independent receivers: no correlation lifts it to matter
-            if sum(n * lc[c] for n, lc in zip(self.count, log_cdf, strict=True)) < -46:
+            if self.count @ log_cdf[:, c] < -46:  # < 1e-20 independent: ~0 for any coupling
                 out += 1.0
                 continue
             p_all = float(np.sum(self.total * np.clip(self._ratio(
@@ -330,35 +423,20 @@ class _Receivers:
         return out
 
 
-def _power(f: np.ndarray, n) -> np.ndarray:
-    """f ** n for a non-negative integer n by repeated squaring (numpy's complex power is
-    several times slower)."""
-    n, out = int(n), np.ones_like(f)
-    while n:
-        if n & 1:
-            out = out * f
-        n >>= 1
-        if n:
-            f = f * f
-    return out
-
-
-def _expected_max_independent(M: int, hit, count, dispersion: float) -> float:
-    """E[max_r Y_r] for independent beta-binomial receivers (M trials, mean M h_j, variance
-    dispersion * M h_j (1 - h_j), count[j] of kind j): sum_c (1 - prod_r P(Y_r <= c)), per
-    integer on a window of +-14 standard deviations, or for large counts (M > 1e5 or a window
-    over 4000) with normal receivers integrated on a fine grid."""
-    hit, count = np.asarray(hit, float), np.asarray(count, float)
-    mean, sd = M * hit, np.sqrt(dispersion * M * hit * (1 - hit))
+def _expected_max_independent(trials: int, mean, var, count) -> float:
+    """E[max] of independent receivers (count[j] of kind j with this mean and variance):
+    sum_c (1 - prod_r P(Y_r <= c)) per integer on a window of +-14 standard deviations, or
+    for large counts (over 1e5 trials or a window over 4000) normal receivers integrated on
+    a fine grid."""
+    sd = np.sqrt(var)
     lo = int(max(0.0, np.floor(np.min(mean - 14 * sd - 2))))
-    hi = int(min(M, np.ceil(np.max(mean + 14 * sd + 2))))
-    if M <= 100_000 and hi - lo <= 4000:
-        x = np.arange(hi + 1)
+    hi = int(min(trials, np.ceil(np.max(mean + 14 * sd + 2))))
+    if trials <= 100_000 and hi - lo <= 4000:
         log_cdf = np.zeros(hi + 1)
-        for h, c in zip(hit, count, strict=True):
-            cdf = np.minimum(np.cumsum(_beta_binomial(M, h, dispersion, hi)), 1.0)
+        for m, v, c in zip(mean, var, count, strict=True):
+            cdf = np.minimum(np.cumsum(_receiver_pmf(trials, m, v, hi)), 1.0)
             with np.errstate(divide="ignore"):
-                log_cdf += c * np.log(np.where(x >= M, 1.0, cdf))
+                log_cdf += c * np.log(cdf)
         return float(lo + np.sum(1 - np.exp(log_cdf[lo:-1])))
     x = np.linspace(lo, hi, 4001)
     erf = np.frompyfunc(math.erf, 1, 1)
@@ -370,115 +448,84 @@ def _expected_max_independent(M: int, hit, count, dispersion: float) -> float:
     return float(lo + np.trapezoid(1 - np.exp(log_prod), x))
 
 
-def _expected_max_received(tokens: int, hit, hits_variance: float) -> float:
-    """E[max_r X_r] for an integer number of tokens per rank (the model above)."""
-    R = hit.size
-    M = (R - 1) * tokens
-    values, counts = np.unique(np.round(hit, 12), return_counts=True)
-    keep = values > 0
-    var_each = float(np.sum(hit * (1 - hit)))
-    total_var = tokens * (R - 1) * var_each + tokens * (R - 2) * (hits_variance - var_each)
-    receivers = _Receivers(M, values[keep], counts[keep], M * float(hit.sum()), total_var)
-    f0 = (R * M * var_each - total_var) / ((R - 1) * M * var_each) if var_each > 0 else 1.0
-    if R * receivers.top <= _CONDITIONED_MAX_LENGTH and receivers.R == R:
-        return receivers.expected_max(receivers.fit_dispersion(f0))
-    return _expected_max_independent(M, values[keep], counts[keep], max(1.0, f0))
+def expected_max_load(loads: RankLoads) -> float:
+    """E[max_r X_r] under the model above."""
+    active = loads.mean > 0
+    mean, var = loads.mean[active], loads.var[active]
+    R = int(active.sum())
+    if R == 0:
+        return 0.0
+    if R == 1:
+        return float(mean[0])
+    kinds, count = np.unique(np.round(np.stack([mean, var], 1), 9), axis=0, return_counts=True)
+    spread = float(var.sum())
+    f0 = max(1.0, (R * spread - loads.total_var) / ((R - 1) * spread)) if spread > 0 else 1.0
+    top = int(min(loads.trials, math.ceil(mean.max() + 12 * math.sqrt(2.5 * var.max()) + 16)))
+    if R * top <= _CONDITIONED_MAX_LENGTH and spread > 0:
+        receivers = _Receivers(loads, kinds[:, 0], kinds[:, 1], count, top)
+        return receivers.expected_max(receivers.fit(f0))
+    return _expected_max_independent(loads.trials, kinds[:, 0], f0 * kinds[:, 1], count)
+
+
+def _imbalance(loads_at, tokens) -> float:
+    """max(E[max], max_r E[X_r]) / mean_r E[X_r] from (E[max], mean, max mean) at integer
+    token counts (loads_at); a fractional N interpolates all three linearly between the
+    neighbouring integers (0 at N = 0), as the tipping solver's fractional N_t needs a
+    continuous answer."""
+    N = float(tokens)
+    if N <= 0:
+        return 1.0
+    below = math.floor(N)
+    at = np.array(loads_at(below) if below > 0 else (0.0, 0.0, 0.0))
+    if below < N:
+        at = (below + 1 - N) * at + (N - below) * np.array(loads_at(below + 1))
+    expected_max, mean, max_mean = at
+    if mean <= 0:
+        return 1.0
+    # E[max_r X_r] >= max_r E[X_r] for any joint law: hold the bound.
+    return float(max(expected_max, max_mean) / mean)
+
+
+def _summary(loads: RankLoads) -> tuple[float, float, float]:
+    return expected_max_load(loads), float(loads.mean.mean()), float(loads.mean.max())
 
 
 def imbalance_from_probabilities(tokens_per_rank, hit, hits_variance=None) -> float:
-    """E[max over ranks of rows received] / their mean (the model above).
-
-    Every rank holds `tokens_per_rank` tokens and sends each to the remote ranks it hits;
-    rank r is hit by a token with probability hit[r]. hits_variance: Var of the number of
-    ranks one token hits (home included), which carries the receivers' correlation; None
-    treats the ranks as hit independently (sum_r h_r (1 - h_r)). A fractional N
-    interpolates E[max] linearly between the neighbouring integers (E[max] = 0 at N = 0).
-    """
+    """E[max over ranks of rows received] / their mean, every token hitting rank r with
+    probability hit[r] (loads_from_probabilities; hits_variance None: independent ranks)."""
     hit = np.asarray(hit, float)
-    R, N = hit.size, float(tokens_per_rank)
-    mean = (R - 1) * N * hit.mean()
-    if R < 2 or mean <= 0:
+    if hit.size < 2:
         return 1.0
-    var_d = float(np.sum(hit * (1 - hit))) if hits_variance is None else float(hits_variance)
-    below = math.floor(N)
-    expected_max = _expected_max_received(below, hit, var_d) if below > 0 else 0.0
-    if below < N:
-        expected_max = ((below + 1 - N) * expected_max
-                        + (N - below) * _expected_max_received(below + 1, hit, var_d))
-    # E[max_r X_r] >= max_r E[X_r] for any joint law: hold the bound.
-    return float(max(expected_max, (R - 1) * N * hit.max()) / mean)
-
-
-def hits_uniform(ranks: int, n_experts: int, k: int, held=None) -> tuple[np.ndarray, float]:
-    """(hit[r], Var D) for uniform top-k routing, exact: D the ranks one token hits.
-
-    held: per rank its experts (eplb_placement), a replicated expert's tokens split evenly
-    over its copies (each pick goes to one copy at random); default contiguous blocks. A
-    token misses a set A of ranks with probability E[prod_{e picked} x_e] = e_k(x) / C(E, k),
-    x_e = 1 - (copies of e in A) / copies_e, e_k the k-th elementary symmetric polynomial
-    (only the experts in A have x_e < 1). Then P(hit r and s) = 1 - miss(r) - miss(s) +
-    miss(r, s) and Var D = sum_r h_r + sum_{r != s} P(hit r and s) - (sum_r h_r)^2. Ranks
-    and pairs with the same multiset of x are computed once.
-    """
-    E, R, k = int(n_experts), int(ranks), int(k)
-    held = contiguous_placement(E, R) if held is None else [list(h) for h in held]
-    copies = np.bincount(np.concatenate([np.asarray(h, np.int64) for h in held]), minlength=E)
-
-    @cache
-    def miss(xs: tuple) -> float:  # P(all k picks avoid the set; the set's x < 1 given)
-        e = np.zeros(k + 1)
-        e[0] = 1.0
-        for x in xs:
-            e[1:] = e[1:] + e[:-1] * x
-        rest = E - len(xs)
-        return float(sum(e[i] * math.comb(rest, k - i) for i in range(k + 1)) / math.comb(E, k))
-
-    def x_of(ranks_in_set) -> tuple:
-        inside = {}
-        for r in ranks_in_set:
-            for e in held[r]:
-                inside[e] = inside.get(e, 0) + 1
-        return tuple(sorted(round(1 - n / copies[e], 12) for e, n in inside.items()))
-
-    sig = [x_of([r]) for r in range(R)]
-    hit = np.array([1 - miss(s) for s in sig])
-    kinds: dict[tuple, int] = {}
-    for s in sig:
-        kinds[s] = kinds.get(s, 0) + 1
-    names = list(kinds)
-    both_sum = 0.0  # sum over unordered pairs r < s of miss(r, s), first as if none shared
-    for a, sa in enumerate(names):
-        for sb in names[a:]:
-            pairs = kinds[sa] * (kinds[sa] - 1) // 2 if sb == sa else kinds[sa] * kinds[sb]
-            both_sum += pairs * miss(tuple(sorted(sa + sb)))
-    holders: dict[int, list[int]] = {}
-    for r, h in enumerate(held):
-        for e in h:
-            holders.setdefault(e, []).append(r)
-    shared = {(r, s) for rs in holders.values() if len(rs) > 1
-              for i, r in enumerate(rs) for s in rs[i + 1:]}
-    for r, s in shared:  # pairs holding copies of one expert: the joint x differs
-        both_sum += miss(x_of([r, s])) - miss(tuple(sorted(sig[r] + sig[s])))
-    pairs_total = R * (R - 1) // 2
-    miss_sum = float(np.sum(1 - hit))
-    both = pairs_total - (R - 1) * miss_sum + both_sum  # sum_{r<s} P(hit r and s)
-    var_d = float(hit.sum() + 2 * both - hit.sum() ** 2)
-    return hit, max(var_d, 0.0)
+    return _imbalance(lambda n: _summary(loads_from_probabilities(n, hit, hits_variance)),
+                      tokens_per_rank)
 
 
 @lru_cache(maxsize=4096)
-def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int) -> float:
-    """imbalance under uniform top-k and contiguous placement (imbalance_from_probabilities
-    with the exact hit probabilities and Var D of hits_uniform)."""
+def _summary_uniform(tokens: int, n_experts: int, k: int, held: tuple):
+    return _summary(loads_uniform(tokens, n_experts, k, held))
+
+
+def imbalance_placement(tokens_per_rank, n_experts: int, k: int, held) -> float:
+    """E[max over ranks of rows received] / their mean for uniform top-k routing over a
+    placement (per rank its experts; replicas as reference.rank_loads uses them)."""
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    if len(held) < 2:
+        return 1.0
+    return _imbalance(lambda n: _summary_uniform(n, int(n_experts), int(k), held),
+                      tokens_per_rank)
+
+
+@lru_cache(maxsize=4096)
+def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int,
+                      redundant: int = 0) -> float:
+    """imbalance under uniform top-k, contiguous placement, or with `redundant` replica
+    slots placed by eplb_placement from uniform loads (imbalance_placement)."""
     if int(ranks) < 2:
         return 1.0
-    hit, var_d = _hits_contiguous(int(ranks), int(n_experts), int(k))
-    return imbalance_from_probabilities(tokens_per_rank, hit, var_d)
-
-
-@lru_cache(maxsize=256)
-def _hits_contiguous(ranks: int, n_experts: int, k: int) -> tuple[np.ndarray, float]:
-    return hits_uniform(ranks, n_experts, k)
+    E, R = int(n_experts), int(ranks)
+    held = (eplb_placement(np.full(E, k / E), R, redundant) if redundant
+            else contiguous_placement(E, R))
+    return imbalance_placement(tokens_per_rank, E, k, held)
 
 
 def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
@@ -694,8 +741,7 @@ def ep_legs(model: ModelSpec, system: SystemSpec, options: Options, tokens) -> E
     base = imbalance_uniform(float(tokens), R, E, k) if options.imbalance else 1.0
     imb = base
     if options.redundant_experts and options.imbalance:
-        held = eplb_placement(np.full(E, k / E), R, options.redundant_experts)
-        imb = imbalance_from_probabilities(tokens, placement_hit_probabilities(np.full(E, k / E), held))
+        imb = imbalance_uniform(float(tokens), R, E, k, options.redundant_experts)
     f_d, f_c = activation_bytes(model, options)
     row = float(tokens) * model.hidden * (f_d + f_c)
     return EPLegs(
