@@ -219,6 +219,10 @@ class RankLoads:
     var: np.ndarray  # [R] Var X_r
     total_var: float  # Var sum_r X_r
     trials: int  # (R - 1) N: the most rows one rank can receive
+    # the exact law of sum_r X_r as (pmf of one token's remote ranks hit, tokens alike);
+    # empty: a discretized normal with total_var
+    token_laws: tuple = ()
+    independent: bool = False  # the X_r are independent (ranks hit independently)
 
 
 def loads_from_probabilities(tokens: int, hit, hits_variance: float | None = None) -> RankLoads:
@@ -231,7 +235,8 @@ def loads_from_probabilities(tokens: int, hit, hits_variance: float | None = Non
     spread = hit * (1 - hit)
     var_d = float(spread.sum()) if hits_variance is None else float(hits_variance)
     total_var = N * (R - 1) * spread.sum() + N * (R - 2) * (var_d - spread.sum())
-    return RankLoads((R - 1) * N * hit, (R - 1) * N * spread, float(total_var), (R - 1) * N)
+    return RankLoads((R - 1) * N * hit, (R - 1) * N * spread, float(total_var), (R - 1) * N,
+                     independent=hits_variance is None)
 
 
 def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
@@ -270,7 +275,32 @@ def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
     mean = np.sum(foreign * hit.T, axis=1)
     var = np.sum(foreign * spread.T, axis=1)
     per_token = spread.sum(1)[None, :] - spread.T + row.sum(1)[None, :] - 2 * row.T  # [home, c]
-    return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N)
+    laws: dict[tuple, list] = {}  # one token's law depends on its pattern and home block
+    for h, c in zip(*np.nonzero(count), strict=True):
+        key = (int(c), int(a[c, h]))
+        if key not in laws:
+            laws[key] = [_remote_ranks_law(np.delete(a[c], h), int(a[c, h]), E, k), 0]
+        laws[key][1] += int(count[h, c])
+    return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N,
+                     tuple((law, n) for law, n in laws.values()))
+
+
+def _remote_ranks_law(foreign, home: int, n_experts: int, k: int) -> np.ndarray:
+    """pmf of the number of remote ranks one token hits: blocks of foreign[r] experts on
+    the other ranks, `home` on its own, k of E picked uniformly. Counts k-subsets by the
+    generating function (1 + x)^home prod_r [1 + y ((1 + x)^a_r - 1)], [x^k y^d]."""
+    width = min(k, len(foreign)) + 1
+    P = np.zeros((width, k + 1))  # P[d, j]: ways to pick j experts hitting d remote ranks
+    P[0] = [math.comb(home, j) for j in range(k + 1)]
+    for size in foreign:
+        some = np.array([math.comb(int(size), j) for j in range(k + 1)], float)
+        some[0] = 0.0  # at least one expert of this rank
+        shift = np.zeros((k + 1, k + 1))  # row i: x^i times `some`, truncated at x^k
+        for i in range(k + 1):
+            shift[i, i:] = some[: k + 1 - i]
+        P[1:] = P[1:] + P[:-1] @ shift
+    law = P[:, k] / math.comb(n_experts, k)
+    return law / law.sum()
 
 
 def _beta_binomial(n: int, p: float, dispersion: float, top: int) -> np.ndarray:
@@ -341,9 +371,14 @@ class _Receivers:
         self.top, self.R = top, int(self.count.sum())
         self.length = 1 << int(self.R * top).bit_length()
         s = np.arange(self.R * top + 1)
-        z2 = (s - float(np.sum(self.count * mean))) ** 2 / (2 * max(loads.total_var, 1e-9))
-        law = np.exp(-(z2 - z2.min()))
-        self.total = law / law.sum()  # P(S = s): discretized normal, exact mean and Var S
+        if loads.token_laws:  # P(S = s) exactly: the tokens' laws convolved
+            law = np.fft.irfft(np.prod([_power(np.fft.rfft(p, self.length), n)
+                                        for p, n in loads.token_laws], axis=0), self.length)
+            law = np.clip(law[: s.size], 0, None)
+        else:  # a discretized normal with the exact mean and Var S
+            z2 = (s - float(np.sum(self.count * mean))) ** 2 / (2 * max(loads.total_var, 1e-9))
+            law = np.exp(-(z2 - z2.min()))
+        self.total = law / law.sum()
         self.var_sum = float(np.sum(self.count * var))
 
     def pmfs(self, f):
@@ -461,6 +496,8 @@ def expected_max_load(loads: RankLoads) -> float:
     spread = float(var.sum())
     f0 = max(1.0, (R * spread - loads.total_var) / ((R - 1) * spread)) if spread > 0 else 1.0
     top = int(min(loads.trials, math.ceil(mean.max() + 12 * math.sqrt(2.5 * var.max()) + 16)))
+    if loads.independent:
+        return _expected_max_independent(loads.trials, kinds[:, 0], kinds[:, 1], count)
     if R * top <= _CONDITIONED_MAX_LENGTH and spread > 0:
         receivers = _Receivers(loads, kinds[:, 0], kinds[:, 1], count, top)
         return receivers.expected_max(receivers.fit(f0))
