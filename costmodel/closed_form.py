@@ -247,20 +247,8 @@ def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
     Cov(hit r, hit s) = miss(a_r + a_s) - miss(a_r) miss(a_s); tokens with the same copy
     pattern (t mod lcm(copies)) share them."""
     E, R, N, k = int(n_experts), len(held), int(tokens), int(k)
-    copies = np.zeros(E, np.int64)
-    table = np.zeros((E, R), np.int64)  # table[e, j]: rank of copy j (rank order)
-    for r, h in enumerate(held):
-        for e in h:
-            table[e, copies[e]] = r
-            copies[e] += 1
-    T = R * N
-    period = math.lcm(*(int(c) for c in copies))
-    classes = period if period <= T else T
-    t = np.arange(T)
-    count = np.zeros((R, classes))  # tokens by (home, copy pattern)
-    np.add.at(count, (t * R // T, t % classes), 1.0)
-    dest = table[np.arange(E)[None, :], np.arange(classes)[:, None] % copies[None, :]]
-    a = np.stack([np.bincount(d, minlength=R) for d in dest]).astype(float)  # [classes, R]
+    count, a = _token_patterns(N, E, held)
+    classes = a.shape[0]
     miss = miss_probability(a, E, k)
     hit = 1 - miss
     spread = hit * (1 - hit)
@@ -283,6 +271,65 @@ def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
         laws[key][1] += int(count[h, c])
     return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N,
                      tuple((law, n) for law, n in laws.values()))
+
+
+def _token_patterns(tokens: int, n_experts: int, held) -> tuple[np.ndarray, np.ndarray]:
+    """(count [R, C]: tokens by home rank and copy pattern, a [C, R]: experts whose copy
+    for that pattern is on each rank). Token t lives on rank t // N and uses copy
+    t mod copies_e of expert e, so the pattern is t mod lcm(copies) (or t itself when
+    that period exceeds the R N tokens)."""
+    E, R, N = int(n_experts), len(held), int(tokens)
+    copies = np.zeros(E, np.int64)
+    table = np.zeros((E, sum(len(h) for h in held)), np.int64)  # [e, j]: rank of copy j
+    for r, h in enumerate(held):
+        for e in h:
+            table[e, copies[e]] = r
+            copies[e] += 1
+    T = R * N
+    period = math.lcm(*(int(c) for c in copies))
+    classes = period if period <= T else T
+    t = np.arange(T)
+    count = np.zeros((R, classes))
+    np.add.at(count, (t * R // T, t % classes), 1.0)
+    dest = table[np.arange(E)[None, :], np.arange(classes)[:, None] % copies[None, :]]
+    a = np.stack([np.bincount(d, minlength=R) for d in dest]).astype(float)
+    return count, a
+
+
+_EXACT_MAX_STATES = 50_000  # joint count vectors (M + 1)^R: below, E[max] is summed exactly
+
+
+def expected_max_exact(tokens: int, n_experts: int, k: int, held) -> float | None:
+    """E[max_r X_r] exactly for small cases ((M + 1)^R <= _EXACT_MAX_STATES, else None):
+    the joint law of (X_0, ..., X_{R-1}) built token by token. A token of pattern c hits
+    exactly the rank set A (then its home is dropped) with probability
+    sum_{B in A} (-1)^{|A| - |B|} C(a_B, k) / C(E, k), a_B its experts on the ranks of B."""
+    E, R, N, k = int(n_experts), len(held), int(tokens), int(k)
+    M = (R - 1) * N
+    if R > 16 or (M + 1) ** R > _EXACT_MAX_STATES:
+        return None
+    count, a = _token_patterns(N, E, held)
+    masks = np.arange(1 << R)
+    members = (masks[:, None] >> np.arange(R)[None, :]) & 1  # [2^R, R]
+    joint = np.zeros((M + 1,) * R)
+    joint[(0,) * R] = 1.0
+    for c in range(a.shape[0]):
+        within = np.array([math.comb(int(n), k) for n in members @ a[c]], float) / math.comb(E, k)
+        exactly = within.copy()  # Moebius inversion over subsets, one rank at a time
+        for r in range(R):
+            has = members[:, r] == 1
+            exactly[has] -= exactly[masks[has] ^ (1 << r)]
+        for h in np.nonzero(count[:, c])[0]:
+            remote = np.bincount(masks & ~(1 << int(h)), weights=exactly, minlength=1 << R)
+            for _ in range(int(count[h, c])):
+                new = np.zeros_like(joint)
+                for mask in np.nonzero(remote > 0)[0]:
+                    src = tuple(slice(0, M) if mask >> r & 1 else slice(None) for r in range(R))
+                    dst = tuple(slice(1, None) if mask >> r & 1 else slice(None) for r in range(R))
+                    new[dst] += remote[mask] * joint[src]
+                joint = new
+    busiest = np.max(np.indices(joint.shape), axis=0)
+    return float(np.sum(joint * busiest))
 
 
 def _remote_ranks_law(foreign, home: int, n_experts: int, k: int) -> np.ndarray:
@@ -539,7 +586,11 @@ def imbalance_from_probabilities(tokens_per_rank, hit, hits_variance=None) -> fl
 
 @lru_cache(maxsize=4096)
 def _summary_uniform(tokens: int, n_experts: int, k: int, held: tuple):
-    return _summary(loads_uniform(tokens, n_experts, k, held))
+    loads = loads_uniform(tokens, n_experts, k, held)
+    exact = expected_max_exact(tokens, n_experts, k, held)
+    if exact is None:
+        return _summary(loads)
+    return exact, float(loads.mean.mean()), float(loads.mean.max())
 
 
 def imbalance_placement(tokens_per_rank, n_experts: int, k: int, held) -> float:
