@@ -221,7 +221,7 @@ class RankLoads:
     trials: int  # (R - 1) N: the most rows one rank can receive
     # the exact law of sum_r X_r as (pmf of one token's remote ranks hit, tokens alike);
     # empty: a discretized normal with total_var
-    token_laws: tuple = ()
+    token_laws: object = None  # () -> ((pmf, tokens alike), ...), built when needed
     independent: bool = False  # the X_r are independent (ranks hit independently)
 
 
@@ -247,55 +247,72 @@ def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
     Cov(hit r, hit s) = miss(a_r + a_s) - miss(a_r) miss(a_s); tokens with the same copy
     pattern (t mod lcm(copies)) share them."""
     E, R, N, k = int(n_experts), len(held), int(tokens), int(k)
-    count, a = _token_patterns(N, E, held)
-    classes = a.shape[0]
-    miss = miss_probability(a, E, k)
-    hit = 1 - miss
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    count = _token_counts(N, held)
+    a, hit, row = _pattern_moments(E, k, held, count.shape[1])
     spread = hit * (1 - hit)
-    # row[c, r] = sum_{s != r} Cov(hit r, hit s) for pattern c, over the distinct a values
-    values = [np.unique(row, return_counts=True) for row in a]
-    row = np.stack([
-        sum(n * (miss_probability(a[c] + u, E, k) - miss[c] * miss_probability(u, E, k))
-            for u, n in zip(*values[c], strict=True))
-        - (miss_probability(2 * a[c], E, k) - miss[c] ** 2)
-        for c in range(classes)])
     foreign = count.sum(0)[None, :] - count  # [r, c]: tokens of pattern c not on rank r
     mean = np.sum(foreign * hit.T, axis=1)
     var = np.sum(foreign * spread.T, axis=1)
     per_token = spread.sum(1)[None, :] - spread.T + row.sum(1)[None, :] - 2 * row.T  # [home, c]
-    laws: dict[tuple, list] = {}  # one token's law depends on its pattern and home block
-    for h, c in zip(*np.nonzero(count), strict=True):
-        key = (int(c), int(a[c, h]))
-        if key not in laws:
-            laws[key] = [_remote_ranks_law(np.delete(a[c], h), int(a[c, h]), E, k), 0]
-        laws[key][1] += int(count[h, c])
-    return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N,
-                     tuple((law, n) for law, n in laws.values()))
+
+    def token_laws():  # one token's law depends on its pattern and home block
+        laws: dict[tuple, list] = {}
+        for h, c in zip(*np.nonzero(count), strict=True):
+            key = (int(c), int(a[c, h]))
+            if key not in laws:
+                laws[key] = [_remote_ranks_law(np.delete(a[c], h), int(a[c, h]), E, k), 0]
+            laws[key][1] += int(count[h, c])
+        return tuple((law, n) for law, n in laws.values())
+
+    return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N, token_laws)
 
 
-def _token_patterns(tokens: int, n_experts: int, held) -> tuple[np.ndarray, np.ndarray]:
-    """(count [R, C]: tokens by home rank and copy pattern, a [C, R]: experts whose copy
-    for that pattern is on each rank). Token t lives on rank t // N and uses copy
-    t mod copies_e of expert e, so the pattern is t mod lcm(copies) (or t itself when
-    that period exceeds the R N tokens)."""
-    E, R, N = int(n_experts), len(held), int(tokens)
+def _copies(held: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(copies [E], table [E, J]: the rank of each expert's copy j, in rank order)."""
+    E = 1 + max((e for h in held for e in h), default=-1)
     copies = np.zeros(E, np.int64)
-    table = np.zeros((E, sum(len(h) for h in held)), np.int64)  # [e, j]: rank of copy j
+    table = np.zeros((E, sum(len(h) for h in held)), np.int64)
     for r, h in enumerate(held):
         for e in h:
             table[e, copies[e]] = r
             copies[e] += 1
-    T = R * N
-    period = math.lcm(*(int(c) for c in copies))
-    classes = min(period, T)
+    return copies, table
+
+
+def _token_counts(tokens: int, held: tuple) -> np.ndarray:
+    """[R, C] tokens by home rank and copy pattern. Token t lives on rank t // N and uses
+    copy t mod copies_e of expert e, so its pattern is t mod lcm(copies) (t itself when
+    that period exceeds the R N tokens); counted without listing the tokens."""
+    R, N = len(held), int(tokens)
+    period = _period(held)
+    classes = min(period, R * N)
     if classes > 2**16:
-        raise ValueError(f"replica counts {sorted(set(copies.tolist()))}: {period} copy patterns")
-    # tokens of home h (t in [h N, (h+1) N)) with t = c mod classes, counted without listing them
-    lo, c = (np.arange(R) * N)[:, None], np.arange(classes)[None, :]
-    count = ((c - lo) % classes < N % classes).astype(float) + N // classes
+        raise ValueError(f"held: {period} copy patterns (lcm of the replica counts)")
+    start, c = (np.arange(R) * N)[:, None], np.arange(classes)[None, :]
+    return ((c - start) % classes < N % classes).astype(float) + N // classes
+
+
+@lru_cache(maxsize=256)
+def _period(held: tuple) -> int:
+    return math.lcm(*(int(c) for c in _copies(held)[0]))
+
+
+@lru_cache(maxsize=256)
+def _pattern_moments(n_experts: int, k: int, held: tuple, classes: int):
+    """Per copy pattern c: a [C, R] experts whose copy is on each rank, hit [C, R] and
+    row [C, R] = sum_{s != r} Cov(hit r, hit s), over the distinct a values."""
+    E, R = n_experts, len(held)
+    copies, table = _copies(held)
     dest = table[np.arange(E)[None, :], np.arange(classes)[:, None] % copies[None, :]]
     a = np.stack([np.bincount(d, minlength=R) for d in dest]).astype(float)
-    return count, a
+    miss = miss_probability(a, E, k)
+    row = np.stack([
+        sum(n * (miss_probability(a[c] + u, E, k) - miss[c] * miss_probability(u, E, k))
+            for u, n in zip(*np.unique(a[c], return_counts=True), strict=True))
+        - (miss_probability(2 * a[c], E, k) - miss[c] ** 2)
+        for c in range(classes)])
+    return a, 1 - miss, row
 
 
 _EXACT_MAX_STATES = 50_000  # joint count vectors (M + 1)^R: below, E[max] is summed exactly
@@ -310,7 +327,9 @@ def expected_max_exact(tokens: int, n_experts: int, k: int, held) -> float | Non
     M = (R - 1) * N
     if R > 16 or (M + 1) ** R > _EXACT_MAX_STATES:
         return None
-    count, a = _token_patterns(N, E, held)
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    count = _token_counts(N, held)
+    a = _pattern_moments(E, k, held, count.shape[1])[0]
     masks = np.arange(1 << R)
     members = (masks[:, None] >> np.arange(R)[None, :]) & 1  # [2^R, R]
     joint = np.zeros((M + 1,) * R)
@@ -431,9 +450,9 @@ class _Receivers:
         self.top, self.R = top, int(self.count.sum())
         self.length = 1 << int(self.R * top).bit_length()
         s = np.arange(self.R * top + 1)
-        if loads.token_laws:  # P(S = s) exactly: the tokens' laws convolved
+        if loads.token_laws is not None:  # P(S = s) exactly: the tokens' laws convolved
             law = np.fft.irfft(np.prod([_power(np.fft.rfft(p, self.length), n)
-                                        for p, n in loads.token_laws], axis=0), self.length)
+                                        for p, n in loads.token_laws()], axis=0), self.length)
             law = np.clip(law[: s.size], 0, None)
         else:  # a discretized normal with the exact mean and Var S
             z2 = (s - float(np.sum(self.count * mean))) ** 2 / (2 * max(loads.total_var, 1e-9))
@@ -624,10 +643,15 @@ def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int
     slots placed by eplb_placement from uniform loads (imbalance_placement)."""
     if int(ranks) < 2:
         return 1.0
-    E, R = int(n_experts), int(ranks)
-    held = (eplb_placement(np.full(E, k / E), R, redundant) if redundant
-            else contiguous_placement(E, R))
-    return imbalance_placement(tokens_per_rank, E, k, held)
+    return imbalance_placement(tokens_per_rank, n_experts, k,
+                               _uniform_placement(int(n_experts), int(ranks), int(k), int(redundant)))
+
+
+@lru_cache(maxsize=256)
+def _uniform_placement(n_experts: int, ranks: int, k: int, redundant: int) -> tuple:
+    held = (eplb_placement(np.full(n_experts, k / n_experts), ranks, redundant) if redundant
+            else contiguous_placement(n_experts, ranks))
+    return tuple(tuple(int(e) for e in h) for h in held)
 
 
 def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
