@@ -355,3 +355,31 @@ def test_monte_carlo_reports_imbalance_with_and_without_replicas():
                                  Options(ep_ranks=16, redundant_experts=16), "zipf:1.2", 4)
     assert out["imbalance_mean"] > out["imbalance_redundant_mean"] >= 1
     assert out["imbalance_samples"] == 8
+
+
+@pytest.mark.slow
+def test_imbalance_grid_against_monte_carlo():
+    """The grid behind docs/model.md's accuracy figure: 120 random (N, R, E, k, replicas)
+    with N in {1, 2, 3, 4, 8} tokens per rank, R in 2..256, E in 2..384, k <= min(16, E),
+    a third with R / 2, R or 32 replica slots (at most E). Prints the worst error; run with
+    `pytest -m slow tests/test_imbalance.py -k grid -s`."""
+    rng = np.random.default_rng(2026)
+    worst = (0.0, None)
+    for i in range(120):
+        R = int(rng.choice([2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256]))
+        E = int(rng.integers(2, 40) if rng.random() < 0.3 else rng.integers(max(2, R // 4), 385))
+        k = int(rng.integers(1, min(16, E) + 1))
+        N = int(rng.choice([1, 1, 1, 2, 2, 3, 4, 8]))
+        redundant = int(rng.choice([R // 2, R, 32])) if rng.random() < 1 / 3 else 0
+        redundant = min(redundant, E)
+        held = cf.eplb_placement(np.full(E, k / E), R, redundant) if redundant else None
+        samples = int(min(40_000, max(10_000, 2e7 / (N * R * k))))
+        want, se = mc_imbalance(N, R, E, k, samples, seed=i, held=held)
+        got = cf.imbalance_uniform(N, R, E, k, redundant)
+        err = got / want - 1
+        print(f"N={N} R={R} E={E} k={k} redundant={redundant}: Monte Carlo {want:.4f} "
+              f"+- {se:.4f}, formula {got:.4f}, error {err:+.4f}")
+        if abs(err) > abs(worst[0]):
+            worst = (err, (N, R, E, k, redundant, se))
+        assert abs(err) < 0.01 + 3 * se
+    print(f"worst error {worst[0]:+.4f} at (N, R, E, k, redundant, se) = {worst[1]}")
