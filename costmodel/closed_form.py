@@ -28,7 +28,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SystemSpec, Workload
+from moelab.costmodel import group_limited
+from moelab.costmodel.specs import DTYPE_BYTES, ModelSpec, Options, SpecError, SystemSpec, Workload
 
 # --- used experts -------------------------------------------------------------------
 
@@ -149,40 +150,53 @@ def fanout_tiers(ranks: int, n_experts: int, k: int, gpus_per_node: int) -> Tier
                  ranks_inter=float(np.sum(g * (H.sum() - H)) / R))
 
 
-def fanout_nodes_group_limited(nodes: int, n_group: int, topk_group: int, n_experts: int = 0,
-                               k: int = 0, every_kept_group_hit: bool = False) -> float:
-    """Expected remote nodes per token under DeepSeek's group-limited top-k.
+def fanout_nodes_group_limited(nodes: int, n_group: int, topk_group: int, n_experts: int,
+                               k: int) -> float:
+    """Expected remote nodes per token under DeepSeek's group-limited router, exactly.
 
-    A token keeps topk_group of the n_group groups (each subset alike, by symmetry), then
-    picks its k experts among the kept groups' experts. Experts are contiguous and n_group a
-    multiple of the node count M, so each node holds g = n_group / M whole groups; given c
-    of a node's groups are kept (hypergeometric P(c)), the node is missed with probability
-    m(c), and nodes = (M - 1)(1 - sum_c P(c) m(c)) (the home node drawn uniformly).
-
-    - every_kept_group_hit=False: picks uniform among the kept experts (s per group,
-      pool = topk_group s): m(c) = C(pool - c s, k) / C(pool, k). Exact for that model.
-    - every_kept_group_hit=True: m(c) = [c = 0]. DeepSeek's router keeps groups for the sum
-      of their two best scores, so a kept group's best expert is nearly always among the
-      token's top k: this is the upper bound the router approaches (R1 on 4 and 8 nodes:
-      Monte Carlo within 1% below it, tests/test_tiers.py), the uniform model a lower one.
+    The router of routing.group_limited (groups kept for the sum of their two best Gumbel
+    scores, top-k among the kept groups' experts), contiguous placement, n_group a multiple
+    of the node count: costmodel/group_limited.py integrates the law of the number of
+    groups the k experts fall in (R1's figures against Monte Carlo: docs/model.md). The two
+    bounds below bracket it.
     """
+    return group_limited.fanout_nodes(nodes, n_experts, k, n_group, topk_group)
+
+
+def _group_node_miss(nodes: int, n_group: int, topk_group: int, miss_given_kept) -> float:
+    """(M - 1)(1 - sum_c P(c) m(c)): c of a node's g = n_group / M groups kept
+    (hypergeometric: the kept groups are any topk_group-subset alike, by symmetry), m(c)
+    the probability that the token's experts miss all c."""
     from math import comb
 
     M = int(nodes)
     if M < 2:
         return 0.0
     if n_group % M:
-        raise ValueError(f"nodes: {M} nodes must divide n_group={n_group}")
+        raise SpecError(f"nodes: {M} nodes must divide n_group={n_group}")
     g = n_group // M
-    s = n_experts // n_group if n_experts else 0
-    miss = 0.0
-    for c in range(0, min(g, topk_group) + 1):
-        p_c = comb(g, c) * comb(n_group - g, topk_group - c) / comb(n_group, topk_group)
-        if every_kept_group_hit:
-            miss += p_c * (c == 0)
-        else:
-            miss += p_c * float(miss_probability(c * s, topk_group * s, k))
+    miss = sum(comb(g, c) * comb(n_group - g, topk_group - c) / comb(n_group, topk_group)
+               * miss_given_kept(c) for c in range(0, min(g, topk_group) + 1))
     return (M - 1) * (1 - miss)
+
+
+def fanout_nodes_group_limited_lower_bound(nodes: int, n_group: int, topk_group: int,
+                                           n_experts: int, k: int) -> float:
+    """Remote nodes when the k experts are uniform among the kept groups' experts (s per
+    group, pool = topk_group s): m(c) = C(pool - c s, k) / C(pool, k), exact for that model.
+    DeepSeek's router spreads its picks over the kept groups more than uniform picks do
+    (a group is kept for its best scores), so it lies above: a bound checked against the
+    exact value (tests/test_group_limited.py), not proven in general."""
+    s = n_experts // n_group
+    return _group_node_miss(nodes, n_group, topk_group,
+                            lambda c: float(miss_probability(c * s, topk_group * s, k)))
+
+
+def fanout_nodes_group_limited_upper_bound(nodes: int, n_group: int, topk_group: int) -> float:
+    """Remote nodes if every kept group held one of the token's experts: m(c) = [c = 0].
+    A node with no kept group is never reached, so no router reaches more (equality when
+    k = topk_group x experts per group: every kept expert is picked)."""
+    return _group_node_miss(nodes, n_group, topk_group, lambda c: float(c == 0))
 
 
 # --- the busiest rank -----------------------------------------------------------------------

@@ -469,38 +469,89 @@ def _busiest_sampled(spec, model: ModelSpec, workload: Workload, options: Option
 
 # --- sensitivities -----------------------------------------------------------------------------
 
-# Continuous parameters of `sweep.formula`, in the order they are reported.
+# Parameters of `sweep.formula`, in the order they are reported; RANK_ONLY only with EP ranks.
 SENSITIVITY_PARAMS = ("tokens", "b_pcie", "b_net", "alpha_pcie", "alpha_net", "hidden",
                       "expert_intermediate", "f_e", "f_dispatch", "f_combine", "fanout",
-                      "resident_fraction", "n_experts", "top_k", "ep_ranks")
+                      "resident_fraction", "n_experts", "top_k", "ep_ranks", "b_nvlink",
+                      "gpus_per_node")
+RANK_ONLY = ("ep_ranks", "b_nvlink", "gpus_per_node")
+COUNTS = ("n_experts", "top_k", "ep_ranks", "gpus_per_node")  # whole numbers: differences
+# Relative step of the forward difference of the host terms in N_t (float64 on the host).
+TOKENS_STEP = 1e-4
 
 
 def sensitivities(model: ModelSpec, system: SystemSpec, workload: Workload,
                   options: Options | None = None) -> dict[str, float]:
-    """Elasticities d ln(gamma) / d ln(theta) = theta d ln(gamma)/d theta, by jax.grad.
+    """Elasticities d ln(gamma) / d ln(theta) of the model `moelab gamma` computes.
 
-    Differentiates the closed form in jax.numpy (`sweep.formula`, with N_ue by
-    options.routing), so that tokens, E and k are continuous; a parameter at 0
-    (latencies, residency) has elasticity 0. `f_a` is the elasticity of the activation
-    dtype: the sum over dispatch and combine of those that default to it. `fanout` is
-    d ln gamma / d ln phi, also when phi is derived from EP ranks; `ep_ranks` only with
-    ranks. L, passes and T_B cancel in gamma and are not listed. Where gamma is 0 or
-    infinite (h = 1, one EP rank) the elasticities are NaN.
+    Through `sweep.formula` (with EP ranks: the two tiers, the slower leg deciding, the
+    busiest rank), N_ue by options.routing, every input's whole effect included:
+    - continuous inputs by jax.grad (float32): links, latencies, sizes, dtypes, residency,
+      fan-out and N_t. N_t also moves the busiest rank's imbalance, a host term (numpy,
+      `sweep.HOST_TERMS`): it enters the differentiated formula to first order, with the
+      slope of a forward difference at N_t (1 + 1e-4) (the imbalance is a sum over whole
+      row counts: it steps where (R - 1) N_t crosses an integer and is smooth just above);
+    - counts (E, k, R, G: expert placement is defined for whole ones) by a central
+      difference of ln gamma over the neighbouring counts theta - 1 and theta + 1 (E +- R
+      where R divides E, so that both neighbours keep an even placement), the whole
+      model (N_ue, the tiers, the imbalance) recomputed at each; one-sided at a bound
+      (k <= E, k >= 1, R >= 2: one rank moves nothing, G >= 1). Without ranks, E and k
+      move only N_ue.
+    A parameter at 0 (latencies, residency) has elasticity 0. `f_a` is the elasticity of
+    the activation dtype: the sum over dispatch and combine of those that default to it.
+    `fanout` is d ln gamma / d ln phi, also when phi is derived from EP ranks; `ep_ranks`,
+    `b_nvlink` and `gpus_per_node` only with ranks. L, passes and T_B cancel in gamma and
+    are not listed. Where gamma is 0 or infinite (h = 1, one EP rank) they are NaN.
     """
-    # The jnp formula is one tier at the mean rank (sweep.formula): so are these.
-    options = replace(options or Options(), dispatch_mode="flat", imbalance=False)
+    from math import log, log1p
+
+    from moelab.costmodel.sweep import HOST_TERMS, ep_host_terms
+
+    options = options or Options()
     p = params_of(model, system, workload, options)
-    names = [n for n in SENSITIVITY_PARAMS if n != "ep_ranks" or options.ep_ranks]
-    x = {n: jnp.float32(p[n]) for n in names}
+    names = [n for n in SENSITIVITY_PARAMS if n not in RANK_ONLY or options.ep_ranks]
+    x = {n: jnp.float32(p[n]) for n in names if n not in COUNTS}
     fixed = {n: jnp.float32(v) for n, v in p.items() if n not in x}
-    k_max = model.top_k if options.ep_ranks else 0
+    N = workload.tokens_per_pass
+    ranks = bool(options.ep_ranks and options.ep_ranks > 1)
+    up = ep_host_terms(model, system, options, N * (1 + TOKENS_STEP)) if ranks else p
+    slope = {t: (up[t] - p[t]) / log1p(TOKENS_STEP) for t in HOST_TERMS}  # d term / d ln N_t
 
     def log_gamma(x):
-        return jnp.log(formula({**fixed, **x}, k_max)["gamma"])
+        q = {**fixed, **x}
+        step = jnp.log(x["tokens"]) - jnp.log(jnp.float32(p["tokens"]))  # 0 here, d/dN = 1/N
+        q.update({t: q[t] + jnp.float32(slope[t]) * step for t in HOST_TERMS})
+        return jnp.log(formula(q)["gamma"])
 
     grads = jax.grad(log_gamma)(x)
     # float32 gradients: six decimals are what they resolve (d cancels to 2e-7, not 0).
-    out = {n: round(float(x[n] * grads[n]), 6) for n in names}
+    out = {n: round(float(x[n] * grads[n]), 6) for n in x}
+
+    def log_gamma_at(m=model, s=system, o=options) -> float:
+        q = {n: jnp.float32(v) for n, v in params_of(m, s, workload, o).items()}
+        return float(jnp.log(formula(q)["gamma"]))
+
+    E, k = model.n_experts, model.top_k
+    neighbours = {  # count -> (value, lowest, highest, log gamma at a count)
+        "n_experts": (E, k, None, lambda e: log_gamma_at(  # groups need not divide E +- 1
+            m=model.with_(n_experts=e, n_group=1, topk_group=1))),
+        "top_k": (k, 1, E, lambda c: log_gamma_at(m=model.with_(top_k=c))),
+        "ep_ranks": (options.ep_ranks, 2, None, lambda r: log_gamma_at(
+            o=replace(options, ep_ranks=r))),
+        "gpus_per_node": (system.gpus_per_node, 1, None, lambda g: log_gamma_at(
+            s=system.with_(gpus_per_node=g))),
+    }
+    # E steps by R where R divides it: E +- 1 would split unevenly over the ranks, and the
+    # busiest rank's one extra expert would swamp the trend (R1 on 32 ranks: -10 against -1).
+    R = options.ep_ranks or 0
+    e_step = R if R > 1 and E % R == 0 else 1
+    for n in names:
+        if n in COUNTS:
+            value, lo, hi, at = neighbours[n]
+            step = e_step if n == "n_experts" else 1
+            a, b = max(value - step, lo), value + step if hi is None else min(value + step, hi)
+            out[n] = round((at(b) - at(a)) / (log(b) - log(a)), 6) if b > a else float("nan")
+    out = {n: out[n] for n in names}  # the documented order
     out["f_a"] = (out["f_dispatch"] * (options.dispatch_dtype is None)
                   + out["f_combine"] * (options.combine_dtype is None))
     return out

@@ -205,7 +205,7 @@ class Options:
     # With ep_ranks: how a token crosses the network. per-node: one copy per remote node,
     # forwarded over NVLink inside it (DeepEP's normal kernels); per-rank: one copy per
     # remote rank (DeepEP's low-latency kernels, a plain all-to-all); flat: every remote
-    # rank at B_net, no NVLink tier (the model before two tiers; what `sweep.formula` computes).
+    # rank at B_net, no NVLink tier (the model before two tiers; sweep --dispatch-mode flat).
     dispatch_mode: str = "per-node"
     redundant_experts: int = 0  # extra expert slots over the ranks, filled with hot experts
     imbalance: bool = True  # with ep_ranks: the busiest rank sets the pace (False: the mean)

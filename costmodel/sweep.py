@@ -1,9 +1,20 @@
 """Sweeps of the closed form inside jit, sharded over the available devices.
 
-`formula(p)` is closed_form's model written in jax.numpy: the same formulas, term for
-term (tests check it against `closed_form.evaluate` on random points), so that a grid
-of 10^7 configurations runs as one compiled program and `jax.grad` can differentiate
-it (`reference.sensitivities`). Every entry of `p` broadcasts against the others.
+`formula(p)` is what `closed_form.evaluate` (and `moelab gamma`) computes, written in
+jax.numpy: the same formulas, term for term (tests check it against `closed_form.evaluate`
+on random points), so that a grid of 10^7 configurations runs as one compiled program and
+`jax.grad` can differentiate it (`reference.sensitivities`). Every entry of `p` broadcasts
+against the others. With EP ranks that is the two-tier model: an NVLink leg for the
+token's own node and a network leg (one copy per remote node, or per remote rank), the
+slower leg deciding, both paced by the busiest rank.
+
+Four of its inputs are not jnp formulas but host terms (`HOST_TERMS`): the exact two-tier
+fan-outs (`closed_form.fanout_tiers`, sums over ranks and nodes that depend on how R
+splits E and G splits R), the busiest rank's imbalance (`closed_form.imbalance_uniform`,
+an E[max] of binomials) and, for a recorded trace, its measured N_ue. `host_terms`
+computes them in numpy for each distinct combination of their inputs on the grid
+(`HOST_INPUTS`: tokens, R, E, k, G, trace), and they enter the kernel as columns shaped
+along the axes they depend on, like any swept parameter.
 
 A grid is never materialized parameter by parameter: each axis enters the jitted kernel
 as a small column shaped to broadcast along its own dimension, so only the outputs take
@@ -16,12 +27,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
+from functools import lru_cache, partial
 
 import numpy as np
 
-from moelab.costmodel.closed_form import activation_bytes
+from moelab.costmodel import closed_form as cf
 from moelab.costmodel.specs import (
     ModelSpec,
     Options,
@@ -31,14 +42,15 @@ from moelab.costmodel.specs import (
     dtype_bytes,
 )
 
-# Parameters of `formula`, each a float array (SI units). `ep_ranks` = 0 means "no
-# ranks": phi = fanout (1 in the seed); otherwise phi = fanout * phi_uniform(R, E, k),
-# so `fanout` then scales the derived fan-out (its elasticity is d ln gamma / d ln phi).
-# With ranks the sweep is one tier: every remote rank at B_net, the mean rank (closed_form
-# with Options(dispatch_mode="flat", imbalance=False)); `moelab gamma` gives the two tiers
-# and the busiest rank at one point.
+# Options.dispatch_mode as a number the kernel can compare.
+DISPATCH_CODES = {"flat": 0, "per-node": 1, "per-rank": 2}
+
+# Parameters of `formula`, each a float array (SI units). `ep_ranks` = 0 means "no ranks":
+# every token goes to `fanout` destinations over B_net (1 in the seed). With R >= 2 ranks
+# the copies come from the tiers below, and `fanout` multiplies them (1 unless
+# differentiated: its elasticity is d ln gamma / d ln phi); one rank moves nothing.
 PARAMS = (
-    "tokens",  # [N_t] tokens per pass
+    "tokens",  # [N_t] tokens per pass (a decode step's batch)
     "n_experts",  # [E]
     "top_k",  # [k]
     "hidden",  # [d]
@@ -48,26 +60,37 @@ PARAMS = (
     "f_dispatch",  # bytes per activation sent to experts
     "f_combine",  # bytes per activation returned
     "b_pcie",  # B/s
-    "b_net",  # B/s
+    "b_net",  # B/s, per GPU between nodes
+    "b_nvlink",  # B/s, per GPU inside a node
     "alpha_pcie",  # s per expert copy
     "alpha_net",  # s per collective
     "resident_fraction",  # [h]
-    "fanout",  # [phi] or its multiplier when ep_ranks > 0
+    "fanout",  # [phi] without ranks; with ranks a multiplier of the tiers' copies
     "ep_ranks",  # [R] 0: none
+    "gpus_per_node",  # [G]
+    "dispatch_mode",  # DISPATCH_CODES: 0 flat (one tier), 1 per-node, 2 per-rank
+    "busiest",  # 1: the busiest rank sets the pace (imbalance); 0: the mean rank
     "uniform",  # 1: N_ue = E (1 - (1 - k/E)^N_t); 0: the seed's min(k N_t, E)
+    "trace",  # i > 0: the i-th recorded trace of the sweep (host terms only); 0: none
     "n_layers",  # [L]
     "passes",  # 1 for prefill, N_OS for decode
+    # host terms (`host_terms`), per token and direction unless said
+    "fanout_ranks",  # remote ranks (both tiers): closed_form.fanout_uniform
+    "fanout_nodes",  # remote nodes
+    "fanout_ranks_inter",  # remote ranks on other nodes
+    "imbalance",  # E[max over ranks of rows received] / mean
+    "n_ue_measured",  # N_ue measured on a trace; < 0: none (the formula by `uniform`)
 )
+HOST_INPUTS = ("tokens", "ep_ranks", "n_experts", "top_k", "gpus_per_node", "trace")
+HOST_TERMS = ("fanout_ranks", "fanout_nodes", "fanout_ranks_inter", "imbalance", "n_ue_measured")
 
-# The largest top-k `formula` handles when it derives a fan-out from ranks (a static bound).
-K_MAX = 64
 
+def formula(p: Mapping) -> dict:
+    """The closed-form model in jax.numpy (closed_form.evaluate's formulas). Returns arrays:
 
-def formula(p: Mapping, k_max: int = K_MAX) -> dict:
-    """The closed-form model in jax.numpy (closed_form.py's formulas). Returns arrays:
-
-    n_ue, fanout, t_p_overhead, t_ep_overhead, gamma. `k_max` bounds top_k where a fan-out
-    is derived from ranks; 0 says no configuration has ranks.
+    n_ue, fanout, fanout_nodes, imbalance, t_p_overhead, t_ep_overhead, t_ep_net and
+    t_ep_nvlink (each leg alone, latency apart), ep_leg (1: the network leg decides, 2:
+    NVLink, 0: no EP ranks), gamma.
     """
     import jax.numpy as jnp
 
@@ -80,47 +103,88 @@ def formula(p: Mapping, k_max: int = K_MAX) -> dict:
     hit = jnp.where(q >= 1, 1.0, -jnp.expm1(N * jnp.log1p(-q_safe)))
     uniform = jnp.where(N == 0, 0.0, E * hit)
     n_ue = jnp.where(p["uniform"] > 0, uniform, worst)
-
-    R = p["ep_ranks"]
-    phi = p["fanout"]
-    if k_max:  # 0: no configuration has ranks, skip the product statically
-        phi = phi * jnp.where(R > 0, fanout_uniform(R, E, k, k_max), 1.0)
+    n_ue = jnp.where(p["n_ue_measured"] >= 0, p["n_ue_measured"], n_ue)
 
     expert_bytes = p["matrices"] * p["hidden"] * p["expert_intermediate"] * p["f_e"]
     per_layer_p = (1 - p["resident_fraction"]) * n_ue * (p["alpha_pcie"] + expert_bytes / p["b_pcie"])
-    payload = phi * N * p["hidden"] * (p["f_dispatch"] + p["f_combine"])
+
+    # EP (closed_form.ep_legs): copies per token and direction on each leg, by dispatch mode.
+    # flat: every remote rank over B_net; per-node: one network copy per remote node, then
+    # every remote rank's copy over NVLink (forwarded inside the node); per-rank: the
+    # other nodes' ranks over B_net, the own node's over NVLink.
+    R, mode = p["ep_ranks"], p["dispatch_mode"]
+    ranks, nodes, inter = p["fanout_ranks"], p["fanout_nodes"], p["fanout_ranks_inter"]
+    net = jnp.where(mode == 0, ranks, jnp.where(mode == 1, nodes, inter))
+    nvl = jnp.where(mode == 0, 0.0, jnp.where(mode == 1, ranks, ranks - inter))
+    has_ranks = R > 0
+    imb = jnp.where(has_ranks & (R > 1) & (p["busiest"] > 0), p["imbalance"], 1.0)
+    row = N * p["hidden"] * (p["f_dispatch"] + p["f_combine"])  # bytes per copy of all tokens
+    phi = p["fanout"] * jnp.where(has_ranks, ranks, 1.0)
+    t_net = jnp.where(has_ranks, imb * p["fanout"] * net, phi) * row / p["b_net"]
+    t_nvl = jnp.where(has_ranks, imb * p["fanout"] * nvl * row / p["b_nvlink"], 0.0)
     # One EP rank: nothing is remote, no collective, no latency.
-    per_layer_ep = jnp.where(R == 1, 0.0, 2 * p["alpha_net"] + payload / p["b_net"])
+    per_layer_ep = jnp.where(R == 1, 0.0, 2 * p["alpha_net"] + jnp.maximum(t_net, t_nvl))
     scale = p["passes"] * p["n_layers"]
     t_p, t_ep = scale * per_layer_p, scale * per_layer_ep
-    return {"n_ue": n_ue, "fanout": phi, "t_p_overhead": t_p, "t_ep_overhead": t_ep,
+    return {"n_ue": n_ue, "fanout": phi, "fanout_nodes": jnp.where(has_ranks, nodes, 0.0),
+            "imbalance": imb, "t_p_overhead": t_p, "t_ep_overhead": t_ep,
+            "t_ep_net": jnp.where(R == 1, 0.0, scale * t_net),
+            "t_ep_nvlink": jnp.where(R == 1, 0.0, scale * t_nvl),
+            "ep_leg": jnp.where(R > 1, jnp.where(t_net >= t_nvl, 1.0, 2.0), 0.0),
             "gamma": t_p / t_ep}
 
 
-def fanout_uniform(R, E, k, k_max: int = K_MAX):
-    """closed_form.fanout_uniform in jnp: (R-1)/R [(R - E mod R) hit(a) + (E mod R) hit(a+1)],
-    a = floor(E/R), hit(m) = 1 - prod_{i<k} (E - m - i) / (E - i); exact when R does not divide E."""
-    import jax.numpy as jnp
+# --- host terms ---------------------------------------------------------------------------
 
-    R = jnp.maximum(R, 1.0)
-    a = jnp.floor(E / R)
-    big = E - a * R
-    shape = jnp.broadcast_shapes(jnp.shape(R), jnp.shape(E), jnp.shape(k))
-    miss_a, miss_b = jnp.ones(shape), jnp.ones(shape)
-    for i in range(k_max):
-        fa = jnp.clip((E - a - i) / (E - i), 0.0, 1.0)
-        fb = jnp.clip((E - a - 1 - i) / (E - i), 0.0, 1.0)
-        miss_a = jnp.where(i < k, miss_a * fa, miss_a)
-        miss_b = jnp.where(i < k, miss_b * fb, miss_b)
-    return (R - 1) / R * ((R - big) * (1 - miss_a) + big * (1 - miss_b))
+
+@lru_cache(maxsize=4096)
+def _tiers(ranks: int, n_experts: int, k: int, gpus_per_node: int) -> cf.Tiers:
+    return cf.fanout_tiers(ranks, n_experts, k, gpus_per_node)
+
+
+def host_terms(tokens, ep_ranks, n_experts, top_k, gpus_per_node, trace=None) -> dict:
+    """The HOST_TERMS at one point, with uniform top-k (closed form) or from a trace.
+
+    Closed form: the tiers of `closed_form.fanout_tiers` and `closed_form.imbalance_uniform`
+    at N_t tokens per rank (what `closed_form.ep_legs` uses without redundant experts);
+    n_ue_measured = -1. A trace: `trace(N_t, R, G)` gives its window means at N_t
+    (`functools.partial(trace.window_means, a_trace)`: N_ue, remote ranks and nodes per
+    token, the busiest rank measured on R N_t tokens, as `moelab gamma --routing trace:`
+    takes them); it has no per-rank split of the tiers (fanout_ranks_inter NaN). A `note`
+    comes back where the trace says something.
+    """
+    R, E, k, G = int(ep_ranks), int(n_experts), int(top_k), int(gpus_per_node)
+    if trace is not None:
+        m = trace(int(tokens), R, G)
+        return {"fanout_ranks": m["fanout"], "fanout_nodes": m["fanout_nodes"],
+                "fanout_ranks_inter": float("nan"), "imbalance": m["imbalance"],
+                "n_ue_measured": m["n_ue"], "note": m.get("note")}
+    if R < 1:
+        return {"fanout_ranks": 0.0, "fanout_nodes": 0.0, "fanout_ranks_inter": 0.0,
+                "imbalance": 1.0, "n_ue_measured": -1.0}
+    t = _tiers(R, E, k, G)
+    return {"fanout_ranks": t.ranks, "fanout_nodes": t.nodes, "fanout_ranks_inter": t.ranks_inter,
+            "imbalance": cf.imbalance_uniform(float(tokens), R, E, k), "n_ue_measured": -1.0}
+
+
+def ep_host_terms(model: ModelSpec, system: SystemSpec, options: Options, tokens) -> dict:
+    """The HOST_TERMS of one set of specs, through `closed_form.ep_legs` (so redundant
+    experts' imbalance too); the imbalance is computed also where options.imbalance is
+    off (`busiest` then says 0). `tokens` may be fractional."""
+    if not options.ep_ranks:
+        return host_terms(tokens, 0, model.n_experts, model.top_k, system.gpus_per_node)
+    legs = cf.ep_legs(model, system, replace(options, imbalance=True), tokens)
+    return {"fanout_ranks": legs.tiers.ranks, "fanout_nodes": legs.tiers.nodes,
+            "fanout_ranks_inter": legs.tiers.ranks_inter, "imbalance": legs.imbalance,
+            "n_ue_measured": -1.0}
 
 
 def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
               options: Options | None = None) -> dict[str, float]:
     """`formula`'s parameters for one set of specs (what closed_form.evaluate sees)."""
     options = options or Options()
-    f_dispatch, f_combine = activation_bytes(model, options)
-    return {
+    f_dispatch, f_combine = cf.activation_bytes(model, options)
+    p = {
         "tokens": float(workload.tokens_per_pass),
         "n_experts": float(model.n_experts),
         "top_k": float(model.top_k),
@@ -132,15 +196,23 @@ def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
         "f_combine": f_combine,
         "b_pcie": system.b_pcie,
         "b_net": system.b_net,
+        "b_nvlink": system.b_nvlink,
         "alpha_pcie": system.alpha_pcie,
         "alpha_net": system.alpha_net,
         "resident_fraction": options.resident_fraction,
         "fanout": float(options.fanout) if options.fanout is not None else 1.0,
         "ep_ranks": float(options.ep_ranks or 0),
+        "gpus_per_node": float(system.gpus_per_node),
+        "dispatch_mode": float(DISPATCH_CODES[options.dispatch_mode]),
+        "busiest": 1.0 if options.imbalance else 0.0,
         "uniform": 1.0 if options.routing == "uniform" else 0.0,
+        "trace": 0.0,
         "n_layers": float(model.n_moe_layers),
         "passes": float(workload.passes),
     }
+    terms = ep_host_terms(model, system, options, workload.tokens_per_pass)
+    p.update({t: float(terms[t]) for t in HOST_TERMS})
+    return p
 
 
 # --- grids -------------------------------------------------------------------------------
@@ -186,7 +258,13 @@ def model_axis(models: Sequence[ModelSpec]) -> Axis:
 def system_axis(systems: Sequence[SystemSpec]) -> Axis:
     col = lambda f: np.array([getattr(s, f) for s in systems], dtype=np.float64)
     return Axis("system", tuple(s.name for s in systems),
-                {f: col(f) for f in ("b_pcie", "b_net", "alpha_pcie", "alpha_net")})
+                {f: col(f) for f in ("b_pcie", "b_net", "b_nvlink", "alpha_pcie", "alpha_net",
+                                     "gpus_per_node")})
+
+
+def label_axis(name: str, param: str, codes: Mapping[str, float], labels: Sequence[str]) -> Axis:
+    """Named choices coded as numbers (dispatch mode, busiest or mean rank)."""
+    return Axis(name, tuple(labels), {param: np.array([codes[v] for v in labels], np.float64)})
 
 
 def grid_size(axes: Sequence[Axis]) -> int:
@@ -198,30 +276,67 @@ def grid_labels(axes: Sequence[Axis]):
     return itertools.product(*(a.labels for a in axes))
 
 
+OUTPUTS = ("gamma", "n_ue", "fanout", "fanout_nodes", "imbalance", "t_p_overhead",
+           "t_ep_overhead", "t_ep_net", "t_ep_nvlink", "ep_leg")
+
+
 def evaluate_grid(base: Mapping[str, float], axes: Sequence[Axis],
                   outputs: Sequence[str] = ("gamma", "n_ue", "fanout", "t_p_overhead",
                                             "t_ep_overhead"),
-                  devices=None) -> dict[str, np.ndarray]:
+                  devices=None, traces: Sequence = ()) -> dict[str, np.ndarray]:
     """`formula` on the Cartesian product of `axes` over `base`, inside one jit.
 
     Returns each output as a flat array [n] in row-major order of the axes (the last
     varies fastest, as `grid_labels`). Where two axes set the same parameter, the later
     axis wins. The grid is split over a 1-D mesh of `devices` (default: all) along its
-    longest axis.
+    longest axis. `traces`: the recorded traces that a `trace` parameter i > 0 names, each
+    a function (N_t, R, G) -> its window means (`host_terms`).
     """
-    return grid_kernel(base, axes, outputs, devices)()
+    return grid_kernel(base, axes, outputs, devices, traces)()
+
+
+def host_tables(base: Mapping[str, float], axes: Sequence[Axis], traces: Sequence = ()):
+    """The HOST_TERMS over the grid: ({term: array shaped [.., n_i, ..] along the axes that
+    set a HOST_INPUT, 1 elsewhere}, notes). Each distinct combination of inputs is computed
+    once (`host_terms`)."""
+    owner = {n: max((i for i, a in enumerate(axes) if n in a.columns), default=None)
+             for n in HOST_INPUTS}
+    involved = sorted({i for i in owner.values() if i is not None})
+    shape = [len(axes[i]) for i in involved]
+    out = {t: np.empty(shape) for t in HOST_TERMS}
+    cache: dict = {}
+    notes: list[str] = []
+    for idx in np.ndindex(*shape):
+        q = {n: float(base[n]) if owner[n] is None else
+             float(axes[owner[n]].columns[n][idx[involved.index(owner[n])]]) for n in HOST_INPUTS}
+        key = tuple(q.values())
+        if key not in cache:
+            t = int(q.pop("trace"))
+            cache[key] = host_terms(**q, trace=traces[t - 1] if t > 0 else None)
+            note = cache[key].get("note")
+            if note and note not in notes:
+                notes.append(note)
+        for t in HOST_TERMS:
+            out[t][idx] = cache[key][t]
+    full = [1] * len(axes)
+    for j, i in enumerate(involved):
+        full[i] = shape[j]
+    return {t: v.reshape(full) for t, v in out.items()}, notes
 
 
 def grid_kernel(base: Mapping[str, float], axes: Sequence[Axis], outputs: Sequence[str],
-                devices=None):
+                devices=None, traces: Sequence = ()):
     """A function () -> outputs over the grid, flat (compiled on the first call).
 
     Each axis's columns are shaped [1, .., n_i, .., 1] and `formula` broadcasts them
     into the grid: XLA fuses the whole model into one loop over the output, with no
-    per-configuration index arithmetic or gathers. The longest axis is padded to a
-    multiple of the device count and sharded (NamedSharding over a 1-D mesh), so each
-    device computes its slab of the grid.
+    per-configuration index arithmetic or gathers. The host terms are computed here, before
+    the kernel (`host_tables`; `run.host_seconds`, `run.notes`), and enter it the same way.
+    The longest axis is padded to a multiple of the device count and sharded (NamedSharding
+    over a 1-D mesh), so each device computes its slab of the grid.
     """
+    import time
+
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -244,24 +359,32 @@ def grid_kernel(base: Mapping[str, float], axes: Sequence[Axis], outputs: Sequen
     spec[split] = "grid"
     sharded = NamedSharding(Mesh(np.array(devices), ("grid",)), PartitionSpec(*spec))
 
-    tables = []
-    for i, a in enumerate(axes):
+    def pad(v: np.ndarray) -> np.ndarray:
+        """float32, padded along the split axis by repeating its last value (valid
+        configurations, trimmed afterwards)."""
+        v = np.asarray(v, np.float32)
+        if v.ndim and v.shape[split] > 1:
+            width = [(0, 0)] * v.ndim
+            width[split] = (0, padded[split] - v.shape[split])
+            v = np.pad(v, width, mode="edge")
+        return v
+
+    t0 = time.perf_counter()
+    host, notes = host_tables(base, axes, traces)
+    host_seconds = time.perf_counter() - t0
+    tables = [{t: pad(v) for t, v in host.items()}]
+    for i, a in enumerate(axes):  # after the host terms: an axis that sets one wins
         shape = [1] * len(padded)
-        shape[i] = padded[i]
-        # Padding repeats the last value: valid configurations, trimmed afterwards.
-        tables.append({c: np.pad(np.asarray(v, np.float32), (0, padded[i] - len(a)),
-                                 mode="edge").reshape(shape) for c, v in a.columns.items()})
+        shape[i] = len(a)
+        tables.append({c: pad(np.asarray(v).reshape(shape)) for c, v in a.columns.items()})
     consts = {c: np.float32(base[c]) for c in PARAMS}
-    has_ranks = base["ep_ranks"] > 0 or any(np.any(a.columns.get("ep_ranks", 0) > 0) for a in axes)
-    k_max = int(max([base["top_k"]] + [np.max(a.columns["top_k"]) for a in axes
-                                      if "top_k" in a.columns])) if has_ranks else 0
 
     @partial(jax.jit, out_shardings=sharded)
     def kernel():
         p = {c: jnp.asarray(v) for c, v in consts.items()}
-        for table in tables:  # a later axis overrides an earlier one
+        for table in tables:  # a later table overrides an earlier one
             p.update({c: jnp.asarray(v) for c, v in table.items()})
-        res = formula(p, k_max)
+        res = formula(p)
         return {o: jnp.broadcast_to(res[o], padded) for o in outputs}
 
     def run() -> dict[str, np.ndarray]:
@@ -270,4 +393,6 @@ def grid_kernel(base: Mapping[str, float], axes: Sequence[Axis], outputs: Sequen
         return {o: np.asarray(v)[trim].reshape(-1) for o, v in res.items()}
 
     run.sharding = sharded  # where the grid lives: tests check it spans the devices
+    run.host_seconds = host_seconds
+    run.notes = notes
     return run

@@ -433,3 +433,25 @@ def trace_distribution(model, system, workload, options, path: str,
         out["fanout_nodes_mean"] = float(st["remote_nodes"].sum() / (N.sum() * dest.shape[1]))
     out.update(busiest)
     return out
+
+
+def window_means(tr: Trace, tokens: int, ranks: int = 0, gpus_per_node: int = 8) -> dict:
+    """A trace's means at windows of `tokens`, as `trace_distribution` counts them: n_ue
+    (N_ue over windows and recorded layers), fanout and fanout_nodes (remote ranks and
+    nodes per token; 0 without ranks), imbalance (the busiest rank, `_busiest`; 1 with
+    fewer than two ranks or where the trace is shorter than R N_t tokens, then with a
+    `note`). What `moelab sweep --routing trace:` feeds its formula at each N_t."""
+    from moelab.costmodel.specs import Options
+
+    st = window_stats(windows(tr, tokens), tr.num_experts, ranks, gpus_per_node)
+    pairs = tokens * st["n_used"].size  # tokens x windows x layers
+    out = {"n_ue": float(st["n_used"].mean()),
+           "fanout": float(st["remote_ranks"].sum() / pairs) if ranks else 0.0,
+           "fanout_nodes": float(st["remote_nodes"].sum() / pairs) if ranks else 0.0,
+           "imbalance": 1.0}
+    if ranks > 1:
+        busiest = _busiest(tr, ranks, tokens, Options(ep_ranks=ranks))
+        out["imbalance"] = busiest.get("imbalance_mean", 1.0)
+        if "imbalance_note" in busiest:
+            out["note"] = f"trace {tr.path!r}: {busiest['imbalance_note']}"
+    return out

@@ -6,7 +6,8 @@ record gamma_variant / gamma_seed (a tornado chart of log10 changes):
   before issue 10), then two tiers (NVLink inside a node of G GPUs, the network between;
   one network copy per remote node as DeepEP's normal kernels, or per remote rank) with the
   busiest rank setting the pace (closed_form.fanout_tiers, imbalance_uniform); and under
-  the model's group-limited routing, per rank and once per node (JAX reference Monte Carlo);
+  the model's group-limited routing, per rank (JAX reference Monte Carlo) and once per node
+  (exact: closed_form.fanout_nodes_group_limited);
 - dispatch in fp8, combine in bf16 (as DeepEP does);
 - measured link bandwidths instead of nominal ones (presets' measured figures);
 - latency per collective alpha_net, fitted to DeepEP's low-latency kernels (experiment validation);
@@ -98,7 +99,9 @@ def _measured_alpha_pcie():
 
 
 def _group_fanout(cfg, model, system):
-    """Mean remote ranks and remote nodes per token under group-limited routing (JAX Monte Carlo).
+    """Mean remote ranks and remote nodes per token under group-limited routing, and the
+    sources of each: ranks by JAX Monte Carlo, nodes exactly (costmodel/group_limited.py)
+    where the nodes hold whole groups, else by the same Monte Carlo.
 
     The fan-out is a per-token property: it is sampled at a modest N_t (cfg["mc_tokens"]) and
     used as an explicit phi at the experiment's N_t.
@@ -106,7 +109,7 @@ def _group_fanout(cfg, model, system):
     try:
         from moelab.costmodel.reference import gamma_distribution
     except ImportError as e:
-        return None, f"costmodel.reference not available yet ({e})"
+        return None, f"costmodel.reference not available yet ({e})", None
     from moelab.costmodel.specs import Options, Workload
 
     d = gamma_distribution(
@@ -122,7 +125,16 @@ def _group_fanout(cfg, model, system):
         f"JAX Monte Carlo, {d['samples']} samples at N_t = {cfg['mc_tokens']}, n_group {model.n_group}, "
         f"topk_group {model.topk_group}, {system.gpus_per_node} GPUs per node"
     )
-    return {"ranks": d["fanout_mean"], "nodes": d["fanout_nodes_mean"]}, src
+    nodes, node_src = d["fanout_nodes_mean"], src
+    R, G = cfg["ep_ranks"], system.gpus_per_node
+    if R % G == 0 and model.n_group % (R // G) == 0:  # whole groups per node: exact
+        from moelab.costmodel.closed_form import fanout_nodes_group_limited
+
+        nodes = fanout_nodes_group_limited(R // G, model.n_group, model.topk_group, model.n_experts,
+                                           model.top_k)
+        node_src = (f"closed_form.fanout_nodes_group_limited (exact, {R // G} nodes: "
+                    f"{nodes:.4f}; Monte Carlo {d['fanout_nodes_mean']:.4f})")
+    return {"ranks": d["fanout_mean"], "nodes": nodes}, src, node_src
 
 
 def variants(cfg, model, system):
@@ -171,9 +183,10 @@ def variants(cfg, model, system):
         ),
         "expected N_ue (uniform routing)": (system, Options(routing="uniform"), "E (1 - (1 - k/E)^N_t)"),
     }
-    # Group-limited routing (the model's n_group / topk_group) sampled by the JAX reference: its
-    # fan-out over ranks, and over nodes (DeepEP's normal kernels send a token once per remote node).
-    groups, groups_src = _group_fanout(cfg, model, system)
+    # Group-limited routing (the model's n_group / topk_group): its fan-out over ranks (sampled by
+    # the JAX reference), and over nodes (exact; DeepEP's normal kernels send a token once per
+    # remote node).
+    groups, groups_src, nodes_src = _group_fanout(cfg, model, system)
     fanout_all = Options(ep_ranks=R)  # two tiers, per-node, busiest rank
     if groups is not None:
         out[f"fan-out: EP{cfg['ep_ranks']}, group-limited routing"] = (
@@ -184,7 +197,7 @@ def variants(cfg, model, system):
         out[f"fan-out: EP{cfg['ep_ranks']}, group-limited, once per node"] = (
             system,
             Options(fanout=groups["nodes"]),
-            groups_src + "; per-node dedup as in DeepEP normal kernels",
+            nodes_src + "; per-node dedup as in DeepEP normal kernels",
         )
     if alpha_net is not None:
         out[f"alpha_net = {alpha_net * 1e6:.0f} µs per collective"] = (

@@ -162,7 +162,7 @@ def test_the_worked_figures_in_model_md_are_the_code_s():
     text = (ROOT / "docs" / "model.md").read_text()
     seed = {"tokens": 4096, "b_pcie": 64e9, "b_net": 50e9, "expert_dtype": "fp8", "act_dtype": "bf16"}
     r = moelab.gamma("deepseek-r1", **seed)
-    ep = moelab.gamma("deepseek-r1", **seed, ep_ranks=32)
+    ep = moelab.gamma("deepseek-r1", **seed, ep_ranks=32, sensitivities=True)
     c = 0.5 * r.model_term * r.system_term
     figures = {
         f"C = 1/2 · 3072 ·\n0.78125 = {c:.0f}": r.model_term == 3072 and r.system_term == 0.78125,
@@ -171,6 +171,7 @@ def test_the_worked_figures_in_model_md_are_the_code_s():
         f"at 4096\ntokens gamma = 1200 · 256 / 4096 = {r.gamma:.0f}": True,
         f"phi = {ep.fanout:.2f}": True,
         f"gamma\nfalls from 75 to {ep.gamma:.1f}": True,
+        f"R1 on 32 ranks at 4096 tokens has E-elasticity {ep.sensitivities['n_experts']:.2f},": True,
     }
     for phrase, consistent in figures.items():
         assert consistent and phrase in text, phrase

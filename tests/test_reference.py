@@ -267,35 +267,83 @@ def test_gamma_distribution_rejects_samples():
 @settings(max_examples=15)
 @given(model=shapes(max_e=300), system=systems(), tokens=st.integers(1, 10_000),
        routing=st.sampled_from(["worst", "uniform"]), ranks=st.none() | st.integers(2, 64),
-       resident=st.sampled_from([0.0, 0.4]))
-def test_sensitivities_match_finite_differences(model, system, tokens, routing, ranks, resident):
-    """jax.grad elasticities against central differences of closed_form.evaluate (float64)."""
-    flat = {"dispatch_mode": "flat", "imbalance": False}  # the jnp formula's one tier
-    options = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident, **flat)
+       resident=st.sampled_from([0.0, 0.4]), gpn=st.integers(1, 16),
+       b_nvlink=st.floats(2e10, 2e12), mode=st.sampled_from(["per-node", "per-rank", "flat"]),
+       busiest=st.booleans())
+def test_sensitivities_match_finite_differences(model, system, tokens, routing, ranks, resident,
+                                                gpn, b_nvlink, mode, busiest):
+    """Elasticities of the two-tier model against differences of closed_form.evaluate
+    (float64), which includes every effect: central differences for links, latencies and
+    residency; a forward one for N_t (the busiest rank's imbalance steps where (R - 1) N_t
+    crosses an integer, and is smooth just above); for the counts R, G, E, k, the central
+    difference over the neighbouring counts that the sensitivities define them by."""
+    from dataclasses import replace
+
+    system = system.with_(gpus_per_node=gpn, b_nvlink=b_nvlink)
+    options = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident,
+                      dispatch_mode=mode, imbalance=busiest)
     w = Workload(tokens=tokens)
     got = ref.sensitivities(model, system, w, options)
     eps = 1e-4
 
-    def log_gamma(sys=system, opt=options):
-        return math.log(cf.evaluate(model, sys, w, opt).gamma)
+    def log_gamma(m=model, sys=system, opt=options):
+        return math.log(cf.evaluate(m, sys, w, opt).gamma)
 
-    for name in ("b_pcie", "b_net", "alpha_pcie", "alpha_net"):
+    legs = cf.ep_legs(model, system, options, tokens) if ranks else None
+    if legs is not None and math.isclose(legs.t_net, legs.t_nvlink, rel_tol=1e-3):
+        return  # the two legs tie: gamma has a kink, no derivative to compare
+    for name in ("b_pcie", "b_net", "b_nvlink", "alpha_pcie", "alpha_net"):
         v = getattr(system, name)
         up, down = system.with_(**{name: v * (1 + eps)}), system.with_(**{name: v * (1 - eps)})
         fd = (log_gamma(sys=up) - log_gamma(sys=down)) / (math.log1p(eps) - math.log1p(-eps))
-        assert got[name] == pytest.approx(fd, abs=2e-4), name
+        assert got.get(name, 0.0) == pytest.approx(fd, abs=2e-4), name
     if resident:
-        up = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident * (1 + eps), **flat)
-        down = Options(ep_ranks=ranks, routing=routing, resident_fraction=resident * (1 - eps),
-                       **flat)
+        up = replace(options, resident_fraction=resident * (1 + eps))
+        down = replace(options, resident_fraction=resident * (1 - eps))
         fd = (log_gamma(opt=up) - log_gamma(opt=down)) / (math.log1p(eps) - math.log1p(-eps))
         assert got["resident_fraction"] == pytest.approx(fd, abs=2e-4)
+    if routing == "uniform" or model.top_k * tokens != model.n_experts:  # min(kN, E): a kink
+        step = 1e-6
+        g = [float(cf.gamma_of_tokens(model, system, options, np.array(n)))
+             for n in (tokens, tokens * (1 + step))]
+        fd = (math.log(g[1]) - math.log(g[0])) / math.log1p(step)
+        assert got["tokens"] == pytest.approx(fd, abs=5e-4), "tokens"
+    counts = {"n_experts": (model.n_experts, model.top_k, None,
+                            lambda e: log_gamma(m=model.with_(n_experts=e))),
+              "top_k": (model.top_k, 1, model.n_experts,
+                        lambda c: log_gamma(m=model.with_(top_k=c)))}
+    if ranks:
+        counts["ep_ranks"] = (ranks, 2, None, lambda r: log_gamma(opt=replace(options, ep_ranks=r)))
+        counts["gpus_per_node"] = (gpn, 1, None, lambda g: log_gamma(
+            sys=system.with_(gpus_per_node=g)))
+    # E's neighbours keep an even placement over the ranks where R divides E: E +- R
+    e_step = ranks if ranks and ranks > 1 and model.n_experts % ranks == 0 else 1
+    for name, (v, lo, hi, at) in counts.items():
+        step = e_step if name == "n_experts" else 1
+        a, b = max(v - step, lo), v + step if hi is None else min(v + step, hi)
+        if b > a:
+            want = (at(b) - at(a)) / (math.log(b) - math.log(a))
+            assert got[name] == pytest.approx(want, abs=1e-4, rel=1e-4), name
     # every parameter is reported, and the elasticities the algebra fixes hold
-    assert set(ref.SENSITIVITY_PARAMS) - {"ep_ranks"} <= set(got)
+    assert set(ref.SENSITIVITY_PARAMS) - set(ref.RANK_ONLY) <= set(got)
+    assert (set(ref.RANK_ONLY) <= set(got)) == bool(ranks)
     if system.alpha_pcie == 0 and system.alpha_net == 0:
         assert got["b_pcie"] == pytest.approx(-1, abs=1e-5)
-        assert got["b_net"] == pytest.approx(1, abs=1e-5)
+        # gamma ~ B_net, B_nvlink through whichever leg decides
+        assert got["b_net"] + got.get("b_nvlink", 0.0) == pytest.approx(1, abs=1e-5)
         assert got["hidden"] == pytest.approx(0, abs=1e-5)  # d cancels: S_E grows with d
+
+
+def test_sensitivities_r1_two_tiers_by_hand():
+    """R1 at 4096 tokens on 32 ranks in nodes of 8 (per-node dispatch: the network leg, 2.7
+    remote nodes per token, decides): gamma ~ B_net / B_pcie, and nothing on B_nvlink."""
+    got = ref.sensitivities(R1, H100.with_(gpus_per_node=8), Workload(tokens=4096),
+                            Options(ep_ranks=32))
+    assert (got["b_net"], got["b_pcie"], got["b_nvlink"]) == (
+        pytest.approx(1, abs=1e-5), pytest.approx(-1, abs=1e-5), 0)
+    # N_t: past saturation the offload overhead is flat and EP's grows with N_t, times an
+    # imbalance that falls towards 1 as N_t grows, so a little above -1
+    assert -1 < got["tokens"] < -0.99
 
 
 def test_sensitivities_tokens_regimes():

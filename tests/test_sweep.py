@@ -27,7 +27,8 @@ def points(draw):
     system = SystemSpec(
         name="s", b_pcie=draw(st.floats(1e9, 1e12)), b_net=draw(st.floats(1e9, 1e12)),
         alpha_pcie=draw(st.sampled_from([0.0, 2e-6, 3e-5])),
-        alpha_net=draw(st.sampled_from([0.0, 5e-6, 1e-4])))
+        alpha_net=draw(st.sampled_from([0.0, 5e-6, 1e-4])), b_nvlink=draw(st.floats(1e10, 2e12)),
+        gpus_per_node=draw(st.integers(1, 16)))
     if draw(st.booleans()):
         workload = Workload(tokens=draw(st.integers(1, 10**7)))
     else:
@@ -41,19 +42,54 @@ def points(draw):
         dispatch_dtype=draw(dt), combine_dtype=draw(dt),
         resident_fraction=draw(st.floats(0, 0.99)),
         routing=draw(st.sampled_from(["worst", "uniform"])),
-        dispatch_mode="flat", imbalance=False)  # the sweep's one tier, mean rank
+        # mostly `moelab gamma`'s default (per-node, busiest rank); all modes and the mean rank
+        dispatch_mode=draw(st.sampled_from(["per-node", "per-node", "per-rank", "flat"])),
+        imbalance=draw(st.sampled_from([True, True, True, False])))
     return model, system, workload, options
 
 
-@settings(max_examples=60)
-@given(point=points())
-def test_formula_equals_closed_form(point):
-    model, system, workload, options = point
+def _check_against_closed_form(model, system, workload, options):
     p = {k: np.float32(v) for k, v in sw.params_of(model, system, workload, options).items()}
     got = {k: float(v) for k, v in sw.formula(p).items()}
     want = cf.evaluate(model, system, workload, options)
     for name in ("gamma", "n_ue", "fanout", "t_p_overhead", "t_ep_overhead"):
         assert got[name] == pytest.approx(getattr(want, name), rel=2e-5, abs=1e-30), name
+    legs = want.ep
+    if legs is not None:  # R >= 2: each leg and the busiest rank, as moelab gamma reports them
+        scale = want.passes * model.n_moe_layers
+        assert got["t_ep_net"] == pytest.approx(scale * legs.t_net, rel=2e-5, abs=1e-30)
+        assert got["t_ep_nvlink"] == pytest.approx(scale * legs.t_nvlink, rel=2e-5, abs=1e-30)
+        assert got["fanout_nodes"] == pytest.approx(legs.tiers.nodes, rel=2e-5, abs=1e-30)
+        assert got["imbalance"] == pytest.approx(legs.imbalance, rel=2e-6)
+        if not np.isclose(legs.t_net, legs.t_nvlink, rtol=1e-4):
+            assert got["ep_leg"] == (1 if legs.deciding_leg == "network" else 2)
+
+
+@settings(max_examples=60)
+@given(point=points())
+def test_formula_equals_closed_form(point):
+    """The jnp formula is closed_form.evaluate, two tiers and the busiest rank included."""
+    _check_against_closed_form(*point)
+
+
+@settings(max_examples=20)
+@given(point=points())
+def test_flat_mean_rank_is_the_one_tier_model(point):
+    """dispatch_mode flat with the mean rank: every remote rank at B_net, phi = fanout_uniform
+    (the model before two tiers), in both implementations."""
+    model, system, workload, options = point
+    if not options.ep_ranks or options.ep_ranks < 2:
+        return
+    from dataclasses import replace
+
+    options = replace(options, dispatch_mode="flat", imbalance=False)
+    _check_against_closed_form(model, system, workload, options)
+    p = {k: np.float64(v) for k, v in sw.params_of(model, system, workload, options).items()}
+    phi = cf.fanout_uniform(options.ep_ranks, model.n_experts, model.top_k)
+    f_d, f_c = cf.activation_bytes(model, options)
+    one_tier = cf.ep_overhead(workload.tokens_per_pass, model.hidden, f_d, f_c, system.b_net,
+                              model.n_moe_layers, system.alpha_net, phi) * workload.passes
+    assert float(sw.formula(p)["t_ep_overhead"]) == pytest.approx(float(one_tier), rel=1e-6)
 
 
 R1 = ModelSpec("r1", 58, 256, 8, 7168, 2048, expert_dtype="fp8", act_dtype="bf16")
@@ -81,9 +117,7 @@ def test_grid_order_and_overrides_match_pointwise():
     models, systems = {"r1": R1, "mix": MIX}, {"h100": H100, "b200": B200}
     for (m, s, dt, n, r), g, phi in zip(rows, res["gamma"], res["fanout"], strict=True):
         model = models[m].with_(expert_dtype=dt)
-        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None,
-                                                                        dispatch_mode="flat",
-                                                                        imbalance=False))
+        want = cf.evaluate(model, systems[s], Workload(tokens=n), Options(ep_ranks=r or None))
         assert g == pytest.approx(want.gamma, rel=2e-5)
         assert phi == pytest.approx(want.fanout, rel=2e-5)
 
@@ -126,14 +160,16 @@ def _args(**kw):
 
 
 def test_parse_values():
-    from moelab.commands.sweep import parse_values, whole_tokens
+    from moelab.commands.sweep import parse_values, whole
 
     assert parse_values("b_pcie", "16,32") == [16.0, 32.0]
     np.testing.assert_allclose(parse_values("b_net", "1:100:log:3"), [1, 10, 100])
     # 1, 1.33, 1.76, 2.33, 3.08, ...: rounded, duplicates merged, and said so
-    values, note = whole_tokens(parse_values("tokens", "1:1e6:log:50"))
+    values, note = whole("tokens", parse_values("tokens", "1:1e6:log:50"))
     assert values[:3] == [1.0, 2.0, 3.0] and "50 values round to 48" in note
-    assert whole_tokens([1.0, 2.0, 8.0]) == ([1.0, 2.0, 8.0], None)
+    assert whole("tokens", [1.0, 2.0, 8.0]) == ([1.0, 2.0, 8.0], None)
+    assert whole("ep_ranks", [2.0, 2.4, 8.0]) == ([2.0, 8.0], "--ep-ranks: 3 values round to 2 "
+                                                 "distinct whole rank counts; duplicates merged")
     assert parse_values("resident_fraction", "0:1:lin:5") == [0, 0.25, 0.5, 0.75, 1]
     with pytest.raises(SpecError, match="positive ends"):
         parse_values("tokens", "0:1:log:3")
@@ -196,3 +232,155 @@ def test_benchmarks_run_quick(capsys):
     rows = bench_sweep(args) + bench_reference(args)
     assert all(r["measured_s"] > 0 for r in rows)
     assert "goal/meas" in capsys.readouterr().out
+
+
+# --- a recorded trace in the sweep ---------------------------------------------------------------
+
+
+def _zipf_trace(path, layers, tokens, E, k, seed=0, holes=0.05):
+    """A generated trace (Zipf-skewed, some -1 ids), written as JSON (docs/traces.md)."""
+    import json
+
+    from moelab.costmodel import routing as rt
+    from moelab.costmodel.specs import parse_routing
+
+    gen = rt.layer_generator(parse_routing("zipf:1.0"), layers, tokens, E, k)
+    ids = np.stack([np.asarray(gen(jax.random.fold_in(jax.random.key(seed), l), l))
+                    for l in range(layers)])
+    ids = np.where(np.random.default_rng(seed).random(ids.shape) < holes, -1, ids)
+    path.write_text(json.dumps({"num_experts": E, "top_k": k, "layers": list(range(layers)),
+                                "ids": ids.tolist()}))
+    return str(path)
+
+
+def _sweep_rows(**kw):
+    from moelab.commands import sweep as cmd_sweep
+
+    columns, rows, summary = cmd_sweep.compute(_args(**kw))
+    return [dict(zip(columns, r, strict=True)) for r in rows], summary
+
+
+# one rank: gamma's per-window gammas are all infinite, and its percentiles of them warn
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("ranks,mode", [(None, None), (4, "per-node"), (4, "flat"), (1, None)])
+def test_trace_rows_are_gamma_trace_means(tmp_path, ranks, mode):
+    """Each row of `sweep --routing trace:` is `gamma --routing trace:` at the same point: the
+    trace's mean N_ue, fan-outs and busiest rank in the formula, so the overheads are the mean
+    overheads over the windows (one leg decides in every window here: windows of >= 16
+    tokens always cross nodes) and gamma is their ratio."""
+    from moelab import api
+
+    path = _zipf_trace(tmp_path / "mix.json", 3, 1024, 8, 2, seed=1)  # Mixtral: E = 8, k = 2
+    kw = dict(model="mixtral-8x7b", routing=f"trace:{path}", tokens="16,64", json=True)
+    if ranks:
+        kw.update(ep_ranks=str(ranks), gpus_per_node="2")
+    if mode:
+        kw.update(dispatch_mode=mode)
+    rows, summary = _sweep_rows(**kw)
+    assert len(rows) == 2
+    for row in rows:
+        g = api.gamma("mixtral-8x7b", tokens=row["tokens"], routing=f"trace:{path}",
+                      ep_ranks=ranks, gpus_per_node=2 if ranks else None,
+                      dispatch_mode=mode or "per-node")
+        assert row["n_ue"] == pytest.approx(g.n_ue_mean, rel=1e-6)
+        assert row["t_p_overhead_s"] == pytest.approx(g.t_p_overhead_mean, rel=1e-6)
+        if ranks == 1:  # nothing is remote: EP costs nothing, gamma is infinite
+            assert row["t_ep_overhead_s"] == 0 and g.t_ep_overhead_mean == 0
+            continue
+        assert row["t_ep_overhead_s"] == pytest.approx(g.t_ep_overhead_mean, rel=1e-6)
+        assert row["gamma"] == pytest.approx(g.t_p_overhead_mean / g.t_ep_overhead_mean, rel=1e-6)
+        if ranks:
+            assert row["fanout"] == pytest.approx(g.fanout_mean, rel=1e-6)
+            assert row["fanout_nodes"] == pytest.approx(g.fanout_nodes_mean, rel=1e-6)
+            assert row["imbalance"] == pytest.approx(g.imbalance_mean, rel=1e-6)
+            assert g.imbalance_samples > 0 and row["imbalance"] > 1
+    # skewed routing uses fewer experts than uniform: the trace is not the closed form
+    uniform, _ = _sweep_rows(model="mixtral-8x7b", routing="uniform", tokens="16", json=True)
+    assert rows[0]["n_ue"] < uniform[0]["n_ue"]
+
+
+def test_trace_decode_windows_are_the_batch(tmp_path):
+    from moelab import api
+
+    path = _zipf_trace(tmp_path / "mix.json", 2, 256, 8, 2, seed=2)
+    rows, summary = _sweep_rows(model="mixtral-8x7b", routing=f"worst,trace:{path}", decode=True,
+                                batch="2,8", steps="10", ep_ranks="8", dispatch_mode="flat",
+                                json=True)
+    assert [(r["routing"], r["batch"]) for r in rows] == [
+        ("worst", 2), ("worst", 8), (f"trace:{path}", 2), (f"trace:{path}", 8)]
+    for row in rows[2:]:
+        g = api.gamma("mixtral-8x7b", decode=True, batch=row["batch"], steps=10,
+                      routing=f"trace:{path}", ep_ranks=8, dispatch_mode="flat")
+        assert row["n_ue"] == pytest.approx(g.n_ue_mean, rel=1e-6)
+        assert row["t_p_overhead_s"] == pytest.approx(g.t_p_overhead_mean, rel=1e-6)
+        assert row["t_ep_overhead_s"] == pytest.approx(g.t_ep_overhead_mean, rel=1e-6)
+    # the worst-case rows are the closed form's
+    for row in rows[:2]:
+        g = api.gamma("mixtral-8x7b", decode=True, batch=row["batch"], steps=10, ep_ranks=8,
+                      dispatch_mode="flat")
+        assert row["gamma"] == pytest.approx(g.gamma, rel=2e-5)
+    # the busiest rank needs windows of R B tokens: 8 x 64 = 512 > the trace's 256, so none is
+    # measured (the ranks count as balanced) and a note says so
+    _, summary = _sweep_rows(model="mixtral-8x7b", routing=f"trace:{path}", decode=True,
+                             batch="64", ep_ranks="8", json=True)
+    assert any("no busiest rank measured" in n for n in summary["notes"])
+
+
+def test_trace_errors_exit_2(tmp_path, capsys):
+    from moelab.cli import main
+
+    other = _zipf_trace(tmp_path / "olmoe.json", 1, 64, 64, 8)
+    mix = _zipf_trace(tmp_path / "mix.json", 1, 64, 8, 2)
+    for argv, needle in [
+        (["--model", "mixtral-8x7b", "--routing", f"trace:{other}"], "E=64, k=8"),
+        (["--model", "mixtral-8x7b,olmoe-1b-7b", "--routing", f"trace:{mix}"], "E=8, k=2"),
+        (["--model", "mixtral-8x7b", "--routing", "trace:nope.json"], "no such file"),
+        (["--model", "mixtral-8x7b", "--routing", "zipf:1"], "worst, uniform and trace:FILE"),
+        (["--model", "mixtral-8x7b", "--routing", f"trace:{mix}", "--ep-ranks", "4",
+          "--dispatch-mode", "per-rank"], "per-rank"),
+        (["--model", "mixtral-8x7b", "--routing", f"trace:{mix}", "--tokens", "65"],
+         "fewer than one window of 65"),
+        (["--dispatch-mode", "per-gpu"], "per-node, per-rank"),
+        (["--decode", "--tokens", "4"], "--tokens"),
+        (["--batch", "4"], "--batch"),
+        (["--steps", "10"], "--steps"),
+        (["--decode", "--steps", "0"], "--steps"),
+    ]:
+        assert main(["sweep", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "--routing" in err if "routing" in needle else needle in err, err
+
+
+def test_cli_two_tier_rows_are_moelab_gamma():
+    """Rows over R, G, B_nvlink and the dispatch mode are `moelab gamma` at the same point:
+    gamma, the legs, the deciding one, the busiest rank; --rank-load mean is the closed form
+    with imbalance off. R = 40 does not divide E = 384 (ranks of 9 and 10 experts)."""
+    from moelab import api
+
+    rows, _ = _sweep_rows(model="kimi-k2", tokens="1,4096", ep_ranks="16,40", gpus_per_node="4,8",
+                          b_nvlink="100,450", dispatch_mode="per-node,per-rank",
+                          rank_load="busiest,mean", json=True)
+    assert len(rows) == 64
+    m = api.model_spec("kimi-k2")
+    for row in rows:
+        system = api.system_spec("h100-sxm").with_(b_nvlink=row["b_nvlink_GBps"] * 1e9,
+                                                    gpus_per_node=row["gpus_per_node"])
+        kw = dict(tokens=row["tokens"], ep_ranks=row["ep_ranks"], dispatch_mode=row["dispatch_mode"])
+        if row["rank_load"] == "mean":
+            r = cf.evaluate(m, system, Workload(tokens=row["tokens"]),
+                            Options(ep_ranks=row["ep_ranks"], dispatch_mode=row["dispatch_mode"],
+                                    imbalance=False))
+            assert row["gamma"] == pytest.approx(r.gamma, rel=2e-5)
+            assert row["imbalance"] == 1
+            continue
+        g = api.gamma(m, system, **kw)
+        assert row["gamma"] == pytest.approx(g.gamma, rel=2e-5)
+        assert row["imbalance"] == pytest.approx(g.imbalance, rel=1e-6)
+        assert row["fanout"] == pytest.approx(g.fanout, rel=1e-6)
+        assert row["fanout_nodes"] == pytest.approx(g.fanout_nodes, rel=1e-6)
+        assert row["t_ep_net_s"] == pytest.approx(g.t_ep_net_s, rel=2e-5)
+        assert row["t_ep_nvlink_s"] == pytest.approx(g.t_ep_nvlink_s, rel=2e-5)
+        assert row["ep_deciding_leg"] == g.ep_deciding_leg
+    # both legs decide somewhere on this grid, and the busiest rank costs something at 1 token
+    assert {r["ep_deciding_leg"] for r in rows} == {"network", "nvlink"}
+    assert min(r["imbalance"] for r in rows if r["rank_load"] == "busiest" and r["tokens"] == 1) > 1.3

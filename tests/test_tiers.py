@@ -109,7 +109,8 @@ def test_reference_counts_equal_brute_force_on_every_set():
 
 
 def brute_force_group_nodes(E, k, n_group, topk_group, nodes) -> Fraction:
-    """Remote nodes for the uniform model of group-limited routing: topk_group groups
+    """Remote nodes for the uniform model of group-limited routing (the lower bound on
+    DeepSeek's router; tests/test_group_limited.py checks the router itself): topk_group groups
     uniformly, then k experts uniformly among theirs; groups contiguous, nodes contiguous."""
     s = E // n_group
     per_node = n_group // nodes
@@ -126,13 +127,13 @@ def brute_force_group_nodes(E, k, n_group, topk_group, nodes) -> Fraction:
 
 @pytest.mark.parametrize("E,k,n_group,topk_group,nodes", [
     (12, 2, 6, 3, 3), (12, 3, 4, 2, 2), (8, 2, 4, 2, 4), (12, 4, 6, 2, 6), (9, 2, 3, 1, 3)])
-def test_group_limited_nodes_equal_brute_force(E, k, n_group, topk_group, nodes):
+def test_group_limited_lower_bound_equals_brute_force(E, k, n_group, topk_group, nodes):
     want = brute_force_group_nodes(E, k, n_group, topk_group, nodes)
-    got = cf.fanout_nodes_group_limited(nodes, n_group, topk_group, E, k)
+    got = cf.fanout_nodes_group_limited_lower_bound(nodes, n_group, topk_group, E, k)
     assert got == pytest.approx(float(want), rel=1e-12)
 
 
-def test_group_limited_nodes_monte_carlo_within_standard_error():
+def test_group_limited_lower_bound_monte_carlo_within_standard_error():
     """DeepSeek-R1's shape (8 groups, 4 kept, top-8 of 256) on 4 nodes: a numpy sampler of
     the same model (groups uniformly, experts uniformly among theirs)."""
     E, k, n_group, topk_group, nodes = 256, 8, 8, 4, 4
@@ -149,30 +150,7 @@ def test_group_limited_nodes_monte_carlo_within_standard_error():
     hit[np.arange(T), home] = False
     x = hit.sum(1)
     se = x.std(ddof=1) / math.sqrt(T)
-    want = cf.fanout_nodes_group_limited(nodes, n_group, topk_group, E, k)
+    want = cf.fanout_nodes_group_limited_lower_bound(nodes, n_group, topk_group, E, k)
     assert abs(x.mean() - want) < 4 * se
     # and it never exceeds min(topk_group, nodes - 1)
     assert x.max() <= min(topk_group, nodes - 1)
-
-
-@pytest.mark.parametrize("R,G", [(32, 8), (64, 8)])
-def test_deepseek_router_between_the_two_group_models(R, G):
-    """DeepSeek's own router (routing.group_limited: groups kept for their two best scores)
-    on R1's shape: its Monte Carlo mean of remote nodes lies between the uniform-in-groups
-    model and the every-kept-group-hit bound, within 1% of the bound."""
-    import jax
-
-    from moelab.costmodel import routing as rt
-
-    E, k, n_group, topk_group = 256, 8, 8, 4
-    ids = np.asarray(rt.group_limited(jax.random.key(0), 20_000, E, k, n_group, topk_group))
-    x = ref.token_tiers(ids, E, R, G)["nodes"]
-    se = x.std(ddof=1) / math.sqrt(len(x))
-    low = cf.fanout_nodes_group_limited(R // G, n_group, topk_group, E, k)
-    high = cf.fanout_nodes_group_limited(R // G, n_group, topk_group, every_kept_group_hit=True)
-    # by hand for the bound: a node holds n_group / M groups; it is kept-free with probability
-    # C(n_group - g, 4) / C(8, 4): 8 nodes: 1 - 35/70 = 1/2, times 7 = 3.5; 4 nodes:
-    # 1 - 15/70, times 3 = 2.357...
-    assert high == pytest.approx({8: 3.5, 4: 3 * (1 - 15 / 70)}[R // G], rel=1e-12)
-    assert low < x.mean() + 3 * se and x.mean() < high + 3 * se
-    assert x.mean() > 0.99 * high
