@@ -200,82 +200,472 @@ def fanout_nodes_group_limited_upper_bound(nodes: int, n_group: int, topk_group:
 
 
 # --- the busiest rank -----------------------------------------------------------------------
+#
+# Every rank holds N tokens and sends each once to every remote rank it hits; X_r = rows
+# rank r receives from the other ranks' M = (R - 1) N tokens. Exact and cheap: each X_r's
+# mean and variance, and the variance of the total S = sum_r X_r, a sum over tokens of the
+# remote ranks each hits. A token's k picks compete for ranks, so receivers are negatively
+# correlated: with the marginal variances, Var S fixes sum_{r != s} Cov(X_r, X_s) and so the
+# mean spread between two ranks,
+#     W = mean over r != s of Var(X_r - X_s) / 2 = (R sum_r Var X_r - Var S) / (R (R - 1)),
+# which in the normal limit sets E[max] (equicorrelated normals: mu + sqrt(W) E[max Z]).
+# Independent receivers with the exact means miss it (1.5-6% low at 1-2 tokens per rank).
+# The model: receivers Y_r independent, each with the exact mean and f times the exact
+# variance (beta-binomial over M trials; a binomial with fewer trials when f Var X_r is
+# below the binomial's), where
+#     f0 = W / mean_r Var X_r = (R sum_r Var X_r - Var S) / ((R - 1) sum_r Var X_r)
+# gives every pair of ranks its exact mean spread. For small counts (R * top <= 2^13) the
+# receivers are also conditioned on their sum, drawn from a discretized normal with the
+# exact mean and Var S, with f refitted so that the marginal variances come out exact:
+#     P(max_r X_r <= c) = sum_s P(S = s) [z^s] prod_r G_r,c(z) / [z^s] prod_r G_r(z),
+# G_r the pgf of Y_r, G_r,c its terms up to z^c; E[max] = sum_{c >= 0} (1 - P(max <= c)).
+# An approximation, checked against Monte Carlo of concrete routings (tests/test_imbalance.py;
+# docs/model.md gives the grid and the worst error) and against exact enumeration on tiny cases.
+
+_CONDITIONED_MAX_LENGTH = 2**13  # beyond: unconditioned (they agree to 1e-4 there)
 
 
-def _expected_max_binomials(n, p, count) -> float:
-    """E[max_u X_u] for independent X_u ~ Binomial(n_u, p_u), `count` units of each kind.
+@dataclass(frozen=True)
+class RankLoads:
+    """Exact moments of the rows each rank receives (X_r) with N tokens per rank."""
 
-    E[max] = sum_{x >= 0} (1 - prod_u F_u(x)); the pmfs are summed on a window of +-14
-    standard deviations around the means (outside it the terms are 1 or 0 to 1e-40).
-    """
-    n, p, count = (np.asarray(a, float) for a in (n, p, count))
-    keep = (p > 0) & (n > 0) & (count > 0)
-    if not keep.any():
-        return 0.0
-    n, p, count = n[keep], np.minimum(p[keep], 1.0), count[keep]
-    mean, sd = n * p, np.sqrt(n * p * (1 - p))
-    lo = int(max(0.0, np.floor(np.min(mean - 14 * sd - 2))))
-    hi = int(min(np.max(n), np.ceil(np.max(mean + 14 * sd + 2))))
-    if hi - lo > 4000:
-        # Large counts: the binomials are normal to far better than 1% of the mean;
-        # integrate 1 - prod Phi((x + 1/2 - mean) / sd) on a fine grid instead of per integer.
-        x = np.linspace(lo, hi, 4001)
-        erf = np.frompyfunc(math.erf, 1, 1)
-        log_prod = np.zeros_like(x)
-        for m_u, s_u, c_u in zip(mean, sd, count, strict=True):
-            cdf = 0.5 * (1 + erf((x + 0.5 - m_u) / (s_u * math.sqrt(2)) if s_u > 0 else
-                                 np.where(x + 0.5 >= m_u, 1e9, -1e9)).astype(float))
-            with np.errstate(divide="ignore"):
-                log_prod += c_u * np.log(np.maximum(cdf, 0.0))
-        return float(lo + np.trapezoid(1 - np.exp(log_prod), x))
-    x = np.arange(lo, hi + 1, dtype=float)
-    lg = np.frompyfunc(math.lgamma, 1, 1)
-    log_cdf_sum = np.zeros_like(x)
-    for n_u, p_u, c_u in zip(n, p, count, strict=True):
-        if p_u >= 1:
-            cdf = (x >= n_u).astype(float)
-        else:
-            xs = np.minimum(x, n_u)
-            logpmf = (math.lgamma(n_u + 1) - lg(xs + 1).astype(float) - lg(n_u - xs + 1).astype(float)
-                      + xs * math.log(p_u) + (n_u - xs) * math.log1p(-p_u))
-            pmf = np.where(x <= n_u, np.exp(logpmf), 0.0)
-            cdf = np.minimum(np.cumsum(pmf) / max(pmf.sum(), 1e-300), 1.0)
-            cdf = np.where(x >= n_u, 1.0, cdf)
-        with np.errstate(divide="ignore"):
-            log_cdf_sum += c_u * np.log(cdf)
-    return float(lo + np.sum(1 - np.exp(log_cdf_sum[:-1])))
+    mean: np.ndarray  # [R] E[X_r]
+    var: np.ndarray  # [R] Var X_r
+    total_var: float  # Var sum_r X_r
+    trials: int  # (R - 1) N: the most rows one rank can receive
+    # the exact law of sum_r X_r as (pmf of one token's remote ranks hit, tokens alike);
+    # empty: a discretized normal with total_var
+    token_laws: object = None  # () -> ((pmf, tokens alike), ...), built when needed
+    independent: bool = False  # the X_r are independent (ranks hit independently)
 
 
-def imbalance_from_probabilities(tokens_per_rank, hit) -> float:
-    """E[max over ranks of (token, rank) pairs received] / their mean.
-
-    Every rank holds `tokens_per_rank` tokens (the per-GPU view of the seed: each GPU has
-    N_t) and sends each to the remote ranks it hits; rank r is hit by a token with
-    probability hit[r]. Rank r receives X_r ~ Binomial((R-1) N, hit[r]) rows. The X_r of
-    different ranks are treated as independent (they are weakly, negatively correlated
-    through a token's k picks): an approximation, checked against Monte Carlo of the exact
-    routing in tests/test_imbalance.py (within 1% from 4 tokens per rank on).
-    """
+def loads_from_probabilities(tokens: int, hit, hits_variance: float | None = None) -> RankLoads:
+    """Every token hits rank r with probability hit[r]; hits_variance = Var D, D the ranks a
+    token hits (home included; None: ranks hit independently, sum_r h_r (1 - h_r)).
+    Var S = N (R-1) sum_r h_r (1 - h_r) + N (R-2) (Var D - sum_r h_r (1 - h_r)): a token's
+    covariances sum to Var D - sum_r h_r (1 - h_r), and R - 2 ranks' tokens reach a pair."""
     hit = np.asarray(hit, float)
-    R = hit.size
-    n = (R - 1) * float(tokens_per_rank)
-    mean = n * hit.mean()
-    if R < 2 or mean <= 0:
+    R, N = hit.size, int(tokens)
+    spread = hit * (1 - hit)
+    var_d = float(spread.sum()) if hits_variance is None else float(hits_variance)
+    total_var = N * (R - 1) * spread.sum() + N * (R - 2) * (var_d - spread.sum())
+    return RankLoads((R - 1) * N * hit, (R - 1) * N * spread, float(total_var), (R - 1) * N,
+                     independent=hits_variance is None)
+
+
+def loads_uniform(tokens: int, n_experts: int, k: int, held) -> RankLoads:
+    """Uniform top-k routing over a placement (per rank its experts), as reference.rank_loads
+    counts it: token t on rank t // N; a replicated expert's token t goes to its copy
+    t mod copies. Exact: for one token every expert has one destination, a_r experts on
+    rank r, so rank r is missed with probability miss(a_r) = C(E - a_r, k) / C(E, k) and
+    Cov(hit r, hit s) = miss(a_r + a_s) - miss(a_r) miss(a_s); tokens with the same copy
+    pattern (t mod lcm(copies)) share them."""
+    E, R, N, k = int(n_experts), len(held), int(tokens), int(k)
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    count = _token_counts(N, held)
+    a, hit, row = _pattern_moments(E, k, held, count.shape[1])
+    spread = hit * (1 - hit)
+    foreign = count.sum(0)[None, :] - count  # [r, c]: tokens of pattern c not on rank r
+    mean = np.sum(foreign * hit.T, axis=1)
+    var = np.sum(foreign * spread.T, axis=1)
+    per_token = spread.sum(1)[None, :] - spread.T + row.sum(1)[None, :] - 2 * row.T  # [home, c]
+
+    def token_laws():  # one token's law depends on its pattern and home block
+        laws: dict[tuple, list] = {}
+        for h, c in zip(*np.nonzero(count), strict=True):
+            key = (int(c), int(a[c, h]))
+            if key not in laws:
+                laws[key] = [_remote_ranks_law(np.delete(a[c], h), int(a[c, h]), E, k), 0]
+            laws[key][1] += int(count[h, c])
+        return tuple((law, n) for law, n in laws.values())
+
+    return RankLoads(mean, var, float(np.sum(count * per_token)), (R - 1) * N, token_laws)
+
+
+def _copies(held: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(copies [E], table [E, J]: the rank of each expert's copy j, in rank order)."""
+    E = 1 + max((e for h in held for e in h), default=-1)
+    copies = np.zeros(E, np.int64)
+    table = np.zeros((E, sum(len(h) for h in held)), np.int64)
+    for r, h in enumerate(held):
+        for e in h:
+            table[e, copies[e]] = r
+            copies[e] += 1
+    return copies, table
+
+
+def _token_counts(tokens: int, held: tuple) -> np.ndarray:
+    """[R, C] tokens by home rank and copy pattern. Token t lives on rank t // N and uses
+    copy t mod copies_e of expert e, so its pattern is t mod lcm(copies) (t itself when
+    that period exceeds the R N tokens); counted without listing the tokens."""
+    R, N = len(held), int(tokens)
+    period = _period(held)
+    classes = min(period, R * N)
+    if classes > 2**16:
+        raise ValueError(f"held: {period} copy patterns (lcm of the replica counts)")
+    start, c = (np.arange(R) * N)[:, None], np.arange(classes)[None, :]
+    return ((c - start) % classes < N % classes).astype(float) + N // classes
+
+
+@lru_cache(maxsize=256)
+def _period(held: tuple) -> int:
+    return math.lcm(*(int(c) for c in _copies(held)[0]))
+
+
+@lru_cache(maxsize=256)
+def _pattern_moments(n_experts: int, k: int, held: tuple, classes: int):
+    """Per copy pattern c: a [C, R] experts whose copy is on each rank, hit [C, R] and
+    row [C, R] = sum_{s != r} Cov(hit r, hit s), over the distinct a values."""
+    E, R = n_experts, len(held)
+    copies, table = _copies(held)
+    dest = table[np.arange(E)[None, :], np.arange(classes)[:, None] % copies[None, :]]
+    a = np.stack([np.bincount(d, minlength=R) for d in dest]).astype(float)
+    miss = miss_probability(a, E, k)
+    row = np.stack([
+        sum(n * (miss_probability(a[c] + u, E, k) - miss[c] * miss_probability(u, E, k))
+            for u, n in zip(*np.unique(a[c], return_counts=True), strict=True))
+        - (miss_probability(2 * a[c], E, k) - miss[c] ** 2)
+        for c in range(classes)])
+    return a, 1 - miss, row
+
+
+_EXACT_MAX_STATES = 50_000  # joint count vectors (M + 1)^R: below, E[max] is summed exactly
+
+
+def expected_max_exact(tokens: int, n_experts: int, k: int, held) -> float | None:
+    """E[max_r X_r] exactly for small cases ((M + 1)^R <= _EXACT_MAX_STATES, else None):
+    the joint law of (X_0, ..., X_{R-1}) built token by token. A token of pattern c hits
+    exactly the rank set A (then its home is dropped) with probability
+    sum_{B in A} (-1)^{|A| - |B|} C(a_B, k) / C(E, k), a_B its experts on the ranks of B."""
+    E, R, N, k = int(n_experts), len(held), int(tokens), int(k)
+    M = (R - 1) * N
+    if R > 16 or (M + 1) ** R > _EXACT_MAX_STATES:
+        return None
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    count = _token_counts(N, held)
+    a = _pattern_moments(E, k, held, count.shape[1])[0]
+    masks = np.arange(1 << R)
+    members = (masks[:, None] >> np.arange(R)[None, :]) & 1  # [2^R, R]
+    joint = np.zeros((M + 1,) * R)
+    joint[(0,) * R] = 1.0
+    for c in range(a.shape[0]):
+        within = np.array([math.comb(int(n), k) for n in members @ a[c]], float) / math.comb(E, k)
+        exactly = within.copy()  # Moebius inversion over subsets, one rank at a time
+        for r in range(R):
+            has = members[:, r] == 1
+            exactly[has] -= exactly[masks[has] ^ (1 << r)]
+        for h in np.nonzero(count[:, c])[0]:
+            remote = np.bincount(masks & ~(1 << int(h)), weights=exactly, minlength=1 << R)
+            for _ in range(int(count[h, c])):
+                new = np.zeros_like(joint)
+                for mask in np.nonzero(remote > 0)[0]:
+                    src = tuple(slice(0, M) if mask >> r & 1 else slice(None) for r in range(R))
+                    dst = tuple(slice(1, None) if mask >> r & 1 else slice(None) for r in range(R))
+                    new[dst] += remote[mask] * joint[src]
+                joint = new
+    busiest = np.max(np.indices(joint.shape), axis=0)
+    return float(np.sum(joint * busiest))
+
+
+def _remote_ranks_law(foreign, home: int, n_experts: int, k: int) -> np.ndarray:
+    """pmf of the number of remote ranks one token hits: blocks of foreign[r] experts on
+    the other ranks, `home` on its own, k of E picked uniformly. Counts k-subsets by the
+    generating function (1 + x)^home prod_r [1 + y ((1 + x)^a_r - 1)], [x^k y^d]."""
+    width = min(k, len(foreign)) + 1
+    P = np.zeros((width, k + 1))  # P[d, j]: ways to pick j experts hitting d remote ranks
+    P[0] = [math.comb(home, j) for j in range(k + 1)]
+    for size in foreign:
+        some = np.array([math.comb(int(size), j) for j in range(k + 1)], float)
+        some[0] = 0.0  # at least one expert of this rank
+        shift = np.zeros((k + 1, k + 1))  # row i: x^i times `some`, truncated at x^k
+        for i in range(k + 1):
+            shift[i, i:] = some[: k + 1 - i]
+        P[1:] = P[1:] + P[:-1] @ shift
+    law = P[:, k] / math.comb(n_experts, k)
+    return law / law.sum()
+
+
+def _beta_binomial(n: int, p: float, dispersion: float, top: int, low: int = 0) -> np.ndarray:
+    """pmf on low..top of the beta-binomial with n trials, mean n p and variance
+    dispersion * n p (1 - p) (1: the binomial; at most n). Its terms are the binomial's
+    times prod_{i<x} (1 + i/a) prod_{i<n-x} (1 + i/b) / prod_{i<n} (1 + i/(a+b)): summed as
+    log1p up to 1e5 trials, so that a dispersion near 1 (a + b huge) keeps full precision,
+    as lgamma differences beyond (a + b over 1e12: the binomial)."""
+    pmf = np.zeros(top + 1 - low)
+    if p <= 0 or p >= 1:
+        at = 0 if p <= 0 else n
+        if low <= at <= top:
+            pmf[at - low] = 1.0
+        return pmf
+    x = np.arange(low, min(top, n) + 1, dtype=float)
+    lg = np.frompyfunc(math.lgamma, 1, 1)
+
+    def lgam(v):
+        return lg(v).astype(float)
+
+    log_pmf = (math.lgamma(n + 1) - lgam(x + 1) - lgam(n - x + 1)
+               + x * math.log(p) + (n - x) * math.log1p(-p))
+    dispersion = min(dispersion, n * (1 - 1e-9))
+    s = (n - dispersion) / (dispersion - 1) if dispersion > 1 + 1e-12 else math.inf  # a + b
+    if n <= 100_000 and s < math.inf:
+        i = np.arange(n, dtype=float)
+        rise_a = np.concatenate([[0.0], np.cumsum(np.log1p(i / (p * s)))])
+        rise_b = np.concatenate([[0.0], np.cumsum(np.log1p(i / ((1 - p) * s)))])
+        xi = x.astype(np.int64)
+        log_pmf += rise_a[xi] + rise_b[n - xi] - np.sum(np.log1p(i / s))
+    elif s < 1e12:
+        def rise(c, m):  # sum_{i<m} log1p(i / c)
+            return lgam(c + m) - math.lgamma(c) - m * math.log(c)
+        a, b = p * s, (1 - p) * s
+        log_pmf += rise(a, x) + rise(b, n - x) - float(rise(s, np.array([float(n)]))[0])
+    pmf[: x.size] = np.exp(log_pmf)
+    return pmf
+
+
+def _receiver_pmf(trials: int, mean: float, var: float, top: int, low: int = 0) -> np.ndarray:
+    """pmf on low..top of a count of at most `trials` with this mean and variance: the
+    beta-binomial over all trials when var is at least the binomial's, else binomials over
+    n = mean^2 / (mean - var) trials (a mixture of the two integers around n)."""
+    if mean <= 0:
+        return _beta_binomial(trials, 0.0, 1.0, top, low)
+    binomial_var = mean * (1 - mean / trials)
+    if var >= binomial_var:
+        return _beta_binomial(trials, mean / trials, var / binomial_var if binomial_var > 0
+                              else 1.0, top, low)
+    n = mean * mean / (mean - var)
+    n0 = max(math.floor(n), math.ceil(mean))
+    if n0 >= n:
+        return _beta_binomial(n0, mean / n0, 1.0, top, low)
+    v0, v1 = mean * (1 - mean / n0), mean * (1 - mean / (n0 + 1))
+    w = (v1 - var) / (v1 - v0)
+    return w * _beta_binomial(n0, mean / n0, 1.0, top, low) + (1 - w) * _beta_binomial(
+        n0 + 1, mean / (n0 + 1), 1.0, top, low)
+
+
+def _power(f: np.ndarray, n) -> np.ndarray:
+    """f ** n for an integer n >= 0 by repeated squaring (numpy's complex power is slower)."""
+    n, out = int(n), np.ones_like(f)
+    while n:
+        if n & 1:
+            out = out * f
+        n >>= 1
+        if n:
+            f = f * f
+    return out
+
+
+class _Receivers:
+    """Rank kinds j (mean, variance, count n_j) with the law of their total; builds the
+    receivers' pmfs for a variance factor f and evaluates the conditioned model."""
+
+    def __init__(self, loads: RankLoads, mean, var, count, top: int):
+        self.trials, self.mean, self.var = loads.trials, mean, var
+        self.count = np.asarray(count, np.int64)
+        self.top, self.R = top, int(self.count.sum())
+        self.length = 1 << int(self.R * top).bit_length()
+        s = np.arange(self.R * top + 1)
+        if loads.token_laws is not None:  # P(S = s) exactly: the tokens' laws convolved
+            law = np.fft.irfft(np.prod([_power(np.fft.rfft(p, self.length), n)
+                                        for p, n in loads.token_laws()], axis=0), self.length)
+            law = np.clip(law[: s.size], 0, None)
+        else:  # a discretized normal with the exact mean and Var S
+            z2 = (s - float(np.sum(self.count * mean))) ** 2 / (2 * max(loads.total_var, 1e-9))
+            law = np.exp(-(z2 - z2.min()))
+        self.total = law / law.sum()
+        self.var_sum = float(np.sum(self.count * var))
+
+    def pmfs(self, f):
+        return [_receiver_pmf(self.trials, m, f * v, self.top)
+                for m, v in zip(self.mean, self.var, strict=True)]
+
+    def _product(self, pmfs, extra=None):
+        """Coefficients of prod_j pgf_j^{n_j}; with extra, sum_j n_j extra_j pgf_j^{n_j - 1}
+        prod_{i != j} pgf_i^{n_i}."""
+        F = [np.fft.rfft(p, self.length) for p in pmfs]
+        if extra is None:
+            out = np.prod([_power(f, n) for f, n in zip(F, self.count, strict=True)], axis=0)
+        else:
+            out = 0
+            for j, (g, n) in enumerate(zip(extra, self.count, strict=True)):
+                rest = np.prod([_power(f, c - (i == j)) for i, (f, c) in
+                                enumerate(zip(F, self.count, strict=True))], axis=0)
+                out = out + n * np.fft.rfft(g, self.length) * rest
+        return np.fft.irfft(out, self.length)[: self.total.size]
+
+    @staticmethod
+    def _ratio(num, den):
+        ok = den > 1e-14 * den.max()
+        return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+
+    def variance_sum(self, f) -> float:
+        """sum_r Var X_r in the conditioned model (means taken as the exact ones)."""
+        pmfs = self.pmfs(f)
+        x2 = np.arange(self.top + 1, dtype=float) ** 2
+        second = self._ratio(self._product(pmfs, [x2 * p for p in pmfs]), self._product(pmfs))
+        return float(np.sum(self.total * np.clip(second, 0, None))
+                     - np.sum(self.count * self.mean ** 2))
+
+    def fit(self, guess: float) -> float:
+        """f with the conditioned model's sum_r Var X_r equal to the exact one (regula falsi,
+        Illinois variant; the variance grows with f)."""
+        def gap(f):
+            return self.variance_sum(f) - self.var_sum
+
+        lo, g_lo = 1.0, gap(1.0)
+        if g_lo >= 0:
+            return 1.0
+        hi = max(guess, 1.0 + 1e-3)
+        g_hi = gap(hi)
+        while g_hi < 0 and hi < self.trials:
+            lo, g_lo, hi = hi, g_hi, min(float(self.trials), 1 + 2 * (hi - 1))
+            g_hi = gap(hi)
+        if g_hi <= 0:
+            return hi
+        side, mid = 0, hi
+        for _ in range(40):
+            mid = (lo * g_hi - hi * g_lo) / (g_hi - g_lo)
+            g_mid = gap(mid)
+            if abs(g_mid) < 1e-7 * self.var_sum or hi - lo < 1e-9:
+                break
+            if g_mid < 0:
+                lo, g_lo, g_hi, side = mid, g_mid, g_hi / 2 if side == -1 else g_hi, -1
+            else:
+                hi, g_hi, g_lo, side = mid, g_mid, g_lo / 2 if side == 1 else g_lo, 1
+        return mid
+
+    def expected_max(self, f) -> float:
+        pmfs = self.pmfs(f)
+        den = self._product(pmfs)
+        with np.errstate(divide="ignore"):
+            log_cdf = np.array([np.log(np.minimum(np.cumsum(p), 1.0)) for p in pmfs])
+        out = 0.0
+        for c in range(self.top):
+            if self.count @ log_cdf[:, c] < -46:  # < 1e-20 independent: ~0 for any coupling
+                out += 1.0
+                continue
+            p_all = float(np.sum(self.total * np.clip(self._ratio(
+                self._product([p[: c + 1] for p in pmfs]), den), 0, 1)))
+            out += 1 - p_all
+            if 1 - p_all < 1e-10:
+                break
+        return out
+
+
+def _expected_max_independent(trials: int, mean, var, count) -> float:
+    """E[max] of independent receivers (count[j] of kind j with this mean and variance):
+    sum_c (1 - prod_r P(Y_r <= c)) per integer on a window of +-14 standard deviations
+    (below it P(Y_r <= c) < 1e-40), or for windows over 4000 integers (standard deviations
+    over 140, skewness below 0.01) normal receivers integrated on a fine grid."""
+    sd = np.sqrt(var)
+    lo = int(max(0.0, np.floor(np.min(mean - 14 * sd - 2))))
+    hi = int(min(trials, np.ceil(np.max(mean + 14 * sd + 2))))
+    if hi - lo <= 4000:
+        log_cdf = np.zeros(hi + 1 - lo)
+        for m, v, c in zip(mean, var, count, strict=True):
+            cdf = np.minimum(np.cumsum(_receiver_pmf(trials, m, v, hi, lo)), 1.0)
+            with np.errstate(divide="ignore"):
+                log_cdf += c * np.log(cdf)
+        return float(lo + np.sum(1 - np.exp(log_cdf[:-1])))
+    x = np.linspace(lo, hi, 4001)
+    erf = np.frompyfunc(math.erf, 1, 1)
+    log_prod = np.zeros_like(x)
+    for m, s, c in zip(mean, sd, count, strict=True):
+        z = (x + 0.5 - m) / (s * math.sqrt(2)) if s > 0 else np.where(x + 0.5 >= m, 1e9, -1e9)
+        with np.errstate(divide="ignore"):
+            log_prod += c * np.log(np.maximum(0.5 * (1 + erf(z).astype(float)), 0.0))
+    # sum_{c >= lo} g(c) = integral of g from lo - 1/2 (midpoint rule), g = 1 below lo
+    return float(lo + 0.5 + np.trapezoid(1 - np.exp(log_prod), x))
+
+
+def expected_max_load(loads: RankLoads) -> float:
+    """E[max_r X_r] under the model above."""
+    active = loads.mean > 0
+    mean, var = loads.mean[active], loads.var[active]
+    R = int(active.sum())
+    if R == 0:
+        return 0.0
+    if R == 1:
+        return float(mean[0])
+    kinds, count = np.unique(np.round(np.stack([mean, var], 1), 9), axis=0, return_counts=True)
+    spread = float(var.sum())
+    f0 = max(1.0, (R * spread - loads.total_var) / ((R - 1) * spread)) if spread > 0 else 1.0
+    top = int(min(loads.trials, math.ceil(mean.max() + 12 * math.sqrt(2.5 * var.max()) + 16)))
+    if loads.independent:
+        return _expected_max_independent(loads.trials, kinds[:, 0], kinds[:, 1], count)
+    if R * top <= _CONDITIONED_MAX_LENGTH and spread > 0:
+        receivers = _Receivers(loads, kinds[:, 0], kinds[:, 1], count, top)
+        return receivers.expected_max(receivers.fit(f0))
+    return _expected_max_independent(loads.trials, kinds[:, 0], f0 * kinds[:, 1], count)
+
+
+def _imbalance(loads_at, tokens) -> float:
+    """max(E[max], max_r E[X_r]) / mean_r E[X_r] from (E[max], mean, max mean) at integer
+    token counts (loads_at); a fractional N interpolates all three linearly between the
+    neighbouring integers (0 at N = 0), as the tipping solver's fractional N_t needs a
+    continuous answer."""
+    N = float(tokens)
+    if N <= 0:
         return 1.0
-    values, counts = np.unique(np.round(hit, 15), return_counts=True)
-    expected_max = _expected_max_binomials(np.full(values.shape, n), values, counts)
-    # E[max_r X_r] >= max_r E[X_r] for any joint law; the normal path for large counts can
-    # land a hair below it when the ranks' means differ (R not dividing E): hold the bound.
-    return float(max(expected_max, n * hit.max()) / mean)
+    below = math.floor(N)
+    at = np.array(loads_at(below) if below > 0 else (0.0, 0.0, 0.0))
+    if below < N:
+        at = (below + 1 - N) * at + (N - below) * np.array(loads_at(below + 1))
+    expected_max, mean, max_mean = at
+    if mean <= 0:
+        return 1.0
+    # E[max_r X_r] >= max_r E[X_r] for any joint law: hold the bound.
+    return float(max(expected_max, max_mean) / mean)
+
+
+def _summary(loads: RankLoads) -> tuple[float, float, float]:
+    return expected_max_load(loads), float(loads.mean.mean()), float(loads.mean.max())
+
+
+def imbalance_from_probabilities(tokens_per_rank, hit, hits_variance=None) -> float:
+    """E[max over ranks of rows received] / their mean, every token hitting rank r with
+    probability hit[r] (loads_from_probabilities; hits_variance None: independent ranks)."""
+    hit = np.asarray(hit, float)
+    if hit.size < 2:
+        return 1.0
+    return _imbalance(lambda n: _summary(loads_from_probabilities(n, hit, hits_variance)),
+                      tokens_per_rank)
 
 
 @lru_cache(maxsize=4096)
-def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int) -> float:
-    """imbalance under uniform top-k and contiguous placement (see imbalance_from_probabilities)."""
+def _summary_uniform(tokens: int, n_experts: int, k: int, held: tuple):
+    loads = loads_uniform(tokens, n_experts, k, held)
+    exact = expected_max_exact(tokens, n_experts, k, held)
+    if exact is None:
+        return _summary(loads)
+    return exact, float(loads.mean.mean()), float(loads.mean.max())
+
+
+def imbalance_placement(tokens_per_rank, n_experts: int, k: int, held) -> float:
+    """E[max over ranks of rows received] / their mean for uniform top-k routing over a
+    placement (per rank its experts; replicas as reference.rank_loads uses them)."""
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    if len(held) < 2:
+        return 1.0
+    return _imbalance(lambda n: _summary_uniform(n, int(n_experts), int(k), held),
+                      tokens_per_rank)
+
+
+@lru_cache(maxsize=4096)
+def imbalance_uniform(tokens_per_rank: float, ranks: int, n_experts: int, k: int,
+                      redundant: int = 0) -> float:
+    """imbalance under uniform top-k, contiguous placement, or with `redundant` replica
+    slots placed by eplb_placement from uniform loads (imbalance_placement)."""
     if int(ranks) < 2:
         return 1.0
-    hit = 1 - miss_probability(experts_per_rank(n_experts, ranks), n_experts, k)
-    return imbalance_from_probabilities(tokens_per_rank, hit)
+    return imbalance_placement(tokens_per_rank, n_experts, k,
+                               _uniform_placement(int(n_experts), int(ranks), int(k), int(redundant)))
+
+
+@lru_cache(maxsize=256)
+def _uniform_placement(n_experts: int, ranks: int, k: int, redundant: int) -> tuple:
+    held = (eplb_placement(np.full(n_experts, k / n_experts), ranks, redundant) if redundant
+            else contiguous_placement(n_experts, ranks))
+    return tuple(tuple(int(e) for e in h) for h in held)
 
 
 def eplb_placement(load, ranks: int, redundant: int) -> list[list[int]]:
@@ -491,8 +881,7 @@ def ep_legs(model: ModelSpec, system: SystemSpec, options: Options, tokens) -> E
     base = imbalance_uniform(float(tokens), R, E, k) if options.imbalance else 1.0
     imb = base
     if options.redundant_experts and options.imbalance:
-        held = eplb_placement(np.full(E, k / E), R, options.redundant_experts)
-        imb = imbalance_from_probabilities(tokens, placement_hit_probabilities(np.full(E, k / E), held))
+        imb = imbalance_uniform(float(tokens), R, E, k, options.redundant_experts)
     f_d, f_c = activation_bytes(model, options)
     row = float(tokens) * model.hidden * (f_d + f_c)
     return EPLegs(
