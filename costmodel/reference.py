@@ -43,20 +43,6 @@ from moelab.costmodel.sweep import formula, params_of
 # --- counts of one layer -------------------------------------------------------------------
 
 
-def _bit_words(cols: list[jax.Array], n: int) -> list[jax.Array]:
-    """Per row, the set of values in cols (k arrays [N], values in [0, n)) as ceil(n/32)
-    uint32 words. A set, not a one-hot [N, n]: k selects and ORs per word, all elementwise,
-    so XLA fuses it with whatever produced the ids (the Monte Carlo's generator)."""
-    bits = [jnp.left_shift(jnp.uint32(1), (c & 31).astype(jnp.uint32)) for c in cols]
-    words = []
-    for w in range((n + 31) // 32):
-        word = jnp.uint32(0)
-        for c, b in zip(cols, bits, strict=True):
-            word = word | (b if n <= 32 else jnp.where((c >> 5) == w, b, jnp.uint32(0)))
-        words.append(word)
-    return words
-
-
 def _popcount(words: list[jax.Array]) -> jax.Array:
     return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
 
@@ -81,9 +67,9 @@ def token_fanout(ids: jax.Array, n_experts: int, ranks: int,
     nodes = [c // gpus_per_node for c in r]
     hit_home = functools.reduce(jnp.logical_or, [c == home for c in r])
     hit_home_node = functools.reduce(jnp.logical_or, [c == home_node for c in nodes])
-    remote = _popcount(_bit_words(r, ranks)) - hit_home.astype(jnp.int32)
+    remote = _popcount(rt.set_words(r, ranks)) - hit_home.astype(jnp.int32)
     n_nodes = -(-ranks // gpus_per_node)
-    remote_nodes = _popcount(_bit_words(nodes, n_nodes)) - hit_home_node.astype(jnp.int32)
+    remote_nodes = _popcount(rt.set_words(nodes, n_nodes)) - hit_home_node.astype(jnp.int32)
     return remote, remote_nodes
 
 
@@ -96,7 +82,7 @@ def layer_stats(ids: jax.Array, n_experts: int, ranks: int = 0,
     fan-outs: one pass, fused with the producer of the ids.
     """
     cols = [ids[:, j] for j in range(ids.shape[1])]
-    ops = _bit_words(cols, n_experts)
+    ops = rt.set_words(cols, n_experts)
     W = len(ops)
     if ranks:
         ops += list(token_fanout(ids, n_experts, ranks, gpus_per_node))
@@ -318,10 +304,13 @@ def sample_stats(gen: rt.Generator, key: jax.Array, samples: int, n_layers: int,
     Sample s is the routing `routing.layers(gen, fold_in(key, s), L)`: layer-samples are
     independent, so they are flattened into one index m = s L + l and run in chunks of
     fixed size (one compilation) whose ids fit in `_CHUNK_ELEMENTS` (`width`: elements
-    per token the generator touches, k for uniform, E for Gumbel scores).
+    per token the generator touches, k for ids, E for scores; 1 without ranks for a
+    generator that counts the experts used itself, `gen.used`).
     `progress(done, total)` in samples, after each chunk (which then waits for its result).
     """
     total = samples * n_layers
+    if not ranks and hasattr(gen, "used"):
+        width = 1  # counted straight from the draws: nothing per token is stored
     chunk = int(min(total, max(1, _CHUNK_ELEMENTS // max(1, tokens * width))))
     run = _stats_runner(gen, n_layers, n_experts, ranks, gpus_per_node)
     parts = []
@@ -341,11 +330,19 @@ def _stats_runner(gen: rt.Generator, n_layers: int, n_experts: int, ranks: int,
                   gpus_per_node: int):
     """The compiled Monte Carlo chunk, cached: one compilation per generator and shape."""
 
+    # Without ranks only the experts used count: a generator may count them straight
+    # from its draws (`used`, as routing.popular_used), never materializing the ids.
+    used = getattr(gen, "used", None) if not ranks else None
+
     @jax.jit
     def run(key, m):
         def one(m):
             s, l = m // n_layers, m % n_layers
-            ids = gen(jax.random.fold_in(jax.random.fold_in(key, s), l), l)
+            key_l = jax.random.fold_in(jax.random.fold_in(key, s), l)
+            if used is not None:
+                zero = jnp.zeros((), jnp.int32)
+                return used(key_l, l), zero, zero
+            ids = gen(key_l, l)
             st = layer_stats(ids, n_experts, ranks, gpus_per_node)
             return st["n_used"], st["remote_ranks"], st["remote_nodes"]
 
@@ -401,7 +398,10 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
         stats["n_used"] = np.asarray(c["n_used"]).reshape(1, L)
     else:
         gen = rt.layer_generator(spec, L, N, E, k, model.n_group, model.topk_group)
-        width = k if spec.kind in ("uniform", "logits") else E
+        # elements per token a chunk holds: ids; the skewed samplers' loop of draw rounds
+        # keeps k arrays of ids and runs faster on small chunks (sample_stats: not when
+        # they count straight from the draws)
+        width = E if spec.kind in ("zipf", "dirichlet", "hist") else k
         stats = sample_stats(gen, key, samples, L, N, width, E, R, system.gpus_per_node,
                              progress)
 

@@ -9,10 +9,18 @@ L independent layers. Within a token the k ids are distinct (top-k without repla
 - `popular`: successive sampling without replacement from a popularity vector p over
   experts, from a stream of alias-method draws per token (`popular_gumbel`, Gumbel top-k
   of log p, is the same distribution from E scores per token). `zipf_logp`,
-  `dirichlet_logp`, `hist_logp` make p.
+  `dirichlet_logp`, `hist_logp` make p. The Monte Carlo without EP ranks counts the
+  experts used straight from the draws (`popular_used`: one fused pass, no ids stored).
 - `group_limited`: DeepSeek-V3's node-limited top-k: a token scores every expert,
   keeps the `topk_group` of `n_group` groups with the best top-2 score sum, then takes
-  its top-k inside them.
+  its top-k inside them; drawn from order statistics (about 2 G + 2 k numbers per token),
+  `group_limited_gumbel` from E scores.
+
+What a sampler costs on XLA CPU decides its shape: elementwise chains fuse into one
+vectorized loop with their consumer, while a table lookup (a gather) in that loop makes it
+scalar, and an array materialized per pick makes XLA recompute the chain once per array.
+`layer_generator` gives each routing a generator `gen(key, l) -> [N_t, k]`; the skewed
+ones also carry `gen.used(key, l)`, the experts one layer uses.
 - `from_logits`: top-k of router logits the user supplies (a .npy file).
 
 `parse(spec)` reads the CLI's routing strings: uniform | zipf:S | dirichlet:A | groups |
@@ -133,8 +141,99 @@ def popular_gumbel(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.
 
 
 def group_limited(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
+                  topk_group: int) -> jax.Array:
+    """[tokens, k] ids of `group_ids`, materialized in one pass: XLA CPU computes k
+    elementwise outputs as k loops, each recomputing the whole chain, but the k outputs
+    of one reduction in one loop; so each token is computed beside a padding lane that
+    a sum over the two lanes drops."""
+    lane0 = jnp.arange(2) == 0
+    ids = group_ids(key, tokens, n_experts, k, n_group, topk_group, lanes=2)
+    red = jax.lax.reduce(tuple(jnp.where(lane0, c, 0) for c in ids),
+                         tuple(jnp.int32(0) for _ in ids),
+                         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (1,))
+    return jnp.stack(red, -1)
+
+
+def group_ids(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
+              topk_group: int, lanes: int = 0) -> list[jax.Array]:
+    """k arrays [tokens] (or [tokens, lanes], every lane the same token): the experts of
+    DeepSeek-V3 group-limited top-k on iid Gumbel scores, the law of
+    `group_limited_gumbel` from about 2 G + 2 k random numbers per token instead of E.
+
+    A Gumbel score is -log X with X ~ Exp(1), so a group's best scores are its smallest
+    X, whose order statistics are drawn directly (Renyi): X_(1) = Z_1 / m and
+    X_(j+1) = X_(j) + Z_(j+1) / (m - j), Z iid Exp(1), m = E / G experts per group.
+    1. Each group draws X_(1), X_(2); its score, the sum of its two best, is
+       -log(X_(1) X_(2)), so the token keeps the `topk_group` groups of smallest product
+       (X_(1) alone when a group has one expert).
+    2. Its top-k among the kept groups' experts are the k smallest X there: a merge of
+       the kept groups' ascending lists, each extended one Renyi step (a fresh Z per
+       step) when the merge takes its head.
+    3. Which experts hold a group's c best scores is, the scores being iid, a uniformly
+       random c-subset of the group, independent of the values: Floyd's algorithm per
+       group, as `uniform`.
+    Output order: by group in merge order, not by score (nothing downstream uses it).
+    """
+    G, tg = int(n_group), int(topk_group)
+    m = n_experts // G
+    if G * m != n_experts:
+        raise SpecError(f"n_group: {G} groups do not divide E={n_experts}")
+    if not 0 < tg <= G or tg * m < k:
+        raise SpecError(f"topk_group: {tg} groups of {m} experts hold fewer than k={k} "
+                        "experts")
+    words = 2 * G + 2 * k  # random words per token
+    if tokens * words >= 2**32:
+        raise SpecError(f"tokens: {tokens} x {words} draws exceed the 32-bit counter")
+    t = jnp.arange(tokens, dtype=jnp.uint32) * jnp.uint32(words)
+    if lanes:
+        t = jnp.broadcast_to(t[:, None], (tokens, lanes))
+    bits = [counter_bits(key, t + jnp.uint32(j)) for j in range(words)]
+
+    def expo(u):  # Exp(1) from 24 random bits, the resolution of `gumbel`
+        return -jnp.log(((u >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24))
+
+    x1 = [expo(bits[2 * g]) / m for g in range(G)]
+    x2 = [x1[g] + expo(bits[2 * g + 1]) / max(m - 1, 1) if m > 1 else jnp.inf for g in range(G)]
+    score = [x1[g] * x2[g] if m > 1 else x1[g] for g in range(G)]  # smaller: better group
+    inf = jnp.float32(jnp.inf)
+    head, used = [], []  # per group: the next X to merge, how many the merge took
+    for g in range(G):
+        better = sum(((score[h] < score[g]) | ((score[h] == score[g]) & (h < g))).astype(jnp.int32)
+                     for h in range(G) if h != g)
+        head.append(jnp.where(better < tg, x1[g], inf))
+        used.append(jnp.zeros(t.shape, jnp.int32))
+    pick_group, pick_rank = [], []  # per merge step: its group, its rank within the group
+    for i in range(k):
+        best, gi = head[0], jnp.zeros(t.shape, jnp.int32)
+        for g in range(1, G):
+            take = head[g] < best
+            best, gi = jnp.where(take, head[g], best), jnp.where(take, g, gi)
+        z = expo(bits[2 * G + i])
+        for g in range(G):  # X_(c) of group gi was just taken; the next is X_(c+1)
+            c = used[g] + 1
+            nxt = jnp.where(c == 1, x2[g], head[g] + z / jnp.maximum(m - c, 1).astype(jnp.float32))
+            head[g] = jnp.where(gi == g, jnp.where(c < m, nxt, inf), head[g])
+            used[g] = jnp.where(gi == g, c, used[g])
+        pick_group.append(gi)
+        pick_rank.append(functools.reduce(jnp.add, [jnp.where(gi == g, used[g] - 1, 0)
+                                                     for g in range(G)]))
+    ids = []
+    for i, gi in enumerate(pick_group):  # Floyd in the group: j = m - c_g + rank, draw in [0, j]
+        total = functools.reduce(jnp.add, [jnp.where(gi == g, used[g], 0) for g in range(G)])
+        n = (m - total + pick_rank[i] + 1).astype(jnp.uint32)
+        # (24 random bits x n) >> 24: exact integers, each value off by at most n / 2^24
+        d = (((bits[2 * G + k + i] >> 8) * n) >> 24).astype(jnp.int32) + gi * m
+        if ids:
+            d = jnp.where(functools.reduce(jnp.logical_or, [p == d for p in ids]),
+                          gi * m + n.astype(jnp.int32) - 1, d)
+        ids.append(d)
+    return ids
+
+
+def group_limited_gumbel(key: jax.Array, tokens: int, n_experts: int, k: int, n_group: int,
                   topk_group: int, logp: jax.Array | None = None) -> jax.Array:
-    """[tokens, k]: DeepSeek-V3 group-limited top-k on random scores.
+    """[tokens, k]: DeepSeek-V3 group-limited top-k on E Gumbel scores per token (the
+    reference `group_limited` is tested against).
 
     Scores are Gumbel noise (+ log p when given), so without groups this is `popular`.
     As in DeepSeek-V3's router: a group's score is the sum of its two best expert
@@ -218,77 +317,245 @@ def alias_table(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _alias_draw(table: jax.Array, u: jax.Array) -> jax.Array:
     """int32 positions drawn from an alias table by uint32 random words u: bucket
-    i = floor(u E / 2^32), then the next t bits of u E against own_i (exact for E a
-    power of 2; otherwise each bucket is off by at most E / 2^32)."""
+    i = floor(u E / 2^32), then the next t bits v of u E against own_i (exact for E a
+    power of 2; otherwise each bucket is off by at most E / 2^32).
+
+    The entry is read once (XLA CPU fuses a gather only into a single consumer): with
+    entry = own << b | alias and mask = 2^b - 1, d = (v << b | mask) - entry is negative
+    exactly when v < own, and otherwise its low b bits are mask - alias (no borrow).
+    """
     E = table.shape[-1]
     b, t = _alias_bits(E)
+    mask = (1 << b) - 1
     i = _mulhi(u, E).astype(jnp.int32)
     v = (u * jnp.uint32(E)) >> (32 - t)
-    # Materialized: fused into its consumers, XLA CPU recomputes the lookup for each.
-    entry = jax.lax.optimization_barrier(table.at[i].get(mode="promise_in_bounds"))
-    return jnp.where(v < (entry >> b), i, (entry & ((1 << b) - 1)).astype(jnp.int32))
+    d = ((v << b) | jnp.uint32(mask)).astype(jnp.int32) - table[i].astype(jnp.int32)
+    return jnp.where(d < 0, i, mask - (d & mask))
 
+
+def _keep(kept: list[jax.Array], have: jax.Array, c: jax.Array, k: int):
+    """Offer draw c to each token's picks: kept (k arrays, newest first, -1 empty) takes
+    it, shifting the older ones down, unless it is a repeat or the token has k."""
+    new = (have < k) & ~functools.reduce(jnp.logical_or, [s == c for s in kept])
+    kept = [jnp.where(new, c, kept[0])] + [jnp.where(new, kept[m - 1], kept[m])
+                                            for m in range(1, k)]
+    return kept, have + new.astype(jnp.int32)
+
+
+def _stream(key, table, token, draws: int, tokens: int, k: int):
+    """(kept, have) after alias draws 0 .. draws-1 of the tokens `token` (uint32, any
+    shape), draw j of token t from counter j N + t, each offered to the token's picks
+    (`_keep`). Unrolled: elementwise, so XLA fuses it into the pass that consumes it."""
+    kept = [jnp.full(token.shape, -1, jnp.int32)] * k
+    have = jnp.zeros(token.shape, jnp.int32)
+    for j in range(draws):
+        c = _alias_draw(table, counter_bits(key, jnp.uint32(j * tokens) + token))
+        kept, have = _keep(kept, have, c, k)
+    return kept, have
+
+
+def stream_draws(p: np.ndarray, k: int) -> int:
+    """Draws per token in `popular_positions`' first pass: the 97th percentile of the
+    draws a token needs for k distinct experts, simulated (numpy, fixed seed) on 2048
+    tokens spread over the rows of p [M, E]; clipped to [k, 4k]. Speed only: however
+    many it is, the later stages finish every token exactly."""
+    p = np.atleast_2d(np.asarray(p, np.float64))
+    p = p / p.sum(-1, keepdims=True)
+    n, most = 2048, 4 * k
+    rng = np.random.default_rng(0)
+    row = np.arange(n) % len(p)
+    cdf = np.cumsum(p, -1)
+    u = rng.random((n, most))
+    draws = np.stack([np.searchsorted(cdf[r], u[i], side="right") for i, r in enumerate(row)])
+    draws = np.minimum(draws, p.shape[-1] - 1)
+    seen = np.zeros((n, p.shape[-1]), bool)
+    count = np.zeros(n, np.int64)
+    need = np.full(n, most + 1)
+    for j in range(most):
+        c = draws[:, j]
+        count += ~seen[np.arange(n), c]
+        seen[np.arange(n), c] = True
+        need = np.where((count >= k) & (need > most), j + 1, need)
+    return int(np.clip(np.quantile(need, QUANTILE), k, most))
+
+
+QUANTILE = 0.99
 
 # Draws per token before the rest of a short token is finished by Gumbel top-k.
 STREAM_DRAWS_PER_K = 8
 
 
-def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
-    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
-    the distribution of `popular_gumbel` from a few draws per token instead of E scores.
+def _check_counters(tokens: int, k: int, n_experts: int) -> None:
+    if tokens * max(STREAM_DRAWS_PER_K * k, n_experts) >= 2**32:
+        raise SpecError(f"tokens: {tokens} x {max(STREAM_DRAWS_PER_K * k, n_experts)} draws "
+                        "exceed the 32-bit counter")
 
-    Each token draws experts independently from p (alias method: a hash and a lookup)
-    and keeps the first k distinct ones. Skipping a repeat makes the next kept expert p
-    renormalized over those not kept yet: successive sampling exactly (p to 2^-30 of
-    its total, `alias_table`). A loop draws once per token per round until every token
-    has k; a token still short after 8 k draws (a few experts hold nearly all of p) is
-    finished exactly by Gumbel top-k over the experts it has not kept (successive
-    sampling is memoryless), N/16 such tokens at a time.
+
+def _finish(gkey, rows, taken, have, logp_sorted, k: int) -> jax.Array:
+    """[n, k] positions, -1 past k - have: the rest of tokens `rows` (taken [n, E]: the
+    positions they have kept; have [n] how many), by Gumbel top-k of log p over the
+    positions not taken, from fresh noise (counter row E + position, of gkey)."""
+    E = logp_sorted.shape[-1]
+    pos = jnp.arange(E, dtype=jnp.uint32)
+    g = counter_bits(gkey, rows.astype(jnp.uint32)[:, None] * jnp.uint32(E) + pos)
+    noise = -jnp.log(-jnp.log(((g >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)))
+    best = top_k(jnp.where(taken, -jnp.inf, logp_sorted.astype(jnp.float32) + noise), k)[1]
+    return jnp.where(jnp.arange(k) < (k - have)[:, None], best, -1)
+
+
+def popular_sorted(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: jax.Array,
+                   k: int, token: jax.Array | None = None) -> jax.Array:
+    """[tokens, k] positions in an alias table (`alias_table`; logp_sorted: log p by
+    position) of k distinct experts per token by successive sampling (or [n, k] for the
+    tokens `token` [n] only: their rows of the same routing).
+
+    Each token draws positions independently from p (alias method: a hash and a lookup)
+    and keeps the first k distinct ones. Skipping a repeat makes the next kept one p
+    renormalized over those not kept yet: successive sampling exactly (p to 2^-30 of its
+    total, `alias_table`). A loop draws once per token per round (round j of token t:
+    counter j N + t) until every token has k; a token still short after 8 k draws (a
+    few experts hold nearly all of p) is finished exactly by Gumbel top-k over the
+    experts it has not kept (successive sampling is memoryless: what a token keeps next
+    depends only on what it has), 1/16 of the tokens at a time.
     """
-    E = logp.shape[-1]
-    if not 0 < k <= E:
-        raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
-    if tokens == 0:
+    t = jnp.arange(tokens, dtype=jnp.uint32) if token is None else token.astype(jnp.uint32)
+    n = t.shape[0]
+    if n == 0:
         return jnp.zeros((0, k), jnp.int32)
     rounds = STREAM_DRAWS_PER_K * k
-    if tokens * max(rounds, E) >= 2**32:
-        raise SpecError(f"tokens: {tokens} x {max(rounds, E)} draws exceed the 32-bit counter")
-    order, table = alias_table(logp)
-    t = jnp.arange(tokens, dtype=jnp.uint32)
 
-    def draw(state):  # round i: one draw per token (counter i N + t)
+    def draw(state):
         i, kept, have = state
         c = _alias_draw(table, counter_bits(key, i.astype(jnp.uint32) * jnp.uint32(tokens) + t))
         new = (have < k) & ~functools.reduce(jnp.logical_or, [s == c for s in kept])
+        # Materialized once: XLA CPU would recompute the draw in each of the k + 1 updates.
+        c, new = jax.lax.optimization_barrier((c, new))
         kept = tuple(jnp.where(new & (have == j), c, s) for j, s in enumerate(kept))
         return i + 1, kept, have + new.astype(jnp.int32)
 
-    start = (jnp.int32(0), tuple(jnp.full((tokens,), -1, jnp.int32) for _ in range(k)),
-             jnp.zeros(tokens, jnp.int32))
+    start = (jnp.int32(0), tuple(jnp.full((n,), -1, jnp.int32) for _ in range(k)),
+             jnp.zeros(n, jnp.int32))
     _, kept, have = jax.lax.while_loop(lambda s: (s[0] < rounds) & (s[2] < k).any(), draw, start)
-    kept = jnp.stack(kept, -1)  # positions in `order`
-
-    logp_sorted = logp[order].astype(jnp.float32)
-    batch = -(-tokens // 16)
+    kept = jnp.stack(kept, -1)
+    batch = -(-n // 16)
     gkey = jax.random.fold_in(key, 1)
-    pos = jnp.arange(E, dtype=jnp.int32)
-    slot = jnp.arange(k, dtype=jnp.int32)[None, :]
 
-    def finish(state):  # the next `batch` short tokens: top-(k - have) of log p + Gumbel
+    def finish(state):  # the next `batch` short tokens
         kept, have = state
-        rows = jnp.nonzero(have < k, size=batch, fill_value=tokens)[0]
-        r = jnp.minimum(rows, tokens - 1)
-        mine, got = kept[r], have[r][:, None]
-        g = counter_bits(gkey, r.astype(jnp.uint32)[:, None] * jnp.uint32(E) + pos.astype(jnp.uint32))
-        noise = -jnp.log(-jnp.log(((g >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)))
-        taken = (mine[:, :, None] == pos).any(1)
-        best = top_k(jnp.where(taken, -jnp.inf, logp_sorted + noise), k)[1]
-        mine = jnp.where(slot >= got, jnp.take_along_axis(best, jnp.maximum(slot - got, 0), -1),
-                         mine)
+        rows = jnp.nonzero(have < k, size=batch, fill_value=n)[0]
+        r = jnp.minimum(rows, n - 1)
+        mine, got = kept[r], have[r]
+        taken = (mine[:, :, None] == jnp.arange(logp_sorted.shape[-1])).any(1)
+        rest = _finish(gkey, t[r], taken, got, logp_sorted, k)
+        slot = jnp.arange(k)
+        mine = jnp.where(slot >= got[:, None], jnp.take_along_axis(
+            rest, jnp.maximum(slot - got[:, None], 0), -1), mine)
         return kept.at[rows].set(mine, mode="drop"), have.at[rows].set(k, mode="drop")
 
     kept, _ = jax.lax.while_loop(lambda s: (s[1] < k).any(), finish, (kept, have))
-    return order[kept]
+    return kept
+
+
+def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
+    """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
+    the distribution of `popular_gumbel` from a few draws per token instead of E scores
+    (`popular_sorted`). Experts with p = 0 are never drawn; at least k must have p > 0."""
+    E = logp.shape[-1]
+    if not 0 < k <= E:
+        raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
+    _check_counters(tokens, k, E)
+    order, table = alias_table(logp)
+    return order[popular_sorted(key, tokens, table, logp[order], k)]
+
+
+def _stream_words(key, table, t, real, draws: int, tokens: int, k: int):
+    """Tokens t [G, 32] (real: which are tokens, not padding) make draws 0 .. draws-1
+    (`_stream`); one reduction over the 32 lanes ORs their sets into bit words ([W] words
+    [G]) and gives a word [G] whose bit i marks lane i still short of k."""
+    lane = jnp.arange(32, dtype=jnp.uint32)
+    kept, have = _stream(key, table, t, draws, tokens, k)
+    ops = [*set_words([jnp.where(real, c, -1) for c in kept], table.shape[-1], empty=True),
+           jnp.where(real & (have < k), jnp.uint32(1) << lane, jnp.uint32(0))]
+    red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
+                         lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
+    words = [functools.reduce(jnp.bitwise_or, list(w)) for w in red[:-1]]
+    return words, ((red[-1][:, None] >> lane) & 1).reshape(-1).astype(bool)
+
+
+def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: jax.Array,
+                 k: int, draws: int) -> jax.Array:
+    """int32: the experts one layer uses (the union of its tokens' expert sets) under
+    successive sampling from an alias table, counted straight from the draws: what the
+    Monte Carlo needs without EP ranks.
+
+    The law of `popular_sorted` (a stream of alias draws per token, draw j of token t
+    from counter j N + t, the first k distinct kept; a token still short after 2 `draws`
+    draws finished by Gumbel top-k), in three stages. A token's set is the same function
+    of its own random numbers whichever stage completes it, and a short token's partial
+    set is part of its final set, so ORing both into the union is exact:
+    1. every token makes `draws` draws (`stream_draws`: ~99% of tokens get k), one
+       reduction ORs their sets into bit words and marks the short ones. Unrolled and
+       elementwise, it is one fused pass (materialized, each of the k picks would cost
+       XLA CPU a recomputation of the whole chain, and a loop a pass per round);
+    2. the first N/16 short tokens, compacted, replay their draws and make as many more;
+    3. any still short, 8 at a time, replay those 2 `draws` draws and are finished by
+       Gumbel top-k over the experts they have not kept (`_finish`).
+    """
+    E = table.shape[-1]
+    if tokens == 0:
+        return jnp.int32(0)
+    lane = jnp.arange(32, dtype=jnp.uint32)
+    groups = -(-tokens // 32)
+    t = jnp.arange(groups, dtype=jnp.uint32)[:, None] * jnp.uint32(32) + lane
+    words, short = _stream_words(key, table, t, t < tokens, draws, tokens, k)
+
+    rows = jnp.nonzero(short, size=32 * -(-tokens // 512), fill_value=32 * groups)[0]
+    r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32).reshape(-1, 32)
+    more, still = _stream_words(key, table, r, (rows < tokens).reshape(-1, 32), 2 * draws,
+                                tokens, k)
+    words = tuple(w | m for w, m in zip(words, more, strict=True))
+    short = short.at[rows].set(still, mode="drop")
+    gkey = jax.random.fold_in(key, 1)
+
+    def finish(state):  # 8 short tokens: replay their draws, then Gumbel top-k
+        short, words = state
+        rows = jnp.nonzero(short, size=8, fill_value=32 * groups)[0]
+        r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32)
+        # Per token its set's words and count, by a reduction over a second, padding lane:
+        # one fused pass (per-token outputs would each recompute the chain).
+        real = (rows < tokens)[:, None] & (jnp.arange(2) == 0)
+        kept, have = _stream(key, table, jnp.stack([r, r], -1), 2 * draws, tokens, k)
+        ops = [*set_words([jnp.where(real, c, -1) for c in kept], E, empty=True),
+               jnp.where(real, have, 0).astype(jnp.uint32)]
+        red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
+                             lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
+        pos = jnp.arange(E, dtype=jnp.uint32)
+        taken = ((jnp.stack(red[:-1], -1)[:, pos >> 5] >> (pos & 31)) & 1).astype(bool)
+        rest = _finish(gkey, r, taken, red[-1].astype(jnp.int32), logp_sorted, k)
+        rest = jnp.where((rows < tokens)[:, None], rest, -1)
+        new = set_words([rest[:, j] for j in range(k)], E, empty=True)
+        return (short.at[rows].set(False, mode="drop"),
+                tuple(w | functools.reduce(jnp.bitwise_or, list(n))
+                      for w, n in zip(words, new, strict=True)))
+
+    _, words = jax.lax.while_loop(lambda s: s[0].any(), finish, (short, words))
+    return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
+
+
+def set_words(cols: list[jax.Array], n: int, empty: bool = False) -> list[jax.Array]:
+    """Per row, the set of values in cols (arrays of one shape, values in [0, n); with
+    `empty`, -1 for none) as ceil(n/32) uint32 words. A set, not a one-hot [..., n]: k
+    selects and ORs per word, all elementwise, so XLA fuses it with whatever produced
+    the ids."""
+    bits = [jnp.left_shift(jnp.uint32(1), (c & 31).astype(jnp.uint32)) for c in cols]
+    words = []
+    for w in range((n + 31) // 32):
+        word = jnp.uint32(0)
+        for c, b in zip(cols, bits, strict=True):
+            hit = (c >> 5) == w if n > 32 else c >= 0 if empty else None
+            word = word | (b if hit is None else jnp.where(hit, b, jnp.uint32(0)))
+        words.append(word)
+    return words
 
 
 def from_logits(logits: jax.Array, k: int) -> jax.Array:
@@ -309,13 +576,57 @@ def zipf_logp(key: jax.Array, n_experts: int, s: float) -> jax.Array:
     return logp - jax.nn.logsumexp(logp)
 
 
+def log_gamma(key: jax.Array, n: int, a: float, tries: int = 4) -> jax.Array:
+    """[n] log of Gamma(a) variates (float32), by Marsaglia and Tsang's exact rejection
+    method, from `counter_bits`: `tries` proposals per variate in one elementwise pass,
+    then a loop (rarely entered: a proposal is rejected with probability < 5% for shape
+    >= 1) over those all rejected. Shape a < 1: log G(a) = log G(a + 1) + log(U) / a
+    (Marsaglia and Tsang's boost), which keeps tiny variates from underflowing.
+
+    Each try: x ~ N(0, 1) (Box-Muller), v = (1 + c x)^3 with d = shape - 1/3,
+    c = 1 / sqrt(9 d); accept d v when v > 0 and log U < x^2/2 + d - d v + d log v.
+    """
+    shape = a + 1.0 if a < 1 else a
+    d = shape - 1.0 / 3.0
+    c = 1.0 / np.sqrt(9.0 * d)
+    i = jnp.arange(n, dtype=jnp.uint32)
+
+    def unit(u):  # (0, 1) from 24 random bits
+        return ((u >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)
+
+    def propose(t):  # try t of every variate: (accepted, log of d v)
+        u = [unit(counter_bits(key, (i * jnp.uint32(tries + 64) + t) * jnp.uint32(3) + j))
+             for j in range(3)]
+        x = jnp.sqrt(-2.0 * jnp.log(u[0])) * jnp.cos(2.0 * np.pi * u[1])
+        v = (1.0 + c * x) ** 3
+        logv = jnp.log(jnp.maximum(v, 1e-30))
+        ok = (v > 0) & (jnp.log(u[2]) < 0.5 * x * x + d - d * v + d * logv)
+        return ok, np.log(d) + logv
+
+    done, logg = jnp.zeros(n, bool), jnp.zeros(n, jnp.float32)
+    for t in range(tries):
+        ok, val = propose(jnp.uint32(t))
+        logg, done = jnp.where(~done & ok, val, logg), done | ok
+
+    def again(state):  # the few all rejected: fresh tries, one at a time
+        t, done, logg = state
+        ok, val = propose(t.astype(jnp.uint32))
+        return t + 1, done | ok, jnp.where(~done & ok, val, logg)
+
+    _, _, logg = jax.lax.while_loop(lambda s: ~s[1].all() & (s[0] < tries + 64), again,
+                                    (jnp.int32(tries), done, logg))
+    if a < 1:
+        logg = logg + jnp.log(unit(counter_bits(key, i + jnp.uint32(n * 3 * (tries + 64))))) / a
+    return logg
+
+
 def dirichlet_logp(key: jax.Array, n_experts: int, a: float) -> jax.Array:
     """[E] log-popularity p ~ Dirichlet(a, ..., a): a -> inf is uniform, small a is skewed.
 
-    Drawn as normalized Gamma(a) variates in log space (jax.random.loggamma), so that a
-    small a does not underflow p to exact zeros.
+    Drawn as normalized Gamma(a) variates in log space (`log_gamma`), so that a small a
+    does not underflow p to exact zeros.
     """
-    logg = jax.random.loggamma(key, jnp.full((n_experts,), a, jnp.float32))
+    logg = log_gamma(key, n_experts, a)
     return logg - jax.nn.logsumexp(logg)
 
 
@@ -362,6 +673,73 @@ def load_array(path: str) -> np.ndarray:
         raise SpecError(f"routing: cannot read {path!r}: {e}") from None
 
 
+def _popular_generator(tokens: int, k: int, draws: int, layer_table) -> Generator:
+    """gen(key, l) -> ids by successive sampling, with `gen.used(key, l)`: the experts the
+    layer uses, counted straight from the draws (`popular_used`, for the Monte Carlo).
+    layer_table(key, l) -> (order [E], alias table [E], log p by position [E])."""
+    def gen(key, l):
+        order, table, logp_sorted = layer_table(jax.random.fold_in(key, 2), l)
+        return order[popular_sorted(jax.random.fold_in(key, 1), tokens, table, logp_sorted, k)]
+
+    def used(key, l):  # the order is not needed: XLA drops it
+        _, table, logp_sorted = layer_table(jax.random.fold_in(key, 2), l)
+        return popular_used(jax.random.fold_in(key, 1), tokens, table, logp_sorted, k, draws)
+
+    gen.used = used
+    return gen
+
+
+def _groups_generator(tokens: int, E: int, k: int, n_group: int, topk_group: int) -> Generator:
+    """Group-limited ids; `gen.used` counts the experts used in the same fused pass."""
+    def gen(key, l):
+        return group_limited(key, tokens, E, k, n_group, topk_group)
+
+    def used(key, l):
+        cols = group_ids(key, tokens, E, k, n_group, topk_group)
+        words = set_words(cols, E)
+        red = jax.lax.reduce(tuple(words), tuple(jnp.uint32(0) for _ in words),
+                             lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (0,))
+        return sum(jax.lax.population_count(w).astype(jnp.int32) for w in red)
+
+    gen.used = used
+    return gen
+
+
+def _zipf_generator(tokens: int, E: int, k: int, s: float) -> Generator:
+    """Zipf: slot j has popularity 1/(j+1)^s, so one alias table serves every layer; each
+    layer draws which expert holds each slot (a uniform random permutation, as the
+    random ranks of `zipf_logp`)."""
+    logq = -s * np.log(np.arange(1, E + 1, dtype=np.float64))
+    logq = (logq - np.logaddexp.reduce(logq)).astype(np.float32)
+    order, table = (np.asarray(a) for a in alias_table(jnp.asarray(logq)))
+
+    def layer_table(key, l):
+        return (jax.random.permutation(key, E)[order], jnp.asarray(table),
+                jnp.asarray(logq[order]))
+
+    return _popular_generator(tokens, k, stream_draws(np.exp(logq), k), layer_table)
+
+
+def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
+    """Dirichlet: each layer its own popularity and alias table (the first pass's draws
+    from 8 popularity vectors drawn in numpy)."""
+    def layer_table(key, l):
+        logp = dirichlet_logp(key, E, a)
+        order, table = alias_table(logp)
+        return order, table, logp[order]
+
+    draws = stream_draws(np.random.default_rng(0).dirichlet(np.full(E, a), 8), k)
+    return _popular_generator(tokens, k, draws, layer_table)
+
+
+def _hist_generator(tokens: int, k: int, logp: np.ndarray) -> Generator:
+    """Measured histograms [L, E]: every layer's alias table built once."""
+    order, table = jax.vmap(alias_table)(jnp.asarray(logp))
+    logp_sorted = jnp.take_along_axis(jnp.asarray(logp), order, -1)
+    return _popular_generator(tokens, k, stream_draws(np.exp(logp), k),
+                              lambda key, l: (order[l], table[l], logp_sorted[l]))
+
+
 @lru_cache(maxsize=32)
 def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: int, k: int,
                     n_group: int = 1, topk_group: int = 1) -> Generator:
@@ -377,24 +755,24 @@ def layer_generator(spec: RoutingSpec, n_layers: int, tokens: int, n_experts: in
     E = n_experts
     if spec.kind == "uniform":
         return lambda key, l: uniform(key, tokens, E, k)
+    if spec.kind in ("zipf", "dirichlet", "hist"):
+        _check_counters(tokens, k, E)
     if spec.kind == "zipf":
-        return lambda key, l: popular(jax.random.fold_in(key, 1), tokens,
-                                      zipf_logp(jax.random.fold_in(key, 2), E, spec.param), k)
+        return _zipf_generator(tokens, E, k, spec.param)
     if spec.kind == "dirichlet":
-        return lambda key, l: popular(jax.random.fold_in(key, 1), tokens,
-                                      dirichlet_logp(jax.random.fold_in(key, 2), E, spec.param), k)
+        return _dirichlet_generator(tokens, E, k, spec.param)
     if spec.kind == "groups":
-        return lambda key, l: group_limited(key, tokens, E, k, n_group, topk_group)
+        return _groups_generator(tokens, E, k, n_group, topk_group)
     if spec.kind == "hist":
         logp = hist_logp(load_array(spec.path))
         if logp.shape[-1] != E:
             raise SpecError(f"routing: histogram has {logp.shape[-1]} experts, the model {E}")
         if np.any(np.isfinite(logp).sum(-1) < k):
             raise SpecError(f"routing: histogram has fewer than k={k} experts with counts")
-        table = jnp.asarray(np.broadcast_to(logp, (n_layers, E)) if logp.ndim == 1 else logp)
-        if table.shape[0] != n_layers:
-            raise SpecError(f"routing: histogram has {table.shape[0]} layers, the model {n_layers}")
-        return lambda key, l: popular(key, tokens, table[l], k)
+        logp = np.broadcast_to(logp, (n_layers, E)) if logp.ndim == 1 else logp
+        if logp.shape[0] != n_layers:
+            raise SpecError(f"routing: histogram has {logp.shape[0]} layers, the model {n_layers}")
+        return _hist_generator(tokens, k, logp)
     if spec.kind == "logits":
         ids = jnp.asarray(logits_routes(spec.path, n_layers, E, k))  # [L, N_file, k]
         n_file = ids.shape[1]

@@ -245,3 +245,113 @@ def test_popular_with_no_tokens_and_k_equal_e():
     assert rt.popular(jax.random.key(0), 0, logp, 2).shape == (0, 2)
     ids = np.asarray(rt.popular(jax.random.key(0), 50, logp, 3))
     assert np.all(np.sort(ids, 1) == np.arange(3))
+
+
+# --- popular_used: the experts used, straight from the draws (the Monte Carlo's path) ---------
+
+
+def _used_both_ways(gen, key, n, E):
+    """(experts used by gen.used, distinct ids gen draws) on n layer-samples, same keys."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+    used = np.asarray(jax.jit(jax.vmap(lambda kk: gen.used(kk, 0)))(keys))
+    ids = np.asarray(jax.jit(jax.vmap(lambda kk: gen(kk, 0)))(keys))
+    assert _distinct_rows(ids) and ids.min() >= 0 and ids.max() < E
+    return used, np.array([len(np.unique(x)) for x in ids])
+
+
+@pytest.mark.parametrize("spec,E,k,tokens", [
+    ("zipf:1.2", 64, 4, 24),  # N_ue well below E, so it varies
+    ("dirichlet:0.3", 64, 4, 24),
+    ("zipf:0", 40, 6, 10),  # uniform popularity; E not a power of 2
+])
+def test_popular_used_counts_the_same_routing(spec, E, k, tokens):
+    # Tokens that finish within the first 2 `draws` draws get the same set both ways (the
+    # same counters); only the rare Gumbel-finished ones differ. So per layer-sample the
+    # counts agree but for a few, and their means within standard errors.
+    gen = rt.layer_generator(parse_routing(spec), 1, tokens, E, k)
+    used, counted = _used_both_ways(gen, jax.random.key(8), 200, E)
+    assert np.mean(used == counted) > 0.95
+    se = math.sqrt((used.var() + counted.var()) / len(used)) + 1e-9
+    assert abs(used.mean() - counted.mean()) < 5 * se
+
+
+def test_popular_used_finishes_heavy_skew_exactly(tmp_path):
+    # Two experts hold all but 1e-12 of p, k = 4: nearly every token needs the Gumbel
+    # finisher (stage 3) for its last two. Its last two experts are then drawn from the
+    # rest in proportion to p: with p of experts 2..5 as 8:4:2:1 (and 6, 7 zero), compare
+    # the number of experts used by 1 token with the exact law: the set is {0, 1} plus two
+    # of {2..5} by successive sampling, so 4 always; with 3 tokens the union's size law
+    # is checked against popular_gumbel (E scores per token) within standard errors.
+    E, k = 8, 4
+    hist = np.array([1.0, 1.0, 8e-12, 4e-12, 2e-12, 1e-12, 0.0, 0.0])
+    np.save(tmp_path / "h.npy", hist)
+    gen = rt.layer_generator(parse_routing(f"hist:{tmp_path / 'h.npy'}"), 1, 1, E, k)
+    used, counted = _used_both_ways(gen, jax.random.key(1), 50, E)
+    assert np.all(used == 4) and np.all(counted == 4)
+    tokens, n = 3, 3000
+    gen = rt.layer_generator(parse_routing(f"hist:{tmp_path / 'h.npy'}"), 1, tokens, E, k)
+    used = np.asarray(jax.jit(jax.vmap(lambda kk: gen.used(kk, 0)))(
+        jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(n))))
+    with np.errstate(divide="ignore"):
+        logp = jnp.asarray(np.log(hist / hist.sum()), jnp.float32)
+    ref_ids = np.asarray(rt.popular_gumbel(jax.random.key(3), tokens * n, logp, k))
+    ref_used = np.array([len(np.unique(x)) for x in ref_ids.reshape(n, tokens, k)])
+    for v in range(4, 7):  # the union's size: 4, 5 or 6
+        a, b = np.mean(used == v), np.mean(ref_used == v)
+        assert abs(a - b) < 5 * math.sqrt((a * (1 - a) + b * (1 - b)) / n) + 1e-9, v
+
+
+@pytest.mark.parametrize("E,n_group,topk_group,k", [
+    (12, 4, 2, 3),  # groups of 3, two kept
+    (8, 4, 1, 2),  # one group kept: both picks in it
+    (6, 6, 3, 3),  # groups of one expert: a group's score is its one score
+    (8, 2, 2, 4),  # every group kept: plain top-k
+    (9, 3, 2, 5),  # k > a group: the merge takes a group to its end
+])
+def test_group_limited_is_the_gumbel_router(E, n_group, topk_group, k):
+    # Order statistics (group_limited) against E Gumbel scores (group_limited_gumbel):
+    # the frequency of every k-subset of experts, each within 5 standard errors of the
+    # difference, and a chi-square over all subsets seen.
+    n = 30_000
+    a = np.sort(np.asarray(rt.group_limited(jax.random.key(1), n, E, k, n_group, topk_group)), -1)
+    b = np.sort(np.asarray(rt.group_limited_gumbel(jax.random.key(2), n, E, k, n_group,
+                                                   topk_group)), -1)
+    assert _distinct_rows(a) and a.min() >= 0 and a.max() < E
+    codes = lambda x: (x * E ** np.arange(k)).sum(-1)  # noqa: E731
+    cells, ca = np.unique(codes(a), return_counts=True)
+    fa = dict(zip(cells.tolist(), ca.tolist(), strict=True))
+    cells, cb = np.unique(codes(b), return_counts=True)
+    fb = dict(zip(cells.tolist(), cb.tolist(), strict=True))
+    z = [(fa.get(c, 0) - fb.get(c, 0)) / math.sqrt(fa.get(c, 0) + fb.get(c, 0))
+         for c in set(fa) | set(fb)]
+    assert max(abs(x) for x in z) < 5
+    chi2, dof = sum(x * x for x in z), len(z)  # mean dof, sd sqrt(2 dof)
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def test_group_limited_marginals_at_deepseek_scale():
+    # DeepSeek-V3/R1: 8 groups of 32, 4 kept, top-8. Per expert its share of tokens and
+    # per token the number of groups hit, both samplers within 5 standard errors.
+    E, k, n = 256, 8, 20_000
+    a = np.asarray(rt.group_limited(jax.random.key(5), n, E, k, 8, 4))
+    g = np.asarray(rt.group_limited_gumbel(jax.random.key(6), n, E, k, 8, 4))
+    assert _distinct_rows(a)
+    fa, fg = (np.bincount(x.ravel(), minlength=E) / n for x in (a, g))
+    se = np.sqrt((fa * (1 - fa) + fg * (1 - fg)) / n) + 1 / n
+    assert np.all(np.abs(fa - fg) <= 5 * se)
+    ha, hg = (np.array([len(set(r)) for r in (x // 32).tolist()]) for x in (a, g))
+    assert abs(ha.mean() - hg.mean()) < 5 * math.sqrt((ha.var() + hg.var()) / n)
+
+
+@pytest.mark.parametrize("a", [0.05, 0.3, 1.0, 2.5])  # boosted (a < 1) and not
+def test_log_gamma_is_gamma(a):
+    # Against numpy's Gamma sampler: the fraction below each of numpy's deciles, within 5
+    # standard errors of the difference; mean a and variance a (Gamma(a, 1)).
+    n = 100_000
+    g = np.exp(np.asarray(rt.log_gamma(jax.random.key(1), n, a), np.float64))
+    ref = np.random.default_rng(0).gamma(a, size=n)
+    for q in np.quantile(ref, np.linspace(0.1, 0.9, 9)):
+        fa, fr = np.mean(g < q), np.mean(ref < q)
+        assert abs(fa - fr) < 5 * math.sqrt((fa * (1 - fa) + fr * (1 - fr)) / n), (a, q)
+    assert abs(g.mean() - a) < 5 * math.sqrt(a / n)
+    assert np.all(np.isfinite(np.asarray(rt.log_gamma(jax.random.key(2), 1000, a))))
