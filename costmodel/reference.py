@@ -219,7 +219,23 @@ def overheads(n_used, destinations, p, nvlink_destinations=None, imbalance=1.0,
         per_layer = np.maximum(rows * row / p["b_net"], nvlink_destinations * row / b_nvlink)
         t_ep = p["passes"] * (L * 2 * p["alpha_net"] + imbalance * per_layer.sum(-1))
     return {"bytes_offload": bytes_p, "bytes_ep": bytes_ep, "t_p_overhead": t_p,
-            "t_ep_overhead": t_ep, "gamma": t_p / t_ep}
+            "t_ep_overhead": t_ep, "gamma": _ratio(t_p, t_ep)}
+
+
+def _ratio(a, b):
+    """a / b where b may be 0 (one EP rank: nothing remote, gamma infinite): no warning."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return a / b
+
+
+def gamma_spread(gamma: np.ndarray) -> dict[str, float]:
+    """Mean, 5th and 95th percentiles and standard deviation of sampled gammas. Infinite
+    gammas (one EP rank) give an infinite mean and NaN spread, quietly (null in JSON)."""
+    with np.errstate(invalid="ignore"):
+        return {"gamma_mean": float(gamma.mean()),
+                "gamma_p05": float(np.percentile(gamma, 5)),
+                "gamma_p95": float(np.percentile(gamma, 95)),
+                "gamma_std": float(gamma.std(ddof=1)) if gamma.size > 1 else 0.0}
 
 
 def _ep_rows(options: Options, remote_ranks, remote_nodes):
@@ -419,10 +435,7 @@ def gamma_distribution(model: ModelSpec, system: SystemSpec, workload: Workload,
     res = rank_overheads(n_used, dest, stats["remote_nodes"], p, options, system, imb)
     gamma = np.asarray(res["gamma"], np.float64)
     out = {
-        "gamma_mean": float(gamma.mean()),
-        "gamma_p05": float(np.percentile(gamma, 5)),
-        "gamma_p95": float(np.percentile(gamma, 95)),
-        "gamma_std": float(gamma.std(ddof=1)) if gamma.size > 1 else 0.0,
+        **gamma_spread(gamma),
         "n_ue_mean": float(n_used.mean()),
         "n_ue_std": float(n_used.std(ddof=1)) if n_used.size > 1 else 0.0,
         "t_p_overhead_mean": float(np.mean(res["t_p_overhead"])),

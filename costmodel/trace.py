@@ -377,7 +377,7 @@ def trace_distribution(model, system, workload, options, path: str,
     fewer layers than the model stands for all L: the overheads are those of its layers
     scaled by L / L_rec (gamma, a ratio, is theirs), and the result says so
     (`trace_layers_note`)."""
-    from moelab.costmodel.reference import rank_overheads
+    from moelab.costmodel.reference import gamma_spread, rank_overheads
     from moelab.costmodel.sweep import params_of
 
     tr = load(path)
@@ -405,10 +405,7 @@ def trace_distribution(model, system, workload, options, path: str,
     gamma = np.asarray(res["gamma"], np.float64)
     W = n_used.shape[0]
     out = {
-        "gamma_mean": float(gamma.mean()),
-        "gamma_p05": float(np.percentile(gamma, 5)),
-        "gamma_p95": float(np.percentile(gamma, 95)),
-        "gamma_std": float(gamma.std(ddof=1)) if W > 1 else 0.0,
+        **gamma_spread(gamma),
         "n_ue_mean": float(n_used.mean()),
         "n_ue_p05": float(np.percentile(n_used, 5)),
         "n_ue_p95": float(np.percentile(n_used, 95)),

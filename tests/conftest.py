@@ -12,6 +12,8 @@ if not os.environ.get("MOELAB_GPU_TESTS"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile afresh and write nothing under $HOME (the CLI keeps compiled programs there).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

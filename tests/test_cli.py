@@ -1,12 +1,13 @@
 """The command line as a user meets it: JSON, tables, and one clear line for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from moelab.cli import main
+from moelab.cli import keep_compiled_programs, main
 from moelab.costmodel.presets import load_system, system_names
 
 SEED = ["--model", "deepseek-r1", "--b-pcie", "64", "--b-net", "50", "--expert-dtype", "fp8",
@@ -302,3 +303,13 @@ def test_ep_and_gamma_default_to_the_same_model():
         args = parser.parse_args([command])
         defaults[command] = args.model
     assert defaults["gamma"] == defaults["ep"] == "deepseek-r1"
+
+
+def test_cli_keeps_compiled_programs_in_a_cache_folder_only_when_unset(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    keep_compiled_programs()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "moelab" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # the user's choice: none
+    keep_compiled_programs()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == ""
