@@ -81,6 +81,20 @@ def workload(tokens: int | None = None, decode: bool = False, batch: int = 1,
     return Workload(tokens=DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
 
 
+def group_limited_terms(m: ModelSpec, s: SystemSpec, options: Options, routing: str) -> dict:
+    """With --routing groups and EP ranks: the exact remote nodes per token under the model's
+    group-limited router (costmodel/group_limited.py), beside the Monte Carlo's
+    fanout_nodes_mean; the closed-form fanout_nodes above is uniform routing's. Only where
+    the placement puts whole groups on nodes (the node count divides n_group)."""
+    R, G = options.ep_ranks or 0, s.gpus_per_node
+    if routing != "groups" or R < 2 or m.n_group < 2 or R % G or m.n_group % max(R // G, 1):
+        return {}
+    from moelab.costmodel.closed_form import fanout_nodes_group_limited
+
+    return {"fanout_nodes_group_limited": fanout_nodes_group_limited(
+        R // G, m.n_group, m.topk_group, m.n_experts, m.top_k)}
+
+
 def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *,
           tokens: int | None = None, decode: bool = False, batch: int = 1, steps: int = 1,
           expert_dtype: str | None = None, act_dtype: str | None = None,
@@ -188,6 +202,7 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
 
         out.update(gamma_distribution(m, s, w, options, routing=routing, samples=samples,
                                       seed=seed, progress=progress))
+        out.update(group_limited_terms(m, s, options, routing))
     if is_trace or samples:  # the closed-form rows above used worst or uniform
         out["routing"] = routing
         out["routing_closed_form"] = options.routing

@@ -163,3 +163,20 @@ def test_model_md_monte_carlo_figures():
         line = next(line for line in text.splitlines() if line.startswith(row))
         cell = [c.strip() for c in line.strip("|").split("|")][2]
         assert cell == f"{x.mean():.4f} ± {x.std(ddof=1) / math.sqrt(tokens):.4f}"
+
+
+def test_gamma_reports_the_exact_value_beside_its_monte_carlo():
+    """`moelab gamma --routing groups --ep-ranks 32`: the exact remote nodes sit within 4
+    standard errors of the same call's sampled mean (58 layers x 2 x 256 tokens); nodes that
+    split a group (EP24: 3 nodes, 8 groups) and other routings get no such key."""
+    from moelab import api
+
+    out = api.gamma("deepseek-r1", tokens=256, routing="groups", samples=2, ep_ranks=32)
+    per_token_sd = 0.7  # remote nodes per token lie in [0, 3]; their sd is 0.57 (20k tokens)
+    se = per_token_sd / math.sqrt(58 * 2 * 256)
+    assert abs(out["fanout_nodes_group_limited"] - out["fanout_nodes_mean"]) < 4 * se
+    assert out["fanout_nodes_group_limited"] < out["fanout_nodes"]  # uniform routing's is 2.71
+    assert "fanout_nodes_group_limited" not in api.gamma("deepseek-r1", tokens=64, routing="groups",
+                                                         samples=1, ep_ranks=24)
+    assert "fanout_nodes_group_limited" not in api.gamma("deepseek-r1", tokens=64, routing="uniform",
+                                                         samples=1, ep_ranks=32)

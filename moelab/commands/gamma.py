@@ -158,6 +158,11 @@ def print_table(out: dict) -> None:
         t.add_row("  p05 – p95", "5th and 95th percentiles",
                   f"{fmt(out['gamma_p05'])} – {fmt(out['gamma_p95'])}")
         t.add_row("N_ue mean", "used experts per layer", fmt(out["n_ue_mean"]))
+        if "fanout_nodes_mean" in out:
+            t.add_row("fan-out nodes mean", "remote nodes per token, sampled", fmt(out["fanout_nodes_mean"]))
+        if "fanout_nodes_group_limited" in out:
+            t.add_row("  exact", "group-limited router (group_limited.py)",
+                      fmt(out["fanout_nodes_group_limited"]))
         if trace:
             t.add_row("  p05 – p95", "over windows and layers",
                       f"{fmt(out['n_ue_p05'])} – {fmt(out['n_ue_p95'])}")
