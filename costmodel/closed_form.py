@@ -130,6 +130,7 @@ class Tiers:
         return self.intra + self.ranks_inter
 
 
+@lru_cache(maxsize=4096)  # sweeps and ep_legs ask for the same few (R, E, k, G) often
 def fanout_tiers(ranks: int, n_experts: int, k: int, gpus_per_node: int) -> Tiers:
     """Exact two-tier fan-out for contiguous placement over R ranks in nodes of G.
 

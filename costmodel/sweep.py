@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 
@@ -137,9 +137,10 @@ def formula(p: Mapping) -> dict:
 # --- host terms ---------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4096)
-def _tiers(ranks: int, n_experts: int, k: int, gpus_per_node: int) -> cf.Tiers:
-    return cf.fanout_tiers(ranks, n_experts, k, gpus_per_node)
+def _tier_terms(tiers: cf.Tiers, imbalance: float) -> dict:
+    """The HOST_TERMS of the closed form: its tiers, its busiest rank, N_ue by formula."""
+    return {"fanout_ranks": tiers.ranks, "fanout_nodes": tiers.nodes,
+            "fanout_ranks_inter": tiers.ranks_inter, "imbalance": imbalance, "n_ue_measured": -1.0}
 
 
 def host_terms(tokens, ep_ranks, n_experts, top_k, gpus_per_node, trace=None) -> dict:
@@ -162,9 +163,7 @@ def host_terms(tokens, ep_ranks, n_experts, top_k, gpus_per_node, trace=None) ->
     if R < 1:
         return {"fanout_ranks": 0.0, "fanout_nodes": 0.0, "fanout_ranks_inter": 0.0,
                 "imbalance": 1.0, "n_ue_measured": -1.0}
-    t = _tiers(R, E, k, G)
-    return {"fanout_ranks": t.ranks, "fanout_nodes": t.nodes, "fanout_ranks_inter": t.ranks_inter,
-            "imbalance": cf.imbalance_uniform(float(tokens), R, E, k), "n_ue_measured": -1.0}
+    return _tier_terms(cf.fanout_tiers(R, E, k, G), cf.imbalance_uniform(float(tokens), R, E, k))
 
 
 def ep_host_terms(model: ModelSpec, system: SystemSpec, options: Options, tokens) -> dict:
@@ -174,9 +173,7 @@ def ep_host_terms(model: ModelSpec, system: SystemSpec, options: Options, tokens
     if not options.ep_ranks:
         return host_terms(tokens, 0, model.n_experts, model.top_k, system.gpus_per_node)
     legs = cf.ep_legs(model, system, replace(options, imbalance=True), tokens)
-    return {"fanout_ranks": legs.tiers.ranks, "fanout_nodes": legs.tiers.nodes,
-            "fanout_ranks_inter": legs.tiers.ranks_inter, "imbalance": legs.imbalance,
-            "n_ue_measured": -1.0}
+    return _tier_terms(legs.tiers, legs.imbalance)
 
 
 def params_of(model: ModelSpec, system: SystemSpec, workload: Workload,
