@@ -273,46 +273,49 @@ def _alias_bits(n_experts: int) -> tuple[int, int]:
     return b, 30 - b
 
 
-def alias_table(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(order [E] int32, table [E] uint32): a Walker alias table of popularity exp(logp)
-    over the experts sorted by popularity (position i holds expert order[i]).
+def alias_table(logp: jax.Array) -> jax.Array:
+    """[E] uint32: a Walker alias table of popularity exp(logp) over the experts.
 
     p is quantized to integer weights summing to E T (T = 2^t; 2^30 units in all, the
     rounding remainder to the largest), so a weight is exact to 2^-30 of the total.
     Bucket i keeps its own position for `own_i` of its T units and sends the rest to
-    `alias_i`, packed as own << b | alias. Built in integers, no float drift, by one
-    sweep over the sorted weights (Vose's pairing with two pointers): the lightest
-    unfinished bucket is topped up from the current heavy one, which once it falls
-    below T is finished next, topped up from the next heavy one.
+    `alias_i`, packed as own << b | alias. Built in integers from prefix sums, without a
+    sort or a loop (Vose's pairing in closed form): the light experts (w < T) lay their
+    deficits T - w end to end in expert order, the heavy ones their excesses w - T in
+    reverse expert order. A light bucket takes its deficit from the heavy one whose
+    excess interval holds the start of its deficit; where the last light one a heavy one
+    serves runs past that heavy one's excess, the heavy one keeps T minus the overrun and
+    takes it from the next heavy one, whose light ones start that much later. Each heavy
+    one so gives exactly its excess plus its own overrun, and every bucket holds T.
     """
     E = logp.shape[-1]
     b, t = _alias_bits(E)
     T = 1 << t
-    order = jnp.argsort(logp).astype(jnp.int32)  # ascending popularity
-    p = jnp.exp(logp[order] - jax.nn.logsumexp(logp))
-    w = jnp.floor(p * float(E * T)).astype(jnp.int32)
-    w = w.at[E - 1].add(E * T - w.sum())
-
-    def step(_, state):
-        s, h, rest, own, alias = state  # next light, current heavy and its residual
-        heavy_done = (rest < T) & (h > s)  # the heavy one is light now: finish it
-        i = jnp.where(heavy_done, h, s)
-        give = jnp.where(heavy_done, rest, w[s])
-        partner = jnp.where(heavy_done, h - 1, h)
-        live = s < h
-        own = jnp.where(live, own.at[i].set(give), own)
-        alias = jnp.where(live, alias.at[i].set(partner), alias)
-        new_rest = jnp.where(heavy_done, w[jnp.maximum(h - 1, 0)], rest) - (T - give)
-        return (jnp.where(live & ~heavy_done, s + 1, s), jnp.where(heavy_done, h - 1, h),
-                jnp.where(live, new_rest, rest), own, alias)
-
+    w = jnp.floor(jnp.exp(logp - jax.nn.logsumexp(logp)) * float(E * T)).astype(jnp.int32)
+    w = w.at[jnp.argmax(w)].add(E * T - w.sum())
     pos = jnp.arange(E, dtype=jnp.int32)
-    s, h, rest, own, alias = jax.lax.fori_loop(
-        0, E, step, (jnp.int32(0), jnp.int32(E - 1), w[E - 1], jnp.full(E, T, jnp.int32), pos))
+    light = w < T
+    deficit = jnp.where(light, T - w, 0)
+    deficit_end = jnp.cumsum(deficit)  # [E], by expert; heavy ones add nothing
+    deficit_start = deficit_end - deficit
+    rev_heavy = ~light[::-1]  # reverse expert order: index i is expert E-1-i
+    excess_end = jnp.cumsum(jnp.where(rev_heavy, w[::-1] - T, 0))  # X, by reverse index
+    # A light expert: the first heavy one whose excess interval ends past its start.
+    light_alias = E - 1 - jnp.minimum(jnp.searchsorted(excess_end, deficit_start, side="right"),
+                                      E - 1)
+    # A heavy one: its overrun is how far the last light one starting before its excess
+    # ends runs past that end; the next heavy one (in reverse order) fills it.
+    before = jnp.searchsorted(deficit_start, excess_end, side="left")
+    last_end = jnp.where(before > 0, deficit_end[jnp.maximum(before - 1, 0)], 0)
+    overrun = jnp.maximum(last_end - excess_end, 0)[::-1]  # by expert
+    rank = jnp.cumsum(rev_heavy)  # heavy ones counted in reverse order
+    after = jnp.searchsorted(rank, rank + 1, side="left")[::-1]  # next heavy's reverse index
+    own = jnp.where(light, w, T - overrun)
+    alias = jnp.where(light, light_alias, E - 1 - jnp.minimum(after, E - 1))
     # A full bucket (own = T) is its own alias, so storing T - 1 in t bits changes nothing.
     alias = jnp.where(own >= T, pos, alias)
     own = jnp.minimum(own, T - 1)
-    return order, (own.astype(jnp.uint32) << b) | alias.astype(jnp.uint32)
+    return (own.astype(jnp.uint32) << b) | alias.astype(jnp.uint32)
 
 
 def _alias_draw(table: jax.Array, u: jax.Array) -> jax.Array:
@@ -327,7 +330,10 @@ def _alias_draw(table: jax.Array, u: jax.Array) -> jax.Array:
     E = table.shape[-1]
     b, t = _alias_bits(E)
     mask = (1 << b) - 1
-    i = _mulhi(u, E).astype(jnp.int32)
+    if E & (E - 1) == 0:  # a power of 2: the bucket is the top b bits (E == 2^b)
+        i = (u >> (32 - b)).astype(jnp.int32) if b else jnp.zeros(u.shape, jnp.int32)
+    else:
+        i = _mulhi(u, E).astype(jnp.int32)
     v = (u * jnp.uint32(E)) >> (32 - t)
     d = ((v << b) | jnp.uint32(mask)).astype(jnp.int32) - table[i].astype(jnp.int32)
     return jnp.where(d < 0, i, mask - (d & mask))
@@ -342,23 +348,36 @@ def _keep(kept: list[jax.Array], have: jax.Array, c: jax.Array, k: int):
     return kept, have + new.astype(jnp.int32)
 
 
-def _stream(key, table, token, draws: int, tokens: int, k: int):
-    """(kept, have) after alias draws 0 .. draws-1 of the tokens `token` (uint32, any
-    shape), draw j of token t from counter j N + t, each offered to the token's picks
-    (`_keep`). Unrolled: elementwise, so XLA fuses it into the pass that consumes it."""
-    kept = [jnp.full(token.shape, -1, jnp.int32)] * k
-    have = jnp.zeros(token.shape, jnp.int32)
+def _stream(draw, shape, draws: int, k: int, rolled: bool = False):
+    """(kept, have) after draws 0 .. draws-1 (draw(j): positions of the given shape), each
+    offered to the token's picks (`_keep`). Unrolled: elementwise, so XLA fuses it into the
+    pass that consumes it; `rolled`, a loop over the draws (for the few tokens of the last
+    stages: a smaller program, compiled faster)."""
+    kept = [jnp.full(shape, -1, jnp.int32)] * k
+    have = jnp.zeros(shape, jnp.int32)
+    if rolled:
+        def step(j, state):
+            kept, have = _keep(list(state[0]), state[1], draw(j), k)
+            return tuple(kept), have
+        kept, have = jax.lax.fori_loop(0, draws, step, (tuple(kept), have))
+        return list(kept), have
     for j in range(draws):
-        c = _alias_draw(table, counter_bits(key, jnp.uint32(j * tokens) + token))
-        kept, have = _keep(kept, have, c, k)
+        kept, have = _keep(kept, have, draw(j), k)
     return kept, have
 
 
-def stream_draws(p: np.ndarray, k: int) -> int:
-    """Draws per token in `popular_positions`' first pass: the 97th percentile of the
-    draws a token needs for k distinct experts, simulated (numpy, fixed seed) on 2048
-    tokens spread over the rows of p [M, E]; clipped to [k, 4k]. Speed only: however
-    many it is, the later stages finish every token exactly."""
+def _draws(key, table, token, tokens: int):
+    """draw(j) -> alias draw j of the tokens `token` (uint32, any shape): counter j N + t."""
+    return lambda j: _alias_draw(table, counter_bits(key, jnp.uint32(j * tokens) + token))
+
+
+def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
+    """(draws, short): how `popular_used` splits its work for popularity p [E] or [M, E].
+    draws: the first pass's draws per token, the 99th percentile of what a token needs for
+    k distinct experts, at most `chain_draws(k)`; short: the fraction of tokens still short
+    of k after them (it sizes the second pass). Simulated in numpy (fixed seed) on 2048
+    tokens spread over the rows of p. Speed only: the later passes finish every token
+    exactly, whatever these are."""
     p = np.atleast_2d(np.asarray(p, np.float64))
     p = p / p.sum(-1, keepdims=True)
     n, most = 2048, 4 * k
@@ -376,13 +395,25 @@ def stream_draws(p: np.ndarray, k: int) -> int:
         count += ~seen[np.arange(n), c]
         seen[np.arange(n), c] = True
         need = np.where((count >= k) & (need > most), j + 1, need)
-    return int(np.clip(np.quantile(need, QUANTILE), k, most))
+    first = int(np.clip(np.quantile(need, QUANTILE), k, max(k, min(most, chain_draws(k)))))
+    return first, float(np.mean(need > first))
 
 
 QUANTILE = 0.99
 
 # Draws per token before the rest of a short token is finished by Gumbel top-k.
 STREAM_DRAWS_PER_K = 8
+
+# Draws x k that one fused pass of the alias stream takes at full speed: past it XLA
+# CPU's code for the pass gets ~3x slower per draw (k = 8, E = 256, on this project's
+# 2-core AMD EPYC: 1.9 ns per draw at 14 draws, 6.7 ns at 18, first pass alone), so the
+# first pass stops there and the few tokens still short go on compacted (`popular_used`).
+CHAIN_SLOTS = 112
+
+
+def chain_draws(k: int) -> int:
+    """Draws per token in one fused pass of the alias stream (`CHAIN_SLOTS`), at least k."""
+    return max(k, CHAIN_SLOTS // k)
 
 
 def _check_counters(tokens: int, k: int, n_experts: int) -> None:
@@ -391,21 +422,21 @@ def _check_counters(tokens: int, k: int, n_experts: int) -> None:
                         "exceed the 32-bit counter")
 
 
-def _finish(gkey, rows, taken, have, logp_sorted, k: int) -> jax.Array:
+def _finish(gkey, rows, taken, have, logp, k: int) -> jax.Array:
     """[n, k] positions, -1 past k - have: the rest of tokens `rows` (taken [n, E]: the
     positions they have kept; have [n] how many), by Gumbel top-k of log p over the
     positions not taken, from fresh noise (counter row E + position, of gkey)."""
-    E = logp_sorted.shape[-1]
+    E = logp.shape[-1]
     pos = jnp.arange(E, dtype=jnp.uint32)
     g = counter_bits(gkey, rows.astype(jnp.uint32)[:, None] * jnp.uint32(E) + pos)
     noise = -jnp.log(-jnp.log(((g >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)))
-    best = top_k(jnp.where(taken, -jnp.inf, logp_sorted.astype(jnp.float32) + noise), k)[1]
+    best = top_k(jnp.where(taken, -jnp.inf, logp.astype(jnp.float32) + noise), k)[1]
     return jnp.where(jnp.arange(k) < (k - have)[:, None], best, -1)
 
 
-def popular_sorted(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: jax.Array,
+def popular_alias(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
                    k: int, token: jax.Array | None = None) -> jax.Array:
-    """[tokens, k] positions in an alias table (`alias_table`; logp_sorted: log p by
+    """[tokens, k] positions in an alias table (`alias_table`; logp: log p by
     position) of k distinct experts per token by successive sampling (or [n, k] for the
     tokens `token` [n] only: their rows of the same routing).
 
@@ -445,8 +476,8 @@ def popular_sorted(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: j
         rows = jnp.nonzero(have < k, size=batch, fill_value=n)[0]
         r = jnp.minimum(rows, n - 1)
         mine, got = kept[r], have[r]
-        taken = (mine[:, :, None] == jnp.arange(logp_sorted.shape[-1])).any(1)
-        rest = _finish(gkey, t[r], taken, got, logp_sorted, k)
+        taken = (mine[:, :, None] == jnp.arange(logp.shape[-1])).any(1)
+        rest = _finish(gkey, t[r], taken, got, logp, k)
         slot = jnp.arange(k)
         mine = jnp.where(slot >= got[:, None], jnp.take_along_axis(
             rest, jnp.maximum(slot - got[:, None], 0), -1), mine)
@@ -459,86 +490,132 @@ def popular_sorted(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: j
 def popular(key: jax.Array, tokens: int, logp: jax.Array, k: int) -> jax.Array:
     """[tokens, k]: successive sampling of k distinct experts with popularity exp(logp),
     the distribution of `popular_gumbel` from a few draws per token instead of E scores
-    (`popular_sorted`). Experts with p = 0 are never drawn; at least k must have p > 0."""
+    (`popular_alias`). Experts with p = 0 are never drawn; at least k must have p > 0."""
     E = logp.shape[-1]
     if not 0 < k <= E:
         raise SpecError(f"top_k: need 0 < k <= E, got k={k}, E={E}")
     _check_counters(tokens, k, E)
-    order, table = alias_table(logp)
-    return order[popular_sorted(key, tokens, table, logp[order], k)]
+    return popular_alias(key, tokens, alias_table(logp), logp, k)
 
 
-def _stream_words(key, table, t, real, draws: int, tokens: int, k: int):
-    """Tokens t [G, 32] (real: which are tokens, not padding) make draws 0 .. draws-1
-    (`_stream`); one reduction over the 32 lanes ORs their sets into bit words ([W] words
-    [G]) and gives a word [G] whose bit i marks lane i still short of k."""
+def _lane_words(kept, have, real, E: int, k: int):
+    """Tokens [G, 32] with their picks (kept, have; real: which are tokens, not padding):
+    one reduction over the 32 lanes ORs their sets into bit words ([W] words [G]) and gives
+    a word [G] whose bit i marks lane i still short of k."""
     lane = jnp.arange(32, dtype=jnp.uint32)
-    kept, have = _stream(key, table, t, draws, tokens, k)
-    ops = [*set_words([jnp.where(real, c, -1) for c in kept], table.shape[-1], empty=True),
+    ops = [*set_words([jnp.where(real, c, -1) for c in kept], E, empty=True),
            jnp.where(real & (have < k), jnp.uint32(1) << lane, jnp.uint32(0))]
     red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
                          lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
-    words = [functools.reduce(jnp.bitwise_or, list(w)) for w in red[:-1]]
-    return words, ((red[-1][:, None] >> lane) & 1).reshape(-1).astype(bool)
+    return [functools.reduce(jnp.bitwise_or, list(w)) for w in red[:-1]], red[-1]
 
 
-def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp_sorted: jax.Array,
-                 k: int, draws: int) -> jax.Array:
+def compact(flags: jax.Array, size: int, fill: int) -> jax.Array:
+    """int32 [size]: the indices of the first `size` set bits of flags [G] (bit i of word g
+    is index 32 g + i), in order, then `fill`. What jnp.nonzero(size=) gives, in O(G) plus
+    O(size log G) work where jnp.nonzero's cumulative sum costs XLA CPU O(n^2) (42 us for
+    4096 flags, against 12 us here for 576 of them, measured)."""
+    count = jax.lax.population_count(flags).astype(jnp.int32)
+    start = jnp.cumsum(count) - count
+    s = jnp.arange(size, dtype=jnp.int32)
+    g = jnp.clip(jnp.searchsorted(start, s, side="right") - 1, 0, flags.shape[0] - 1)
+    word, r = flags[g], (s - start[g]).astype(jnp.uint32)
+    pos = jnp.zeros(size, jnp.uint32)
+    for half in (16, 8, 4, 2, 1):  # the r-th set bit of the word, by halving
+        low = jax.lax.population_count((word >> pos) & jnp.uint32((1 << half) - 1))
+        go = r >= low
+        pos, r = jnp.where(go, pos + half, pos), jnp.where(go, r - low, r)
+    return jnp.where(s < count.sum(), g * 32 + pos.astype(jnp.int32), fill)
+
+
+def _settle(flags: jax.Array, still: jax.Array) -> jax.Array:
+    """flags [G] after the tokens `compact(flags, n)` gave were worked on: the i-th of
+    them stays set iff still[i] ([n] bool); the rest are unchanged."""
+    lane = jnp.arange(32, dtype=jnp.uint32)
+    count = jax.lax.population_count(flags).astype(jnp.int32)
+    rank = ((jnp.cumsum(count) - count)[:, None]
+            + jax.lax.population_count(flags[:, None] & ((jnp.uint32(1) << lane) - 1)))
+    n = still.shape[0]
+    stays = jnp.where(rank < n, still[jnp.minimum(rank, n - 1)], True)
+    on = (((flags[:, None] >> lane) & 1) == 1) & stays
+    return jax.lax.reduce(jnp.where(on, jnp.uint32(1) << lane, jnp.uint32(0)), jnp.uint32(0),
+                          jnp.bitwise_or, (1,))
+
+
+def _replay(key, table, rows, tokens: int, draws: int, k: int, lanes: int = 32,
+            rolled: bool = False):
+    """(kept, have) of the tokens `rows` [n] (n a multiple of `lanes`), as [n / lanes, lanes],
+    after their draws 0 .. draws-1: the draws materialized first ([draws, ...], counter
+    j N + t), so that the pass over them has no gathers."""
+    r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32).reshape(-1, lanes)
+    j = jnp.arange(draws, dtype=jnp.uint32).reshape(-1, 1, 1)
+    drawn = jax.lax.optimization_barrier(
+        _alias_draw(table, counter_bits(key, j * jnp.uint32(tokens) + r)))
+    return _stream(lambda j: drawn[j], r.shape, draws, k, rolled)
+
+
+def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
+                 k: int, plan: tuple[int, float]) -> jax.Array:
     """int32: the experts one layer uses (the union of its tokens' expert sets) under
     successive sampling from an alias table, counted straight from the draws: what the
     Monte Carlo needs without EP ranks.
 
-    The law of `popular_sorted` (a stream of alias draws per token, draw j of token t
-    from counter j N + t, the first k distinct kept; a token still short after 2 `draws`
-    draws finished by Gumbel top-k), in three stages. A token's set is the same function
-    of its own random numbers whichever stage completes it, and a short token's partial
-    set is part of its final set, so ORing both into the union is exact:
-    1. every token makes `draws` draws (`stream_draws`: ~99% of tokens get k), one
-       reduction ORs their sets into bit words and marks the short ones. Unrolled and
-       elementwise, it is one fused pass (materialized, each of the k picks would cost
-       XLA CPU a recomputation of the whole chain, and a loop a pass per round);
-    2. the first N/16 short tokens, compacted, replay their draws and make as many more;
-    3. any still short, 8 at a time, replay those 2 `draws` draws and are finished by
-       Gumbel top-k over the experts they have not kept (`_finish`).
+    Every token's set is the one `popular_alias` gives it (the same random numbers): the
+    first k distinct of its first `most` = STREAM_DRAWS_PER_K k alias draws (draw j of
+    token t from counter j N + t), completed if short by Gumbel top-k over the experts it
+    has not kept (`_finish`, noise of row t). The stages below only decide how much of
+    that work is done for which tokens: a token leaves a stage when its set is complete,
+    its partial sets are parts of its final set, so ORing all into the union is exact.
+    1. every token makes `first` draws (`stream_plan`: ~99% of tokens get k, within the
+       length a fused pass runs at full speed); one reduction ORs their sets into bit
+       words and marks the short ones. Unrolled and elementwise, it is one fused pass
+       (materialized, each of the k picks would cost XLA CPU a recomputation of the whole
+       chain, and a loop a pass per round);
+    2. the short tokens, compacted (room for 1.5x the expected `short` fraction of
+       `stream_plan`), replay 2 `first` draws; then the 32 first still short (or past the
+       room) replay all `most` draws. The draws are materialized first (`_replay`);
+    3. any still short (nearly all mass on fewer than k experts, or past the rooms), 8 at
+       a time, replay their `most` draws and are completed by Gumbel top-k.
+    Tokens are tracked as bit flags [N / 32] (`compact`, `_settle`): jnp.nonzero over N
+    flags costs XLA CPU more than a stage.
     """
     E = table.shape[-1]
     if tokens == 0:
         return jnp.int32(0)
+    first, short_fraction = plan
+    most = STREAM_DRAWS_PER_K * k
     lane = jnp.arange(32, dtype=jnp.uint32)
     groups = -(-tokens // 32)
     t = jnp.arange(groups, dtype=jnp.uint32)[:, None] * jnp.uint32(32) + lane
-    words, short = _stream_words(key, table, t, t < tokens, draws, tokens, k)
+    kept, have = _stream(_draws(key, table, t, tokens), t.shape, first, k)
+    words, short = _lane_words(kept, have, t < tokens, E, k)
 
-    rows = jnp.nonzero(short, size=32 * -(-tokens // 512), fill_value=32 * groups)[0]
-    r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32).reshape(-1, 32)
-    more, still = _stream_words(key, table, r, (rows < tokens).reshape(-1, 32), 2 * draws,
-                                tokens, k)
-    words = tuple(w | m for w, m in zip(words, more, strict=True))
-    short = short.at[rows].set(still, mode="drop")
+    def stage(words, short, room, draws, rolled=False):  # the first `room` short tokens
+        rows = compact(short, room, tokens)
+        kept, have = _replay(key, table, rows, tokens, draws, k, rolled=rolled)
+        more, still = _lane_words(kept, have, (rows < tokens).reshape(-1, 32), E, k)
+        still = ((still[:, None] >> lane) & 1).reshape(-1) == 1
+        return [w | m for w, m in zip(words, more, strict=True)], _settle(short, still)
+
+    room = min(32 * groups, 32 * -(-int(1.5 * short_fraction * tokens + 32) // 32))
+    words, short = stage(words, short, room, min(2 * first, most))
+    words, short = stage(words, short, 32, most, rolled=True)
     gkey = jax.random.fold_in(key, 1)
 
     def finish(state):  # 8 short tokens: replay their draws, then Gumbel top-k
         short, words = state
-        rows = jnp.nonzero(short, size=8, fill_value=32 * groups)[0]
-        r = jnp.minimum(rows, tokens - 1).astype(jnp.uint32)
-        # Per token its set's words and count, by a reduction over a second, padding lane:
-        # one fused pass (per-token outputs would each recompute the chain).
-        real = (rows < tokens)[:, None] & (jnp.arange(2) == 0)
-        kept, have = _stream(key, table, jnp.stack([r, r], -1), 2 * draws, tokens, k)
-        ops = [*set_words([jnp.where(real, c, -1) for c in kept], E, empty=True),
-               jnp.where(real, have, 0).astype(jnp.uint32)]
-        red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
-                             lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
-        pos = jnp.arange(E, dtype=jnp.uint32)
-        taken = ((jnp.stack(red[:-1], -1)[:, pos >> 5] >> (pos & 31)) & 1).astype(bool)
-        rest = _finish(gkey, r, taken, red[-1].astype(jnp.int32), logp_sorted, k)
-        rest = jnp.where((rows < tokens)[:, None], rest, -1)
-        new = set_words([rest[:, j] for j in range(k)], E, empty=True)
-        return (short.at[rows].set(False, mode="drop"),
+        rows = compact(short, 8, tokens)
+        kept, have = _replay(key, table, rows, tokens, most, k, lanes=8, rolled=True)
+        kept, have = [c[0] for c in kept], have[0]
+        taken = (jnp.stack(kept, -1)[:, :, None] == jnp.arange(E)).any(1)
+        rest = _finish(gkey, jnp.minimum(rows, tokens - 1), taken, have, logp, k)
+        new = set_words([jnp.where(rows < tokens, c, -1)
+                         for c in (*kept, *(rest[:, j] for j in range(k)))], E, empty=True)
+        return (_settle(short, jnp.zeros(8, bool)),
                 tuple(w | functools.reduce(jnp.bitwise_or, list(n))
                       for w, n in zip(words, new, strict=True)))
 
-    _, words = jax.lax.while_loop(lambda s: s[0].any(), finish, (short, words))
+    _, words = jax.lax.while_loop(lambda s: (s[0] != 0).any(), finish, (short, tuple(words)))
     return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
 
 
@@ -673,17 +750,18 @@ def load_array(path: str) -> np.ndarray:
         raise SpecError(f"routing: cannot read {path!r}: {e}") from None
 
 
-def _popular_generator(tokens: int, k: int, draws: int, layer_table) -> Generator:
+def _popular_generator(tokens: int, k: int, plan: tuple[int, float], layer_table) -> Generator:
     """gen(key, l) -> ids by successive sampling, with `gen.used(key, l)`: the experts the
     layer uses, counted straight from the draws (`popular_used`, for the Monte Carlo).
-    layer_table(key, l) -> (order [E], alias table [E], log p by position [E])."""
+    layer_table(key, l) -> (expert [E] of each table position, alias table [E], log p [E]
+    by position)."""
     def gen(key, l):
-        order, table, logp_sorted = layer_table(jax.random.fold_in(key, 2), l)
-        return order[popular_sorted(jax.random.fold_in(key, 1), tokens, table, logp_sorted, k)]
+        expert, table, logp = layer_table(jax.random.fold_in(key, 2), l)
+        return expert[popular_alias(jax.random.fold_in(key, 1), tokens, table, logp, k)]
 
-    def used(key, l):  # the order is not needed: XLA drops it
-        _, table, logp_sorted = layer_table(jax.random.fold_in(key, 2), l)
-        return popular_used(jax.random.fold_in(key, 1), tokens, table, logp_sorted, k, draws)
+    def used(key, l):  # which expert holds a position is not needed: XLA drops it
+        _, table, logp = layer_table(jax.random.fold_in(key, 2), l)
+        return popular_used(jax.random.fold_in(key, 1), tokens, table, logp, k, plan)
 
     gen.used = used
     return gen
@@ -711,13 +789,12 @@ def _zipf_generator(tokens: int, E: int, k: int, s: float) -> Generator:
     random ranks of `zipf_logp`)."""
     logq = -s * np.log(np.arange(1, E + 1, dtype=np.float64))
     logq = (logq - np.logaddexp.reduce(logq)).astype(np.float32)
-    order, table = (np.asarray(a) for a in alias_table(jnp.asarray(logq)))
+    table = np.asarray(alias_table(jnp.asarray(logq)))
 
     def layer_table(key, l):
-        return (jax.random.permutation(key, E)[order], jnp.asarray(table),
-                jnp.asarray(logq[order]))
+        return jax.random.permutation(key, E), jnp.asarray(table), jnp.asarray(logq)
 
-    return _popular_generator(tokens, k, stream_draws(np.exp(logq), k), layer_table)
+    return _popular_generator(tokens, k, stream_plan(np.exp(logq), k), layer_table)
 
 
 def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
@@ -725,19 +802,18 @@ def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
     from 8 popularity vectors drawn in numpy)."""
     def layer_table(key, l):
         logp = dirichlet_logp(key, E, a)
-        order, table = alias_table(logp)
-        return order, table, logp[order]
+        return jnp.arange(E), alias_table(logp), logp
 
-    draws = stream_draws(np.random.default_rng(0).dirichlet(np.full(E, a), 8), k)
-    return _popular_generator(tokens, k, draws, layer_table)
+    plan = stream_plan(np.random.default_rng(0).dirichlet(np.full(E, a), 8), k)
+    return _popular_generator(tokens, k, plan, layer_table)
 
 
 def _hist_generator(tokens: int, k: int, logp: np.ndarray) -> Generator:
     """Measured histograms [L, E]: every layer's alias table built once."""
-    order, table = jax.vmap(alias_table)(jnp.asarray(logp))
-    logp_sorted = jnp.take_along_axis(jnp.asarray(logp), order, -1)
-    return _popular_generator(tokens, k, stream_draws(np.exp(logp), k),
-                              lambda key, l: (order[l], table[l], logp_sorted[l]))
+    table = jax.vmap(alias_table)(jnp.asarray(logp))
+    logp, expert = jnp.asarray(logp), jnp.arange(logp.shape[-1])
+    return _popular_generator(tokens, k, stream_plan(np.exp(logp), k),
+                              lambda key, l: (expert, table[l], logp[l]))
 
 
 @lru_cache(maxsize=32)
