@@ -276,7 +276,11 @@ def test_without_plan_the_plan_rows_are_pending_and_the_gamma_rows_predicted(pub
 
 
 def test_offload_rows_recomputed_by_hand(pub):
-    rows = {r["name"]: r for r in ev.end_to_end_rows(pub, plan=None) if r["kind"] == "e2e-offload"}
+    rows = {
+        r["name"]: r
+        for r in ev.end_to_end_rows(pub, plan=None)
+        if r["kind"] == "e2e-offload" and r["source"] == "moe-infinity"
+    }
     assert len(rows) == 2
     # Per decode token at batch 1, no cache: L layers x k experts x 3 d I parameters x 2 bytes (fp16)
     # over B_pcie = 25.13 GB/s (PCIe Gen4 host to device, nvbandwidth issue 42).
@@ -287,6 +291,48 @@ def test_offload_rows_recomputed_by_hand(pub):
     assert by_model["qwen3-30b-a3b"]["predicted"] == pytest.approx(qwen3, rel=1e-9)
     for r in rows.values():
         assert r["inputs"]["b_pcie"] == "nvbandwidth-42" != r["source"]
+
+
+def test_quantized_offload_rows_recomputed_by_hand(pub):
+    # Mixtral offloading, Table 2, 'W/o LRU cache & pre-loading': per decode token at batch 1 every
+    # layer copies its 2 active experts. Bytes per expert weight from Table 1's sizes (GiB, 4-bit
+    # attention): fp16 experts 85.16, 2-bit 17.54, 3-bit 21.37; the difference is what quantizing
+    # the 32 x 8 experts of 3 x 4096 x 14336 weights saved against 2 bytes each.
+    weights = 32 * 8 * 3 * 4096 * 14336  # 45.10e9, the report's "45.1B"
+    rows = [r for r in ev.end_to_end_rows(pub, plan=None) if r["source"] == "mixtral-offloading"]
+    assert len(rows) == 4
+    for r in rows:
+        size = 17.54 if "2-bit" in r["name"] else 21.37
+        f_e = 2 - (85.16 - size) * 2**30 / weights  # 2-bit: 0.390 B (3.12 bits), 3-bit: 0.481 B (3.85 bits)
+        per_token = 32 * 2 * 3 * 4096 * 14336 * f_e  # 2-bit: 4.40 GB
+        want = 25.13e9 / per_token  # tokens/s: 2-bit 5.72, 3-bit 4.63
+        assert r["predicted"] == pytest.approx(want, rel=1e-9), r["name"]
+        assert r["unit"] == "output tokens/s" and r["inputs"]["b_pcie"] == "nvbandwidth-42" != r["source"]
+        assert r["gamma_terms"]["f_e"] == pytest.approx(f_e, rel=1e-12)
+    two_bit = next(r for r in rows if "2-bit" in r["name"])
+    assert 8 * two_bit["gamma_terms"]["f_e"] == pytest.approx(3.12, abs=0.005)
+
+
+def test_quantized_experts_rescale_only_the_offload_time():
+    predictor = {
+        "tool": "gamma",
+        "quantity": "t_ep_overhead_s",
+        "quantized_experts": {"model_size_GiB": 17.54, "model_size_fp16_experts_GiB": 85.16},
+        "gamma": {"model": "mixtral-8x7b", "decode": True, "batch": 1, "expert_dtype": "fp16"},
+    }
+    with pytest.raises(ValueError, match="t_p_overhead_s"):
+        ev.gamma_prediction(predictor)
+
+
+def test_amx_prefill_rows_run_as_published(pub):
+    v3 = [r for r in pub["end_to_end"]["rows"] if r["name"].startswith("KTransformers V0.3")]
+    assert [r["measured"] for r in v3] == [185.96, 255.26, 252.58, 195.62]
+    for r in v3:
+        a = r["predictor"]["plan"]
+        # dual socket (V0.3 Showcase), AMX int8 experts (V0.3-Preview Settings), the prompt in one pass
+        assert (a["cpu_isa"], a["cpu_expert_dtype"], a.get("cpu_sockets", 2)) == ("amx", "int8", 2)
+        assert a["tokens"] == a["context"] == r["settings"]["prompt_tokens"]
+        assert a["host_dram_bw"] == 2 * 8 * 4800e6 * 8
 
 
 def fake_plan(calls):
