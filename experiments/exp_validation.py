@@ -412,7 +412,12 @@ def plan_prediction(plan, predictor: dict, settings: dict) -> tuple[float, dict]
     per_node = predictor.get("per_node")
     value = strategy["tokens_per_s_per_gpu"] * per_node if per_node else strategy["tokens_per_s"]
     value = float(value / (1 - settings.get("served_from_cache_share", 0.0)))
-    extra = {"plan_bound": strategy.get("bound"), "plan_reason": strategy.get("reason")}
+    extra = {
+        "plan_bound": strategy.get("bound"),
+        "plan_reason": strategy.get("reason"),
+        "plan_step_s": strategy.get("step_s"),
+        "plan_terms": strategy.get("terms"),
+    }
     if strategy.get("step_s") and strategy.get("step_overlap_s"):
         extra["predicted_overlap"] = value * strategy["step_s"] / strategy["step_overlap_s"]
     return value, extra
@@ -518,6 +523,8 @@ def network_bounds(pub, b_net: float) -> list[dict]:
             continue
         m = load_model(r["predictor"]["plan"]["model"])
         R, G = r["settings"]["ep"], r["predictor"]["plan"]["gpus_per_node"]
+        if R <= G:  # one NVLink domain (GB200 NVL72): no byte crosses a NIC, no NIC bound
+            continue
         if "tokens" in r["predictor"]["plan"]:
             copies = float(fanout_uniform(R // G, m.n_experts, m.top_k))
         else:
@@ -733,6 +740,8 @@ def e2e_notes(r: dict) -> str:
             + (f" (plan: bound by {r['plan_bound']})" if r.get("plan_bound") else "")
             + "."
         )
+    if r["kind"] == "e2e-ep" and r.get("plan_step_s") and "decode_batch_per_gpu" in r["settings"]:
+        parts.append(_decode_step(r))
     if r["kind"] == "e2e-cpu-experts":
         parts.append(_cpu_implied(r))
     if r["kind"] == "e2e-offload" and r.get("gamma_terms") and r["predictor"].get("invert"):
@@ -767,6 +776,22 @@ def _cpu_implied(r: dict) -> str:
         f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token / 1e9)} G multiply-adds x 2 ops per "
         f"token = {fmt(tops)} T ops/s on the CPU, {100 * tops / peak:.1f}% of the {fmt(peak)} T {dtype} "
         f"ops/s plan takes for its {cpu.isa.upper()} peak."
+    )
+
+
+def _decode_step(r: dict) -> str:
+    """A decode figure as a step time: sequences per GPU over tokens/s per GPU, beside plan's step."""
+    from moelab.show import fmt
+
+    per_gpu = r["measured"] / r["predictor"]["per_node"]
+    step = r["settings"]["decode_batch_per_gpu"] / per_gpu
+    t = r["plan_terms"] or {}
+    compute = t.get("compute_s", 0.0)
+    return (
+        f"Step: {fmt(r['settings']['decode_batch_per_gpu'])} sequences per GPU at {fmt(per_gpu)} tokens/s "
+        f"per GPU is a {fmt(1e3 * step)} ms step; plan's serial step is {fmt(1e3 * r['plan_step_s'])} ms "
+        f"({fmt(1e3 * compute)} ms compute at the datasheet peaks, {fmt(1e3 * (r['plan_step_s'] - compute))} "
+        "ms communication after it)."
     )
 
 
