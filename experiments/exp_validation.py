@@ -532,7 +532,8 @@ def network_bounds(pub, b_net: float) -> list[dict]:
         per_token = m.n_moe_layers * copies * per_pair
         bound = b_net / per_token
         share = 1 - r["settings"].get("served_from_cache_share", 0.0)
-        measured_per_gpu = r["measured"] / r["predictor"]["per_node"] * share
+        per = r["predictor"]["per_node"] or r["predictor"]["plan"]["gpus"]  # per node, or the deployment's
+        measured_per_gpu = r["measured"] / per * share
         out.append(
             {
                 "name": r["name"],
@@ -783,7 +784,7 @@ def _decode_step(r: dict) -> str:
     """A decode figure as a step time: sequences per GPU over tokens/s per GPU, beside plan's step."""
     from moelab.show import fmt
 
-    per_gpu = r["measured"] / r["predictor"]["per_node"]
+    per_gpu = r["measured"] / (r["predictor"]["per_node"] or r["predictor"]["plan"]["gpus"])
     step = r["settings"]["decode_batch_per_gpu"] / per_gpu
     t = r["plan_terms"] or {}
     compute = t.get("compute_s", 0.0)

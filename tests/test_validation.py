@@ -392,10 +392,11 @@ def test_with_plan_each_row_is_predicted_from_its_stated_arguments(pub):
         if spec["predictor"]["tool"] != "plan":
             continue
         if spec["predictor"]["strategy"] == "ep":
-            # per node (8 GPUs) or per GPU (per_node 1): 2000 tokens/s per GPU x the GPUs, over the
-            # share of tokens computed (hits are free)
-            gpus = 8 if "per node" in spec["unit"] else 1
+            # per node (8 GPUs), per GPU (per_node 1) or the whole deployment (per_node null): 2000
+            # tokens/s per GPU x the GPUs, over the share of tokens computed (hits are free)
+            gpus = 8 if "per node" in spec["unit"] else 1 if "per GPU" in spec["unit"] else None
             assert spec["predictor"]["per_node"] == gpus
+            gpus = gpus or spec["predictor"]["plan"]["gpus"]
             want = 2000.0 * gpus / (1 - spec["settings"].get("served_from_cache_share", 0.0))
         else:
             want = 10.0
