@@ -761,16 +761,17 @@ def _cpu_implied(r: dict) -> str:
 
     m = load_model(r["predictor"]["plan"]["model"])
     per_token = m.n_moe_layers * m.top_k * m.expert_params  # routed-expert weights one token uses
-    if "decode_batch" in r["predictor"]["plan"]:
+    args = r["predictor"]["plan"]
+    cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
+    if "decode_batch" in args:
         gbps = r["measured"] * per_token * 4.5 / 8 / 1e9
+        dram = args.get("host_dram_bw") or cpu.dram_bw  # the row's figure, else the preset's nominal
         return (
             f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token * 4.5 / 8 / 1e9)} GB of routed "
             f"experts per token (4.5 bits per weight) = {fmt(gbps)} GB/s of the "
-            f"{fmt(r['predictor']['plan']['host_dram_bw'] / 1e9)} GB/s the DRAM channels give."
+            f"{fmt(dram / 1e9)} GB/s the DRAM channels give."
         )
     tops = r["measured"] * 2 * per_token / 1e12
-    args = r["predictor"]["plan"]
-    cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
     dtype = {"int4": "int8"}.get(args.get("cpu_expert_dtype", "int8"), args.get("cpu_expert_dtype", "int8"))
     peak = cpu.matmul_flops[dtype] / 1e12
     return (
