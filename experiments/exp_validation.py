@@ -50,7 +50,7 @@ KINDS = {
     "link-nvlink": "NVLink bandwidth (efficiency leave-one-source-out)",
     "link-host": "host link, host to device (efficiency leave-one-source-out)",
     "e2e-ep": "end to end: expert-parallel serving, tokens/s",
-    "e2e-offload": "end to end: expert offload, s per token",
+    "e2e-offload": "end to end: expert offload, s per token or tokens/s (batch 1)",
     "e2e-cpu-experts": "end to end: experts on the CPU, tokens/s",
 }
 PENDING = "prediction pending: needs moelab plan"
@@ -729,6 +729,14 @@ def e2e_notes(r: dict) -> str:
     parts.append(
         f"Predictor: {pred['tool']}({', '.join(f'{k}={v}' for k, v in args.items())})"
         + (f", strategy {pred['strategy']}" if pred.get("strategy") else "")
+        + (
+            ", its offload time rescaled to the quantized experts' bytes (quantized_experts: "
+            + ", ".join(f"{k} {v}" for k, v in pred["quantized_experts"].items())
+            + ")"
+            if pred.get("quantized_experts")
+            else ""
+        )
+        + (", inverted to tokens/s" if pred.get("invert") else "")
         + f": {r['status']}"
         + (f", {_pct(r['error'])}" if r["error"] is not None else "")
         + "."
