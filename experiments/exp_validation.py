@@ -27,10 +27,11 @@ from pathlib import Path
 
 NAME = "validation"
 SUMMARY = (
-    "model vs published measurements (DeepEP, links, DeepSeek/SGLang/RTP-LLM serving, KTransformers): "
+    "model vs published measurements (DeepEP, links, DeepSeek/SGLang/RTP-LLM serving, KTransformers, "
+    "MoE-Infinity, Mixtral offloading): "
     "independent inputs, leave-one-out fits, median error per kind"
 )
-VERSION = "2"
+VERSION = "3"
 DEPENDS = (
     "moelab.costmodel.closed_form",
     "moelab.costmodel.presets",
@@ -49,7 +50,7 @@ KINDS = {
     "link-nvlink": "NVLink bandwidth (efficiency leave-one-source-out)",
     "link-host": "host link, host to device (efficiency leave-one-source-out)",
     "e2e-ep": "end to end: expert-parallel serving, tokens/s",
-    "e2e-offload": "end to end: expert offload, s per token",
+    "e2e-offload": "end to end: expert offload, s per token or tokens/s (batch 1)",
     "e2e-cpu-experts": "end to end: experts on the CPU, tokens/s",
 }
 PENDING = "prediction pending: needs moelab plan"
@@ -411,7 +412,12 @@ def plan_prediction(plan, predictor: dict, settings: dict) -> tuple[float, dict]
     per_node = predictor.get("per_node")
     value = strategy["tokens_per_s_per_gpu"] * per_node if per_node else strategy["tokens_per_s"]
     value = float(value / (1 - settings.get("served_from_cache_share", 0.0)))
-    extra = {"plan_bound": strategy.get("bound"), "plan_reason": strategy.get("reason")}
+    extra = {
+        "plan_bound": strategy.get("bound"),
+        "plan_reason": strategy.get("reason"),
+        "plan_step_s": strategy.get("step_s"),
+        "plan_terms": strategy.get("terms"),
+    }
     if strategy.get("step_s") and strategy.get("step_overlap_s"):
         extra["predicted_overlap"] = value * strategy["step_s"] / strategy["step_overlap_s"]
     return value, extra
@@ -424,8 +430,34 @@ def gamma_prediction(predictor: dict) -> tuple[float, dict]:
 
     r = api.gamma(**predictor["gamma"])
     m = r["model"]
-    terms = {"b_pcie": r["b_pcie"], "n_ue": r["n_ue"], "layers": m["L"], "expert_bytes": m["S_E"] * r["f_e"]}
-    return float(r[predictor["quantity"]]), {"gamma_terms": terms}
+    value, f_e = float(r[predictor["quantity"]]), r["f_e"]
+    q = predictor.get("quantized_experts")
+    if q:
+        # Experts stored in a format gamma has no dtype for (HQQ): the source's measured model sizes
+        # give their bytes per weight. Only the offload time is used, and it is linear in f_E.
+        if predictor["quantity"] != "t_p_overhead_s":
+            raise ValueError("quantized_experts rescales the offload time t_p_overhead_s only")
+        f_e = quantized_expert_bytes_per_weight(q, m)
+        value *= f_e / r["f_e"]
+    if predictor.get("invert"):  # the source prints tokens/s: one token per decode step at batch 1
+        value = 1 / value
+    terms = {
+        "b_pcie": r["b_pcie"],
+        "n_ue": r["n_ue"],
+        "layers": m["L"],
+        "expert_bytes": m["S_E"] * f_e,
+        "f_e": f_e,
+    }
+    return value, {"gamma_terms": terms}
+
+
+def quantized_expert_bytes_per_weight(q: dict, m: dict) -> float:
+    """Bytes per routed-expert weight from two measured model sizes (GiB) that differ only in the
+    experts' format: fp16 experts minus the quantized ones is what quantization saved, over the
+    L x E x S_E expert weights of the model."""
+    weights = m["L"] * m["E"] * m["S_E"]
+    saved = (q["model_size_fp16_experts_GiB"] - q["model_size_GiB"]) * 2**30
+    return 2.0 - saved / weights
 
 
 def end_to_end_rows(pub, plan=None) -> list[dict]:
@@ -491,6 +523,8 @@ def network_bounds(pub, b_net: float) -> list[dict]:
             continue
         m = load_model(r["predictor"]["plan"]["model"])
         R, G = r["settings"]["ep"], r["predictor"]["plan"]["gpus_per_node"]
+        if R <= G:  # one NVLink domain (GB200 NVL72): no byte crosses a NIC, no NIC bound
+            continue
         if "tokens" in r["predictor"]["plan"]:
             copies = float(fanout_uniform(R // G, m.n_experts, m.top_k))
         else:
@@ -498,7 +532,8 @@ def network_bounds(pub, b_net: float) -> list[dict]:
         per_token = m.n_moe_layers * copies * per_pair
         bound = b_net / per_token
         share = 1 - r["settings"].get("served_from_cache_share", 0.0)
-        measured_per_gpu = r["measured"] / r["predictor"]["per_node"] * share
+        per = r["predictor"]["per_node"] or r["predictor"]["plan"]["gpus"]  # per node, or the deployment's
+        measured_per_gpu = r["measured"] / per * share
         out.append(
             {
                 "name": r["name"],
@@ -694,6 +729,14 @@ def e2e_notes(r: dict) -> str:
     parts.append(
         f"Predictor: {pred['tool']}({', '.join(f'{k}={v}' for k, v in args.items())})"
         + (f", strategy {pred['strategy']}" if pred.get("strategy") else "")
+        + (
+            ", its offload time rescaled to the quantized experts' bytes (quantized_experts: "
+            + ", ".join(f"{k} {v}" for k, v in pred["quantized_experts"].items())
+            + ")"
+            if pred.get("quantized_experts")
+            else ""
+        )
+        + (", inverted to tokens/s" if pred.get("invert") else "")
         + f": {r['status']}"
         + (f", {_pct(r['error'])}" if r["error"] is not None else "")
         + "."
@@ -706,8 +749,12 @@ def e2e_notes(r: dict) -> str:
             + (f" (plan: bound by {r['plan_bound']})" if r.get("plan_bound") else "")
             + "."
         )
+    if r["kind"] == "e2e-ep" and r.get("plan_step_s") and "decode_batch_per_gpu" in r["settings"]:
+        parts.append(_decode_step(r))
     if r["kind"] == "e2e-cpu-experts":
         parts.append(_cpu_implied(r))
+    if r["kind"] == "e2e-offload" and r.get("gamma_terms") and r["predictor"].get("invert"):
+        parts.append(_offload_implied(r))
     if r["not_modelled"]:
         parts.append("Not modelled: " + "; ".join(r["not_modelled"]) + ".")
     if r["substitutes"]:
@@ -717,22 +764,105 @@ def e2e_notes(r: dict) -> str:
 
 def _cpu_implied(r: dict) -> str:
     """What a CPU-experts figure implies: DRAM bandwidth in decode, integer ops/s in prefill."""
-    from moelab.costmodel.presets import load_model
+    from moelab.costmodel.presets import load_cpu, load_model
     from moelab.show import fmt
 
     m = load_model(r["predictor"]["plan"]["model"])
     per_token = m.n_moe_layers * m.top_k * m.expert_params  # routed-expert weights one token uses
-    if "decode_batch" in r["predictor"]["plan"]:
+    args = r["predictor"]["plan"]
+    cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
+    if "decode_batch" in args:
         gbps = r["measured"] * per_token * 4.5 / 8 / 1e9
+        dram = args.get("host_dram_bw") or cpu.dram_bw  # the row's figure, else the preset's nominal
         return (
             f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token * 4.5 / 8 / 1e9)} GB of routed "
             f"experts per token (4.5 bits per weight) = {fmt(gbps)} GB/s of the "
-            f"{fmt(r['predictor']['plan']['host_dram_bw'] / 1e9)} GB/s the DRAM channels give."
+            f"{fmt(dram / 1e9)} GB/s the DRAM channels give."
         )
     tops = r["measured"] * 2 * per_token / 1e12
+    dtype = {"int4": "int8"}.get(args.get("cpu_expert_dtype", "int8"), args.get("cpu_expert_dtype", "int8"))
+    peak = cpu.matmul_flops[dtype] / 1e12
     return (
         f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token / 1e9)} G multiply-adds x 2 ops per "
-        f"token = {fmt(tops)} T ops/s on the CPU."
+        f"token = {fmt(tops)} T ops/s on the CPU, {100 * tops / peak:.1f}% of the {fmt(peak)} T {dtype} "
+        f"ops/s plan takes for its {cpu.isa.upper()} peak."
+    )
+
+
+def _decode_step(r: dict) -> str:
+    """A decode figure as a step time: sequences per GPU over tokens/s per GPU, beside plan's step."""
+    from moelab.show import fmt
+
+    per_gpu = r["measured"] / (r["predictor"]["per_node"] or r["predictor"]["plan"]["gpus"])
+    step = r["settings"]["decode_batch_per_gpu"] / per_gpu
+    t = r["plan_terms"] or {}
+    compute = t.get("compute_s", 0.0)
+    return (
+        f"Step: {fmt(r['settings']['decode_batch_per_gpu'])} sequences per GPU at {fmt(per_gpu)} tokens/s "
+        f"per GPU is a {fmt(1e3 * step)} ms step; plan's serial step is {fmt(1e3 * r['plan_step_s'])} ms "
+        f"({fmt(1e3 * compute)} ms compute at the datasheet peaks, {fmt(1e3 * (r['plan_step_s'] - compute))} "
+        "ms communication after it)."
+    )
+
+
+def _more_misses(rows: list[dict]) -> str:
+    """The misses of the no-cache offload rows and of the AMX prefill rows, from their figures."""
+    from moelab.costmodel.presets import load_cpu, load_model
+
+    out = ""
+    mo = [r for r in rows if r["source"] == "mixtral-offloading" and r["predicted"]]
+    if mo:
+        shares = []
+        for r in mo:
+            t = r["gamma_terms"]
+            copy_s = t["layers"] * t["n_ue"] * t["expert_bytes"] / t["b_pcie"]
+            shares.append(1 - copy_s * r["measured"])  # measured tokens/s: a step is 1 / measured s
+        errs = [r["error"] for r in mo]
+        out += (
+            "\n\n*Offload rows without cache or pre-loading (Mixtral offloading, Table 2)*: the copies the "
+            f"closed form counts are the whole prediction ({_pct(min(errs))} to {_pct(max(errs))} in "
+            f"tokens/s), but {100 * min(shares):.0f}-{100 * max(shares):.0f}% of each measured step is not "
+            "copying at B_pcie: without pre-loading each layer's compute (4-bit attention, HQQ "
+            "dequantization, the expert matmuls at batch 1) waits for its copies, so the closed form's "
+            "offload time is a lower bound "
+            "of the step, not the step."
+        )
+    v3 = [r for r in rows if r["name"].startswith("KTransformers V0.3") and r["predicted"]]
+    if v3:
+        shares = []
+        for r in v3:
+            args = r["predictor"]["plan"]
+            m = load_model(args["model"])
+            cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
+            ops = r["measured"] * 2 * m.n_moe_layers * m.top_k * m.expert_params
+            shares.append(ops / cpu.matmul_flops[args["cpu_expert_dtype"]])
+        errs = [r["error"] for r in v3]
+        out += (
+            "\n\n*KTransformers V0.3 prefill (AMX)*: plan's time per prompt is the longer of reading every "
+            "expert once from DRAM and the AMX time at the base-clock peak; the measured prefill reaches "
+            f"{100 * min(shares):.1f}-{100 * max(shares):.1f}% of that peak, so the prediction is "
+            f"{_pct(min(errs))} to {_pct(max(errs))}. No sourced figure for the efficiency of the V0.3 "
+            "preview's AMX kernels is in the facts; the error grows with the prompt because plan pays the "
+            "expert reads once per prompt, so its time grows less than linearly with the prompt."
+        )
+    return out
+
+
+def _offload_implied(r: dict) -> str:
+    """What an offload tokens/s figure implies: the copy time at B_pcie against the measured step,
+    and the host-to-device bandwidth the step would need if it were all copying."""
+    from moelab.show import fmt
+
+    t = r["gamma_terms"]
+    per_token = t["layers"] * t["n_ue"] * t["expert_bytes"]  # bytes copied per decode step, batch 1
+    copy_s, step_s = per_token / t["b_pcie"], 1 / r["measured"]
+    return (
+        f"Implied: {fmt(t['layers'] * t['n_ue'])} expert copies of {fmt(t['expert_bytes'] / 1e6)} MB "
+        f"({fmt(8 * t['f_e'])} bits per weight) = {fmt(per_token / 1e9)} GB per token take {fmt(copy_s)} s "
+        f"at B_pcie = {fmt(t['b_pcie'] / 1e9)} GB/s; the measured step is {fmt(step_s)} s, so "
+        f"{fmt(step_s - copy_s)} s per token ({100 * (1 - copy_s / step_s):.0f}%) is not copying (the GPU's "
+        f"compute and per-copy costs, serial without pre-loading), or the copies ran at "
+        f"{fmt(per_token / step_s / 1e9)} GB/s."
     )
 
 
@@ -799,7 +929,11 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
         f"{_pct(e2e_stats['max_abs_error']).lstrip('+')} (goal: median <= "
         f"{100 * e2e_stats['goal_median_abs_error']:.0f}%); {e2e_stats['pending']} rows pending."
     )
-    off = {r["predictor"]["gamma"]["model"]: r for r in rows if r["kind"] == "e2e-offload" and r["predicted"]}
+    off = {
+        r["predictor"]["gamma"]["model"]: r
+        for r in rows
+        if r["kind"] == "e2e-offload" and r["source"] == "moe-infinity" and r["predicted"]
+    }
     offload_misses = ""
     if {"mixtral-8x7b", "qwen3-30b-a3b"} <= set(off):
         mx, qw = off["mixtral-8x7b"], off["qwen3-30b-a3b"]
@@ -820,6 +954,7 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
             " the two cancelling, not the model being right. The host link (PCIe Gen4 at the measured "
             f"{fmt(mx['gamma_terms']['b_pcie'] / 1e9)} GB/s) is assumed: the source does not state it."
         )
+    offload_misses += _more_misses(rows)
     source_lines = "\n".join(f"- {k}: {v['cite']} ({v['place']})" for k, v in srcs.items())
     return f"""
 Facts: `costmodel/presets/published.json` (every figure with its source id and the place in it) and

@@ -186,10 +186,11 @@ def test_link_efficiencies_recomputed_from_systems_json(rows, systems, pub):
         assert r["input_values"]["eta"] == pytest.approx(sum(etas) / len(etas))
         assert all(ls[n]["measured"] != ls[r["name"]]["measured"] for n in used)
         assert r["measured"] == flat[r["name"]]["measured_GBps"]
-    # PCIe Gen5 by hand: Gen4 25.13/32 and C2C 346/450 -> eta 0.7771, x 64 = 49.73 GB/s against 35.2.
+    # PCIe Gen5 by hand: Gen3 12.15/16, Gen4 25.13/32 and C2C 346/450 -> eta 0.7712, x 64 = 49.36 GB/s
+    # against 35.2.
     gen5 = next(r for r in links if r["name"] == "pcie-gen5-x16")
-    assert gen5["predicted"] == pytest.approx((25.13 / 32 + 346 / 450) / 2 * 64)
-    assert gen5["error"] == pytest.approx(49.73 / 35.2 - 1, abs=1e-3)
+    assert gen5["predicted"] == pytest.approx((12.15 / 16 + 25.13 / 32 + 346 / 450) / 3 * 64)
+    assert gen5["error"] == pytest.approx(49.36 / 35.2 - 1, abs=1e-3)
 
 
 def test_measured_links_are_all_validated_or_excluded_with_a_reason(systems, pub):
@@ -276,7 +277,11 @@ def test_without_plan_the_plan_rows_are_pending_and_the_gamma_rows_predicted(pub
 
 
 def test_offload_rows_recomputed_by_hand(pub):
-    rows = {r["name"]: r for r in ev.end_to_end_rows(pub, plan=None) if r["kind"] == "e2e-offload"}
+    rows = {
+        r["name"]: r
+        for r in ev.end_to_end_rows(pub, plan=None)
+        if r["kind"] == "e2e-offload" and r["source"] == "moe-infinity"
+    }
     assert len(rows) == 2
     # Per decode token at batch 1, no cache: L layers x k experts x 3 d I parameters x 2 bytes (fp16)
     # over B_pcie = 25.13 GB/s (PCIe Gen4 host to device, nvbandwidth issue 42).
@@ -287,6 +292,52 @@ def test_offload_rows_recomputed_by_hand(pub):
     assert by_model["qwen3-30b-a3b"]["predicted"] == pytest.approx(qwen3, rel=1e-9)
     for r in rows.values():
         assert r["inputs"]["b_pcie"] == "nvbandwidth-42" != r["source"]
+
+
+def test_quantized_offload_rows_recomputed_by_hand(pub):
+    # Mixtral offloading, Table 2, 'W/o LRU cache & pre-loading': per decode token at batch 1 every
+    # layer copies its 2 active experts. Bytes per expert weight from Table 1's sizes (GiB, 4-bit
+    # attention): fp16 experts 85.16, 2-bit 17.54, 3-bit 21.37; the difference is what quantizing
+    # the 32 x 8 experts of 3 x 4096 x 14336 weights saved against 2 bytes each. Host links: the
+    # A100 and the 3080 Mobile on PCIe Gen4 (25.13 GB/s, nvbandwidth-42), the 3060 and the T4 on
+    # Gen3 (12.15 GB/s, gearshifft-82).
+    weights = 32 * 8 * 3 * 4096 * 14336  # 45.10e9, the report's "45.1B"
+    rows = [r for r in ev.end_to_end_rows(pub, plan=None) if r["source"] == "mixtral-offloading"]
+    assert len(rows) == 8
+    for r in rows:
+        size = 17.54 if "2-bit" in r["name"] else 21.37
+        gen4 = "A100" in r["name"] or "3080" in r["name"]
+        b_pcie, src = (25.13e9, "nvbandwidth-42") if gen4 else (12.15e9, "gearshifft-82")
+        f_e = 2 - (85.16 - size) * 2**30 / weights  # 2-bit: 0.390 B (3.12 bits), 3-bit: 0.481 B (3.85 bits)
+        per_token = 32 * 2 * 3 * 4096 * 14336 * f_e  # 2-bit: 4.40 GB
+        want = b_pcie / per_token  # tokens/s on Gen4: 2-bit 5.72, 3-bit 4.63
+        assert r["predicted"] == pytest.approx(want, rel=1e-9), r["name"]
+        assert r["unit"] == "output tokens/s" and r["inputs"]["b_pcie"] == src != r["source"]
+        assert r["gamma_terms"]["f_e"] == pytest.approx(f_e, rel=1e-12)
+    two_bit = next(r for r in rows if "2-bit" in r["name"])
+    assert 8 * two_bit["gamma_terms"]["f_e"] == pytest.approx(3.12, abs=0.005)
+
+
+def test_quantized_experts_rescale_only_the_offload_time():
+    predictor = {
+        "tool": "gamma",
+        "quantity": "t_ep_overhead_s",
+        "quantized_experts": {"model_size_GiB": 17.54, "model_size_fp16_experts_GiB": 85.16},
+        "gamma": {"model": "mixtral-8x7b", "decode": True, "batch": 1, "expert_dtype": "fp16"},
+    }
+    with pytest.raises(ValueError, match="t_p_overhead_s"):
+        ev.gamma_prediction(predictor)
+
+
+def test_amx_prefill_rows_run_as_published(pub):
+    v3 = [r for r in pub["end_to_end"]["rows"] if r["name"].startswith("KTransformers V0.3")]
+    assert [r["measured"] for r in v3] == [185.96, 255.26, 252.58, 195.62]
+    for r in v3:
+        a = r["predictor"]["plan"]
+        # dual socket (V0.3 Showcase), AMX int8 experts (V0.3-Preview Settings), the prompt in one pass
+        assert (a["cpu_isa"], a["cpu_expert_dtype"], a.get("cpu_sockets", 2)) == ("amx", "int8", 2)
+        assert a["tokens"] == a["context"] == r["settings"]["prompt_tokens"]
+        assert a["host_dram_bw"] == 2 * 8 * 4800e6 * 8
 
 
 def fake_plan(calls):
@@ -341,8 +392,12 @@ def test_with_plan_each_row_is_predicted_from_its_stated_arguments(pub):
         if spec["predictor"]["tool"] != "plan":
             continue
         if spec["predictor"]["strategy"] == "ep":
-            # per node: 2000 tokens/s per GPU x 8 GPUs, over the share of tokens computed (hits are free)
-            want = 2000.0 * 8 / (1 - spec["settings"].get("served_from_cache_share", 0.0))
+            # per node (8 GPUs), per GPU (per_node 1) or the whole deployment (per_node null): 2000
+            # tokens/s per GPU x the GPUs, over the share of tokens computed (hits are free)
+            gpus = 8 if "per node" in spec["unit"] else 1 if "per GPU" in spec["unit"] else None
+            assert spec["predictor"]["per_node"] == gpus
+            gpus = gpus or spec["predictor"]["plan"]["gpus"]
+            want = 2000.0 * gpus / (1 - spec["settings"].get("served_from_cache_share", 0.0))
         else:
             want = 10.0
         assert r["predicted"] == pytest.approx(want)
@@ -379,3 +434,14 @@ def test_the_experiment_writes_result_json_with_the_schema(tmp_path):
     section = (out.folder / "section.md").read_text()
     for phrase in ("pure RDMA", "PCIe Gen5", "leave-one-out", "End to end", "deepseek-day6"):
         assert phrase in section
+
+
+def test_one_nvlink_domain_has_no_network_bound(pub):
+    # GB200 NVL72: the 48 decode ranks share one NVLink domain, so no byte crosses a NIC and the
+    # NIC bound does not apply; every other EP row keeps its bound.
+    gb200 = next(r for r in pub["end_to_end"]["rows"] if "GB200" in r["name"])
+    assert gb200["predictor"]["plan"]["decode_batch"] == 1408 * 48
+    assert gb200["predictor"]["plan"]["gpus_per_node"] == gb200["settings"]["ep"] == 48
+    names = {b["name"] for b in ev.network_bounds(pub, 49e9)}
+    ep = {r["name"] for r in pub["end_to_end"]["rows"] if r["kind"] == "e2e-ep"}
+    assert names == ep - {gb200["name"]}
