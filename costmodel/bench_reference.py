@@ -175,7 +175,7 @@ def _generator_rows(model, system, workload, quick: bool) -> list[dict]:
     from moelab.costmodel import reference as ref
     from moelab.costmodel.specs import Options
 
-    samples = 1 if quick else 4
+    samples = 1 if quick else 16  # per-call costs (dispatch, the first chunk) amortized
     E = model.n_experts
     with tempfile.TemporaryDirectory() as tmp:
         hist = os.path.join(tmp, "hist.npy")  # a Zipf(1) histogram, in a file as users give it

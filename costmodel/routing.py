@@ -375,18 +375,20 @@ def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
     """(draws, short): how `popular_used` splits its work for popularity p [E] or [M, E].
     draws: the first pass's draws per token, the 99th percentile of what a token needs for
     k distinct experts, at most `chain_draws(k)`; short: the fraction of tokens still short
-    of k after them (it sizes the second pass). Simulated in numpy (fixed seed) on 2048
-    tokens spread over the rows of p. Speed only: the later passes finish every token
-    exactly, whatever these are."""
-    p = np.atleast_2d(np.asarray(p, np.float64))
+    of k after them in the worst row of p, plus 3 standard errors (it sizes the second pass,
+    which every layer of a batch pays for; a layer with more short tokens sends the rest
+    on to the slower stages). Simulated in numpy (fixed seed) on 512 tokens for each of up
+    to 64 rows. Speed only: the later passes finish every token exactly, whatever these are."""
+    p = np.atleast_2d(np.asarray(p, np.float64))[:64]
     p = p / p.sum(-1, keepdims=True)
-    n, most = 2048, 4 * k
+    per_row, most = 512, 4 * k
+    n = per_row * len(p)
     rng = np.random.default_rng(0)
-    row = np.arange(n) % len(p)
+    row = np.arange(n) // per_row
     cdf = np.cumsum(p, -1)
     u = rng.random((n, most))
-    draws = np.stack([np.searchsorted(cdf[r], u[i], side="right") for i, r in enumerate(row)])
-    draws = np.minimum(draws, p.shape[-1] - 1)
+    draws = np.stack([np.searchsorted(cdf[r], u[row == r], side="right") for r in range(len(p))])
+    draws = np.minimum(draws.reshape(n, most), p.shape[-1] - 1)
     seen = np.zeros((n, p.shape[-1]), bool)
     count = np.zeros(n, np.int64)
     need = np.full(n, most + 1)
@@ -396,7 +398,8 @@ def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
         seen[np.arange(n), c] = True
         need = np.where((count >= k) & (need > most), j + 1, need)
     first = int(np.clip(np.quantile(need, QUANTILE), k, max(k, min(most, chain_draws(k)))))
-    return first, float(np.mean(need > first))
+    short = (need > first).reshape(len(p), per_row).mean(-1)
+    return first, float(np.max(short + 3 * np.sqrt(short * (1 - short) / per_row)))
 
 
 QUANTILE = 0.99
@@ -571,8 +574,8 @@ def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
        words and marks the short ones. Unrolled and elementwise, it is one fused pass
        (materialized, each of the k picks would cost XLA CPU a recomputation of the whole
        chain, and a loop a pass per round);
-    2. the short tokens, compacted (room for 1.5x the expected `short` fraction of
-       `stream_plan`), replay 2 `first` draws; then the 32 first still short (or past the
+    2. the short tokens, compacted (room for the `short` fraction of `stream_plan`, with
+       its margin, and 32 more), replay 2 `first` draws; then the 32 first still short (or past the
        room) replay all `most` draws. The draws are materialized first (`_replay`);
     3. any still short (nearly all mass on fewer than k experts, or past the rooms), 8 at
        a time, replay their `most` draws and are completed by Gumbel top-k.
@@ -597,7 +600,7 @@ def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
         still = ((still[:, None] >> lane) & 1).reshape(-1) == 1
         return [w | m for w, m in zip(words, more, strict=True)], _settle(short, still)
 
-    room = min(32 * groups, 32 * -(-int(1.5 * short_fraction * tokens + 32) // 32))
+    room = min(32 * groups, 32 * -(-int(short_fraction * tokens + 32) // 32))
     words, short = stage(words, short, room, min(2 * first, most))
     words, short = stage(words, short, 32, most, rolled=True)
     gkey = jax.random.fold_in(key, 1)
@@ -798,13 +801,13 @@ def _zipf_generator(tokens: int, E: int, k: int, s: float) -> Generator:
 
 
 def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
-    """Dirichlet: each layer its own popularity and alias table (the first pass's draws
-    from 8 popularity vectors drawn in numpy)."""
+    """Dirichlet: each layer its own popularity and alias table (the passes sized from 64
+    popularity vectors drawn in numpy)."""
     def layer_table(key, l):
         logp = dirichlet_logp(key, E, a)
         return jnp.arange(E), alias_table(logp), logp
 
-    plan = stream_plan(np.random.default_rng(0).dirichlet(np.full(E, a), 8), k)
+    plan = stream_plan(np.random.default_rng(0).dirichlet(np.full(E, a), 64), k)
     return _popular_generator(tokens, k, plan, layer_table)
 
 

@@ -50,7 +50,7 @@ KINDS = {
     "link-nvlink": "NVLink bandwidth (efficiency leave-one-source-out)",
     "link-host": "host link, host to device (efficiency leave-one-source-out)",
     "e2e-ep": "end to end: expert-parallel serving, tokens/s",
-    "e2e-offload": "end to end: expert offload, s per token or tokens/s (batch 1)",
+    "e2e-offload": "end to end: expert offload, s per token (batch 1)",
     "e2e-cpu-experts": "end to end: experts on the CPU, tokens/s",
 }
 PENDING = "prediction pending: needs moelab plan"
@@ -439,8 +439,6 @@ def gamma_prediction(predictor: dict) -> tuple[float, dict]:
             raise ValueError("quantized_experts rescales the offload time t_p_overhead_s only")
         f_e = quantized_expert_bytes_per_weight(q, m)
         value *= f_e / r["f_e"]
-    if predictor.get("invert"):  # the source prints tokens/s: one token per decode step at batch 1
-        value = 1 / value
     terms = {
         "b_pcie": r["b_pcie"],
         "n_ue": r["n_ue"],
@@ -486,13 +484,16 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
                 status = "predicted"
             except (ValueError, KeyError, StopIteration, TypeError) as e:  # SpecError is a ValueError
                 value, status = None, f"prediction failed: {type(e).__name__}: {e}"
+        measured, unit = r["measured"], r["unit"]
+        if pred.get("invert"):  # printed as tokens/s; the kind compares s per token (batch 1)
+            measured, unit = 1 / measured, f"s per output token (1 / the published {unit})"
         rows.append(
             make_row(
                 r["name"],
                 r["kind"],
                 r["source"],
-                r["measured"],
-                r["unit"],
+                measured,
+                unit,
                 settings=r["settings"],
                 inputs=inputs,
                 predicted=value,
@@ -736,7 +737,7 @@ def e2e_notes(r: dict) -> str:
             if pred.get("quantized_experts")
             else ""
         )
-        + (", inverted to tokens/s" if pred.get("invert") else "")
+        + (", against 1 / the published tokens/s" if pred.get("invert") else "")
         + f": {r['status']}"
         + (f", {_pct(r['error'])}" if r["error"] is not None else "")
         + "."
@@ -816,12 +817,12 @@ def _more_misses(rows: list[dict]) -> str:
         for r in mo:
             t = r["gamma_terms"]
             copy_s = t["layers"] * t["n_ue"] * t["expert_bytes"] / t["b_pcie"]
-            shares.append(1 - copy_s * r["measured"])  # measured tokens/s: a step is 1 / measured s
+            shares.append(1 - copy_s / r["measured"])  # measured: s per token, one decode step
         errs = [r["error"] for r in mo]
         out += (
             "\n\n*Offload rows without cache or pre-loading (Mixtral offloading, Table 2)*: the copies the "
             f"closed form counts are the whole prediction ({_pct(min(errs))} to {_pct(max(errs))} in "
-            f"tokens/s), but {100 * min(shares):.0f}-{100 * max(shares):.0f}% of each measured step is not "
+            f"s per token), but {100 * min(shares):.0f}-{100 * max(shares):.0f}% of each measured step is not "
             "copying at B_pcie: without pre-loading each layer's compute (4-bit attention, HQQ "
             "dequantization, the expert matmuls at batch 1) waits for its copies, so the closed form's "
             "offload time is a lower bound "
@@ -855,7 +856,7 @@ def _offload_implied(r: dict) -> str:
 
     t = r["gamma_terms"]
     per_token = t["layers"] * t["n_ue"] * t["expert_bytes"]  # bytes copied per decode step, batch 1
-    copy_s, step_s = per_token / t["b_pcie"], 1 / r["measured"]
+    copy_s, step_s = per_token / t["b_pcie"], r["measured"]
     return (
         f"Implied: {fmt(t['layers'] * t['n_ue'])} expert copies of {fmt(t['expert_bytes'] / 1e6)} MB "
         f"({fmt(8 * t['f_e'])} bits per weight) = {fmt(per_token / 1e9)} GB per token take {fmt(copy_s)} s "

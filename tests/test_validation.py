@@ -310,9 +310,12 @@ def test_quantized_offload_rows_recomputed_by_hand(pub):
         b_pcie, src = (25.13e9, "nvbandwidth-42") if gen4 else (12.15e9, "gearshifft-82")
         f_e = 2 - (85.16 - size) * 2**30 / weights  # 2-bit: 0.390 B (3.12 bits), 3-bit: 0.481 B (3.85 bits)
         per_token = 32 * 2 * 3 * 4096 * 14336 * f_e  # 2-bit: 4.40 GB
-        want = b_pcie / per_token  # tokens/s on Gen4: 2-bit 5.72, 3-bit 4.63
+        want = per_token / b_pcie  # s per token on Gen4: 2-bit 0.175, 3-bit 0.216
         assert r["predicted"] == pytest.approx(want, rel=1e-9), r["name"]
-        assert r["unit"] == "output tokens/s" and r["inputs"]["b_pcie"] == src != r["source"]
+        # compared in the kind's unit: the table's tokens/s as s per token
+        published = float(r["published"].split(": ")[-1].split()[0])
+        assert r["measured"] == pytest.approx(1 / published, rel=1e-12)
+        assert r["unit"].startswith("s per output token") and r["inputs"]["b_pcie"] == src != r["source"]
         assert r["gamma_terms"]["f_e"] == pytest.approx(f_e, rel=1e-12)
     two_bit = next(r for r in rows if "2-bit" in r["name"])
     assert 8 * two_bit["gamma_terms"]["f_e"] == pytest.approx(3.12, abs=0.005)
