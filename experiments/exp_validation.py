@@ -822,8 +822,8 @@ def _more_misses(rows: list[dict]) -> str:
         out += (
             "\n\n*Offload rows without cache or pre-loading (Mixtral offloading, Table 2)*: the copies the "
             f"closed form counts are the whole prediction ({_pct(min(errs))} to {_pct(max(errs))} in "
-            f"s per token), but {100 * min(shares):.0f}-{100 * max(shares):.0f}% of each measured step is not "
-            "copying at B_pcie: without pre-loading each layer's compute (4-bit attention, HQQ "
+            f"s per token), but {100 * min(shares):.0f}-{100 * max(shares):.0f}% of each measured step "
+            "is not copying at B_pcie: without pre-loading each layer's compute (4-bit attention, HQQ "
             "dequantization, the expert matmuls at batch 1) waits for its copies, so the closed form's "
             "offload time is a lower bound "
             "of the step, not the step."
