@@ -273,7 +273,7 @@ def test_popular_used_counts_the_same_routing(spec, E, k, tokens):
     np.testing.assert_array_equal(used, counted)
 
 
-@pytest.mark.parametrize("plan", [(4, 0.0), (4, 1.0), (6, 0.05), (16, 0.0)])
+@pytest.mark.parametrize("plan", [(4, 0.0), (6, 1.0)])
 def test_popular_used_is_exact_whatever_its_plan(plan):
     # The plan only splits the work: a first pass too short for most tokens, a room far
     # too small (the second stage's tokens overflow to the third and the Gumbel
