@@ -43,10 +43,6 @@ from moelab.costmodel.sweep import formula, params_of
 # --- counts of one layer -------------------------------------------------------------------
 
 
-def _popcount(words: list[jax.Array]) -> jax.Array:
-    return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
-
-
 def home_ranks(tokens: int, ranks: int) -> jax.Array:
     """[N_t] rank holding each token: contiguous blocks, as shard_map splits a batch."""
     return (jnp.arange(tokens, dtype=jnp.int32) * ranks) // tokens
@@ -67,9 +63,9 @@ def token_fanout(ids: jax.Array, n_experts: int, ranks: int,
     nodes = [c // gpus_per_node for c in r]
     hit_home = functools.reduce(jnp.logical_or, [c == home for c in r])
     hit_home_node = functools.reduce(jnp.logical_or, [c == home_node for c in nodes])
-    remote = _popcount(rt.set_words(r, ranks)) - hit_home.astype(jnp.int32)
+    remote = rt.count_set(rt.set_words(r, ranks)) - hit_home.astype(jnp.int32)
     n_nodes = -(-ranks // gpus_per_node)
-    remote_nodes = _popcount(rt.set_words(nodes, n_nodes)) - hit_home_node.astype(jnp.int32)
+    remote_nodes = rt.count_set(rt.set_words(nodes, n_nodes)) - hit_home_node.astype(jnp.int32)
     return remote, remote_nodes
 
 
@@ -93,7 +89,7 @@ def layer_stats(ids: jax.Array, n_experts: int, ranks: int = 0,
 
     red = jax.lax.reduce(tuple(ops), tuple(jnp.zeros((), o.dtype) for o in ops), combine, (0,))
     zero = jnp.zeros((), jnp.int32)
-    return {"n_used": _popcount(list(red[:W])),
+    return {"n_used": rt.count_set(list(red[:W])),
             "remote_ranks": red[W] if ranks else zero,
             "remote_nodes": red[W + 1] if ranks else zero}
 

@@ -506,11 +506,9 @@ def _lane_words(kept, have, real, E: int, k: int):
     one reduction over the 32 lanes ORs their sets into bit words ([W] words [G]) and gives
     a word [G] whose bit i marks lane i still short of k."""
     lane = jnp.arange(32, dtype=jnp.uint32)
-    ops = [*set_words([jnp.where(real, c, -1) for c in kept], E, empty=True),
-           jnp.where(real & (have < k), jnp.uint32(1) << lane, jnp.uint32(0))]
-    red = jax.lax.reduce(tuple(ops), tuple(jnp.uint32(0) for _ in ops),
-                         lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (1,))
-    return [functools.reduce(jnp.bitwise_or, list(w)) for w in red[:-1]], red[-1]
+    red = or_reduce([*set_words([jnp.where(real, c, -1) for c in kept], E, empty=True),
+                     jnp.where(real & (have < k), jnp.uint32(1) << lane, jnp.uint32(0))], 1)
+    return list(or_reduce(red[:-1], 0)), red[-1]
 
 
 def compact(flags: jax.Array, size: int, fill: int) -> jax.Array:
@@ -575,8 +573,9 @@ def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
        (materialized, each of the k picks would cost XLA CPU a recomputation of the whole
        chain, and a loop a pass per round);
     2. the short tokens, compacted (room for the `short` fraction of `stream_plan`, with
-       its margin, and 32 more), replay 2 `first` draws; then the 32 first still short (or past the
-       room) replay all `most` draws. The draws are materialized first (`_replay`);
+       its margin, and 32 more), replay 2 `first` draws; then the first 32 still short
+       (or past the room) replay all `most` draws. The draws are materialized first
+       (`_replay`);
     3. any still short (nearly all mass on fewer than k experts, or past the rooms), 8 at
        a time, replay their `most` draws and are completed by Gumbel top-k.
     Tokens are tracked as bit flags [N / 32] (`compact`, `_settle`): jnp.nonzero over N
@@ -612,14 +611,14 @@ def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
         kept, have = [c[0] for c in kept], have[0]
         taken = (jnp.stack(kept, -1)[:, :, None] == jnp.arange(E)).any(1)
         rest = _finish(gkey, jnp.minimum(rows, tokens - 1), taken, have, logp, k)
-        new = set_words([jnp.where(rows < tokens, c, -1)
-                         for c in (*kept, *(rest[:, j] for j in range(k)))], E, empty=True)
+        new = or_reduce(set_words([jnp.where(rows < tokens, c, -1)
+                                   for c in (*kept, *(rest[:, j] for j in range(k)))],
+                                  E, empty=True), 0)
         return (_settle(short, jnp.zeros(8, bool)),
-                tuple(w | functools.reduce(jnp.bitwise_or, list(n))
-                      for w, n in zip(words, new, strict=True)))
+                tuple(w | n for w, n in zip(words, new, strict=True)))
 
     _, words = jax.lax.while_loop(lambda s: (s[0] != 0).any(), finish, (short, tuple(words)))
-    return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
+    return count_set(words)
 
 
 def set_words(cols: list[jax.Array], n: int, empty: bool = False) -> list[jax.Array]:
@@ -636,6 +635,17 @@ def set_words(cols: list[jax.Array], n: int, empty: bool = False) -> list[jax.Ar
             word = word | (b if hit is None else jnp.where(hit, b, jnp.uint32(0)))
         words.append(word)
     return words
+
+
+def or_reduce(words, axis: int) -> tuple[jax.Array, ...]:
+    """Each array of words ORed over `axis`, all in one variadic reduction (one pass)."""
+    return jax.lax.reduce(tuple(words), tuple(jnp.uint32(0) for _ in words),
+                          lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (axis,))
+
+
+def count_set(words) -> jax.Array:
+    """int32: the set bits of a set's words (`set_words`): its size."""
+    return sum(jax.lax.population_count(w).astype(jnp.int32) for w in words)
 
 
 def from_logits(logits: jax.Array, k: int) -> jax.Array:
@@ -776,11 +786,8 @@ def _groups_generator(tokens: int, E: int, k: int, n_group: int, topk_group: int
         return group_limited(key, tokens, E, k, n_group, topk_group)
 
     def used(key, l):
-        cols = group_ids(key, tokens, E, k, n_group, topk_group)
-        words = set_words(cols, E)
-        red = jax.lax.reduce(tuple(words), tuple(jnp.uint32(0) for _ in words),
-                             lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)), (0,))
-        return sum(jax.lax.population_count(w).astype(jnp.int32) for w in red)
+        return count_set(or_reduce(set_words(group_ids(key, tokens, E, k, n_group, topk_group),
+                                             E), 0))
 
     gen.used = used
     return gen

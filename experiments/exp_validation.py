@@ -763,30 +763,43 @@ def e2e_notes(r: dict) -> str:
     return " ".join(parts)
 
 
+def _cpu_use(r: dict) -> dict:
+    """What a CPU-experts figure asks of the CPU, at the row's expert format: the bytes of
+    routed experts one token reads and, in prefill, the integer or float ops/s against
+    the matrix peak plan takes."""
+    from moelab.costmodel.plan import CPU_COMPUTE_DTYPE, CPU_DTYPE_BYTES, Plan
+    from moelab.costmodel.presets import load_cpu, load_model
+
+    args = r["predictor"]["plan"]
+    m = load_model(args["model"])
+    cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
+    fmt_ = args.get("cpu_expert_dtype", Plan.cpu_expert_dtype)
+    weights = m.n_moe_layers * m.top_k * m.expert_params  # routed-expert weights one token uses
+    dtype = CPU_COMPUTE_DTYPE[fmt_]
+    ops = r["measured"] * 2 * weights
+    return {"cpu": cpu, "weights": weights, "bytes_per_weight": CPU_DTYPE_BYTES[fmt_],
+            "dtype": dtype, "ops": ops, "peak": cpu.matmul_flops[dtype]}
+
+
 def _cpu_implied(r: dict) -> str:
     """What a CPU-experts figure implies: DRAM bandwidth in decode, integer ops/s in prefill."""
-    from moelab.costmodel.presets import load_cpu, load_model
     from moelab.show import fmt
 
-    m = load_model(r["predictor"]["plan"]["model"])
-    per_token = m.n_moe_layers * m.top_k * m.expert_params  # routed-expert weights one token uses
-    args = r["predictor"]["plan"]
-    cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
-    if "decode_batch" in args:
-        gbps = r["measured"] * per_token * 4.5 / 8 / 1e9
-        dram = args.get("host_dram_bw") or cpu.dram_bw  # the row's figure, else the preset's nominal
+    u = _cpu_use(r)
+    if "decode_batch" in r["predictor"]["plan"]:
+        per_token = u["weights"] * u["bytes_per_weight"]
+        dram = r["predictor"]["plan"].get("host_dram_bw") or u["cpu"].dram_bw  # else nominal
         return (
-            f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token * 4.5 / 8 / 1e9)} GB of routed "
-            f"experts per token (4.5 bits per weight) = {fmt(gbps)} GB/s of the "
-            f"{fmt(dram / 1e9)} GB/s the DRAM channels give."
+            f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token / 1e9)} GB of routed "
+            f"experts per token ({fmt(8 * u['bytes_per_weight'])} bits per weight) = "
+            f"{fmt(r['measured'] * per_token / 1e9)} GB/s of the {fmt(dram / 1e9)} GB/s the DRAM "
+            "channels give."
         )
-    tops = r["measured"] * 2 * per_token / 1e12
-    dtype = {"int4": "int8"}.get(args.get("cpu_expert_dtype", "int8"), args.get("cpu_expert_dtype", "int8"))
-    peak = cpu.matmul_flops[dtype] / 1e12
+    tops, peak = u["ops"] / 1e12, u["peak"] / 1e12
     return (
-        f"Implied: {fmt(r['measured'])} tokens/s x {fmt(per_token / 1e9)} G multiply-adds x 2 ops per "
-        f"token = {fmt(tops)} T ops/s on the CPU, {100 * tops / peak:.1f}% of the {fmt(peak)} T {dtype} "
-        f"ops/s plan takes for its {cpu.isa.upper()} peak."
+        f"Implied: {fmt(r['measured'])} tokens/s x {fmt(u['weights'] / 1e9)} G multiply-adds x 2 ops per "
+        f"token = {fmt(tops)} T ops/s on the CPU, {100 * tops / peak:.1f}% of the {fmt(peak)} T "
+        f"{u['dtype']} ops/s plan takes for its {u['cpu'].isa.upper()} peak."
     )
 
 
@@ -808,16 +821,12 @@ def _decode_step(r: dict) -> str:
 
 def _more_misses(rows: list[dict]) -> str:
     """The misses of the no-cache offload rows and of the AMX prefill rows, from their figures."""
-    from moelab.costmodel.presets import load_cpu, load_model
-
     out = ""
     mo = [r for r in rows if r["source"] == "mixtral-offloading" and r["predicted"]]
     if mo:
         shares = []
         for r in mo:
-            t = r["gamma_terms"]
-            copy_s = t["layers"] * t["n_ue"] * t["expert_bytes"] / t["b_pcie"]
-            shares.append(1 - copy_s / r["measured"])  # measured: s per token, one decode step
+            shares.append(1 - _copy_s(r["gamma_terms"]) / r["measured"])  # measured: one step, s
         errs = [r["error"] for r in mo]
         out += (
             "\n\n*Offload rows without cache or pre-loading (Mixtral offloading, Table 2)*: the copies the "
@@ -830,13 +839,7 @@ def _more_misses(rows: list[dict]) -> str:
         )
     v3 = [r for r in rows if r["name"].startswith("KTransformers V0.3") and r["predicted"]]
     if v3:
-        shares = []
-        for r in v3:
-            args = r["predictor"]["plan"]
-            m = load_model(args["model"])
-            cpu = load_cpu(args["cpu"], args.get("cpu_isa"), args.get("cpu_sockets"))
-            ops = r["measured"] * 2 * m.n_moe_layers * m.top_k * m.expert_params
-            shares.append(ops / cpu.matmul_flops[args["cpu_expert_dtype"]])
+        shares = [u["ops"] / u["peak"] for u in map(_cpu_use, v3)]
         errs = [r["error"] for r in v3]
         out += (
             "\n\n*KTransformers V0.3 prefill (AMX)*: plan's time per prompt is the longer of reading every "
@@ -849,14 +852,19 @@ def _more_misses(rows: list[dict]) -> str:
     return out
 
 
+def _copy_s(t: dict) -> float:
+    """Seconds of expert copies per decode step at batch 1, from a gamma row's terms."""
+    return t["layers"] * t["n_ue"] * t["expert_bytes"] / t["b_pcie"]
+
+
 def _offload_implied(r: dict) -> str:
-    """What an offload tokens/s figure implies: the copy time at B_pcie against the measured step,
+    """What an offload step time implies: the copy time at B_pcie against the measured step,
     and the host-to-device bandwidth the step would need if it were all copying."""
     from moelab.show import fmt
 
     t = r["gamma_terms"]
     per_token = t["layers"] * t["n_ue"] * t["expert_bytes"]  # bytes copied per decode step, batch 1
-    copy_s, step_s = per_token / t["b_pcie"], r["measured"]
+    copy_s, step_s = _copy_s(t), r["measured"]
     return (
         f"Implied: {fmt(t['layers'] * t['n_ue'])} expert copies of {fmt(t['expert_bytes'] / 1e6)} MB "
         f"({fmt(8 * t['f_e'])} bits per weight) = {fmt(per_token / 1e9)} GB per token take {fmt(copy_s)} s "
