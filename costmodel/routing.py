@@ -366,22 +366,19 @@ def _stream(draw, shape, draws: int, k: int, rolled: bool = False):
     return kept, have
 
 
-def _draws(key, table, token, tokens: int):
+def alias_draws(key, table, token, tokens: int):
     """draw(j) -> alias draw j of the tokens `token` (uint32, any shape): counter j N + t."""
     return lambda j: _alias_draw(table, counter_bits(key, jnp.uint32(j * tokens) + token))
 
 
-def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
-    """(draws, short): how `popular_used` splits its work for popularity p [E] or [M, E].
-    draws: the first pass's draws per token, the 99th percentile of what a token needs for
-    k distinct experts, at most `chain_draws(k)`; short: the fraction of tokens still short
-    of k after them in the worst row of p, plus 3 standard errors (it sizes the second pass,
-    which every layer of a batch pays for; a layer with more short tokens sends the rest
-    on to the slower stages). Simulated in numpy (fixed seed) on 512 tokens for each of up
-    to 64 rows. Speed only: the later passes finish every token exactly, whatever these are."""
+def draws_needed(p: np.ndarray, k: int, per_row: int = 512) -> np.ndarray:
+    """[M, per_row] int: draws with replacement from popularity p ([E] or [M, E], at most 64
+    rows) that simulated tokens need to hold k distinct experts (4 k + 1 for more than
+    4 k). Numpy, fixed seed: what sizes `popular_used`'s passes, and what the benchmark's
+    floor for a table sampler counts."""
     p = np.atleast_2d(np.asarray(p, np.float64))[:64]
     p = p / p.sum(-1, keepdims=True)
-    per_row, most = 512, 4 * k
+    most = 4 * k
     n = per_row * len(p)
     rng = np.random.default_rng(0)
     row = np.arange(n) // per_row
@@ -397,8 +394,21 @@ def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
         count += ~seen[np.arange(n), c]
         seen[np.arange(n), c] = True
         need = np.where((count >= k) & (need > most), j + 1, need)
-    first = int(np.clip(np.quantile(need, QUANTILE), k, max(k, min(most, chain_draws(k)))))
-    short = (need > first).reshape(len(p), per_row).mean(-1)
+    return need.reshape(len(p), per_row)
+
+
+def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
+    """(draws, short): how `popular_used` splits its work for popularity p [E] or [M, E].
+    draws: the first pass's draws per token, the 99th percentile of what a token needs for
+    k distinct experts (`draws_needed`), at most `chain_draws(k)`; short: the fraction of
+    tokens still short of k after them in the worst row of p, plus 3 standard errors (it
+    sizes the second pass, which every layer of a batch pays for; a layer with more short
+    tokens sends the rest on to the slower stages). Speed only: the later passes finish
+    every token exactly, whatever these are."""
+    need = draws_needed(p, k)
+    first = int(np.clip(np.quantile(need, QUANTILE), k, max(k, min(4 * k, chain_draws(k)))))
+    short = (need > first).mean(-1)
+    per_row = need.shape[1]
     return first, float(np.max(short + 3 * np.sqrt(short * (1 - short) / per_row)))
 
 
@@ -600,7 +610,7 @@ def popular_used(key: jax.Array, tokens: int, table: jax.Array, logp: jax.Array,
     lane = jnp.arange(32, dtype=jnp.uint32)
     groups = -(-tokens // 32)
     t = jnp.arange(groups, dtype=jnp.uint32)[:, None] * jnp.uint32(32) + lane
-    kept, have = _stream(_draws(key, table, t, tokens), t.shape, first, k)
+    kept, have = _stream(alias_draws(key, table, t, tokens), t.shape, first, k)
     words, short = _lane_words(kept, have, t < tokens, E, k)
 
     def stage(words, short, room, draws, rolled=False):  # the first `room` short tokens
@@ -774,11 +784,13 @@ def load_array(path: str) -> np.ndarray:
         raise SpecError(f"routing: cannot read {path!r}: {e}") from None
 
 
-def _popular_generator(tokens: int, k: int, plan: tuple[int, float], layer_table) -> Generator:
+def _popular_generator(tokens: int, k: int, popularity: np.ndarray, layer_table) -> Generator:
     """gen(key, l) -> ids by successive sampling, with `gen.used(key, l)`: the experts the
     layer uses, counted straight from the draws (`popular_used`, for the Monte Carlo).
     layer_table(key, l) -> (expert [E] of each table position, alias table [E], log p [E]
-    by position)."""
+    by position). popularity: p [E] or some layers' [M, E] in numpy, which size the passes
+    (`stream_plan`); kept as `gen.popularity`."""
+    plan = stream_plan(popularity, k)
     def gen(key, l):
         expert, table, logp = layer_table(jax.random.fold_in(key, 2), l)
         return expert[popular_alias(jax.random.fold_in(key, 1), tokens, table, logp, k)]
@@ -788,6 +800,7 @@ def _popular_generator(tokens: int, k: int, plan: tuple[int, float], layer_table
         return popular_used(jax.random.fold_in(key, 1), tokens, table, logp, k, plan)
 
     gen.used = used
+    gen.popularity = popularity
     return gen
 
 
@@ -815,7 +828,7 @@ def _zipf_generator(tokens: int, E: int, k: int, s: float) -> Generator:
     def layer_table(key, l):
         return jax.random.permutation(key, E), jnp.asarray(table), jnp.asarray(logq)
 
-    return _popular_generator(tokens, k, stream_plan(np.exp(logq), k), layer_table)
+    return _popular_generator(tokens, k, np.exp(logq), layer_table)
 
 
 def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
@@ -825,15 +838,15 @@ def _dirichlet_generator(tokens: int, E: int, k: int, a: float) -> Generator:
         logp = dirichlet_logp(key, E, a)
         return jnp.arange(E), alias_table(logp), logp
 
-    plan = stream_plan(np.random.default_rng(0).dirichlet(np.full(E, a), 64), k)
-    return _popular_generator(tokens, k, plan, layer_table)
+    return _popular_generator(tokens, k, np.random.default_rng(0).dirichlet(np.full(E, a), 64),
+                              layer_table)
 
 
 def _hist_generator(tokens: int, k: int, logp: np.ndarray) -> Generator:
     """Measured histograms [L, E]: every layer's alias table built once."""
     table = jax.vmap(alias_table)(jnp.asarray(logp))
     logp, expert = jnp.asarray(logp), jnp.arange(logp.shape[-1])
-    return _popular_generator(tokens, k, stream_plan(np.exp(logp), k),
+    return _popular_generator(tokens, k, np.exp(logp),
                               lambda key, l: (expert, table[l], logp[l]))
 
 

@@ -292,6 +292,23 @@ def test_popular_used_is_exact_whatever_its_plan(plan):
     assert used.min() < E  # the count varies: an equality that could fail
 
 
+def test_draws_needed_is_the_coupon_collector_for_uniform_popularity():
+    # Uniform p over E: after j distinct, a draw is new with probability (E - j) / E, so the
+    # draws to k distinct average sum_j E / (E - j) (the coupon collector, by hand).
+    E, k = 16, 6
+    need = rt.draws_needed(np.ones(E), k, per_row=20000)
+    expected = sum(E / (E - j) for j in range(k))
+    variance = sum((j / E) / ((E - j) / E) ** 2 for j in range(k))  # geometric waits
+    assert abs(need.mean() - expected) < 5 * np.sqrt(variance / need.size)
+    assert need.min() == k  # never fewer than k
+    # p = (0.99, 0.01), k = 2: past 4 k = 8 draws a token counts 9; it gets there when its
+    # 8 draws are all one expert: probability 0.99^8 + 0.01^8.
+    skew = rt.draws_needed(np.array([99.0, 1.0]), 2, per_row=4000)
+    p9 = 0.99**8 + 0.01**8
+    assert abs((skew == 9).mean() - p9) < 5 * np.sqrt(p9 * (1 - p9) / skew.size)
+    assert skew.min() >= 2 and skew.max() == 9
+
+
 @pytest.mark.parametrize("count,size", [(0, 8), (1, 8), (37, 8), (37, 64), (4096, 576), (300, 576)])
 def test_compact_and_settle_against_numpy(count, size):
     n = 4096
