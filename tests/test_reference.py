@@ -272,11 +272,12 @@ def test_gamma_distribution_rejects_samples():
        busiest=st.booleans())
 def test_sensitivities_match_finite_differences(model, system, tokens, routing, ranks, resident,
                                                 gpn, b_nvlink, mode, busiest):
-    """Elasticities of the two-tier model against differences of closed_form.evaluate
-    (float64), which includes every effect: central differences for links, latencies and
-    residency; a forward one for N_t (the busiest rank's imbalance steps where (R - 1) N_t
-    crosses an integer, and is smooth just above); for the counts R, G, E, k, the central
-    difference over the neighbouring counts that the sensitivities define them by."""
+    """Elasticities of the two-tier model against differences of the closed form's gamma
+    (closed_form.gamma_of_tokens: what evaluate reports, without the tipping points it also
+    solves for; float64), which includes every effect: central differences for links,
+    latencies and residency; a forward one for N_t (the busiest rank's imbalance steps where
+    (R - 1) N_t crosses an integer, and is smooth just above); for the counts R, G, E, k, the
+    central difference over the neighbouring counts that the sensitivities define them by."""
     from dataclasses import replace
 
     system = system.with_(gpus_per_node=gpn, b_nvlink=b_nvlink)
@@ -287,7 +288,7 @@ def test_sensitivities_match_finite_differences(model, system, tokens, routing, 
     eps = 1e-4
 
     def log_gamma(m=model, sys=system, opt=options):
-        return math.log(cf.evaluate(m, sys, w, opt).gamma)
+        return math.log(float(cf.gamma_of_tokens(m, sys, opt, np.array(w.tokens_per_pass))))
 
     legs = cf.ep_legs(model, system, options, tokens) if ranks else None
     if legs is not None and math.isclose(legs.t_net, legs.t_nvlink, rel_tol=1e-3):
