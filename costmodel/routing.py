@@ -372,14 +372,18 @@ def alias_draws(key, table, token, tokens: int):
     return lambda j: _alias_draw(table, counter_bits(key, jnp.uint32(j * tokens) + token))
 
 
+# Draws per token the plan's simulation follows a token for (past them it counts as "more").
+SIMULATED_DRAWS_PER_K = 4
+
+
 def draws_needed(p: np.ndarray, k: int, per_row: int = 512) -> np.ndarray:
     """[M, per_row] int: draws with replacement from popularity p ([E] or [M, E], at most 64
-    rows) that simulated tokens need to hold k distinct experts (4 k + 1 for more than
-    4 k). Numpy, fixed seed: what sizes `popular_used`'s passes, and what the benchmark's
+    rows) that simulated tokens need to hold k distinct experts (SIMULATED_DRAWS_PER_K k + 1
+    for more). Numpy, fixed seed: what sizes `popular_used`'s passes, and what the benchmark's
     floor for a table sampler counts."""
     p = np.atleast_2d(np.asarray(p, np.float64))[:64]
     p = p / p.sum(-1, keepdims=True)
-    most = 4 * k
+    most = SIMULATED_DRAWS_PER_K * k
     n = per_row * len(p)
     rng = np.random.default_rng(0)
     row = np.arange(n) // per_row
@@ -407,7 +411,8 @@ def stream_plan(p: np.ndarray, k: int) -> tuple[int, float]:
     tokens sends the rest on to the slower stages). Speed only: the later passes finish
     every token exactly, whatever these are."""
     need = draws_needed(p, k)
-    first = int(np.clip(np.quantile(need, QUANTILE), k, max(k, min(4 * k, chain_draws(k)))))
+    most = SIMULATED_DRAWS_PER_K * k
+    first = int(np.clip(np.quantile(need, QUANTILE), k, max(k, min(most, chain_draws(k)))))
     short = (need > first).mean(-1)
     per_row = need.shape[1]
     return first, float(np.max(short + 3 * np.sqrt(short * (1 - short) / per_row)))
@@ -522,15 +527,6 @@ def _lane_words(kept, have, real, E: int, k: int):
     return list(or_reduce(red[:-1], 0)), red[-1]
 
 
-def _bit_ranks(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """([G, 32] bool, [G, 32] int32) for flags [G]: whether bit i of word g is set, and
-    how many set bits come before it (bit i of word g is index 32 g + i)."""
-    lane = jnp.arange(32, dtype=jnp.uint32)
-    count = jax.lax.population_count(flags).astype(jnp.int32)
-    below = jax.lax.population_count(flags[:, None] & ((jnp.uint32(1) << lane) - 1))
-    return ((flags[:, None] >> lane) & 1) == 1, (jnp.cumsum(count) - count)[:, None] + below.astype(jnp.int32)
-
-
 def compact(flags: jax.Array, size: int, fill: int) -> jax.Array:
     """int32 [size]: the indices of the first `size` set bits of flags [G] (bit i of word g
     is index 32 g + i), in order, then `fill`. What jnp.nonzero(size=) gives, in O(G) plus
@@ -558,11 +554,14 @@ def _settle(flags: jax.Array, still: jax.Array) -> jax.Array:
     """flags [G] after the tokens `compact(flags, n)` gave were worked on: the i-th of
     them stays set iff still[i] ([n] bool); the rest are unchanged."""
     lane = jnp.arange(32, dtype=jnp.uint32)
-    on, rank = _bit_ranks(flags)
+    count = jax.lax.population_count(flags).astype(jnp.int32)
+    rank = ((jnp.cumsum(count) - count)[:, None]
+            + jax.lax.population_count(flags[:, None] & ((jnp.uint32(1) << lane) - 1)))
     n = still.shape[0]
     stays = jnp.where(rank < n, still[jnp.minimum(rank, n - 1)], True)
-    return jax.lax.reduce(jnp.where(on & stays, jnp.uint32(1) << lane, jnp.uint32(0)),
-                          jnp.uint32(0), jnp.bitwise_or, (1,))
+    on = (((flags[:, None] >> lane) & 1) == 1) & stays
+    return jax.lax.reduce(jnp.where(on, jnp.uint32(1) << lane, jnp.uint32(0)), jnp.uint32(0),
+                          jnp.bitwise_or, (1,))
 
 
 def _replay(key, table, rows, tokens: int, draws: int, k: int, lanes: int = 32,
