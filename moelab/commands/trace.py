@@ -2,20 +2,38 @@
 generators reproduce them.
 
     moelab trace import LOG.jsonl --out trace.json [--layer-field layer --ids-field topk_ids]
+    moelab trace import expert_distribution_recorder_*.pt --out trace.json   # SGLang dump
+    moelab trace import responses.json --format vllm-routed --out trace.json
     moelab trace fit trace.json [--ep-ranks 8] [--json]
 """
 
 from __future__ import annotations
 
-HELP = "routing traces: import JSON-lines router logs; fit Zipf and Dirichlet to a trace"
+HELP = "routing traces: import router logs and the engines' routing records; fit Zipf and Dirichlet"
 
 
 def add_arguments(p):
     sub = p.add_subparsers(dest="action", required=True)
-    imp = sub.add_parser("import", help="JSON-lines routing log (one record per token or per "
-                                        "batch, with a layer and top-k ids) -> a trace file")
-    imp.add_argument("log", help="JSON-lines file, e.g. from a vLLM or SGLang router-logging patch")
-    imp.add_argument("--out", required=True, help="trace file to write (.json or .npz)")
+    imp = sub.add_parser("import", help="a routing record (JSON-lines log, SGLang expert-distribution "
+                                        "dump, SGLang or vLLM routed-experts responses) -> a trace "
+                                        "or histogram file")
+    imp.add_argument("log", help="JSON-lines router log, SGLang .pt dump, or saved JSON responses")
+    imp.add_argument("--format", choices=FORMATS, default="auto",
+                     help="jsonl: router-log records; sglang-dump: /dump_expert_distribution_record's "
+                          ".pt (per_token -> trace; stat, stat_approx, per_pass -> histogram); "
+                          "sglang-routed / vllm-routed: responses with routed_experts "
+                          "[auto: .pt is sglang-dump, else jsonl]")
+    imp.add_argument("--out", required=True,
+                     help="file to write: a trace (.json or .npz), or a histogram [L][E] "
+                          "(.json or .npy) for counts-only dumps and with --histogram")
+    imp.add_argument("--histogram", action="store_true",
+                     help="write the per-layer histogram of expert choices instead of the trace "
+                          "(for --routing hist:FILE)")
+    imp.add_argument("--top-k", type=int, default=None,
+                     help="k, to shape SGLang's flat routed_experts (the model's num_experts_per_tok)")
+    imp.add_argument("--hidden-layers", type=int, default=None,
+                     help="decoder layers in SGLang's routed_experts (default: from the response's "
+                          "prompt_tokens + completion_tokens - 1 tokens)")
     imp.add_argument("--layer-field", default="layer",
                      help="record field holding the MoE layer index (a.b for nested) [layer]")
     imp.add_argument("--ids-field", default="topk_ids",
@@ -47,10 +65,14 @@ def run(args) -> int:
         out = do_import(args)
         if args.json:
             print(json.dumps(out, indent=1))
+        elif out.get("histogram"):
+            print(f"wrote histogram {out['out']}: {out['layers']} layers x E={out['num_experts']}, "
+                  f"{out['choices']:,} expert choices" + _notes(out))
         else:
             print(f"wrote {out['out']}: E={out['num_experts']}, k={out['top_k']}, "
                   f"{len(out['layers'])} layers, {out['tokens']:,} tokens"
-                  + (f", {len(out['batch_sizes'])} batches" if out.get("batch_sizes") else ""))
+                  + (f", {len(out['batch_sizes'])} batches" if out.get("batch_sizes") else "")
+                  + _notes(out))
         return 0
     from moelab.costmodel.trace import fit
 
@@ -66,59 +88,60 @@ def run(args) -> int:
 
 # --- import ------------------------------------------------------------------------------------
 
+FORMATS = ("auto", "jsonl", "sglang-dump", "sglang-routed", "vllm-routed")
 
-def _field(record: dict, name: str, line: int):
+
+def _notes(out: dict) -> str:
+    text = ""
+    if out.get("dropped_layers"):
+        text += f"; engine layers {out['dropped_layers']} had no routed expert (dense) and were dropped"
+    if out.get("expert_ids"):
+        text += f"; expert ids are {out['expert_ids']}"
+    return text
+
+
+def _field(record: dict, name: str, n: int, flag: str):
     from moelab.costmodel.specs import SpecError
 
     value = record
     for part in name.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise SpecError(f"log: line {line} has no field {name!r} (set it with "
-                            f"--{'layer' if name == 'layer' else 'ids'}-field)")
+            raise SpecError(f"log: record {n} has no field {name!r} (set it with {flag})")
         value = value[part]
     return value
 
 
-def do_import(args) -> dict:
-    import json
-    from pathlib import Path
-
+def _jsonl(args) -> dict:
+    """JSON-lines router logs (one record per token or per batch) -> the trace's raw fields."""
     import numpy as np
 
-    from moelab.costmodel import trace as tr
+    from moelab.costmodel.jsonfile import read_json_lines
     from moelab.costmodel.specs import SpecError
-    from moelab.io import write_atomic, write_json
 
-    path = Path(args.log)
-    if not path.is_file():
-        raise SpecError(f"log: no such file {args.log!r}")
-    if not args.out.endswith((".json", ".npz")):
-        raise SpecError(f"out: must end in .json or .npz, got {args.out!r}")
     per_layer: dict[int, list] = {}
     batches: dict[int, list[int]] = {}
     k = None
-    with path.open() as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except ValueError as e:
-                raise SpecError(f"log: line {n} is not JSON: {e}") from None
-            layer = _field(rec, args.layer_field, n)
-            ids = np.asarray(_field(rec, args.ids_field, n))
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise SpecError(f"log: line {n}: layer must be an integer >= 0, got {layer!r}")
-            if ids.ndim == 1:
-                ids = ids[None]
-            if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
-                raise SpecError(f"log: line {n}: ids must be [k] or [[k], ...] integers")
-            if k is None:
-                k = ids.shape[1]
-            if ids.shape[1] != k:
-                raise SpecError(f"log: line {n} has {ids.shape[1]} ids per token, earlier lines {k}")
-            per_layer.setdefault(layer, []).append(ids)
-            batches.setdefault(layer, []).append(ids.shape[0])
+    for n, rec in enumerate(read_json_lines(args.log, "log"), 1):
+        if not isinstance(rec, dict):
+            raise SpecError(f"log: record {n} is not a JSON object")
+        layer = _field(rec, args.layer_field, n, "--layer-field")
+        value = _field(rec, args.ids_field, n, "--ids-field")
+        try:
+            ids = np.asarray(value)
+        except ValueError:
+            ids = np.zeros((0, 0))  # ragged lists: refused below
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise SpecError(f"log: record {n}: layer must be an integer >= 0, got {layer!r}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
+            raise SpecError(f"log: record {n}: ids must be [k] or [[k], ...] integers")
+        if k is None:
+            k = ids.shape[1]
+        if ids.shape[1] != k:
+            raise SpecError(f"log: record {n} has {ids.shape[1]} ids per token, earlier records {k}")
+        per_layer.setdefault(layer, []).append(ids)
+        batches.setdefault(layer, []).append(ids.shape[0])
     if not per_layer:
         raise SpecError(f"log: {args.log!r} holds no records")
     layers = sorted(per_layer)
@@ -128,14 +151,90 @@ def do_import(args) -> dict:
         raise SpecError(f"log: layers hold different token counts ({min(counts)}..{max(counts)}); "
                         "--truncate cuts them to the shortest")
     T = min(counts)
-    stacked = np.stack([x[:T] for x in ids])
-    E = args.num_experts if args.num_experts is not None else int(stacked.max()) + 1
-    raw = {"model": args.model, "source": args.source or str(path), "dataset": args.dataset,
-           "num_experts": E, "top_k": int(k), "layers": layers, "ids": stacked}
+    raw = {"layers": layers, "ids": np.stack([x[:T] for x in ids])}
     sizes = batches[layers[0]]
     if any(s > 1 for s in sizes) and all(batches[l] == sizes for l in layers) and sum(sizes) == T:
         raw["batch_sizes"] = sizes  # per-batch records: each is a recorded forward pass
+    return raw
+
+
+def _engine(args, fmt: str) -> dict:
+    """An engine's own record -> the trace's raw fields, or {"histogram": [L, E]}."""
+    from moelab.costmodel import engine_traces as et
+
+    if fmt == "sglang-dump":
+        got = et.sglang_dump(args.log)
+    else:
+        got = et.routed_experts(args.log, fmt.split("-")[0], args.top_k, args.hidden_layers)
+    note = {"dropped_layers": got["dropped_layers"]}
+    if "mode" in got:
+        note["mode"] = got["mode"]
+        if not got["logical"]:
+            note["expert_ids"] = "physical (the dump has no last_physical_to_logical_map)"
+    if "histogram" in got:
+        return {"histogram": got["histogram"], "num_experts": got["num_experts"], **note}
+    raw = {"layers": list(range(got["ids"].shape[0])), "ids": got["ids"], **note}
+    if got.get("batch_sizes"):
+        raw["batch_sizes"] = got["batch_sizes"]
+    if got.get("num_experts"):
+        raw["num_experts"] = got["num_experts"]
+    return raw
+
+
+def _write_histogram(out: str, h) -> None:
+    import io
+
+    import numpy as np
+
+    from moelab.io import write_atomic, write_json
+
+    if out.endswith(".npy"):
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(h, np.int64), allow_pickle=False)
+        write_atomic(out, buf.getvalue())
+    else:
+        write_json(out, np.asarray(h).tolist())  # [L][E], as `--routing hist:FILE.json` reads
+
+
+def do_import(args) -> dict:
+    import numpy as np
+
+    from moelab.costmodel import trace as tr
+    from moelab.costmodel.specs import SpecError
+    from moelab.io import write_atomic, write_json
+
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "sglang-dump" if args.log.endswith(".pt") else "jsonl"
+    raw = _jsonl(args) if fmt == "jsonl" else _engine(args, fmt)
+    note = {n: raw.pop(n) for n in ("dropped_layers", "mode", "expert_ids") if n in raw}
+    E_found = raw.pop("num_experts", None)
+    if args.num_experts is not None and E_found is not None and args.num_experts != E_found:
+        raise SpecError(f"num_experts: {args.log!r} records {E_found} experts per layer, "
+                        f"--num-experts says {args.num_experts}")
+    histogram = "histogram" in raw or args.histogram
+    suffixes = (".json", ".npy") if histogram else (".json", ".npz")
+    if not args.out.endswith(suffixes):
+        raise SpecError(f"out: a {'histogram' if histogram else 'trace'} is written as "
+                        f"{' or '.join(suffixes)}, got {args.out!r}")
+    if "histogram" in raw:  # counts only (SGLang stat / per_pass): no tokens, no trace
+        h = raw["histogram"]
+        if args.num_experts is not None and h.shape[1] != args.num_experts:
+            raise SpecError(f"num_experts: {args.log!r} counts {h.shape[1]} experts, "
+                            f"--num-experts says {args.num_experts}")
+        _write_histogram(args.out, h)
+        return {"out": args.out, "histogram": True, "layers": int(h.shape[0]),
+                "num_experts": int(h.shape[1]), "choices": int(h.sum()), **note}
+    ids = raw["ids"]
+    E = args.num_experts or E_found or (int(ids.max()) + 1 if ids.size else 1)
+    raw.update(model=args.model, source=args.source or str(args.log), dataset=args.dataset,
+               num_experts=E, top_k=int(ids.shape[2]))
     trace = tr.from_dict(raw, args.log)  # the same validation as a loaded trace
+    if histogram:
+        h = tr.histogram(trace)
+        _write_histogram(args.out, h)
+        return {"out": args.out, "histogram": True, "layers": int(h.shape[0]),
+                "num_experts": E, "choices": int(h.sum()), "tokens": trace.tokens, **note}
     data = tr.to_dict(trace)
     if args.out.endswith(".npz"):
         import io
@@ -145,7 +244,7 @@ def do_import(args) -> dict:
         write_atomic(args.out, buf.getvalue())
     else:
         write_json(args.out, data)
-    return {"out": args.out, **{n: v for n, v in data.items() if n != "ids"}}
+    return {"out": args.out, **{n: v for n, v in data.items() if n != "ids"}, **note}
 
 
 # --- fit ---------------------------------------------------------------------------------------
