@@ -255,3 +255,20 @@ def test_an_engine_record_of_another_model_is_exit_2(tmp_path, capsys):
     code, _, err = _run(capsys, "gamma", "--model", "mixtral-8x7b", "--routing", f"hist:{hist}",
                         "--decode", "--batch", "4", "--samples", "10")
     assert code == 2 and "31 layers" in err and err.strip().count("\n") == 0
+
+
+def test_size_and_encoding_limits_are_checked_before_reading(tmp_path, capsys, monkeypatch):
+    from moelab.costmodel import engine_traces as et
+
+    torch.save({"rank": 0, "logical_count": torch.ones((1, 2, 4), dtype=torch.int32)},
+               tmp_path / "s.pt")
+    monkeypatch.setattr(et, "MAX_DUMP_BYTES", 100)  # the file is larger: refused unread
+    code, _, err = _run(capsys, "trace", "import", str(tmp_path / "s.pt"), "--out",
+                        str(tmp_path / "h.json"))
+    _one_line_error(code, err, "s.pt")
+    assert "the limit is 100" in err
+    (tmp_path / "r.json").write_bytes(b'{"choices": "\xff\xfe"}')  # not UTF-8
+    code, _, err = _run(capsys, "trace", "import", str(tmp_path / "r.json"), "--format",
+                        "vllm-routed", "--out", str(tmp_path / "t.json"))
+    _one_line_error(code, err, "r.json")
+    assert "UTF-8" in err
