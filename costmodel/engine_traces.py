@@ -207,7 +207,7 @@ def _sglang_one(resp: dict, i: int, path, top_k: int, hidden_layers: int | None)
         per_token = flat.size // tokens if tokens > 0 else 0
         if tokens < 1 or per_token * tokens != flat.size or per_token % top_k:
             _fail(path, f"response {i}: {flat.size} ids do not split into {tokens} tokens x "
-                        f"layers x k={top_k}")
+                        f"layers x k={top_k} (give --hidden-layers if fewer tokens were returned)")
         hidden_layers = per_token // top_k
     if flat.size % (hidden_layers * top_k):
         _fail(path, f"response {i}: {flat.size} ids do not split into tokens x "
