@@ -165,11 +165,13 @@ class Achieved:
     sync_s: float  # per MoE layer with CPU experts
     engine: str  # whose figures these are
     notes: tuple[str, ...]
+    sources: tuple[tuple[str, tuple[str, ...]], ...] = ()  # factor -> the source ids it used
 
     def as_dict(self) -> dict:
         return {"engine": self.engine, "matmul_efficiency": self.matmul_efficiency,
                 "dram_fraction": self.dram_fraction, "numa_scale": self.numa_scale,
-                "sync_per_layer_s": self.sync_s, "notes": list(self.notes)}
+                "sync_per_layer_s": self.sync_s, "notes": list(self.notes),
+                "sources": {k: list(v) for k, v in self.sources}}
 
 
 def achieved(engine: str, isa: str, dtype: str, sockets: int, dtype_bytes: dict) -> Achieved:
@@ -182,4 +184,21 @@ def _achieved(engine, isa, dtype, sockets, dtype_bytes, left_out) -> Achieved:
     frac, n2 = dram_fraction(engine, dict(dtype_bytes))
     numa, n3 = numa_scale(engine, sockets)
     sync, n4 = sync_per_layer()
-    return Achieved(eff, frac, numa, sync, engine_key(engine), tuple(n for n in (n1, n2, n3, n4) if n))
+    return Achieved(eff, frac, numa, sync, engine_key(engine), tuple(n for n in (n1, n2, n3, n4) if n),
+                    _sources_used(engine, isa, dtype, sockets))
+
+
+def _sources_used(engine: str, isa: str, dtype: str, sockets: int) -> tuple:
+    """Which source ids each factor took its figures from (none: the roofline's)."""
+    t, key = table(), engine_key(engine)
+    mat = t["matmul"].get(key, {}).get(isa, {}).get(dtype)
+    numa = t["numa"].get(key)
+    used = {
+        "matmul": [mat["source"]] if _usable(mat) and mat.get("achieved_ops", 0) is not None else [],
+        "dram": [pt["source"] for pt in t["dram"].get(key, []) if _usable(pt)],
+        "numa": [numa["source"]] if sockets > 1 and _usable(numa) else [],
+        "sync": [t["sync"]["source"]] if _usable(t["sync"]) else [],
+    }
+    if used["dram"] and used["sync"]:  # the DRAM points are read with the syncs taken out
+        used["dram"] += used["sync"]
+    return tuple((k, tuple(dict.fromkeys(v))) for k, v in used.items())
