@@ -602,23 +602,36 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         t_gexp = expert_work(p, n * m.top_k * (1 - share), gpu_used).time(p.system) / m.n_moe_layers
         per_layer_cpu = link + t_cpu
         layer = max(t_gexp, per_layer_cpu)
+        lw = _layerwise_prefill(p, n, r, used, cpu_used, per_node, gpu_need)
+        if lw is not None and max(lw) < layer:  # the GPU computes every used expert, streamed
+            t_stream, t_gexp, t_cpu, link, layer = lw[0], lw[1], 0.0, 0.0, max(lw)
         step = t_gpu + m.n_moe_layers * layer
         if best is None or step < best[0] - 1e-15:
-            best = (step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used)
-    step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used = best
+            best = (step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used,
+                    t_stream if lw is not None and layer == max(lw) else None)
+    step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used, t_stream = best
     L = m.n_moe_layers
     terms = {"compute_s": t_gpu, "cpu_s": L * t_cpu, "link_s": L * link, "gpu_experts_s": L * t_gexp}
+    if t_stream is not None:
+        terms["stream_s"] = L * t_stream
     bound = _bound(terms, gpu_part.bound(p.system))
     if bound == "CPU":
         bound = cpu_kind
     mem["gpu_each"]["experts_on_gpu"] = r * L * m.expert_bytes
     mem["gpu_each"]["needed"] = gpu_need + r * L * m.expert_bytes
-    overlap = max(t_gpu, L * max(t_gexp, link + t_cpu))
+    overlap = max(t_gpu, L * max(t_gexp, link + t_cpu, t_stream or 0.0))
     on = f"{p.cpu.name} ({p.cpu_expert_dtype}{', ' + p.cpu.isa if p.cpu.isa else ''})"
     what = (f"hottest {r} of {m.n_experts} experts per layer on the GPU, the rest on {on}"
             if name == "hybrid" else f"routed experts on {on}")
     if r == m.n_experts:  # no split with CPU experts is faster: this is all on the GPU
         what = f"all {r} experts per layer on the GPU (no split with {on} is faster)"
+    if t_stream is not None:
+        mem["gpu_each"]["layerwise_staging"] = (m.n_experts - r) * m.expert_bytes
+        mem["gpu_each"]["needed"] += mem["gpu_each"]["layerwise_staging"]
+        what = (f"layerwise GPU prefill (KTransformers' prefill above --kt-gpu-prefill-token-threshold): "
+                f"the {cpu_used:,.3g} used experts per layer not on the GPU stream to it layer by layer, "
+                f"faster than {on} for this prefill; {r} of {m.n_experts} resident")
+        cpu_used = 0.0
     extra = {}
     if p.engine != "ideal":  # the achieved CPU figures used, with their sources
         a = _cpu_factors(p)
@@ -628,6 +641,24 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
                                           f"{used:,.3g} experts used per layer",
                            step, overlap, bound, mem, p.tokens, terms=terms, gpu_experts_per_layer=r,
                            cpu_used_per_layer=cpu_used, **extra))
+
+
+def _layerwise_prefill(p: Plan, n: int, r: int, used: float, cpu_used: float, per_node: int,
+                       gpu_need: float) -> tuple[float, float] | None:
+    """KTransformers' layerwise GPU prefill (kt-kernel: above --kt-gpu-prefill-token-threshold the
+    prefill streams each layer's experts to the GPU instead of computing them on the CPU), for
+    one MoE layer: (stream time of the used experts not resident, GPU time of all used experts),
+    overlapped layer by layer. None where it does not apply: decode, the roofline engine
+    ("ideal" keeps today's strategies), nothing to stream, or no HBM for one layer's experts."""
+    m = p.model
+    staging = (m.n_experts - r) * m.expert_bytes
+    if p.decode or p.engine == "ideal" or cpu_used <= 1e-12 or \
+            gpu_need + r * m.n_moe_layers * m.expert_bytes + staging > p.usable_hbm:
+        return None
+    bw, _ = _host_stream_bw(p, per_node)
+    t_stream = cpu_used * (p.system.alpha_pcie + m.expert_bytes / bw)
+    t_gpu = expert_work(p, n * m.top_k, used).time(p.system) / m.n_moe_layers
+    return t_stream, t_gpu
 
 
 def plan_cpu_experts(p: Plan) -> dict:

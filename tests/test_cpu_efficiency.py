@@ -14,7 +14,7 @@ import pytest
 import moelab
 from moelab.costmodel import plan as planner
 from moelab.costmodel.predict import cpu
-from moelab.costmodel.presets import PRESETS, load_cpu
+from moelab.costmodel.presets import PRESETS, load_cpu, load_model
 
 L, K, S = 58, 8, 3 * 7168 * 2048  # DeepSeek-V3/R1 routed experts
 INT4 = 4.5 / 8  # llama.cpp Q4_0 block: 4.5 bits per weight
@@ -191,3 +191,19 @@ def test_cpu_expert_rows_take_no_figure_from_their_own_source(pub):
         for name, src in r["inputs"].items():
             assert src != r["source"] and (src in named or src.startswith("leave-one-source-out fit")), \
                 (r["name"], name, src)
+
+
+def test_layerwise_gpu_prefill_is_an_option_of_long_prefills_only():
+    def hybrid(tokens, engine):
+        r = moelab.plan("deepseek-r1", gpus=1, tokens=tokens, engine=engine)
+        return next(s for s in r.strategies if s["name"] == "hybrid")
+
+    long = hybrid(32768, "ktransformers")
+    # the layerwise path streams every used expert not resident, layer by layer, at the host link
+    assert long["reason"].startswith("layerwise GPU prefill") and long["terms"]["cpu_s"] == 0
+    m = load_model("deepseek-r1")
+    r = long["gpu_experts_per_layer"]
+    # 32768 tokens use every expert: E - r stream per layer, each S_E fp8 bytes at 35.2 GB/s (Gen5)
+    assert long["terms"]["stream_s"] == pytest.approx(L * (256 - r) * m.expert_bytes / 35.2e9, rel=1e-6)
+    assert "layerwise" not in hybrid(32768, "ideal")["reason"]  # the roofline keeps today's strategies
+    assert "layerwise" not in hybrid(1024, "ktransformers")["reason"]  # the CPU is faster here
