@@ -771,7 +771,7 @@ def _plots(ctx, rows) -> None:
     )
 
 
-def _short(label: str, n: int = 78) -> str:
+def _short(label: str, n: int = 60) -> str:
     """A tick label short enough for the figure (the full name is in result.json)."""
     return label if len(label) <= n else label[: n - 1] + "…"
 
