@@ -31,6 +31,7 @@ import numpy as np
 
 from moelab.costmodel import memory
 from moelab.costmodel.closed_form import ep_legs
+from moelab.costmodel.predict import cpu as cpu_achieved
 from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 
 # Bytes per weight of the CPU expert formats: llama.cpp's Q8_0 and Q4_0 blocks hold 32
@@ -218,6 +219,7 @@ class Plan:
     alpha_scale_up: float = 0.0  # latency of one tensor-parallel all-reduce inside a node
     hbm_utilization: float = HBM_UTILIZATION
     replicas: int | None = None  # single-GPU strategies: instances (GPUs used); None: all
+    engine: str = "ideal"
 
     def __post_init__(self):
         for f in ("gpus", "gpus_per_node", "tokens", "sequences", "gpus_per_host_link"):
@@ -512,6 +514,10 @@ def plan_offload(p: Plan) -> dict:
     used, misses = p.routing.used(n, m.top_k, m.n_experts, r)
     bw, link_kind = _host_stream_bw(p, per_node)
     stream = m.n_moe_layers * misses * (p.system.alpha_pcie + m.expert_bytes / bw)
+    if p.engine != "ideal" and misses > 1e-12:
+        # Beyond the roofline: per layer that streams, the host reads the routing back (a
+        # device-to-host round trip) before it can launch the copies (measured, predict/cpu.json).
+        stream += m.n_moe_layers * _cpu_factors(p).sync_s
     work = non_expert_work(p, n, non_expert, kv) + expert_work(p, n * m.top_k, used)
     compute = work.time(p.system)
     terms = {"compute_s": compute, "stream_s": stream}
@@ -530,20 +536,36 @@ def plan_offload(p: Plan) -> dict:
 
 def _cpu_expert_time(p: Plan, n: float, used: float, per_node: int) -> tuple[float, str]:
     """CPU time for one MoE layer: roofline of the used experts' bytes from DRAM and the
-    matrix FLOPs, on this GPU's share of the node's CPUs."""
+    matrix FLOPs, on this GPU's share of the node's CPUs. An engine other than "ideal" gets
+    its achieved rates (costmodel/predict/cpu.json): the matrix units at its kernels'
+    efficiency, DRAM at its fraction per socket times its NUMA scaling over the sockets,
+    unless a measured DRAM figure is given (it takes precedence)."""
     m = p.model
     f = CPU_DTYPE_BYTES[p.cpu_expert_dtype]
     flops = p.cpu.matmul_flops.get(CPU_COMPUTE_DTYPE[p.cpu_expert_dtype], 0.0) / per_node
     bw = p.cpu.bandwidth(p.nominal) / per_node
+    if p.engine != "ideal":
+        a = _cpu_factors(p)
+        flops *= a.matmul_efficiency
+        if p.nominal or not p.cpu.dram_bw_measured:
+            bw *= a.dram_fraction * a.numa_scale / p.cpu.sockets
     t_mem = used * m.expert_params * f / bw
     t_flop = 2 * n * m.top_k * m.expert_params / flops if flops else math.inf
     return max(t_mem, t_flop), ("CPU DRAM bandwidth" if t_mem >= t_flop else "CPU matrix throughput")
 
 
+def _cpu_factors(p: Plan) -> cpu_achieved.Achieved:
+    """The engine's achieved CPU figures for this CPU, instruction set, expert format and sockets."""
+    return cpu_achieved.achieved(p.engine, p.cpu.isa, CPU_COMPUTE_DTYPE[p.cpu_expert_dtype],
+                                 p.cpu.sockets, CPU_DTYPE_BYTES)
+
+
 def _link_round_trip(p: Plan, n: float) -> float:
-    """Activations to the CPU and results back, one MoE layer: two transfers, each with latency."""
+    """Activations to the CPU and results back, one MoE layer: two transfers, each with latency;
+    beyond the roofline, the CPU-GPU synchronisation each hand-over costs (measured)."""
     b = p.system.b_pcie / p.gpus_per_host_link
-    return 2 * (p.system.alpha_pcie + n * p.model.hidden * p.model.f_a / b)
+    sync = _cpu_factors(p).sync_s if p.engine != "ideal" else 0.0
+    return 2 * (p.system.alpha_pcie + n * p.model.hidden * p.model.f_a / b) + sync
 
 
 def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
@@ -580,25 +602,63 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         t_gexp = expert_work(p, n * m.top_k * (1 - share), gpu_used).time(p.system) / m.n_moe_layers
         per_layer_cpu = link + t_cpu
         layer = max(t_gexp, per_layer_cpu)
+        lw = _layerwise_prefill(p, n, r, used, cpu_used, per_node, gpu_need)
+        if lw is not None and max(lw) < layer:  # the GPU computes every used expert, streamed
+            t_stream, t_gexp, t_cpu, link, layer = lw[0], lw[1], 0.0, 0.0, max(lw)
         step = t_gpu + m.n_moe_layers * layer
         if best is None or step < best[0] - 1e-15:
-            best = (step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used)
-    step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used = best
+            best = (step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used,
+                    t_stream if lw is not None and layer == max(lw) else None)
+    step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used, t_stream = best
     L = m.n_moe_layers
     terms = {"compute_s": t_gpu, "cpu_s": L * t_cpu, "link_s": L * link, "gpu_experts_s": L * t_gexp}
+    if t_stream is not None:
+        terms["stream_s"] = L * t_stream
     bound = _bound(terms, gpu_part.bound(p.system))
     if bound == "CPU":
         bound = cpu_kind
     mem["gpu_each"]["experts_on_gpu"] = r * L * m.expert_bytes
     mem["gpu_each"]["needed"] = gpu_need + r * L * m.expert_bytes
-    overlap = max(t_gpu, L * max(t_gexp, link + t_cpu))
+    overlap = max(t_gpu, L * max(t_gexp, link + t_cpu, t_stream or 0.0))
     on = f"{p.cpu.name} ({p.cpu_expert_dtype}{', ' + p.cpu.isa if p.cpu.isa else ''})"
     what = (f"hottest {r} of {m.n_experts} experts per layer on the GPU, the rest on {on}"
             if name == "hybrid" else f"routed experts on {on}")
+    if r == m.n_experts:  # no split with CPU experts is faster: this is all on the GPU
+        what = f"all {r} experts per layer on the GPU (no split with {on} is faster)"
+    if t_stream is not None:
+        mem["gpu_each"]["layerwise_staging"] = (m.n_experts - r) * m.expert_bytes
+        mem["gpu_each"]["needed"] += mem["gpu_each"]["layerwise_staging"]
+        what = (f"layerwise GPU prefill (KTransformers' prefill above --kt-gpu-prefill-token-threshold): "
+                f"the {cpu_used:,.3g} used experts per layer not on the GPU stream to it layer by layer, "
+                f"faster than {on} for this prefill; {r} of {m.n_experts} resident")
+        cpu_used = 0.0
+    extra = {}
+    if p.engine != "ideal":  # the achieved CPU figures used, with their sources
+        a = _cpu_factors(p)
+        extra["cpu_efficiency"] = a.as_dict()
+        what += f", {p.engine} ({'; '.join(a.notes)})"
     return _slo(p, _result(name, g, True, f"{what}: the CPU computes {cpu_used:,.3g} of the "
                                           f"{used:,.3g} experts used per layer",
                            step, overlap, bound, mem, p.tokens, terms=terms, gpu_experts_per_layer=r,
-                           cpu_used_per_layer=cpu_used))
+                           cpu_used_per_layer=cpu_used, **extra))
+
+
+def _layerwise_prefill(p: Plan, n: int, r: int, used: float, cpu_used: float, per_node: int,
+                       gpu_need: float) -> tuple[float, float] | None:
+    """KTransformers' layerwise GPU prefill (kt-kernel: above --kt-gpu-prefill-token-threshold the
+    prefill streams each layer's experts to the GPU instead of computing them on the CPU), for
+    one MoE layer: (stream time of the used experts not resident, GPU time of all used experts),
+    overlapped layer by layer. None where it does not apply: decode, the roofline engine
+    ("ideal" keeps today's strategies), nothing to stream, or no HBM for one layer's experts."""
+    m = p.model
+    staging = (m.n_experts - r) * m.expert_bytes
+    if p.decode or p.engine == "ideal" or cpu_used <= 1e-12 or \
+            gpu_need + r * m.n_moe_layers * m.expert_bytes + staging > p.usable_hbm:
+        return None
+    bw, _ = _host_stream_bw(p, per_node)
+    t_stream = cpu_used * (p.system.alpha_pcie + m.expert_bytes / bw)
+    t_gpu = expert_work(p, n * m.top_k, used).time(p.system) / m.n_moe_layers
+    return t_stream, t_gpu
 
 
 def plan_cpu_experts(p: Plan) -> dict:

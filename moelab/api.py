@@ -310,7 +310,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
          nominal: bool = False, host_link: str | None = None, network: str | None = None,
          hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
-         cache_steps: int = 0, seed: int = 0) -> Report:
+         cache_steps: int = 0, seed: int = 0, engine: str = "ideal") -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -328,7 +328,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
     replaces the CPU preset's DRAM bandwidth. cache_steps > 0 also runs the offload
     strategy's expert cache (LRU and the Belady bound, kernels/expert_cache.py) over that
-    many passes of a concrete routing drawn from `routing`. Returns a Report with the keys
+    many passes of a concrete routing drawn from `routing`. engine: "ideal" (the roofline) or an
+    engine whose achieved CPU figures apply (costmodel/predict/cpu.json). Returns a Report with the keys
     of `moelab plan --json`.
     """
     from moelab.costmodel import memory
@@ -371,7 +372,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
         host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
         cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
-        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization)
+        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization, engine=engine)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:

@@ -215,6 +215,7 @@ def fake(kind, err, fitted=False, predicted=True):
         "kind": kind,
         "fitted": fitted,
         "error": err if predicted else None,
+        "roofline_error": 3 * err if predicted else None,  # the roofline, 3x further off
         "predicted": 1.0 if predicted else None,
     }
 
@@ -236,6 +237,7 @@ def test_statistics_exclude_fitted_and_pending_rows():
         "pending": 1,
         "median_abs_error": 0.2,
         "max_abs_error": 0.3,
+        "median_abs_error_roofline": pytest.approx(0.6),  # median of 0.3, 0.9, 0.6
     }
     assert s["b"]["tested"] == 0 and s["b"]["median_abs_error"] is None and s["b"]["pending"] == 1
 
@@ -311,7 +313,9 @@ def test_quantized_offload_rows_recomputed_by_hand(pub):
         f_e = 2 - (85.16 - size) * 2**30 / weights  # 2-bit: 0.390 B (3.12 bits), 3-bit: 0.481 B (3.85 bits)
         per_token = 32 * 2 * 3 * 4096 * 14336 * f_e  # 2-bit: 4.40 GB
         want = per_token / b_pcie  # s per token on Gen4: 2-bit 0.175, 3-bit 0.216
-        assert r["predicted"] == pytest.approx(want, rel=1e-9), r["name"]
+        assert r["roofline"] == pytest.approx(want, rel=1e-9), r["name"]  # one copy per load
+        # every load a swap (ExpertCache._swap): the evicted expert back to the host, same bytes, after it
+        assert r["predicted"] == pytest.approx(2 * want, rel=1e-9), r["name"]
         # compared in the kind's unit: the table's tokens/s as s per token
         published = float(r["published"].split(": ")[-1].split()[0])
         assert r["measured"] == pytest.approx(1 / published, rel=1e-12)
@@ -389,7 +393,9 @@ def test_with_plan_each_row_is_predicted_from_its_stated_arguments(pub):
     calls = []
     rows = ev.end_to_end_rows(pub, plan=fake_plan(calls))
     specs = pub["end_to_end"]["rows"]
-    assert len(calls) == sum(s["predictor"]["tool"] == "plan" for s in specs)
+    # one call per plan row, and one more at the roofline (engine "ideal") for a row with an engine
+    assert len(calls) == sum(s["predictor"]["tool"] == "plan" for s in specs) + sum(
+        s["predictor"].get("plan", {}).get("engine", "ideal") != "ideal" for s in specs)
     for r, spec in zip(rows, specs, strict=True):
         assert r["status"] == "predicted"
         if spec["predictor"]["tool"] != "plan":
@@ -405,6 +411,7 @@ def test_with_plan_each_row_is_predicted_from_its_stated_arguments(pub):
             want = 10.0
         assert r["predicted"] == pytest.approx(want)
         assert r["error"] == pytest.approx(want / spec["measured"] - 1)
+        assert r["roofline"] == pytest.approx(want)  # the fake plan has no engine: the same figure
     prod = next(r for r in rows if r["name"].startswith("DeepSeek prefill, production"))
     assert prod["predicted"] == pytest.approx(16000 / 0.437)
 
