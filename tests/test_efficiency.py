@@ -267,3 +267,24 @@ def test_default_engine_is_said():
     assert "no per-operation tables for h800-sxm" in r.engine_note
     with pytest.raises(SpecError, match="engine"):
         moelab.plan("mixtral-8x7b", gpus=1, decode_batch=4, engine="tgi")
+
+
+def test_table_shows_step_and_roofline(capsys):
+    assert main(["plan", "--model", "mixtral-8x7b", "--gpus", "1", "--decode-batch", "4",
+                 "--engine", "vllm"]) == 0
+    out = capsys.readouterr().out
+    assert "roofline" in out and "engine: vllm (as asked)" in out
+
+
+def test_engines_name_their_tables():
+    p = make_plan("deepseek-r1", "h200-sxm", gpus=8)
+    src = {e: planner.with_bound(replace(p, engine=e), planner.plan_ep, planner.plan_ep(replace(p, engine=e)))
+           for e in ("sglang", "ktransformers", "llama.cpp", "vllm")}
+    gemm = {e: next(s["source"] for s in r["efficiency_sources"] if s["op"] == "gemm")
+            for e, r in src.items()}
+    assert gemm["sglang"].startswith("h200-sxm sglang gemm[fp8]") and gemm["ktransformers"] == gemm["sglang"]
+    assert gemm["llama.cpp"].startswith("all-framework default")
+    # vLLM has no MLA decode table: the all-framework default, said
+    mla = next(s["source"] for s in src["vllm"]["efficiency_sources"] if s["op"] == "mla_decode")
+    assert mla.startswith("all-framework default") and "no vllm mla_decode" in mla
+    assert src["sglang"]["step_s"] == src["ktransformers"]["step_s"]

@@ -45,10 +45,12 @@ def curve(gpu: str, engine_name: str, cls: str, dtype: str) -> tuple[dict | None
         c = g["frameworks"].get(fw, {}).get(cls, {}).get(dtype)
         if c is not None:
             return c, f"{gpu} {fw} {cls}[{dtype}]: {c['table']} ({c['used']} rows)"
-    for key, what in ((fw, f"{fw} default"), ("any", "all-framework default")):
+    tries = ([(fw, f"{fw} default")] if fw != "any" else []) + [("any", "all-framework default")]
+    for key, what in tries:
         c = d["defaults"].get(key, {}).get(cls, {}).get(dtype)
         if c is not None:
-            why = "no table for this GPU" if g is None else f"no {fw} {cls}[{dtype}] table for {gpu}"
+            why = ("no table of this engine" if fw == "any" else "no table for this GPU" if g is None
+                   else f"no {fw} {cls}[{dtype}] table for {gpu}")
             return c, f"{what} {cls}[{dtype}] (median of {c['curves']} table curves; {why})"
     return None, f"no curve for {cls}[{dtype}]: roofline"
 
