@@ -10,7 +10,7 @@
 
 One schema for a machine: a user's `--system FILE` or `--cpu FILE` holds one entry of
 systems.json's "gpus" or cpus.json's "cpus", with the same field names and units, plus
-"name". Presets and files pass the same checks (`_check_entry`), so a preset that loads
+"name". Presets and files pass the same checks (`check_entry`), so a preset that loads
 copies into a file that loads (`moelab presets --show NAME --json`).
 """
 
@@ -117,7 +117,7 @@ def _check_value(kind: str, v, field: str, where: str, what: str):
                 raise SpecError(f"{what}: {where}: field {field!r} names no {LINK_TABLES[field]} preset "
                                 f"{v!r} (known: {', '.join(system_table()[LINK_TABLES[field]])})")
         elif isinstance(v, dict):
-            _check_entry(v, LINK_SCHEMA, where, what, prefix=f"{field}.")
+            check_entry(v, LINK_SCHEMA, where, what, prefix=f"{field}.")
             if v["bandwidth_GBps"] is None and not v.get("measured_GBps"):
                 raise SpecError(f"{what}: {where}: field '{field}.bandwidth_GBps' is null and no "
                                 "measured_GBps is given")
@@ -146,7 +146,7 @@ def _check_dtypes(v, field: str, where: str, what: str, nullable: bool):
         _check_value("pos?" if nullable else "pos", x, f"{field}.{dtype}", where, what)
 
 
-def _check_entry(entry, schema: dict, where: str, what: str, prefix: str = "") -> dict:
+def check_entry(entry, schema: dict, where: str, what: str, prefix: str = "") -> dict:
     """One entry against its schema: every field known, every required one present, each of
     its kind. The message names the first offending field and where the entry is."""
     if not isinstance(entry, dict):
@@ -204,9 +204,9 @@ def gpu_entry(name: str) -> tuple[str, dict, str]:
         data = read_json(name, "system")
         if not isinstance(data, dict):
             raise SpecError(f"system: {name} must hold a JSON object, got {type(data).__name__}")
-        return data.get("name") or Path(name).stem, _check_entry(data, GPU_SCHEMA, name, "system"), name
+        return data.get("name") or Path(name).stem, check_entry(data, GPU_SCHEMA, name, "system"), name
     where = f"preset {name} (costmodel/presets/systems.json)"
-    return name, _check_entry(_pick("gpus", name), GPU_SCHEMA, where, "system"), where
+    return name, check_entry(_pick("gpus", name), GPU_SCHEMA, where, "system"), where
 
 
 def load_system(name: str = "h100-sxm", host_link: str | None = None,
@@ -223,7 +223,15 @@ def load_system(name: str = "h100-sxm", host_link: str | None = None,
         legacy = _legacy_system(name)
         if legacy is not None:
             return legacy
-    name, gpu, _ = gpu_entry(name)
+    return system_from_entry(*gpu_entry(name), host_link=host_link, network=network,
+                             measured=measured, latencies=latencies)
+
+
+def system_from_entry(name: str, gpu: dict, where: str, host_link: str | None = None,
+                      network: str | None = None, measured: bool = False,
+                      latencies: bool = False) -> SystemSpec:
+    """A SystemSpec from one "gpus" entry (checked here), as `load_system` describes."""
+    check_entry(gpu, GPU_SCHEMA, where, "system")
     link_name, link = _link(host_link or gpu["host_link"], "host_links")
     net_name, net = _link(network or gpu["network"], "networks")
     if gpu["scale_up"] is None:  # no NVLink: the GPUs of a node exchange over the host link
@@ -354,7 +362,7 @@ def cpu_entry(name: str) -> tuple[str, dict, str]:
             raise SpecError(f"cpu: unknown preset {name!r} (known: {', '.join(sorted(entries))}; "
                             "or give a path to a CPU file)")
         data, where = entries[name], f"preset {name} (costmodel/presets/cpus.json)"
-    c = _check_entry(data, CPU_SCHEMA, where, "cpu")
+    c = check_entry(data, CPU_SCHEMA, where, "cpu")
     nominal = c["dram_channels"] and c["dram_MTps"] or c.get("dram_GBps")
     if not nominal and not c["dram_measured_GBps"]:
         raise SpecError(f"cpu: {where}: no DRAM bandwidth: give dram_channels and dram_MTps, "
