@@ -298,8 +298,8 @@ def _legacy_system(path: str) -> SystemSpec | None:
     data = read_json(path, "system")
     if not isinstance(data, dict) or not any(k in data for k in LEGACY_KEYS):
         return None
-    known = set(SystemSpec.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
+    known = list(SystemSpec.__dataclass_fields__)
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise SpecError(f"system: {path}: unknown field(s) {', '.join(unknown)} in an old SI system "
                         f"file (b_pcie, b_net, ...; known: {', '.join(known)})")
@@ -367,6 +367,11 @@ def cpu_entry(name: str) -> tuple[str, dict, str]:
     if not nominal and not c["dram_measured_GBps"]:
         raise SpecError(f"cpu: {where}: no DRAM bandwidth: give dram_channels and dram_MTps, "
                         "dram_GBps or dram_measured_GBps")
+    if nominal and c["dram_measured_GBps"]:
+        peak = nominal if not c["dram_channels"] else c["dram_channels"] * c["dram_MTps"] * 8e-3  # GB/s
+        if c["dram_measured_GBps"] > peak:  # a measurement cannot beat the bus: one figure is wrong
+            raise SpecError(f"cpu: {where}: field 'dram_measured_GBps' {c['dram_measured_GBps']:g} GB/s "
+                            f"exceeds the nominal {peak:g} GB/s (channels x MT/s x 8 B or dram_GBps)")
     if c["ops_per_core_cycle"] and c["base_GHz"] is None:
         raise SpecError(f"cpu: {where}: field 'base_GHz' is null, but ops_per_core_cycle needs a clock")
     measured = c.get("matmul_measured_TOPS") or {}

@@ -232,7 +232,7 @@ def _calibrated_gamma(ctx, dev, folder, cal, cfg, fmt) -> str:
     from moelab.costmodel.specs import Workload
 
     model = load_model(cfg["model"])
-    measured = load_system(str(folder / "calibrate.json"))
+    measured = load_system(str(folder / "calibrate.json"), latencies=True)  # the measured alpha_pcie
     nominal = load_system(cfg["preset"])
     work = Workload(tokens=cfg["tokens"])
     g_meas, g_nom = cf.evaluate(model, measured, work), cf.evaluate(model, nominal, work)

@@ -356,6 +356,9 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         host_cpu = _replace(host_cpu, dram_bw=host_dram_bw, dram_bw_measured=0.0, gemv_measured={})
     s = system_spec(system, host_link=host_link, network=network, measured_links=not nominal,
                     latencies=True)
+    if cpu_expert_dtype in planner.CPU_DTYPE_BYTES:  # else Plan below names the bad dtype
+        matrix_rate, matrix_measured = host_cpu.matmul_rate(cpu_expert_dtype, nominal)
+        weight_bw, weight_measured = host_cpu.weight_bandwidth(cpu_expert_dtype, nominal)
     decode = decode_batch is not None
     n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -409,7 +412,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                 "hbm_utilization": hbm_utilization, "nominal": nominal},
         host={"cpu": host_cpu.name, "cpu_isa": host_cpu.isa, "cpu_sockets": host_cpu.sockets,
               "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
-              "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
+              "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype,
+              # What the CPU experts run at, the node's: a measured rate (calibrate --cpu) or a peak.
+              "cpu_matrix_rate": matrix_rate, "cpu_matrix_rate_measured": matrix_measured,
+              "cpu_weight_bw": weight_bw, "cpu_weight_bw_measured": weight_measured},
         strategies=result["strategies"],
         best=result["best"],
         gamma={"gamma": g.gamma, "decision": g.decision, "t_p_overhead_s": g.t_p_overhead,
