@@ -347,6 +347,14 @@ def cpu_names() -> list[str]:
     return sorted(cpu_table()["cpus"])
 
 
+def nominal_dram_GBps(c: dict) -> float | None:
+    """Nominal DRAM GB/s per socket: channels x MT/s x 8 bytes per transfer, else dram_GBps
+    (where no channel count is published), else None (unknown)."""
+    if c["dram_channels"] and c["dram_MTps"]:
+        return c["dram_channels"] * c["dram_MTps"] * 8 / 1e3
+    return c.get("dram_GBps")
+
+
 def cpu_entry(name: str) -> tuple[str, dict, str]:
     """(name, checked entry, where) of a CPU preset or a CPU file in the presets' schema."""
     if is_path(name):
@@ -363,15 +371,13 @@ def cpu_entry(name: str) -> tuple[str, dict, str]:
                             "or give a path to a CPU file)")
         data, where = entries[name], f"preset {name} (costmodel/presets/cpus.json)"
     c = check_entry(data, CPU_SCHEMA, where, "cpu")
-    nominal = c["dram_channels"] and c["dram_MTps"] or c.get("dram_GBps")
+    nominal = nominal_dram_GBps(c)
     if not nominal and not c["dram_measured_GBps"]:
         raise SpecError(f"cpu: {where}: no DRAM bandwidth: give dram_channels and dram_MTps, "
                         "dram_GBps or dram_measured_GBps")
-    if nominal and c["dram_measured_GBps"]:
-        peak = nominal if not c["dram_channels"] else c["dram_channels"] * c["dram_MTps"] * 8e-3  # GB/s
-        if c["dram_measured_GBps"] > peak:  # a measurement cannot beat the bus: one figure is wrong
-            raise SpecError(f"cpu: {where}: field 'dram_measured_GBps' {c['dram_measured_GBps']:g} GB/s "
-                            f"exceeds the nominal {peak:g} GB/s (channels x MT/s x 8 B or dram_GBps)")
+    if nominal and (c["dram_measured_GBps"] or 0) > nominal:  # a measurement cannot beat the bus
+        raise SpecError(f"cpu: {where}: field 'dram_measured_GBps' {c['dram_measured_GBps']:g} GB/s "
+                        f"exceeds the nominal {nominal:g} GB/s (channels x MT/s x 8 B or dram_GBps)")
     if c["ops_per_core_cycle"] and c["base_GHz"] is None:
         raise SpecError(f"cpu: {where}: field 'base_GHz' is null, but ops_per_core_cycle needs a clock")
     measured = c.get("matmul_measured_TOPS") or {}
@@ -396,12 +402,10 @@ def load_cpu(name: str, isa: str | None = None, sockets: int | None = None):
     elif isa not in rates:
         raise SpecError(f"cpu_isa: {name} has no {isa!r} matrix path "
                         f"(known: {', '.join(rates) or 'none: measured rates only'})")
-    sockets = c["sockets"] if sockets is None else sockets
+    sockets = int(c["sockets"]) if sockets is None else sockets
     if isinstance(sockets, bool) or not isinstance(sockets, int) or sockets < 1:
         raise SpecError(f"cpu_sockets: must be an integer >= 1, got {sockets!r}")
-    # Nominal DRAM: channels x MT/s x 8 bytes per transfer; matrix peak: cores x clock x ops/cycle.
-    per_socket = (c["dram_channels"] * c["dram_MTps"] * 1e6 * 8 if c["dram_channels"] and c["dram_MTps"]
-                  else (c.get("dram_GBps") or 0) * GB)
+    per_socket = (nominal_dram_GBps(c) or 0) * GB  # matrix peak: cores x clock x ops/cycle
 
     def per_node(table: dict | None, unit: float) -> dict:
         return {k: v * unit * sockets for k, v in (table or {}).items() if v}
