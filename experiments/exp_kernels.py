@@ -122,7 +122,9 @@ def run(cfg: dict, ctx) -> None:
                 f"{off['max_abs_err']:.1e}."
             )
         cal = _load(folder, "calibrate")
-        if isinstance(cal, dict) and cal.get("name") != "cpu-standin" and cal.get("b_pcie"):
+        # A GPU's calibration: an old SI file (b_pcie) or one in the presets' schema (host_link).
+        if isinstance(cal, dict) and cal.get("name") != "cpu-standin" and (cal.get("b_pcie")
+                                                                           or cal.get("host_link")):
             parts.append(_calibrated_gamma(ctx, dev, folder, cal, cfg, fmt))
         ctx.advance()
     ctx.rows("kernel_rows", all_rows)
