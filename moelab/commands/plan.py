@@ -105,6 +105,13 @@ def print_table(out: dict) -> None:
                   f"host {out['host']['cpu']}, {what}", highlight=False)
     console.print(f"weights {out['weights_bytes'] / 1e9:,.1f} GB; KV {fmt(out['kv_bytes_per_token'])} "
                   f"B per token ({out['kv_bytes_total'] / 1e9:,.2f} GB for the batch)", highlight=False)
+    h = out["host"]
+    if h.get("cpu_matrix_rate_measured") or h.get("cpu_weight_bw_measured"):  # a calibrated CPU file
+        kind = {True: "measured", False: "peak"}
+        console.print(f"CPU experts at {h['cpu_expert_dtype']}: {h['cpu_matrix_rate'] / 1e9:,.3g} GOP/s "
+                      f"({kind[h['cpu_matrix_rate_measured']]}), weights at {h['cpu_weight_bw'] / 1e9:,.3g} "
+                      f"GB/s ({'measured' if h['cpu_weight_bw_measured'] else 'nominal DRAM'})",
+                      highlight=False)
     t = Table()
     for col, just in (("#", "right"), ("strategy", "left"), ("GPUs", "right"), ("step", "right"),
                       ("tokens/s", "right"), ("per GPU", "right"), ("bound", "left")):
