@@ -117,10 +117,7 @@ def _check_value(kind: str, v, field: str, where: str, what: str):
                 raise SpecError(f"{what}: {where}: field {field!r} names no {LINK_TABLES[field]} preset "
                                 f"{v!r} (known: {', '.join(system_table()[LINK_TABLES[field]])})")
         elif isinstance(v, dict):
-            check_entry(v, LINK_SCHEMA, where, what, prefix=f"{field}.")
-            if v["bandwidth_GBps"] is None and not v.get("measured_GBps"):
-                raise SpecError(f"{what}: {where}: field '{field}.bandwidth_GBps' is null and no "
-                                "measured_GBps is given")
+            check_link(v, where, what, prefix=f"{field}.")
         else:
             bad(f"a {LINK_TABLES[field]} preset name or a link object")
     if kind == "isa":
@@ -166,6 +163,15 @@ def check_entry(entry, schema: dict, where: str, what: str, prefix: str = "") ->
     return entry
 
 
+def check_link(link, where: str, what: str = "system", prefix: str = "") -> dict:
+    """A host_links / networks entry, in systems.json or inline in a GPU entry."""
+    check_entry(link, LINK_SCHEMA, where, what, prefix=prefix)
+    if link["bandwidth_GBps"] is None and not link.get("measured_GBps"):
+        raise SpecError(f"{what}: {where}: field '{prefix}bandwidth_GBps' is null and no "
+                        "measured_GBps is given")
+    return link
+
+
 @cache
 def system_table() -> dict:
     return json.loads((PRESETS / "systems.json").read_text())
@@ -193,7 +199,7 @@ def _link(ref, table: str) -> tuple[str, dict]:
     """(name, entry) of a link field: a preset name, or an inline object (named "inline")."""
     if isinstance(ref, dict):
         return ref.get("description", "inline"), ref
-    return ref, _pick(table, ref)
+    return ref, check_link(_pick(table, ref), f"preset {ref} (costmodel/presets/systems.json {table})")
 
 
 def gpu_entry(name: str) -> tuple[str, dict, str]:

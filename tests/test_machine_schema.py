@@ -133,3 +133,13 @@ def test_the_good_base_files_load(tmp_path):
 def test_show_unknown_name_is_one_line(capsys):
     assert main(["presets", "--show", "rtx-9999"]) == 2
     assert "--show: no GPU or CPU preset 'rtx-9999'" in capsys.readouterr().err
+
+
+def test_every_link_preset_passes_the_link_schema():
+    """Host links and networks go through the same check as an inline link object."""
+    from moelab.costmodel.presets import system_table
+
+    for name, e in system_table()["host_links"].items():
+        assert load_system("h100-sxm", host_link=name).b_pcie == e["bandwidth_GBps"] * 1e9
+    for name, e in system_table()["networks"].items():
+        assert load_system("h100-sxm", network=name).b_net == e["bandwidth_GBps"] * 1e9
