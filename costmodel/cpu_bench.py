@@ -171,7 +171,7 @@ def matrix_products(quick: bool) -> dict:
     (a dtype whose kernel this torch lacks or refuses: its figures None and the reason)."""
     import torch
 
-    K = N = 1024 if quick else 4096
+    K = N = 2048 if quick else 4096
     total = (2 if quick else 4) * last_level_cache_bytes()  # weights past the cache
     repeats = 2 if quick else 5
     g = torch.Generator().manual_seed(0)
