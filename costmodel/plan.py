@@ -49,31 +49,65 @@ HBM_UTILIZATION = 0.9  # share of HBM an engine may fill (vLLM's --gpu-memory-ut
 
 @dataclass(frozen=True)
 class CpuSpec:
-    """The CPUs of one node (all sockets): DRAM bandwidth and matrix throughput per dtype."""
+    """The CPUs of one node (all sockets): DRAM bandwidth and matrix throughput per dtype.
+
+    Peaks (nominal DRAM, matrix rate at the base clock) and measured figures (STREAM-like
+    triad, the achieved rates of torch's CPU kernels from `moelab calibrate --cpu`) side by
+    side: a measured figure beats a peak (`matmul_rate`, `weight_bandwidth`)."""
 
     name: str
     sockets: int
-    dram_bw: float  # nominal, B/s, all sockets
-    dram_bw_measured: float  # published measurement (STREAM-like), B/s; 0 if none
+    dram_bw: float  # nominal, B/s, all sockets; 0: unknown (a measured-only file)
+    dram_bw_measured: float  # measurement (STREAM-like), B/s; 0 if none
     matmul_flops: dict = field(default_factory=dict)  # dtype -> FLOP/s (ops/s for int8), all sockets
     source: str = ""
-    isa: str = ""  # the matrix instruction set matmul_flops is for (amx, avx512, sve2)
+    isa: str = ""  # the matrix instruction set matmul_flops is for (amx, avx512, avx2, sve2)
+    # Measured, all sockets: dtype (bf16, int8, int4 as stored) -> ops/s of a prefill-sized
+    # batch, and -> B/s of weight bytes through a one-token product (GEMV).
+    matmul_measured: dict = field(default_factory=dict)
+    gemv_measured: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.sockets, bool) or not isinstance(self.sockets, int) or self.sockets < 1:
             raise SpecError(f"cpu: sockets must be an integer >= 1, got {self.sockets!r}")
         for f in ("dram_bw", "dram_bw_measured"):
             v = getattr(self, f)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (f == "dram_bw" and v == 0):
-                raise SpecError(f"cpu: {f} must be a finite number {'> 0' if f == 'dram_bw' else '>= 0'}, "
-                                f"got {v!r}")
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise SpecError(f"cpu: {f} must be a finite number >= 0, got {v!r}")
+        if not self.dram_bw and not self.dram_bw_measured:
+            raise SpecError("cpu: no DRAM bandwidth: dram_bw or dram_bw_measured must be > 0")
+        for name, table in (("matmul_flops", self.matmul_flops), ("matmul_measured", self.matmul_measured),
+                            ("gemv_measured", self.gemv_measured)):
+            for dtype, v in table.items():
+                if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                    raise SpecError(f"cpu: {name}[{dtype!r}] must be a finite number > 0, got {v!r}")
         for dtype in ("bf16", "int8"):
-            v = self.matmul_flops.get(dtype)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-                raise SpecError(f"cpu: matmul_flops[{dtype!r}] must be a finite number > 0, got {v!r}")
+            if dtype not in self.matmul_flops and dtype not in self.matmul_measured:
+                raise SpecError(f"cpu: no {dtype} matrix rate (matmul_flops or matmul_measured)")
 
     def bandwidth(self, nominal: bool) -> float:
-        return self.dram_bw if nominal or not self.dram_bw_measured else self.dram_bw_measured
+        if nominal and self.dram_bw or not self.dram_bw_measured:
+            return self.dram_bw
+        return self.dram_bw_measured
+
+    def matmul_rate(self, dtype: str, nominal: bool = False) -> tuple[float, bool]:
+        """(ops/s, measured?) for experts stored at `dtype`: the measured kernel rate where
+        there is one (unless `nominal`), else the peak of the dtype it computes in."""
+        measured = self.matmul_measured.get(dtype)
+        peak = self.matmul_flops.get(CPU_COMPUTE_DTYPE[dtype])
+        if measured and not (nominal and peak):
+            return measured, True
+        if peak:
+            return peak, False
+        return self.matmul_measured[CPU_COMPUTE_DTYPE[dtype]], True
+
+    def weight_bandwidth(self, dtype: str, nominal: bool = False) -> tuple[float, bool]:
+        """(B/s, measured?) at which experts stored at `dtype` stream through a one-token
+        product: the measured GEMV rate where there is one (unless `nominal`), else DRAM's."""
+        gemv = self.gemv_measured.get(dtype)
+        if gemv and not (nominal and self.dram_bw):
+            return gemv, True
+        return self.bandwidth(nominal), bool(self.dram_bw_measured and not (nominal and self.dram_bw))
 
 
 @dataclass(frozen=True)
@@ -635,21 +669,24 @@ def plan_offload(p: Plan) -> dict:
 
 def _cpu_expert_time(p: Plan, n: float, used: float, per_node: int) -> tuple[float, str]:
     """CPU time for one MoE layer: roofline of the used experts' bytes from DRAM and the
-    matrix FLOPs, on this GPU's share of the node's CPUs. An engine other than "ideal" gets
-    its achieved rates (costmodel/predict/cpu.json): the matrix units at its kernels'
-    efficiency, DRAM at its fraction per socket times its NUMA scaling over the sockets,
-    unless a measured DRAM figure is given (it takes precedence)."""
+    matrix FLOPs, on this GPU's share of the node's CPUs. A measured rate (calibrate --cpu:
+    GEMV GB/s of weights, prefill-batch ops/s) beats a peak. An engine other than "ideal" gets
+    its achieved rates (costmodel/predict/cpu.json) where nothing is measured: the matrix
+    units at its kernels' efficiency, DRAM at its fraction per socket times its NUMA scaling
+    over the sockets."""
     m = p.model
     f = CPU_DTYPE_BYTES[p.cpu_expert_dtype]
-    flops = p.cpu.matmul_flops.get(CPU_COMPUTE_DTYPE[p.cpu_expert_dtype], 0.0) / per_node
-    bw = p.cpu.bandwidth(p.nominal) / per_node
+    flops, flops_measured = p.cpu.matmul_rate(p.cpu_expert_dtype, p.nominal)
+    bw, bw_measured = p.cpu.weight_bandwidth(p.cpu_expert_dtype, p.nominal)
+    flops, bw = flops / per_node, bw / per_node
     if p.engine != "ideal":
         a = _cpu_factors(p)
-        flops *= a.matmul_efficiency
-        if p.nominal or not p.cpu.dram_bw_measured:
+        if not flops_measured:
+            flops *= a.matmul_efficiency
+        if not bw_measured:
             bw *= a.dram_fraction * a.numa_scale / p.cpu.sockets
     t_mem = used * m.expert_params * f / bw
-    t_flop = 2 * n * m.top_k * m.expert_params / flops if flops else math.inf
+    t_flop = 2 * n * m.top_k * m.expert_params / flops
     return max(t_mem, t_flop), ("CPU DRAM bandwidth" if t_mem >= t_flop else "CPU matrix throughput")
 
 
@@ -702,7 +739,7 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         L = m.n_moe_layers
         terms = {"compute_s": t_gpu, "cpu_s": L * t_cpu, "link_s": L * link, "gpu_experts_s": L * t_gexp}
         lw = _layerwise_prefill(p, n, r, used, cpu_used, per_node, gpu_need)
-        if lw is not None and max(lw) < max(t_gexp, link + t_cpu):  # the GPU computes every used expert, streamed
+        if lw is not None and max(lw) < max(t_gexp, link + t_cpu):  # the GPU computes all, streamed
             terms = {"compute_s": t_gpu, "cpu_s": 0.0, "link_s": 0.0, "gpu_experts_s": L * lw[1],
                      "stream_s": L * lw[0]}
         step, overlap, terms = _combine(p, terms, _hybrid_step)

@@ -88,11 +88,14 @@ def _measured_alpha_pcie():
     """Per-copy host-link latency from a GPU calibration file, or None with the reason."""
     import json
 
+    from moelab.costmodel.presets import load_system
+
     for path in _calibration_files():
         data = json.loads(path.read_text())
         # A CPU stand-in (no GPU) is not a host-link measurement.
         real = isinstance(data, dict) and data.get("name") != "cpu-standin"
-        value = data.get("alpha_pcie") if real else None
+        # Through the loader: old SI files (alpha_pcie) and the presets' schema (host_link.latency_us).
+        value = load_system(str(path), latencies=True).alpha_pcie if real else None
         if value:
             return float(value), f"measured by moelab calibrate ({path.parent.name})"
     return None, "not measured on a GPU yet"

@@ -122,7 +122,9 @@ def run(cfg: dict, ctx) -> None:
                 f"{off['max_abs_err']:.1e}."
             )
         cal = _load(folder, "calibrate")
-        if isinstance(cal, dict) and cal.get("name") != "cpu-standin" and cal.get("b_pcie"):
+        # A GPU's calibration: an old SI file (b_pcie) or one in the presets' schema (host_link).
+        if isinstance(cal, dict) and cal.get("name") != "cpu-standin" and (cal.get("b_pcie")
+                                                                           or cal.get("host_link")):
             parts.append(_calibrated_gamma(ctx, dev, folder, cal, cfg, fmt))
         ctx.advance()
     ctx.rows("kernel_rows", all_rows)
@@ -232,7 +234,7 @@ def _calibrated_gamma(ctx, dev, folder, cal, cfg, fmt) -> str:
     from moelab.costmodel.specs import Workload
 
     model = load_model(cfg["model"])
-    measured = load_system(str(folder / "calibrate.json"))
+    measured = load_system(str(folder / "calibrate.json"), latencies=True)  # the measured alpha_pcie
     nominal = load_system(cfg["preset"])
     work = Workload(tokens=cfg["tokens"])
     g_meas, g_nom = cf.evaluate(model, measured, work), cf.evaluate(model, nominal, work)

@@ -316,10 +316,12 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
 
     model: preset name or path to a HF config.json (memory is counted from the config).
     system: GPU preset or system file; gpus GPUs in nodes of gpus_per_node (default: the
-    preset's). cpu: CPU preset of each node (`moelab presets cpus`) or a CpuSpec (all sockets
-    of a node, SI units); cpu_isa: the CPU's matrix instruction set for the experts (amx |
-    avx512 | sve2, as the preset lists; default its best); cpu_sockets: sockets of the preset
-    per node (default the preset's; 1 for a run pinned to one socket); host_mem: host DRAM per node
+    preset's). cpu: CPU preset of each node (`moelab presets cpus`), a CPU file in the presets'
+    schema (one cpus.json entry with "name"; `moelab calibrate --cpu` writes one with measured
+    rates, which plan prefers to peaks) or a CpuSpec (all sockets of a node, SI units);
+    cpu_isa: the CPU's matrix instruction set for the experts (amx | avx512 | avx2 | sve2, as
+    the entry lists; default its best); cpu_sockets: sockets per node (default the entry's; 1
+    for a run pinned to one socket); host_mem: host DRAM per node
     in bytes; gpus_per_host_link: GPUs sharing one host link / PCIe switch.
     Workload, one of: tokens = prefill tokens per forward pass (a chunked prefill's chunk),
     or decode_batch = sequences per decode step; context = tokens of context per sequence
@@ -327,9 +329,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     (zipf:1.2) | zipf:S | hist:PATH | trace:PATH (a recorded routing: its histogram for the
     marginals, its token order for cache_steps). slo: step-time budget in seconds. nominal=True takes
     datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
-    replaces the CPU preset's DRAM bandwidth. cache_steps > 0 also runs the offload
-    strategy's expert cache (LRU and the Belady bound, kernels/expert_cache.py) over that
-    many passes of a concrete routing drawn from `routing`. engine: whose achieved
+    replaces the CPU's DRAM bandwidth (measured and GEMV figures included). cache_steps > 0
+    also runs the offload strategy's expert cache (LRU and the Belady bound,
+    kernels/expert_cache.py) over that many passes of a concrete routing drawn from
+    `routing`. engine: whose achieved
     efficiencies predict the step (vllm | sglang | trtllm | ktransformers | llama.cpp | ideal,
     ideal = the roofline; default: the profile's engine, else the best supported for the GPU);
     profile: a user profile (path or dict, costmodel/predict/profile.py) whose factors scale
@@ -356,7 +359,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
             raise SpecError(f"host_dram_bw: must be > 0, got {host_dram_bw!r}")
         from dataclasses import replace as _replace
 
-        host_cpu = _replace(host_cpu, dram_bw=host_dram_bw, dram_bw_measured=0.0)
+        host_cpu = _replace(host_cpu, dram_bw=host_dram_bw, dram_bw_measured=0.0, gemv_measured={})
+    if cpu_expert_dtype in planner.CPU_DTYPE_BYTES:  # else Plan below names the bad dtype
+        matrix_rate, matrix_measured = host_cpu.matmul_rate(cpu_expert_dtype, nominal)
+        weight_bw, weight_measured = host_cpu.weight_bandwidth(cpu_expert_dtype, nominal)
     decode = decode_batch is not None
     n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -429,7 +435,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                 "hbm_utilization": hbm_utilization, "nominal": nominal},
         host={"cpu": host_cpu.name, "cpu_isa": host_cpu.isa, "cpu_sockets": host_cpu.sockets,
               "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
-              "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
+              "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype,
+              # What the CPU experts run at, the node's: a measured rate (calibrate --cpu) or a peak.
+              "cpu_matrix_rate": matrix_rate, "cpu_matrix_rate_measured": matrix_measured,
+              "cpu_weight_bw": weight_bw, "cpu_weight_bw_measured": weight_measured},
         engine=engine,
         engine_note=engine_note,
         profile=prof.to_dict() if prof is not None else None,

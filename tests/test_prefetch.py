@@ -339,15 +339,21 @@ def test_calibrate_writes_a_system_file_gamma_accepts(tmp_path, capsys):
 
     out = tmp_path / "system.json"
     assert main(["calibrate", "--quick", "--out", str(out)]) == 0
-    data = json.loads(out.read_text())
-    sys_ = presets.load_system(str(out))
-    assert sys_.b_pcie == data["b_pcie"] > 0 and sys_.hbm_bw > 0 and sys_.peak_flops > 0
+    data = json.loads(out.read_text())  # one systems.json "gpus" entry, the host link inline
+    sys_ = presets.load_system(str(out), latencies=True)
+    link = data["host_link"]
+    assert link["bandwidth_GBps"] is None  # no datasheet figure: the measured one is the link
+    assert sys_.b_pcie == link["measured_GBps"] * 1e9 > 0
+    assert sys_.alpha_pcie == link["latency_us"] * 1e-6
+    assert sys_.hbm_bw == data["hbm_TBps"] * 1e12 > 0 and sys_.peak_flops == data["bf16_dense_TFLOPs"] * 1e12
+    assert {"hbm_TBps", "bf16_dense_TFLOPs", "host_link.measured_GBps"} <= set(data["measured"])
     assert "not measurable on one GPU" in data["source"]
     if not GPU:
         assert data["name"] == "cpu-standin" and "STAND-IN" in data["source"]
-    capsys.readouterr()
+    text = capsys.readouterr().out
+    assert "measured fields: hbm_TBps, bf16_dense_TFLOPs" in text
     assert main(["gamma", "--system", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["b_pcie"] == data["b_pcie"]
+    assert json.loads(capsys.readouterr().out)["b_pcie"] == link["measured_GBps"] * 1e9
 
 
 def test_calibrate_reads_kernel_rows_and_never_reruns_them(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,10 @@
-"""`moelab calibrate`: measure this machine and write a system file for `--system path.json`.
+"""`moelab calibrate`: measure this machine and write a system file for `--system path.json`
+(or, with `--cpu`, a CPU file for `moelab plan --cpu path.json`), in the presets' schema.
+
+The system file is one systems.json "gpus" entry (docs/contracts.md): measured fields
+filled (hbm_TBps, bf16_dense_TFLOPs, an inline host_link with measured_GBps and
+latency_us; its nominal bandwidth_GBps null), the rest copied from the preset, and a
+"measured" object naming each measured field and how it was measured.
 
 Measured on the GPU (CUDA events, medians):
 - b_pcie: host -> device copy from pinned memory (the largest size), B/s;
@@ -23,7 +29,8 @@ from __future__ import annotations
 import json
 import statistics
 
-HELP = "measure host link, device copy, GEMM and latency; write a system file (--system)"
+HELP = ("measure host link, device copy, GEMM and latency; write a system file (--system); "
+        "--cpu: the CPU's memory bandwidth and expert matrix rates (plan --cpu)")
 
 # Substring of torch.cuda.get_device_name() -> system preset.
 _DEVICE_PRESETS = [("GH200", "gh200"), ("GB200", "gb200"), ("B200", "b200"),
@@ -31,7 +38,11 @@ _DEVICE_PRESETS = [("GH200", "gh200"), ("GB200", "gb200"), ("B200", "b200"),
 
 
 def add_arguments(p):
-    p.add_argument("--out", help="write the system file here (JSON, SI units)")
+    p.add_argument("--out", help="write the system file (or with --cpu the CPU file) here, in the "
+                                 "presets' schema")
+    p.add_argument("--cpu", action="store_true",
+                   help="measure the CPU that runs experts instead: STREAM-like triad, and torch's "
+                        "bf16/int8/int4 expert matrix products (one token and 256); writes a CPU file")
     p.add_argument("--system", help="preset for what one GPU cannot measure (network, GPUs "
                                     "per node) [guessed from the device name, else h100-sxm]")
     p.add_argument("--network", help="network preset for b_net and alpha_net [the system's]")
@@ -161,45 +172,60 @@ def _guess_preset(device: str) -> str:
 def run(args) -> int:
     import datetime
 
-    from moelab.costmodel.presets import load_system
-    from moelab.costmodel.specs import SystemSpec, as_dict
+    from moelab.costmodel.presets import gpu_entry, system_from_entry
 
+    if args.cpu:
+        return run_cpu(args)
     m = measure(args.quick, kernels_from=args.kernels_from)
     preset_name = args.system or _guess_preset(m["device"])
-    preset = load_system(preset_name, network=args.network, latencies=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if m["cuda"]:
         name = f"calibrated-{preset_name}"
-        how = (f"measured by moelab calibrate on {m['device']} {date}: b_pcie (pinned H2D "
-               f"copy), alpha_pcie (fit over copy sizes), hbm_bw (D2D copy), peak_flops "
-               f"(achieved {m['gemm']['dtype']} GEMM {m['gemm']['n']}^3)")
+        how = f"measured by moelab calibrate on {m['device']} {date} (fields: see measured)"
     else:
         name = "cpu-standin"
-        how = (f"CPU STAND-IN, no GPU (moelab calibrate on the CPU, {date}): b_pcie and "
-               f"alpha_pcie from host memcpy, hbm_bw from memcpy, peak_flops from an fp32 "
-               f"GEMM on one core; not a host link, for exercising the pipeline only")
-    system = SystemSpec(
-        name=name,
-        b_pcie=m["h2d_Bps"],
-        b_net=preset.b_net,
-        alpha_pcie=m["alpha_pcie_s"],
-        alpha_net=preset.alpha_net,
-        hbm_bw=m["d2d_copy_Bps"],
-        peak_flops=m["gemm_flops"],
-        peak_flops_fp8=preset.peak_flops_fp8,
-        hbm_bytes=preset.hbm_bytes,
-        gpus_per_node=preset.gpus_per_node,
-        host_link="measured" if m["cuda"] else "cpu memcpy (stand-in)",
-        network=preset.network,
-        source=(f"{how}; taken from preset {preset_name}: b_net, alpha_net ({preset.network}, "
-                f"not measurable on one GPU), gpus_per_node, peak_flops_fp8, hbm_bytes"),
-    )
-    data = as_dict(system)
+        how = (f"CPU STAND-IN, no GPU (moelab calibrate on the CPU, {date}): the host link "
+               f"and its latency from host memcpy, hbm_TBps from memcpy, bf16_dense_TFLOPs from an "
+               f"fp32 GEMM on one core; not a host link, for exercising the pipeline only")
+    _, gpu, _ = gpu_entry(preset_name)
+    copied = [f for f in ("hbm_GB", "fp8_dense_TFLOPs", "fp4_dense_TFLOPs", "gpus_per_node", "scale_up")
+              if f in gpu]
+    net = args.network or gpu["network"]
+    data = {
+        "name": name,
+        "description": f"measured by moelab calibrate on {m['device']}, {date}; the rest from preset "
+                       f"{preset_name}",
+        "hbm_TBps": m["d2d_copy_Bps"] / 1e12,
+        "bf16_dense_TFLOPs": m["gemm_flops"] / 1e12,
+        **{f: gpu[f] for f in copied},
+        "host_link": {
+            "description": "measured" if m["cuda"] else "cpu memcpy (stand-in)",
+            "bandwidth_GBps": None,  # no datasheet figure: the link is what was measured
+            "measured_GBps": m["h2d_Bps"] / 1e9,
+            "latency_us": m["alpha_pcie_s"] * 1e6,
+            "latency_kind": "measured",
+            "source": how,
+        },
+        "network": net,
+        "source": (f"{how}; taken from preset {preset_name}: network {net} (not measurable on one "
+                   f"GPU), {', '.join(copied)}"),
+        "measured": {
+            "hbm_TBps": "device-to-device copy, bytes read + written per second" if m["cuda"]
+                        else "host memcpy, read + write (CPU stand-in)",
+            "bf16_dense_TFLOPs": f"achieved {m['gemm']['dtype']} GEMM {m['gemm']['n']}^3"
+                                 + ("" if m["cuda"] else " on the CPU (stand-in, not bf16)"),
+            "host_link.measured_GBps": "pinned host-to-device copy, largest size" if m["cuda"]
+                                       else "host memcpy (CPU stand-in)",
+            "host_link.latency_us": "intercept of t = alpha + bytes / B over copies of 4 KiB to 64 MiB",
+        },
+    }
+    # Checked as --system reads it before anything is written: no half-good file on disk.
+    system = system_from_entry(name, data, "calibrate's system file", network=args.network,
+                               latencies=True)
     if args.out:
         from moelab.io import write_json
 
-        path = write_json(args.out, data, make_parents=False)
-        load_system(str(path))  # the file must load as `--system path.json` reads it
+        write_json(args.out, data, make_parents=False)
     if args.json:
         print(json.dumps({"system": data, "measurements": m, "out": args.out}, indent=1,
                          default=float))
@@ -225,6 +251,51 @@ def run(args) -> int:
             print(f"{k:13} skipped: {v if isinstance(v, str) else v.get('skipped', v)}")
     print(f"network       {system.b_net / 1e9:8.1f} GB/s from preset {system.network} "
           "(not measured)")
+    print("measured fields: " + ", ".join(data["measured"]) + "; the rest from preset " + preset_name)
     if args.out:
         print(f"wrote {args.out}: use it with --system {args.out}")
+    return 0
+
+
+def run_cpu(args) -> int:
+    """`calibrate --cpu`: measure the CPU (costmodel/cpu_bench.py), write a CPU file."""
+    import datetime
+
+    from moelab.costmodel import cpu_bench
+    from moelab.costmodel.presets import CPU_SCHEMA, check_entry, load_cpu
+    from moelab.costmodel.specs import SpecError
+
+    for flag in ("system", "network", "kernels_from"):
+        if getattr(args, flag) is not None:
+            raise SpecError(f"{flag}: measures a GPU's machine; not with --cpu")
+    m = cpu_bench.measure(args.quick)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    data = cpu_bench.cpu_file(m, date)
+    check_entry(data, CPU_SCHEMA, "calibrate's CPU file", "cpu")  # before anything is written
+    if args.out:
+        from moelab.io import write_json
+
+        path = write_json(args.out, data, make_parents=False)
+        load_cpu(str(path))  # loads as plan --cpu reads it
+    if args.json:
+        print(json.dumps({"cpu": data, "measurements": m, "out": args.out}, indent=1, default=float))
+        return 0
+    info = m["cpu"]
+    print(f"cpu           {info['model']}: {data['sockets']} socket(s) x {data['cores']} cores, "
+          f"{m['threads']} torch threads, instruction sets {', '.join(info['isas']) or 'none found'}")
+    print(f"DRAM triad    {data['dram_measured_GBps']:8.2f} GB/s per socket (24 B per element, "
+          f"arrays of {m['triad']['elements']:,} float64)")
+    for node, bw in enumerate(data["dram_measured_numa_GBps"] or []):
+        print(f"  NUMA node {node} {bw:8.2f} GB/s alone")
+    for dtype, r in m["matrix"].items():
+        if r["matmul_ops"] is None:
+            print(f"{dtype:5}         not measured: {r['skipped']}")
+            continue
+        print(f"{dtype:5} GEMV    {data['gemv_measured_GBps'][dtype]:8.2f} GB/s of weights "
+              f"({r['gemv_kernel']})")
+        print(f"{dtype:5} x{cpu_bench.PREFILL_TOKENS}    {data['matmul_measured_TOPS'][dtype] * 1e3:8.1f} "
+              f"GOP/s ({r['matmul_kernel']})")
+    print("measured fields: " + ", ".join(data["measured"]))
+    if args.out:
+        print(f"wrote {args.out}: use it with moelab plan --cpu {args.out}")
     return 0

@@ -7,6 +7,7 @@ HELP = "which deployment gives the most tokens/s per GPU: EP, offload, CPU exper
 
 def add_arguments(p):
     from moelab.args import DTYPES
+    from moelab.costmodel.presets import ISAS
 
     g = p.add_argument_group("model and hardware")
     g.add_argument("--model", default="deepseek-r1",
@@ -15,8 +16,9 @@ def add_arguments(p):
     g.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs available [8]")
     g.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node [the system's]")
     g.add_argument("--cpu", default="xeon-8470",
-                   help="CPU preset of each node (moelab presets cpus) [xeon-8470]")
-    g.add_argument("--cpu-isa", choices=("amx", "avx512", "sve2"),
+                   help="CPU preset of each node (moelab presets cpus) or a CPU file in the presets' "
+                        "schema (moelab presets --show NAME --json; moelab calibrate --cpu) [xeon-8470]")
+    g.add_argument("--cpu-isa", choices=ISAS,
                    help="the CPU's matrix instruction set for the experts, e.g. avx512 for an "
                         "engine without AMX kernels [the preset's best]")
     g.add_argument("--cpu-sockets", type=int, metavar="S",
@@ -110,6 +112,13 @@ def print_table(out: dict) -> None:
                   f"host {out['host']['cpu']}, {what}", highlight=False)
     console.print(f"weights {out['weights_bytes'] / 1e9:,.1f} GB; KV {fmt(out['kv_bytes_per_token'])} "
                   f"B per token ({out['kv_bytes_total'] / 1e9:,.2f} GB for the batch)", highlight=False)
+    h = out["host"]
+    if h.get("cpu_matrix_rate_measured") or h.get("cpu_weight_bw_measured"):  # a calibrated CPU file
+        kind = {True: "measured", False: "peak"}
+        console.print(f"CPU experts at {h['cpu_expert_dtype']}: {h['cpu_matrix_rate'] / 1e9:,.3g} GOP/s "
+                      f"({kind[h['cpu_matrix_rate_measured']]}), weights at {h['cpu_weight_bw'] / 1e9:,.3g} "
+                      f"GB/s ({'measured' if h['cpu_weight_bw_measured'] else 'nominal DRAM'})",
+                      highlight=False)
     t = Table()
     prof = f", profile {out['profile'].get('path', '(dict)')}" if out.get("profile") else ""
     console.print(f"engine: {out['engine']} ({out['engine_note']}{prof}); step = the engine's prediction, "

@@ -10,6 +10,9 @@ HELP = "list model and system presets with their key figures and sources"
 def add_arguments(p):
     p.add_argument("kind", nargs="?", choices=("models", "systems", "cpus", "all"), default="all")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
+    p.add_argument("--show", metavar="NAME",
+                   help="print one GPU or CPU preset as a file in the presets' schema, ready to copy "
+                        "and edit for --system FILE or --cpu FILE")
 
 
 def rows(kind: str) -> dict:
@@ -50,6 +53,11 @@ def rows(kind: str) -> dict:
 
 
 def run(args) -> int:
+    if args.show:  # the entry itself (the file's schema), with or without --json
+        from moelab.costmodel.presets import preset_entry
+
+        print(json.dumps(preset_entry(args.show), indent=2))
+        return 0
     data = rows(args.kind)
     if args.json:
         print(json.dumps(data, indent=1))
