@@ -31,6 +31,7 @@ import numpy as np
 
 from moelab.costmodel import memory
 from moelab.costmodel.closed_form import ep_legs
+from moelab.costmodel.predict.profile import ENGINES, Profile
 from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 
 # Bytes per weight of the CPU expert formats: llama.cpp's Q8_0 and Q4_0 blocks hold 32
@@ -218,6 +219,8 @@ class Plan:
     alpha_scale_up: float = 0.0  # latency of one tensor-parallel all-reduce inside a node
     hbm_utilization: float = HBM_UTILIZATION
     replicas: int | None = None  # single-GPU strategies: instances (GPUs used); None: all
+    engine: str = "ideal"  # whose achieved efficiencies (costmodel/predict); ideal: the roofline
+    profile: Profile | None = None  # a user's fitted factors (predict/profile.py), on top of the engine's
 
     def __post_init__(self):
         for f in ("gpus", "gpus_per_node", "tokens", "sequences", "gpus_per_host_link"):
@@ -236,6 +239,8 @@ class Plan:
         if not 0 < self.hbm_utilization <= 1:
             raise SpecError(f"hbm_utilization: must be in (0, 1], got {self.hbm_utilization!r}")
         memory.dtype_bytes(self.kv_dtype, "kv_dtype")
+        if self.engine not in ENGINES:
+            raise SpecError(f"engine: unknown {self.engine!r} (known: {', '.join(ENGINES)})")
 
     # --- shared quantities ----------------------------------------------------------------
 
@@ -253,6 +258,16 @@ class Plan:
 
 def _share(total: int, parts: int) -> int:
     return -(-total // parts)
+
+
+def _combine(p: Plan, terms: dict, combine) -> tuple[float, float, dict]:
+    """(step, overlapped step, terms) of a strategy: the profile's factors scale each term
+    before `combine(terms) -> (step, overlap)` joins them; its fixed costs are added after."""
+    if p.profile is not None:
+        terms = {k: v * p.profile.factor(k) for k, v in terms.items()}
+    step, overlap = combine(terms)
+    fixed = p.profile.fixed_s(p.model.n_layers or p.model.n_moe_layers) if p.profile is not None else 0.0
+    return step + fixed, overlap + fixed, terms
 
 
 # --- GPU compute --------------------------------------------------------------------------
@@ -441,16 +456,22 @@ def plan_ep(p: Plan) -> dict:
                     f"{_gb(R * p.usable_hbm)}")
         return _result("ep", R, False, why, mem=mem_for(need, total))
     mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0])
-    step = compute + comm["comm_s"]
-    overlap = max(compute, comm["comm_s"])
     terms = {"compute_s": compute - tp, "tp_allreduce_s": tp, "network_s": comm["network_s"],
              "nvlink_s": comm["nvlink_s"], "ep_latency_s": comm["latency_s"]}
+    step, overlap, terms = _combine(p, terms, _ep_step)
     bound = _bound(terms, work.bound(p.system))
     return _slo(p, _result("ep", R, True, f"{mode}, {m.n_experts} experts over {R} GPUs "
                                           f"({_share(m.n_experts, R)} per GPU), busiest rank x{imb:.3g}",
                            step, overlap, bound, mem_for(need, total), p.tokens, terms=terms,
                            attention=mode, imbalance=imb, fanout=comm["fanout"],
                            ep_comm_s=comm["comm_s"]))
+
+
+def _ep_step(t: dict) -> tuple[float, float]:
+    """EP: compute and all-reduce, then dispatch and combine (their latency + the slower leg)."""
+    comm = t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
+    compute = t["compute_s"] + t["tp_allreduce_s"]
+    return compute + comm, max(compute, comm)
 
 
 def kv_head_split(cfg: dict, tp: int) -> int:
@@ -515,6 +536,8 @@ def plan_offload(p: Plan) -> dict:
     work = non_expert_work(p, n, non_expert, kv) + expert_work(p, n * m.top_k, used)
     compute = work.time(p.system)
     terms = {"compute_s": compute, "stream_s": stream}
+    step, overlap, terms = _combine(p, terms, lambda t: (t["compute_s"] + t["stream_s"],
+                                                         max(t["compute_s"], t["stream_s"])))
     bound = _bound(terms, work.bound(p.system))
     if bound == "host link":
         bound = link_kind
@@ -523,7 +546,7 @@ def plan_offload(p: Plan) -> dict:
         "offload", g, True,
         f"{r} of {m.n_experts} experts per layer resident, hit rate {hit:.1%}; "
         f"{misses:,.3g} experts per layer stream at {bw / 1e9:,.3g} GB/s ({link_kind})",
-        compute + stream, max(compute, stream), bound, mem, p.tokens, terms=terms,
+        step, overlap, bound, mem, p.tokens, terms=terms,
         resident_per_layer=r, resident_fraction=r / m.n_experts, hit_rate=hit,
         stream_bandwidth=bw, misses_per_layer=misses, used_per_layer=used))
 
@@ -578,20 +601,18 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         t_cpu, cpu_kind = _cpu_expert_time(p, n * share, cpu_used, per_node)
         link = _link_round_trip(p, n) if cpu_used > 1e-12 else 0.0
         t_gexp = expert_work(p, n * m.top_k * (1 - share), gpu_used).time(p.system) / m.n_moe_layers
-        per_layer_cpu = link + t_cpu
-        layer = max(t_gexp, per_layer_cpu)
-        step = t_gpu + m.n_moe_layers * layer
+        L = m.n_moe_layers
+        terms = {"compute_s": t_gpu, "cpu_s": L * t_cpu, "link_s": L * link, "gpu_experts_s": L * t_gexp}
+        step, overlap, terms = _combine(p, terms, _hybrid_step)
         if best is None or step < best[0] - 1e-15:
-            best = (step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used)
-    step, r, t_cpu, link, t_gexp, cpu_kind, used, cpu_used = best
+            best = (step, overlap, terms, r, cpu_kind, used, cpu_used)
+    step, overlap, terms, r, cpu_kind, used, cpu_used = best
     L = m.n_moe_layers
-    terms = {"compute_s": t_gpu, "cpu_s": L * t_cpu, "link_s": L * link, "gpu_experts_s": L * t_gexp}
     bound = _bound(terms, gpu_part.bound(p.system))
     if bound == "CPU":
         bound = cpu_kind
     mem["gpu_each"]["experts_on_gpu"] = r * L * m.expert_bytes
     mem["gpu_each"]["needed"] = gpu_need + r * L * m.expert_bytes
-    overlap = max(t_gpu, L * max(t_gexp, link + t_cpu))
     on = f"{p.cpu.name} ({p.cpu_expert_dtype}{', ' + p.cpu.isa if p.cpu.isa else ''})"
     what = (f"hottest {r} of {m.n_experts} experts per layer on the GPU, the rest on {on}"
             if name == "hybrid" else f"routed experts on {on}")
@@ -599,6 +620,13 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
                                           f"{used:,.3g} experts used per layer",
                            step, overlap, bound, mem, p.tokens, terms=terms, gpu_experts_per_layer=r,
                            cpu_used_per_layer=cpu_used))
+
+
+def _hybrid_step(t: dict) -> tuple[float, float]:
+    """Hybrid: the GPU's own work, then per MoE layer the slower of its experts and the CPU's
+    (round trip + compute), summed over the layers (L max(a, b) = max(L a, L b))."""
+    experts = max(t["gpu_experts_s"], t["link_s"] + t["cpu_s"])
+    return t["compute_s"] + experts, max(t["compute_s"], experts)
 
 
 def plan_cpu_experts(p: Plan) -> dict:
@@ -617,10 +645,28 @@ def best_replicas(p: Plan, strategy) -> dict:
     return max(feasible, key=lambda r: r["tokens_per_s_per_gpu"])
 
 
+def with_bound(p: Plan, strategy, result: dict) -> dict:
+    """The result with its roofline beside it: `bound_step_s` and `bound_terms` are the
+    strategy's at the same GPU count under the ideal engine and no profile (its best attention
+    mode or split there, so bound <= prediction whenever the engine's efficiencies are <= 1)."""
+    result["engine"] = p.engine
+    if p.profile is not None:
+        result["profile"] = p.profile.path or "(dict)"
+    if p.engine == "ideal" and p.profile is None:
+        b = result
+    else:
+        ideal = replace(p, engine="ideal", profile=None, slo_s=None,
+                        replicas=None if strategy is plan_ep else result["gpus"])
+        b = strategy(ideal)
+    result["bound_step_s"] = b["step_s"]
+    result["bound_terms"] = dict(b.get("terms", {}))
+    return result
+
+
 def plan_all(p: Plan) -> dict:
     """The four strategies, ranked: feasible first, then by tokens/s per GPU."""
-    strategies = [plan_ep(p), best_replicas(p, plan_offload), best_replicas(p, plan_cpu_experts),
-                  best_replicas(p, plan_hybrid)]
+    strategies = [with_bound(p, plan_ep, plan_ep(p))] + [
+        with_bound(p, s, best_replicas(p, s)) for s in (plan_offload, plan_cpu_experts, plan_hybrid)]
     ranked = sorted(strategies, key=lambda s: (not s["feasible"], -(s["tokens_per_s_per_gpu"] or 0)))
     best = ranked[0]["name"] if ranked[0]["feasible"] else None
     return {"strategies": ranked, "best": best}

@@ -310,7 +310,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          kv_dtype: str = "bf16", cpu_expert_dtype: str = "int8", expert_dtype: str | None = None,
          nominal: bool = False, host_link: str | None = None, network: str | None = None,
          hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
-         cache_steps: int = 0, seed: int = 0) -> Report:
+         cache_steps: int = 0, seed: int = 0, engine: str | None = None,
+         profile=None) -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -328,8 +329,12 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     datasheet bandwidths instead of measured ones. host_dram_bw (B/s, the whole node)
     replaces the CPU preset's DRAM bandwidth. cache_steps > 0 also runs the offload
     strategy's expert cache (LRU and the Belady bound, kernels/expert_cache.py) over that
-    many passes of a concrete routing drawn from `routing`. Returns a Report with the keys
-    of `moelab plan --json`.
+    many passes of a concrete routing drawn from `routing`. engine: whose achieved
+    efficiencies predict the step (vllm | sglang | trtllm | ktransformers | llama.cpp | ideal,
+    ideal = the roofline; default: the profile's engine, else the best supported for the GPU);
+    profile: a user profile (path or dict, costmodel/predict/profile.py) whose factors scale
+    the predicted terms. Each strategy reports step_s (the prediction) and bound_step_s (the
+    roofline). Returns a Report with the keys of `moelab plan --json`.
     """
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
@@ -364,6 +369,11 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     # A prefill pass of n tokens holds one chunk of a longer prompt (context >= n) or whole
     # prompts of `context` tokens, ceil(n / context) of them.
     sequences = n if decode else (-(-n // ctx) if isinstance(ctx, int) else 1)
+    from moelab.costmodel.predict.profile import load_profile
+
+    prof = load_profile(profile) if profile is not None else None
+    if engine is None:
+        engine = prof.engine if prof is not None else "ideal"
     p = planner.Plan(
         model=m, cfg=cfg, system=s, cpu=host_cpu, gpus=gpus,
         gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
@@ -371,7 +381,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
         host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
         cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
-        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization)
+        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization, engine=engine, profile=prof)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:
@@ -408,6 +418,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         host={"cpu": host_cpu.name, "cpu_isa": host_cpu.isa, "cpu_sockets": host_cpu.sockets,
               "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
               "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
+        engine=engine,
+        profile=prof.to_dict() if prof is not None else None,
         strategies=result["strategies"],
         best=result["best"],
         gamma={"gamma": g.gamma, "decision": g.decision, "t_p_overhead_s": g.t_p_overhead,

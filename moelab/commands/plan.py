@@ -46,6 +46,12 @@ def add_arguments(p):
     w.add_argument("--cache-steps", type=int, default=0, metavar="N",
                    help="also simulate offload's expert cache (LRU, Belady) over N passes [0]")
     w.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of --cache-steps [0]")
+    e = p.add_argument_group("prediction")
+    e.add_argument("--engine", choices=("vllm", "sglang", "trtllm", "ktransformers", "llama.cpp", "ideal"),
+                   help="whose achieved efficiencies predict the step; ideal = the roofline "
+                        "[the profile's, else the best supported for the GPU]")
+    e.add_argument("--profile", metavar="FILE",
+                   help="a user profile (moelab fit writes it) scaling the predicted terms")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
     p.add_argument("--emit", choices=("vllm", "sglang", "llama.cpp"),
                    help="print launch flags for the recommended strategy in this engine")
@@ -70,7 +76,8 @@ def compute(args):
                     slo=args.slo_ms / 1e3 if args.slo_ms is not None else None,
                     kv_dtype=args.kv_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
                     expert_dtype=args.expert_dtype, nominal=args.nominal, host_dram_bw=dram,
-                    cache_steps=args.cache_steps, seed=args.seed)
+                    cache_steps=args.cache_steps, seed=args.seed, engine=args.engine,
+                    profile=args.profile)
 
 
 def run(args) -> int:
@@ -104,12 +111,17 @@ def print_table(out: dict) -> None:
     console.print(f"weights {out['weights_bytes'] / 1e9:,.1f} GB; KV {fmt(out['kv_bytes_per_token'])} "
                   f"B per token ({out['kv_bytes_total'] / 1e9:,.2f} GB for the batch)", highlight=False)
     t = Table()
+    console.print(f"engine: {out['engine']}" + (f" (profile {out['profile'].get('path', '(dict)')})"
+                                                 if out.get("profile") else "")
+                  + ("" if not out.get("engine_note") else f"; {out['engine_note']}"), highlight=False)
     for col, just in (("#", "right"), ("strategy", "left"), ("GPUs", "right"), ("step", "right"),
-                      ("tokens/s", "right"), ("per GPU", "right"), ("bound", "left")):
+                      ("roofline", "right"), ("tokens/s", "right"), ("per GPU", "right"),
+                      ("bound", "left")):
         t.add_column(col, justify=just)
     for i, s in enumerate(out["strategies"], 1):
         ok = s["feasible"]
         t.add_row(str(i) if ok else "—", s["name"], str(s["gpus"]), _seconds(s["step_s"]),
+                  _seconds(s.get("bound_step_s")),
                   fmt(s["tokens_per_s"]) if ok else "—",
                   fmt(s["tokens_per_s_per_gpu"]) if ok else "—",
                   s["bound"] if ok else "infeasible")
