@@ -35,7 +35,7 @@ class Pass:
 class Run:
     file: str
     label: str               # which record of the file and which figure, e.g. "#1 decode"
-    engine: str              # vllm | sglang | llama.cpp | tensorrt-llm
+    engine: str              # vllm | sglang | llama.cpp | trtllm (costmodel/predict's names)
     measured_s: float        # the time `passes` took, as the file gives it
     what: str                # how it was read, e.g. "mean TPOT 12.5 ms at concurrency 8"
     passes: list[Pass]
@@ -228,7 +228,7 @@ def _trtllm(path, label, rec, *, batch, **_) -> list[Run]:
     b = batch if batch is not None else max(1, round(conc))
     elapsed = n_req * n_out / (per_gpu * gpus)  # the report's definition of the per-GPU figure
     notes = [f"world_info: tp {world.get('tp_size')}, ep {world.get('ep_size')}, pp {world.get('pp_size')}"]
-    runs = [_waves(path, label, "tensorrt-llm", model, gpus, elapsed, n_req, b, round(n_in), round(n_out),
+    runs = [_waves(path, label, "trtllm", model, gpus, elapsed, n_req, b, round(n_in), round(n_out),
                    f"{per_gpu:.4g} output tokens/s per GPU x {gpus} GPUs: {elapsed:.4g} s for {n_req} "
                    f"requests of {n_in:.0f}+{n_out:.0f} tokens, batch {b} (mean concurrency)")]
     runs[0].notes += notes
@@ -236,7 +236,7 @@ def _trtllm(path, label, rec, *, batch, **_) -> list[Run]:
     if isinstance(stream, dict) and stream.get("avg_tpot_ms"):
         tpot = _num(path, f"{label} streaming_metrics", stream, "avg_tpot_ms", positive=True) / 1e3
         ctx = round(n_in + n_out / 2)
-        runs.append(Run(path, f"{label} decode", "tensorrt-llm", tpot,
+        runs.append(Run(path, f"{label} decode", "trtllm", tpot,
                         f"mean TPOT {tpot * 1e3:.4g} ms, batch {b}, context {ctx}",
                         [Pass(1, True, b, ctx)], model=model, gpus=gpus, notes=list(notes)))
     return runs

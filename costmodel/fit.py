@@ -18,19 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moelab.costmodel.bench_files import Run
+from moelab.costmodel.predict.profile import TERMS, VERSION, load_profile
 from moelab.costmodel.specs import SpecError
 
-TERMS = ("compute_s", "tp_allreduce_s", "network_s", "nvlink_s", "ep_latency_s", "stream_s",
-         "link_s", "cpu_s", "gpu_experts_s")
 DOMINANT = 0.5  # a run informs a factor when that term is at least half of its summed terms
-PROFILE_VERSION = 1
 
 
 def combine(strategy: str, terms: dict) -> float:
-    """A strategy's step from its terms, as costmodel/plan.py combines them: EP adds compute,
-    the TP all-reduce and the collectives' latency to the slower of its two all-to-all legs;
-    offload adds compute and the stream; CPU experts and the hybrid add the GPU's non-expert
-    work to the slower of the GPU's experts and the CPU's (with its activation round trip)."""
+    """A strategy's step from its terms, as costmodel/plan.py joins them (`_ep_step`,
+    `_hybrid_step`, offload's sum): repeated here so the fit can try thousands of candidate
+    scales without re-running the planner; tests/test_fit.py checks it against the planner
+    under a profile. EP adds compute, the TP all-reduce and the collectives' latency to the
+    slower all-to-all leg; offload adds compute and the stream; CPU experts and the hybrid add
+    the GPU's own work to the slower of the GPU's experts and the CPU's (with its round trip)."""
     t = {k: terms.get(k, 0.0) for k in TERMS}
     if strategy == "ep":
         return t["compute_s"] + t["tp_allreduce_s"] + t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
@@ -42,39 +42,13 @@ def combine(strategy: str, terms: dict) -> float:
 
 
 def apply_profile(strategy: str, terms: dict, layers: int, profile: dict | None) -> float:
-    """The step of one pass under a profile (None: the planner's own step)."""
+    """The step of one pass under a profile's scale and fixed costs (None: the terms' own step)."""
     if not profile:
         return combine(strategy, terms)
     scale = profile.get("scale", {})
     fixed = profile.get("fixed", {})
     scaled = {k: v * scale.get(k, 1.0) for k, v in terms.items()}
     return combine(strategy, scaled) + fixed.get("per_step_s", 0.0) + fixed.get("per_layer_s", 0.0) * layers
-
-
-def check_profile(obj, where: str) -> dict:
-    """A user profile in the format `moelab fit` writes; SpecError naming the field otherwise."""
-    if not isinstance(obj, dict) or obj.get("moelab_profile") != PROFILE_VERSION:
-        raise SpecError(f"profile: {where} is not a moelab profile "
-                        f"(needs \"moelab_profile\": {PROFILE_VERSION})")
-    if not isinstance(obj.get("engine"), str):
-        raise SpecError(f"profile: {where}: engine must be a string")
-    scale = obj.get("scale", {})
-    if not isinstance(scale, dict):
-        raise SpecError(f"profile: {where}: scale must be an object")
-    for k, v in scale.items():
-        if k not in TERMS:
-            raise SpecError(f"profile: {where}: scale has an unknown term {k!r} (known: {', '.join(TERMS)})")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise SpecError(f"profile: {where}: scale.{k} must be a number > 0, got {v!r}")
-    fixed = obj.get("fixed", {})
-    if not isinstance(fixed, dict):
-        raise SpecError(f"profile: {where}: fixed must be an object")
-    for k, v in fixed.items():
-        if k not in ("per_step_s", "per_layer_s"):
-            raise SpecError(f"profile: {where}: fixed has an unknown key {k!r} (per_step_s, per_layer_s)")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
-            raise SpecError(f"profile: {where}: fixed.{k} must be a number >= 0, got {v!r}")
-    return obj
 
 
 # --- the model a run names ---------------------------------------------------------------------
@@ -113,6 +87,7 @@ class Setup:
     cpu: str
     model: str | None = None
     gpus: int | None = None
+    engine: str | None = None  # whose efficiencies predict the runs [each run's own engine]
     expert_dtype: str | None = None
     cpu_expert_dtype: str = "int8"
     kv_dtype: str = "bf16"
@@ -135,9 +110,10 @@ class Prediction:
         return sum(c * apply_profile(s, t, layers, profile) for c, s, t, layers, _, _ in self.parts)
 
 
-def predict_run(run: Run, setup: Setup) -> Prediction | None:
-    """moelab's prediction of a run (None, with run.skip set, when the planner's strategy
-    does not fit this hardware). A model that is no MoE, or none at all, is an error."""
+def predict_run(run: Run, setup: Setup, profile: dict | None = None) -> Prediction | None:
+    """moelab's prediction of a run with its engine's efficiencies (and a profile on top, if
+    given); None, with run.skip set, when the strategy does not fit this hardware. A model
+    that is no MoE, or none at all, is an error."""
     from moelab import api
 
     if run.skip:
@@ -155,25 +131,27 @@ def predict_run(run: Run, setup: Setup) -> Prediction | None:
     strategy = run.strategy
     if run.cpu_moe_layers and run.cpu_moe_layers < spec.n_moe_layers:
         strategy = "hybrid"
-        run.notes.append(f"n_cpu_moe {run.cpu_moe_layers} of {spec.n_moe_layers} MoE layers: predicted as "
-                         "moelab's hybrid, which picks its own split of experts between GPU and CPU")
+        note = (f"n_cpu_moe {run.cpu_moe_layers} of {spec.n_moe_layers} MoE layers: predicted as "
+                "moelab's hybrid, which picks its own split of experts between GPU and CPU")
+        if note not in run.notes:
+            run.notes.append(note)
     pred = Prediction(model=model, gpus=gpus, strategy=strategy)
     layers = spec.n_layers or spec.n_moe_layers
     for p in run.passes:
         kw = dict(decode_batch=p.n) if p.decode else dict(tokens=p.n)
         r = api.plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
                      expert_dtype=setup.expert_dtype, cpu_expert_dtype=setup.cpu_expert_dtype,
-                     kv_dtype=setup.kv_dtype, host_mem=setup.host_mem, **kw)
+                     kv_dtype=setup.kv_dtype, host_mem=setup.host_mem,
+                     engine=setup.engine or run.engine, profile=profile, **kw)
         s = next(x for x in r["strategies"] if x["name"] == strategy)
         if not s["feasible"]:
             run.skip = f"moelab's {strategy} does not fit this hardware: {s['reason']}"
             return None
-        bound = s.get("bound_step_s", s["step_s"])  # the roofline, once the planner reports it apart
-        pred.parts.append((p.count, strategy, s["terms"], layers, s["step_s"], bound))
+        pred.parts.append((p.count, strategy, s["terms"], layers, s["step_s"], s["bound_step_s"]))
         for k, v in s["terms"].items():
             pred.terms[k] = pred.terms.get(k, 0.0) + p.count * v
         pred.step_s += p.count * s["step_s"]
-        pred.bound_s += p.count * bound
+        pred.bound_s += p.count * s["bound_step_s"]
     total = sum(pred.terms.values())
     top = max(pred.terms, key=pred.terms.get)
     pred.dominant_share = pred.terms[top] / total if total > 0 else 0.0
@@ -241,8 +219,11 @@ def fit_scales(measured: list[float], informs: list[list[str]],
 
 
 def make_profile(engine: str, fit: Fit, fitted_from: list[dict], source: str) -> dict:
-    return {"moelab_profile": PROFILE_VERSION, "engine": engine,
+    """The profile `moelab plan --profile` reads (checked by its own loader before it is written)."""
+    profile = {"moelab_profile": VERSION, "engine": engine,
             "scale": {t: fit.scale[t] for t in sorted(fit.scale)},
             "fixed": {"per_step_s": 0.0, "per_layer_s": 0.0},
             "uncertainty": {t: fit.uncertainty.get(t) for t in sorted(fit.scale)},
             "fitted_from": fitted_from, "source": source}
+    load_profile(profile)
+    return profile

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 HELP = "your engine's benchmark results vs moelab's prediction; fit and write an engine profile"
 
-ENGINES = ("vllm", "sglang", "llama.cpp", "tensorrt-llm")
+ENGINES = ("vllm", "sglang", "trtllm", "ktransformers", "llama.cpp")  # costmodel/predict/profile.py's
 
 
 def add_arguments(p):
@@ -19,7 +19,8 @@ def add_arguments(p):
     g.add_argument("--system", required=True, help="GPU preset or system JSON the runs ran on")
     g.add_argument("--cpu", required=True, help="CPU preset of the host")
     g.add_argument("--model", help="preset or config.json, for files whose model id names neither")
-    g.add_argument("--engine", choices=ENGINES, help="the engine the profile refines [the files']")
+    g.add_argument("--engine", choices=ENGINES,
+                   help="the engine the profile refines, whose efficiencies predict the runs [the files']")
     g.add_argument("--gpus", type=int, metavar="N",
                    help="GPUs of a run whose file does not say [max(--tp, --ep), else 1]")
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel size the engine ran with")
@@ -57,7 +58,7 @@ def compute(args, argv: list[str] | None = None) -> dict:
     if not (math.isfinite(args.host_mem_gb) and args.host_mem_gb > 0):
         raise SpecError(f"--host-mem-gb: must be > 0, got {args.host_mem_gb}")
     gpus = args.gpus or (max(args.tp or 1, args.ep or 1) if (args.tp or args.ep) else None)
-    setup = F.Setup(system=args.system, cpu=args.cpu, model=args.model, gpus=gpus,
+    setup = F.Setup(system=args.system, cpu=args.cpu, model=args.model, gpus=gpus, engine=args.engine,
                     expert_dtype=args.expert_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
                     kv_dtype=args.kv_dtype, host_mem=args.host_mem_gb * 1e9)
     runs = []
@@ -85,7 +86,7 @@ def compute(args, argv: list[str] | None = None) -> dict:
         if p is not None:
             row.update(model=p.model, gpus=p.gpus, strategy=p.strategy, predicted_s=p.step_s,
                        bound_s=p.bound_s, error=p.step_s / r.measured_s - 1,
-                       fitted_s=p.under(profile), informs=p.informs,
+                       fitted_s=F.predict_run(r, setup, profile).step_s, informs=p.informs,
                        dominant_share=p.dominant_share, terms=p.terms)
         rows.append(row)
     return {"runs": rows, "profile": profile, "runs_per_term": fit.runs_per_term}
