@@ -1,7 +1,7 @@
 """`moelab fit`: a user's own benchmark runs against moelab's prediction, and an engine
 profile's factors fitted to them.
 
-Each run (costmodel/bench_files.py) is predicted pass by pass with the planner
+Each run (costmodel/engine_results.py) is predicted pass by pass with the planner
 (`moelab.plan`): the strategy that matches the engine's deployment gives a step time and its
 terms (compute_s, stream_s, cpu_s, ...). A profile multiplies each term by scale[term] before
 the strategy combines them (`combine`, the same sums and maxima as costmodel/plan.py), then
@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moelab.costmodel.bench_files import Run
+from moelab.costmodel.engine_results import Run
 from moelab.costmodel.predict.profile import TERMS, VERSION, load_profile
 from moelab.costmodel.specs import SpecError
 
@@ -110,11 +110,12 @@ class Prediction:
         return sum(c * apply_profile(s, t, layers, profile) for c, s, t, layers, _, _ in self.parts)
 
 
-def predict_run(run: Run, setup: Setup, profile: dict | None = None) -> Prediction | None:
+def predict_run(run: Run, setup: Setup, plan: Callable, profile: dict | None = None) -> Prediction | None:
     """moelab's prediction of a run with its engine's efficiencies (and a profile on top, if
-    given); None, with run.skip set, when the strategy does not fit this hardware. A model
-    that is no MoE, or none at all, is an error."""
-    from moelab import api
+    given), pass by pass with `plan` (`moelab.plan`, passed in: the cost model does not import
+    the API above it); None, with run.skip set, when the strategy does not fit this hardware.
+    A model that is no MoE, or none at all, is an error."""
+    from moelab.costmodel.presets import load_model
 
     if run.skip:
         return None
@@ -124,7 +125,7 @@ def predict_run(run: Run, setup: Setup, profile: dict | None = None) -> Predicti
             else "names no model"
         raise SpecError(f"result file: {run.file} {run.label} {named}: give --model")
     try:
-        spec = api.model_spec(model)
+        spec = load_model(model)
     except SpecError as e:
         raise SpecError(f"result file: {run.file} {run.label}: model {model}: {e}") from None
     gpus = run.gpus or setup.gpus or 1
@@ -139,7 +140,7 @@ def predict_run(run: Run, setup: Setup, profile: dict | None = None) -> Predicti
     layers = spec.n_layers or spec.n_moe_layers
     for p in run.passes:
         kw = dict(decode_batch=p.n) if p.decode else dict(tokens=p.n)
-        r = api.plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
+        r = plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
                      expert_dtype=setup.expert_dtype, cpu_expert_dtype=setup.cpu_expert_dtype,
                      kv_dtype=setup.kv_dtype, host_mem=setup.host_mem,
                      engine=setup.engine or run.engine, profile=profile, **kw)

@@ -10,7 +10,7 @@ import pytest
 
 from moelab.cli import main
 from moelab.costmodel import fit as F
-from moelab.costmodel.bench_files import Pass, read_runs
+from moelab.costmodel.engine_results import Pass, read_runs
 from moelab.costmodel.specs import SpecError
 
 DATA = Path(__file__).parent / "data" / "fit"
@@ -145,9 +145,11 @@ def test_fit_uncertainty_from_log_residuals():
 
 
 def test_fit_recovers_a_factor_through_the_planner():
+    import moelab
+
     (run,) = [r for r in read_runs(str(DATA / "vllm_serve.json")) if r.label == "#1 decode"]
     setup = F.Setup(system="h100-sxm", cpu="epyc-9654")
-    pred = F.predict_run(run, setup)
+    pred = F.predict_run(run, setup, moelab.plan)
     assert pred.strategy == "ep" and pred.gpus == 1 and pred.informs == ["compute_s"]
     assert set(k for k, v in pred.terms.items() if v) == {"compute_s"}  # one GPU: no communication
     fit = F.fit_scales([1.3 * pred.step_s], [pred.informs], lambda i, prof: pred.under(prof))

@@ -49,8 +49,9 @@ def compute(args, argv: list[str] | None = None) -> dict:
     import math
     import shlex
 
+    from moelab import api
     from moelab.costmodel import fit as F
-    from moelab.costmodel.bench_files import read_runs
+    from moelab.costmodel.engine_results import read_runs
     from moelab.costmodel.specs import SpecError
 
     for name in ("gpus", "tp", "ep", "batch", "input_len", "output_len"):
@@ -69,7 +70,7 @@ def compute(args, argv: list[str] | None = None) -> dict:
     if engine is None:
         raise SpecError(f"engine: the files come from {', '.join(engines)}: a profile refines one; "
                         "give --engine or fit each engine's files apart")
-    preds = [F.predict_run(r, setup) for r in runs]
+    preds = [F.predict_run(r, setup, api.plan) for r in runs]
     used = [i for i, p in enumerate(preds) if p is not None]
     if not used:
         raise SpecError("no run can be predicted: " + "; ".join(f"{r.label}: {r.skip}" for r in runs))
@@ -86,7 +87,7 @@ def compute(args, argv: list[str] | None = None) -> dict:
         if p is not None:
             row.update(model=p.model, gpus=p.gpus, strategy=p.strategy, predicted_s=p.step_s,
                        bound_s=p.bound_s, error=p.step_s / r.measured_s - 1,
-                       fitted_s=F.predict_run(r, setup, profile).step_s, informs=p.informs,
+                       fitted_s=F.predict_run(r, setup, api.plan, profile).step_s, informs=p.informs,
                        dominant_share=p.dominant_share, terms=p.terms)
         rows.append(row)
     return {"runs": rows, "profile": profile, "runs_per_term": fit.runs_per_term}
