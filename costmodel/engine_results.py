@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from moelab.costmodel.jsonfile import read_json_or_lines
 from moelab.costmodel.specs import SpecError
 
+# Limits, checked before anything is predicted: far above any real benchmark, low enough
+# that the planner's per-pass arrays stay small and a file cannot ask for hours of work.
+MAX_TOKENS = 2**24   # tokens in one pass, sequences in a decode batch, context per sequence
+MAX_GPUS = 4096
+MAX_RUNS = 1000      # runs over all files of one `moelab fit`
+
 
 @dataclass(frozen=True)
 class Pass:
@@ -29,6 +35,11 @@ class Pass:
     decode: bool
     n: int
     context: int
+
+    def check(self, path, label) -> None:
+        for what, v in (("batch" if self.decode else "tokens per pass", self.n), ("context", self.context)):
+            if not 1 <= v <= MAX_TOKENS:
+                raise SpecError(f"result file: {path} {label}: {what} {v:,} is outside 1..{MAX_TOKENS:,}")
 
 
 @dataclass
@@ -63,10 +74,17 @@ def read_runs(path: str, *, batch: int | None = None, input_len: int | None = No
         raise SpecError(f"result file: {path} mixes records of different formats")
     reader = {"vllm-serve": _serving, "sglang": _serving, "vllm-throughput": _vllm_throughput,
               "llama-bench": _llama_bench, "trtllm": _trtllm}[kind]
+    if len(records) > MAX_RUNS:
+        raise SpecError(f"result file: {path} holds {len(records):,} results; the limit is {MAX_RUNS:,}")
     runs: list[Run] = []
     for i, rec in enumerate(records, 1):
         runs += reader(path, f"#{i}", rec, kind=kind, batch=batch, input_len=input_len,
                        output_len=output_len)
+    for r in runs:
+        for p in r.passes:
+            p.check(path, r.label)
+        if r.gpus is not None and not 1 <= r.gpus <= MAX_GPUS:
+            raise SpecError(f"result file: {path} {r.label}: {r.gpus:,} GPUs is outside 1..{MAX_GPUS:,}")
     if not runs:
         raise SpecError(f"result file: {path} holds no runs")
     return runs

@@ -190,6 +190,9 @@ def test_one_run_one_factor_is_fitted_exactly(capsys):
     (row,) = data["runs"]
     assert row["informs"] == ["compute_s"] and row["fitted_s"] == pytest.approx(40.0, rel=1e-6)
     assert data["profile"]["uncertainty"] == {"compute_s": None}
+    assert data["profile"]["source"] == (f"moelab fit {DATA / 'vllm_throughput.json'} --system h100-sxm "
+                                         "--cpu epyc-9654 --model qwen3-30b-a3b --batch 32 --input-len 512 "
+                                         "--output-len 128")
 
 
 def test_profile_round_trips_through_plan(tmp_path, capsys):
@@ -246,3 +249,13 @@ def test_bad_files_one_line_exit_2_nothing_written(tmp_path, capsys):
     assert "not a mixture of experts" in _refused(tmp_path, capsys, [DATA / "llama-bench.jsonl"],
                                                   "--model", str(dense))
     assert "--engine" in _refused(tmp_path, capsys, [DATA / "sglang.jsonl", DATA / "trtllm.json"])
+    huge = json.loads((DATA / "llama-bench.jsonl").read_text().splitlines()[0])
+    f = write("g.jsonl", json.dumps({**huge, "n_prompt": 10**12}))
+    assert "outside 1..16,777,216" in _refused(tmp_path, capsys, [f], "--model", "qwen3-30b-a3b")
+    assert "--gpus" in _refused(tmp_path, capsys, [DATA / "sglang.jsonl"], "--gpus", "0")
+
+
+def test_out_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "p.json"
+    assert main(["fit", str(DATA / "vllm_serve.json"), *HW, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not out.parent.exists()

@@ -38,24 +38,41 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print the runs and the profile as JSON")
 
 
-def _positive(name, value):
+def _in_range(name, value, top):
     from moelab.costmodel.specs import SpecError
 
-    if value is not None and not 1 <= value <= 1_000_000:
-        raise SpecError(f"{name}: must be an integer from 1 to 1,000,000, got {value}")
+    if value is not None and not 1 <= value <= top:
+        raise SpecError(f"{name}: must be an integer from 1 to {top:,}, got {value}")
 
 
-def compute(args, argv: list[str] | None = None) -> dict:
-    import math
+def _source(args) -> str:
+    """The command that made a profile, from the parsed flags (not sys.argv: the API and
+    tests call it too)."""
     import shlex
+
+    parts = ["moelab", "fit", *args.files]
+    for flag, default in (("system", None), ("cpu", None), ("model", None), ("engine", None),
+                          ("gpus", None), ("tp", None), ("ep", None), ("batch", None),
+                          ("input_len", None), ("output_len", None), ("expert_dtype", None),
+                          ("cpu_expert_dtype", "int8"), ("kv_dtype", "bf16"), ("host_mem_gb", 2000),
+                          ("out", None)):
+        v = getattr(args, flag)
+        if v is not None and v != default:
+            parts += ["--" + flag.replace("_", "-"), f"{v:g}" if isinstance(v, float) else str(v)]
+    return shlex.join(parts)
+
+
+def compute(args) -> dict:
+    import math
 
     from moelab import api
     from moelab.costmodel import fit as F
-    from moelab.costmodel.engine_results import read_runs
+    from moelab.costmodel.engine_results import MAX_GPUS, MAX_RUNS, MAX_TOKENS, read_runs
     from moelab.costmodel.specs import SpecError
 
     for name in ("gpus", "tp", "ep", "batch", "input_len", "output_len"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+        top = MAX_GPUS if name in ("gpus", "tp", "ep") else MAX_TOKENS
+        _in_range("--" + name.replace("_", "-"), getattr(args, name), top)
     if not (math.isfinite(args.host_mem_gb) and args.host_mem_gb > 0):
         raise SpecError(f"--host-mem-gb: must be > 0, got {args.host_mem_gb}")
     gpus = args.gpus or (max(args.tp or 1, args.ep or 1) if (args.tp or args.ep) else None)
@@ -65,6 +82,8 @@ def compute(args, argv: list[str] | None = None) -> dict:
     runs = []
     for f in args.files:
         runs += read_runs(f, batch=args.batch, input_len=args.input_len, output_len=args.output_len)
+        if len(runs) > MAX_RUNS:
+            raise SpecError(f"files: more than {MAX_RUNS:,} runs in all; fit fewer files at a time")
     engines = sorted({r.engine for r in runs})
     engine = args.engine or (engines[0] if len(engines) == 1 else None)
     if engine is None:
@@ -78,8 +97,7 @@ def compute(args, argv: list[str] | None = None) -> dict:
                        lambda j, prof: preds[used[j]].under(prof))
     fitted_from = [{"file": runs[i].file, "run": runs[i].label, "measured_s": runs[i].measured_s,
                     "informs": list(preds[i].informs)} for i in used]
-    source = "moelab fit " + shlex.join(argv if argv is not None else args.files)
-    profile = F.make_profile(engine, fit, fitted_from, source)
+    profile = F.make_profile(engine, fit, fitted_from, _source(args))
     rows = []
     for r, p in zip(runs, preds, strict=True):
         row = {"file": r.file, "run": r.label, "engine": r.engine, "what": r.what,
@@ -95,9 +113,8 @@ def compute(args, argv: list[str] | None = None) -> dict:
 
 def run(args) -> int:
     import json
-    import sys
 
-    out = compute(args, sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "fit" else None)
+    out = compute(args)
     if args.out:
         from moelab.io import write_json
 
