@@ -141,6 +141,9 @@ def _serving(path, label, rec, *, kind, batch, **_) -> list[Run]:
                         f"({rate!r}): the batch is unknown, give --batch")
     b = max(1, min(int(b), int(completed)))
     model, gpus, notes = rec.get("model_id"), None, []
+    if how.startswith("all requests"):
+        notes.append("the engine may cap its decode batch below the requests sent (vLLM --max-num-seqs, "
+                     "SGLang --max-running-requests): give --batch if so")
     if engine == "sglang":
         info = rec.get("server_info")
         if isinstance(info, dict):
