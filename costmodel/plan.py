@@ -31,6 +31,7 @@ import numpy as np
 
 from moelab.costmodel import memory
 from moelab.costmodel.closed_form import ep_legs
+from moelab.costmodel.predict import efficiency
 from moelab.costmodel.predict.profile import ENGINES, Profile
 from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 
@@ -274,20 +275,53 @@ def _combine(p: Plan, terms: dict, combine) -> tuple[float, float, dict]:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One operation class of a Work, with the shape its efficiency curve is read at."""
+
+    cls: str  # gemm | moe | attn_decode | mla_decode | attn_prefill (costmodel/predict/efficiency.py)
+    dtype: str  # bf16 | fp8 | int4 (weights; the KV cache for attention)
+    x: float  # the shape: GEMM rows M, tokens per expert, batch x context, prompt tokens
+    flops: float = 0.0
+    flops_fp8: float = 0.0
+    bytes: float = 0.0
+
+    def roofline(self, system: SystemSpec) -> float:
+        return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
+                   self.bytes / system.hbm_bw)
+
+
+@dataclass(frozen=True)
 class Work:
     """FLOPs and HBM bytes of one pass on one GPU, split into the parts the report names."""
 
     flops: float = 0.0
     flops_fp8: float = 0.0  # FLOPs that run at the fp8 peak (fp8 weights)
     bytes: float = 0.0
+    parts: tuple = ()  # the same FLOPs and bytes by operation class (Part), for the prediction
 
     def __add__(self, other: Work) -> Work:
-        return Work(self.flops + other.flops, self.flops_fp8 + other.flops_fp8, self.bytes + other.bytes)
+        return Work(self.flops + other.flops, self.flops_fp8 + other.flops_fp8, self.bytes + other.bytes,
+                    self.parts + other.parts)
+
+    @staticmethod
+    def of(*parts: Part) -> Work:
+        return Work(sum(q.flops for q in parts), sum(q.flops_fp8 for q in parts),
+                    sum(q.bytes for q in parts), tuple(parts))
 
     def time(self, system: SystemSpec) -> float:
         """Roofline: the FLOPs at their peaks, or the HBM bytes, whichever is slower."""
         return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
                    self.bytes / system.hbm_bw)
+
+    def predict(self, p: Plan) -> float:
+        """The engine's prediction: each part's roofline / its achieved efficiency at its shape,
+        summed (kernels run one after another). The ideal engine keeps the roofline above; any
+        other is >= it, since sum max(f_i, b_i) >= max(sum f_i, sum b_i) and efficiency <= 1."""
+        if p.engine == "ideal":
+            return self.time(p.system)
+        return sum(q.roofline(p.system) / efficiency.at(efficiency.curve(p.system.name, p.engine, q.cls,
+                                                                           q.dtype)[0], q.x)
+                   for q in self.parts)
 
     def bound(self, system: SystemSpec) -> str:
         compute = self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8
@@ -329,17 +363,27 @@ def non_expert_work(p: Plan, tokens: float, weight_bytes: float, kv_bytes: float
     core = attention_core_flops(p, tokens) / split
     act = 2 * tokens * p.model.hidden * p.model.f_a * (p.model.n_layers or p.model.n_moe_layers) / split
     fp8 = dtype == "fp8"
-    return Work(flops=core + (0 if fp8 else linear), flops_fp8=linear if fp8 else 0.0,
-                bytes=weight_bytes + kv_bytes + act)
+    gemm = Part("gemm", "fp8" if fp8 else "bf16", tokens, flops=0 if fp8 else linear,
+                flops_fp8=linear if fp8 else 0.0, bytes=weight_bytes + act)
+    mla = memory.is_mla(memory._flatten(p.cfg))
+    # decode kernels read batch x context KV entries; prefill kernels run over the prompt tokens
+    attn = Part(("mla_decode" if mla else "attn_decode") if p.decode else "attn_prefill",
+                "fp8" if p.kv_dtype == "fp8" else "bf16",
+                tokens * max(p.context, 1) if p.decode else tokens, flops=core, bytes=kv_bytes)
+    return Work.of(gemm, attn)
 
 
-def expert_work(p: Plan, rows: float, used_experts: float) -> Work:
-    """Routed experts on a GPU: `rows` token-expert pairs and `used_experts` experts read, all layers."""
+def expert_work(p: Plan, rows: float, used_experts: float, held_experts: float | None = None) -> Work:
+    """Routed experts on a GPU: `rows` token-expert pairs and `used_experts` experts read, all
+    layers; `held_experts` experts per layer on this GPU (default all), for the tokens per
+    expert the grouped GEMM runs at."""
     m = p.model
     flops = 2 * rows * m.expert_params * m.n_moe_layers
     fp8 = m.expert_dtype == "fp8"
     bytes_ = m.n_moe_layers * (used_experts * m.expert_bytes + 2 * rows * m.hidden * m.f_a)
-    return Work(flops=0 if fp8 else flops, flops_fp8=flops if fp8 else 0.0, bytes=bytes_)
+    x = rows / (held_experts or m.n_experts)
+    return Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), x, flops=0 if fp8 else flops,
+                        flops_fp8=flops if fp8 else 0.0, bytes=bytes_))
 
 
 # --- EP communication (the one place issue 10's two-tier terms will replace) ---------------
@@ -349,22 +393,58 @@ def ep_comm_time(p: Plan, tokens_per_rank: float, ranks: int, imbalance: float |
     """Dispatch and combine of one pass, all MoE layers, on the busiest rank: the two-tier
     legs of the closed form (`closed_form.ep_legs`, the same as `moelab gamma --ep-ranks R`).
 
-    Per layer: 2 alpha_net + the slower of the network leg (remote nodes at B_net, DeepEP's
+    Per layer: 2 latencies + the slower of the network leg (remote nodes at B_net, DeepEP's
     per-node dispatch) and the NVLink leg (ranks in the node, and the forwarded copies), both
     scaled by the busiest rank's share. `imbalance` None: the closed form's, for uniform
     routing; a number (a skewed routing's, `Routing.imbalance`) replaces it.
+
+    The latency is the network's (alpha_net, fitted on DeepEP's internode kernels) only when
+    the ranks span nodes; inside one NVLink domain it is NVLink's (alpha_scale_up; no figure
+    is published: 0 in the roofline). An engine's prediction inside one domain replaces it by
+    the measured floor of its all-to-all (dispatch + combine at the smallest shapes) and runs
+    the NVLink leg at the measured efficiency for its bytes; across nodes it keeps alpha_net
+    and the network leg as they are (no internode table is derived).
     """
     m = p.model
     if ranks <= 1:
         return {"network_s": 0.0, "nvlink_s": 0.0, "latency_s": 0.0, "comm_s": 0.0,
                 "fanout": 0.0, "imbalance": 1.0}
+    one_domain = ranks <= p.gpus_per_node
     system = p.system.with_(gpus_per_node=min(ranks, p.gpus_per_node), b_nvlink=p.b_up)
     legs = ep_legs(m, system, Options(ep_ranks=ranks), tokens_per_rank)
     scale = 1.0 if imbalance is None else imbalance / legs.imbalance
     L = m.n_moe_layers
-    net, up, latency = L * scale * legs.t_net, L * scale * legs.t_nvlink, L * 2 * system.alpha_net
+    alpha = p.alpha_scale_up if one_domain else system.alpha_net
+    net, up, latency = L * scale * legs.t_net, L * scale * legs.t_nvlink, L * 2 * alpha
+    if p.engine != "ideal":
+        c, _ = _a2a_curve(p)
+        if one_domain:
+            latency = L * max(2 * alpha, efficiency.floor_s(c))
+        up = up / efficiency.at(c, up / L * p.b_up)  # x: bytes per rank and layer over NVLink
     return {"network_s": net, "nvlink_s": up, "latency_s": latency, "comm_s": latency + max(net, up),
             "fanout": legs.tiers.ranks, "imbalance": legs.imbalance * scale}
+
+
+def _a2a_curve(p: Plan):
+    """The engine's all-to-all: low-latency kernels for decode, high-throughput for prefill."""
+    cls = efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"]
+    return efficiency.curve(p.system.name, p.engine, cls, "bf16")
+
+
+def tp_allreduce_time(p: Plan, tokens: float, split: int) -> float:
+    """One all-reduce of `tokens` tokens' activations per layer over `split` GPUs of one node:
+    ring roofline 2 (s-1)/s bytes / B_nvlink + NVLink's latency; an engine's prediction adds
+    its custom all-reduce's measured floor and runs the bytes at its measured efficiency."""
+    if split <= 1:
+        return 0.0
+    m = p.model
+    L_all = m.n_layers or m.n_moe_layers
+    nbytes = tokens * m.hidden * m.f_a
+    ring = 2 * (split - 1) / split * nbytes / p.b_up
+    if p.engine == "ideal":
+        return L_all * (p.alpha_scale_up + ring)
+    c, _ = efficiency.curve(p.system.name, p.engine, "allreduce", "bf16")
+    return L_all * (max(p.alpha_scale_up, efficiency.floor_s(c)) + ring / efficiency.at(c, nbytes))
 
 
 # --- the four strategies -----------------------------------------------------------------------
@@ -432,13 +512,9 @@ def plan_ep(p: Plan) -> dict:
             options.append((mode, need, total, None))
             continue
         work = non_expert_work(p, n * split, non_expert / split, kv_gpu * kv_copies, split)
-        tp = 0.0
-        if split > 1:  # one ring all-reduce of the node's activations per layer, over NVLink
-            L_all = m.n_layers or m.n_moe_layers
-            tp = L_all * (p.alpha_scale_up
-                          + 2 * (split - 1) / split * n * split * m.hidden * m.f_a / p.b_up)
-        ex = expert_work(p, rows, local_used)
-        compute = work.time(p.system) + ex.time(p.system) + tp
+        tp = tp_allreduce_time(p, n * split, split)  # the node's activations, once per layer
+        ex = expert_work(p, rows, local_used, m.n_experts / R)
+        compute = work.predict(p) + ex.predict(p) + tp
         options.append((mode, need, total, (compute, work + ex, tp)))
     fits = [o for o in options if o[3] is not None]
 
@@ -534,7 +610,7 @@ def plan_offload(p: Plan) -> dict:
     bw, link_kind = _host_stream_bw(p, per_node)
     stream = m.n_moe_layers * misses * (p.system.alpha_pcie + m.expert_bytes / bw)
     work = non_expert_work(p, n, non_expert, kv) + expert_work(p, n * m.top_k, used)
-    compute = work.time(p.system)
+    compute = work.predict(p)
     terms = {"compute_s": compute, "stream_s": stream}
     step, overlap, terms = _combine(p, terms, lambda t: (t["compute_s"] + t["stream_s"],
                                                          max(t["compute_s"], t["stream_s"])))
@@ -592,7 +668,7 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
     if name == "hybrid":
         r_max = min(m.n_experts, int((p.usable_hbm - gpu_need) // m.expert_bytes) // m.n_moe_layers)
     gpu_part = non_expert_work(p, n, non_expert, kv)
-    t_gpu = gpu_part.time(p.system)
+    t_gpu = gpu_part.predict(p)
     best = None
     for r in range(r_max + 1):  # every split: the step need not be monotone in r
         used, cpu_used = p.routing.used(n, m.top_k, m.n_experts, r)
@@ -600,7 +676,7 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         share = p.routing.pairs_beyond(r, m.n_experts)  # token-expert pairs the CPU takes
         t_cpu, cpu_kind = _cpu_expert_time(p, n * share, cpu_used, per_node)
         link = _link_round_trip(p, n) if cpu_used > 1e-12 else 0.0
-        t_gexp = expert_work(p, n * m.top_k * (1 - share), gpu_used).time(p.system) / m.n_moe_layers
+        t_gexp = expert_work(p, n * m.top_k * (1 - share), gpu_used, r).predict(p) / m.n_moe_layers
         L = m.n_moe_layers
         terms = {"compute_s": t_gpu, "cpu_s": L * t_cpu, "link_s": L * link, "gpu_experts_s": L * t_gexp}
         step, overlap, terms = _combine(p, terms, _hybrid_step)
@@ -650,6 +726,7 @@ def with_bound(p: Plan, strategy, result: dict) -> dict:
     strategy's at the same GPU count under the ideal engine and no profile (its best attention
     mode or split there, so bound <= prediction whenever the engine's efficiencies are <= 1)."""
     result["engine"] = p.engine
+    result["efficiency_sources"] = efficiency_sources(p, result)
     if p.profile is not None:
         result["profile"] = p.profile.path or "(dict)"
     if p.engine == "ideal" and p.profile is None:
@@ -661,6 +738,24 @@ def with_bound(p: Plan, strategy, result: dict) -> dict:
     result["bound_step_s"] = b["step_s"]
     result["bound_terms"] = dict(b.get("terms", {}))
     return result
+
+
+def efficiency_sources(p: Plan, result: dict) -> list:
+    """Where each op class's efficiency came from, for the classes this strategy runs."""
+    if p.engine == "ideal":
+        return [{"op": "all", "dtype": "", "source": "ideal: the roofline"}]
+    _, dtype = _linear_params_active(p)
+    mla = memory.is_mla(memory._flatten(p.cfg))
+    used = [("gemm", "fp8" if dtype == "fp8" else "bf16"),
+            (("mla_decode" if mla else "attn_decode") if p.decode else "attn_prefill",
+             "fp8" if p.kv_dtype == "fp8" else "bf16"),
+            ("moe", efficiency.dtype_class(p.model.expert_dtype))]
+    if result["name"] == "ep" and result["gpus"] > 1:
+        used.append((efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"], "bf16"))
+        if result.get("attention") == "tensor-parallel attention":
+            used.append(("allreduce", "bf16"))
+    return [{"op": cls, "dtype": dt, "source": efficiency.curve(p.system.name, p.engine, cls, dt)[1]}
+            for cls, dt in used]
 
 
 def plan_all(p: Plan) -> dict:

@@ -357,8 +357,6 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         from dataclasses import replace as _replace
 
         host_cpu = _replace(host_cpu, dram_bw=host_dram_bw, dram_bw_measured=0.0)
-    s = system_spec(system, host_link=host_link, network=network, measured_links=not nominal,
-                    latencies=True)
     decode = decode_batch is not None
     n = decode_batch if decode else (DEFAULT_PREFILL_TOKENS if tokens is None else tokens)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -372,8 +370,21 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     from moelab.costmodel.predict.profile import load_profile
 
     prof = load_profile(profile) if profile is not None else None
-    if engine is None:
-        engine = prof.engine if prof is not None else "ideal"
+    from moelab.costmodel.predict import efficiency as eff
+
+    s = system_spec(system, host_link=host_link, network=network, measured_links=not nominal,
+                    latencies=True)
+    if engine is None and prof is not None:
+        engine, engine_note = prof.engine, "the profile's"
+    elif engine is None:
+        engine, engine_note = eff.default_engine(s.name)
+    else:
+        eff.engine(engine)  # an unknown name: one error line
+        engine_note = "as asked"
+    no_tables = s.name not in eff.data()["gpus"]
+    if engine != "ideal" and no_tables and "no per-operation tables" not in engine_note:
+        engine_note += (f"; no per-operation tables for {s.name}: default efficiencies (the median "
+                        f"across {', '.join(sorted(eff.data()['gpus']))})")
     p = planner.Plan(
         model=m, cfg=cfg, system=s, cpu=host_cpu, gpus=gpus,
         gpus_per_node=gpus_per_node if gpus_per_node is not None else s.gpus_per_node,
@@ -381,7 +392,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         routing=planner.make_routing(routing, m.n_moe_layers, m.n_experts, m.top_k),
         host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
         cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
-        alpha_scale_up=s.alpha_net, hbm_utilization=hbm_utilization, engine=engine, profile=prof)
+        # NVLink's latency inside a node: no published figure (systems.json latency_us null), 0
+        alpha_scale_up=0.0, hbm_utilization=hbm_utilization, engine=engine, profile=prof)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:
@@ -419,6 +431,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
               "dram_bw": p.cpu.bandwidth(nominal), "host_mem": host_mem,
               "gpus_per_host_link": gpus_per_host_link, "cpu_expert_dtype": cpu_expert_dtype},
         engine=engine,
+        engine_note=engine_note,
         profile=prof.to_dict() if prof is not None else None,
         strategies=result["strategies"],
         best=result["best"],

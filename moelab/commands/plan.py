@@ -111,9 +111,9 @@ def print_table(out: dict) -> None:
     console.print(f"weights {out['weights_bytes'] / 1e9:,.1f} GB; KV {fmt(out['kv_bytes_per_token'])} "
                   f"B per token ({out['kv_bytes_total'] / 1e9:,.2f} GB for the batch)", highlight=False)
     t = Table()
-    console.print(f"engine: {out['engine']}" + (f" (profile {out['profile'].get('path', '(dict)')})"
-                                                 if out.get("profile") else "")
-                  + ("" if not out.get("engine_note") else f"; {out['engine_note']}"), highlight=False)
+    prof = f", profile {out['profile'].get('path', '(dict)')}" if out.get("profile") else ""
+    console.print(f"engine: {out['engine']} ({out['engine_note']}{prof}); step = the engine's prediction, "
+                  "roofline = the bound", highlight=False)
     for col, just in (("#", "right"), ("strategy", "left"), ("GPUs", "right"), ("step", "right"),
                       ("roofline", "right"), ("tokens/s", "right"), ("per GPU", "right"),
                       ("bound", "left")):

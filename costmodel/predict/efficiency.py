@@ -1,0 +1,99 @@
+"""Achieved efficiency per operation class and shape, read from efficiency.json (derived by
+derive_efficiency.py from aiconfigurator-core's measured tables) and the engine profiles in
+engines/<name>.json. Stdlib json and math only: `moelab plan` stays light.
+
+An op's predicted time is its roofline / efficiency(shape), the curve interpolated in log
+shape and clamped at its ends. Where a curve is missing the lookup falls back, and says so:
+the GPU's table -> the engine framework's default (median across the table GPUs) -> the
+default across all frameworks -> none (efficiency 1, the roofline).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+from moelab.costmodel.predict.profile import ENGINES
+from moelab.costmodel.specs import SpecError
+
+HERE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def data() -> dict:
+    return json.loads((HERE / "efficiency.json").read_text())
+
+
+@functools.cache
+def engine(name: str) -> dict:
+    if name not in ENGINES:
+        raise SpecError(f"engine: unknown {name!r} (known: {', '.join(ENGINES)})")
+    return json.loads((HERE / "engines" / f"{name}.json").read_text())
+
+
+@functools.cache
+def curve(gpu: str, engine_name: str, cls: str, dtype: str) -> tuple[dict | None, str]:
+    """(curve, where it comes from) for one op class and dtype; (None, why) for the roofline."""
+    fw = engine(engine_name)["tables"]
+    if fw is None:
+        return None, "ideal: roofline"
+    d = data()
+    g = d["gpus"].get(gpu)
+    if g is not None and fw != "any":
+        c = g["frameworks"].get(fw, {}).get(cls, {}).get(dtype)
+        if c is not None:
+            return c, f"{gpu} {fw} {cls}[{dtype}]: {c['table']} ({c['used']} rows)"
+    for key, what in ((fw, f"{fw} default"), ("any", "all-framework default")):
+        c = d["defaults"].get(key, {}).get(cls, {}).get(dtype)
+        if c is not None:
+            why = "no table for this GPU" if g is None else f"no {fw} {cls}[{dtype}] table for {gpu}"
+            return c, f"{what} {cls}[{dtype}] (median of {c['curves']} table curves; {why})"
+    return None, f"no curve for {cls}[{dtype}]: roofline"
+
+
+def at(c: dict | None, x: float) -> float:
+    """The curve's efficiency at shape x (log-x interpolation, clamped at the ends); 1 if None."""
+    if c is None:
+        return 1.0
+    xs, es = c["x"], c["eff"]
+    if x <= xs[0]:
+        return es[0]
+    if x >= xs[-1]:
+        return es[-1]
+    lx = math.log(x)
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            a, b = math.log(xs[i - 1]), math.log(xs[i])
+            return es[i - 1] + (es[i] - es[i - 1]) * (lx - a) / (b - a)
+    return es[-1]
+
+
+def floor_s(c: dict | None) -> float:
+    return 0.0 if c is None else c.get("floor_s", 0.0)
+
+
+def default_engine(gpu: str) -> tuple[str, str]:
+    """(engine, why): the framework whose tables cover the most op classes and dtypes of this
+    GPU; a GPU without tables gets the framework with the most default curves."""
+    d = data()
+    g = d["gpus"].get(gpu)
+    pool = g["frameworks"] if g is not None else {k: v for k, v in d["defaults"].items() if k != "any"}
+
+    def count(fw):
+        return sum(len(dtypes) for dtypes in pool.get(fw, {}).values())
+    best = max(("vllm", "sglang", "trtllm"), key=count)
+    if g is not None:
+        return best, f"the default: its tables cover the most op classes on {gpu} ({count(best)} curves)"
+    return best, (f"the default; no per-operation tables for {gpu}: default efficiencies ({best}'s curves, "
+                  f"the median across {', '.join(sorted(d['gpus']))})")
+
+
+def dtype_class(dtype: str) -> str:
+    """A weight dtype's class in the tables: fp8, 4-bit formats, or bf16 (16-bit and anything else)."""
+    if dtype == "fp8":
+        return "fp8"
+    if dtype in ("int4", "mxfp4", "nvfp4"):
+        return "int4"
+    return "bf16"
