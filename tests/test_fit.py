@@ -103,16 +103,20 @@ def test_model_ids_name_presets():
 # --- predictions and the fit --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ep", "offload", "cpu-experts"])
-def test_combine_is_the_planners_under_a_profile(name):
+@pytest.mark.parametrize("name,gpus", [("ep", 1), ("ep", 8), ("offload", 1), ("cpu-experts", 1)])
+def test_combine_is_the_planners_under_a_profile(name, gpus):
     import moelab
 
+    scale = {"compute_s": 1.7, "stream_s": 0.6, "cpu_s": 1.3, "link_s": 2.0, "tp_allreduce_s": 3.0,
+             "network_s": 0.5, "nvlink_s": 2.5, "ep_latency_s": 1.5, "gpu_experts_s": 0.8}
     prof = {"moelab_profile": 1, "engine": "vllm", "fixed": {"per_step_s": 1e-3, "per_layer_s": 2e-5},
-            "scale": {"compute_s": 1.7, "stream_s": 0.6, "cpu_s": 1.3, "link_s": 2.0}}
-    kw = dict(gpus=1, cpu="epyc-9654", decode_batch=4, context=2000, engine="vllm")
+            "scale": scale}
+    kw = dict(gpus=gpus, cpu="epyc-9654", decode_batch=16, context=2000, engine="vllm")
     base = next(s for s in moelab.plan("qwen3-30b-a3b", "h100-sxm", **kw)["strategies"] if s["name"] == name)
     got = next(s for s in moelab.plan("qwen3-30b-a3b", "h100-sxm", profile=prof, **kw)["strategies"]
                if s["name"] == name)
+    if gpus > 1:
+        assert base["terms"]["nvlink_s"] > 0 and base["terms"]["ep_latency_s"] > 0
     assert F.combine(name, base["terms"]) == pytest.approx(base["step_s"], rel=1e-12)
     assert F.apply_profile(name, base["terms"], 48, prof) == pytest.approx(got["step_s"], rel=1e-12)
 
