@@ -104,18 +104,39 @@ def _kind(rec: dict) -> str | None:
     return None
 
 
-def _num(path, label, rec: dict, key: str, *, positive=False, allow_none=False):
-    """rec[key] as a finite number (SpecError naming the file, record and key otherwise)."""
+def _num(path, label, rec: dict, key: str, *, positive=False, allow_none=False) -> float:
+    """rec[key] as a finite float (SpecError naming the file, record and key otherwise)."""
     value = rec.get(key) if isinstance(rec, dict) else None
     if value is None and allow_none:
         return None
     if key not in rec:
         raise SpecError(f"result file: {path} {label}: no {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"result file: {path} {label}: {key} must be a finite number, got {value!r}")
-    if positive and not value > 0:
+    try:
+        x = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # a JSON integer past 1e308
+        x = math.inf
+    if not math.isfinite(x):
+        raise SpecError(f"result file: {path} {label}: {key} must be a finite number, got {value!r:.40}")
+    if positive and not x > 0:
         raise SpecError(f"result file: {path} {label}: {key} must be > 0, got {value!r}")
-    return value
+    return x
+
+
+def _int(path, label, rec: dict, key: str, *, default=None) -> int:
+    """rec[key] as a whole number >= 0 (`default` where the key is absent or null)."""
+    value = rec.get(key)
+    if value is None and default is not None:
+        return default
+    v = _num(path, label, rec, key)
+    if v != int(v) or v < 0:
+        raise SpecError(f"result file: {path} {label}: {key} must be a whole number >= 0, got {v!r}")
+    return int(v)
+
+
+def _model_id(path, label, value) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise SpecError(f"result file: {path} {label}: the model id must be a string, got {value!r}")
 
 
 def _serving(path, label, rec, *, kind, batch, **_) -> list[Run]:
@@ -140,16 +161,16 @@ def _serving(path, label, rec, *, kind, batch, **_) -> list[Run]:
         raise SpecError(f"result file: {path} {label}: no max_concurrency and a limited request rate "
                         f"({rate!r}): the batch is unknown, give --batch")
     b = max(1, min(int(b), int(completed)))
-    model, gpus, notes = rec.get("model_id"), None, []
+    model, gpus, notes = _model_id(path, label, rec.get("model_id")), None, []
     if how.startswith("all requests"):
         notes.append("the engine may cap its decode batch below the requests sent (vLLM --max-num-seqs, "
                      "SGLang --max-running-requests): give --batch if so")
     if engine == "sglang":
         info = rec.get("server_info")
         if isinstance(info, dict):
-            model = info.get("model_path")
+            model = _model_id(path, label, info.get("model_path"))
             tp, ep, dp = (info.get(k) for k in ("tp_size", "ep_size", "dp_size"))
-            if isinstance(tp, int) and tp >= 1:
+            if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1:
                 gpus = tp  # SGLang's DP attention and EP run inside the TP group's GPUs
                 notes.append(f"server_info: tp {tp}, ep {ep}, dp {dp}")
     ctx = round(mean_in + mean_out / 2)  # a decode step's mean context over the output
@@ -176,7 +197,7 @@ def _waves(path, label, engine, model, gpus, elapsed, n_req, b, n_in, n_out, wha
 
 def _vllm_throughput(path, label, rec, *, batch, input_len, output_len, **_) -> list[Run]:
     elapsed = _num(path, label, rec, "elapsed_time", positive=True)
-    n_req = int(_num(path, label, rec, "num_requests", positive=True))
+    n_req = max(1, _int(path, label, rec, "num_requests"))
     total = _num(path, label, rec, "total_num_tokens", positive=True)
     missing = [f for f, v in (("--input-len", input_len), ("--output-len", output_len), ("--batch", batch))
                if v is None]
@@ -194,19 +215,19 @@ def _vllm_throughput(path, label, rec, *, batch, input_len, output_len, **_) -> 
 def _llama_bench(path, label, rec, **_) -> list[Run]:
     """One llama-bench test: pp (a prompt), tg (generation, batch 1) or pp+tg (-pg), whose
     avg_ts counts prompt and generated tokens together over the whole test."""
-    n_p = int(_num(path, label, rec, "n_prompt"))
-    n_g = int(_num(path, label, rec, "n_gen"))
-    depth = int(rec.get("n_depth") or 0)
-    if n_p < 0 or n_g < 0 or n_p + n_g == 0:
+    n_p = _int(path, label, rec, "n_prompt")
+    n_g = _int(path, label, rec, "n_gen")
+    depth = _int(path, label, rec, "n_depth", default=0)
+    if n_p + n_g == 0:
         raise SpecError(f"result file: {path} {label}: n_prompt {n_p} and n_gen {n_g} give no test")
-    ns = rec.get("avg_ns")
-    if isinstance(ns, (int, float)) and not isinstance(ns, bool) and ns > 0:
-        t, how = ns / 1e9, f"avg_ns {ns:,}"
+    ns = _num(path, label, rec, "avg_ns", allow_none=True)
+    if ns is not None and ns > 0:
+        t, how = ns / 1e9, f"avg_ns {ns:,.0f}"
     else:
         ts = _num(path, label, rec, "avg_ts", positive=True)
         t, how = (n_p + n_g) / ts, f"({n_p}+{n_g}) / avg_ts {ts:.4g}"
-    ngl = int(_num(path, label, rec, "n_gpu_layers"))
-    ncmoe = int(rec.get("n_cpu_moe") or 0)
+    ngl = _int(path, label, rec, "n_gpu_layers")
+    ncmoe = _int(path, label, rec, "n_cpu_moe", default=0)
     if n_p and n_g:
         name, measured = f"pp{n_p}+tg{n_g}", t
         passes = [Pass(1, False, n_p, depth + n_p), Pass(n_g, True, 1, round(depth + n_p + n_g / 2))]
@@ -236,16 +257,17 @@ def _trtllm(path, label, rec, *, batch, **_) -> list[Run]:
     for key, part in (("world_info", world), ("request_info", req), ("performance", perf)):
         if not isinstance(part, dict):
             raise SpecError(f"result file: {path} {label}: {key} must be an object")
-    gpus = int(_num(path, f"{label} world_info", world, "world_size", positive=True))
-    n_req = int(_num(path, f"{label} request_info", req, "num_requests", positive=True))
+    gpus = max(1, _int(path, f"{label} world_info", world, "world_size"))
+    n_req = max(1, _int(path, f"{label} request_info", req, "num_requests"))
     n_in = _num(path, f"{label} request_info", req, "avg_input_length", positive=True)
     n_out = _num(path, f"{label} request_info", req, "avg_output_length", positive=True)
     conc = _num(path, f"{label} request_info", req, "avg_num_concurrent_requests", positive=True)
     per_gpu = _num(path, f"{label} performance", perf, "output_throughput_per_gpu_tok_s", positive=True)
     engine_info = rec.get("engine") if isinstance(rec.get("engine"), dict) else {}
-    model = engine_info.get("model_path") or engine_info.get("model")
-    if model == "None":
-        model = engine_info.get("model")
+    # model_path is str(None) when the run named a model by its HF id only
+    model = _model_id(path, label, engine_info.get("model_path"))
+    if model in (None, "None"):
+        model = _model_id(path, label, engine_info.get("model"))
     b = batch if batch is not None else max(1, round(conc))
     elapsed = n_req * n_out / (per_gpu * gpus)  # the report's definition of the per-GPU figure
     notes = [f"world_info: tp {world.get('tp_size')}, ep {world.get('ep_size')}, pp {world.get('pp_size')}"]

@@ -263,3 +263,42 @@ def test_out_into_a_missing_folder_is_one_line(tmp_path, capsys):
     out = tmp_path / "no" / "such" / "p.json"
     assert main(["fit", str(DATA / "vllm_serve.json"), *HW, "--out", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not out.parent.exists()
+
+
+def test_any_value_in_a_result_file_gives_exit_0_or_one_line(tmp_path_factory):
+    """Each format's keys set to extreme values: a prediction or one line and exit 2, never a
+    traceback."""
+    import contextlib
+    import io
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    records = {
+        "vllm_serve.json": json.loads((DATA / "vllm_serve.json").read_text().splitlines()[0]),
+        "sglang.jsonl": json.loads((DATA / "sglang.jsonl").read_text().splitlines()[1].replace(
+            "Infinity", "1e999")),
+        "llama-bench.jsonl": json.loads((DATA / "llama-bench.jsonl").read_text().splitlines()[1]),
+        "trtllm.json": json.loads((DATA / "trtllm.json").read_text()),
+        "vllm_throughput.json": json.loads((DATA / "vllm_throughput.json").read_text()),
+    }
+    values = st.sampled_from([0, -1, 1, 2**63, 10**12, 1.5, float("nan"), float("inf"), "x", None, [], {}])
+    folder = tmp_path_factory.mktemp("fuzz")
+
+    @settings(max_examples=25, deadline=None)  # 400 pass; 25 keep CI short
+    @given(st.sampled_from(sorted(records)), st.data(), values)
+    def check(name, data, value):
+        rec = json.loads(json.dumps(records[name]))
+        part = rec
+        if name == "trtllm.json":
+            part = rec[data.draw(st.sampled_from(["world_info", "request_info", "performance"]))]
+        part[data.draw(st.sampled_from(sorted(part)))] = value
+        f = folder / name
+        f.write_text(json.dumps(rec))
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            rc = main(["fit", str(f), *HW, "--model", "qwen3-30b-a3b", "--input-len", "8",
+                       "--output-len", "8", "--batch", "2"])
+        assert rc == 0 or (rc == 2 and err.getvalue().count("\n") == 1), err.getvalue()
+
+    check()
