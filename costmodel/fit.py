@@ -62,10 +62,13 @@ def preset_for(model_id: str) -> str | None:
     from moelab.costmodel.presets import PRESETS, model_names
 
     p = Path(model_id)
-    if p.is_dir() and (p / "config.json").is_file():
-        return str(p / "config.json")
-    if p.suffix == ".json" and p.is_file():
-        return str(p)
+    try:
+        if p.is_dir() and (p / "config.json").is_file():
+            return str(p / "config.json")
+        if p.suffix == ".json" and p.is_file():
+            return str(p)
+    except (OSError, ValueError):  # a name too long for a path, or with a NUL: not a path
+        pass
     names = model_names()
     base = model_id.rstrip("/").split("/")[-1].lower()
     if base in names:

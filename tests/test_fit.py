@@ -98,6 +98,7 @@ def test_model_ids_name_presets():
     assert F.preset_for(QWEN) == "qwen3-30b-a3b"
     assert F.preset_for("mistralai/Mixtral-8x7B-v0.1") == "mixtral-8x7b"  # by the preset's source
     assert F.preset_for("someone/not-a-model") is None
+    assert F.preset_for("x" * 5000) is None and F.preset_for("a\0b") is None
 
 
 # --- predictions and the fit --------------------------------------------------------------------
