@@ -366,10 +366,11 @@ def non_expert_work(p: Plan, tokens: float, weight_bytes: float, kv_bytes: float
     gemm = Part("gemm", "fp8" if fp8 else "bf16", tokens, flops=0 if fp8 else linear,
                 flops_fp8=linear if fp8 else 0.0, bytes=weight_bytes + act)
     mla = memory.is_mla(memory._flatten(p.cfg))
-    # decode kernels read batch x context KV entries; prefill kernels run over the prompt tokens
+    # a decode kernel's shape: the KV bytes it reads per layer; a prefill kernel's: its tokens
+    layers = p.model.n_layers or p.model.n_moe_layers
     attn = Part(("mla_decode" if mla else "attn_decode") if p.decode else "attn_prefill",
                 "fp8" if p.kv_dtype == "fp8" else "bf16",
-                tokens * max(p.context, 1) if p.decode else tokens, flops=core, bytes=kv_bytes)
+                kv_bytes / layers if p.decode else tokens, flops=core, bytes=kv_bytes)
     return Work.of(gemm, attn)
 
 

@@ -17,9 +17,11 @@ Classes (x = the shape coordinate):
 - gemm[bf16|fp8]: dense GEMM, x = M (tokens); rows with N, K >= 1024 (model layers);
   roofline max(2MNK / peak, (MK + KN) w + 2MN) / HBM), the fastest kernel per shape.
 - moe[bf16|fp8|int4]: grouped expert GEMM (gated, 3 matrices), balanced routing, x = tokens
-  per expert (T k / E); per rank T k / ep rows, min(E, T k) / ep experts read, inter / tp wide.
-- attn_decode[bf16|fp8] (GQA, KV dtype), x = batch x context: KV bytes at HBM speed or
-  4 b h d ctx FLOPs, whichever is slower. mla_decode the same with MLA's latent (576 wide).
+  per expert (T k / E); T k rows, min(E, T k) experts read. Only rows without EP or TP
+  (ep = tp = 1), whose shape is unambiguous.
+- attn_decode[bf16|fp8] (GQA, KV dtype), x = the KV bytes one layer reads (batch x context x
+  KV width): those bytes at HBM speed or 4 b h d ctx FLOPs, whichever is slower. mla_decode
+  the same with MLA's latent (576 wide).
 - attn_prefill[bf16|fp8]: causal prefill, x = batch x prompt: 2 b h d isl^2 FLOPs.
 - a2a_ll / a2a_ht: DeepEP low-latency / high-throughput dispatch + combine inside one node,
   x = bytes per rank over NVLink (copies x tokens x hidden x 2 + 2 bytes, as
@@ -127,7 +129,11 @@ def gemm(path, s, root) -> dict:
 
 def moe(path, s, root) -> dict:
     d = _read(path)
-    d = d[(d.distribution == "balanced") & d.moe_dtype.isin(MOE_DTYPES)].copy()
+    # one GPU holding every expert whole: the rows whose shape means the same under any reading
+    # of the table's EP and TP columns (with them, efficiency falls as 1/(ep tp): the tokens
+    # per rank are not what T k / ep assumes)
+    d = d[(d.distribution == "balanced") & d.moe_dtype.isin(MOE_DTYPES) & (d.moe_ep_size == 1)
+          & (d.moe_tp_size == 1)].copy()
     d["cls"] = d.moe_dtype.map(MOE_DTYPES)
     keys = ["cls", "num_tokens", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size",
             "moe_ep_size"]
@@ -171,7 +177,7 @@ def attention(path, s, root, decode: bool, mla: bool = False) -> dict:
                 ctx = r.isl + r.step
                 flops = 4 * r.batch_size * h * hd * ctx
                 bytes_ = r.batch_size * ctx * kv_width * KV_BYTES[cls]
-                x.append(r.batch_size * ctx)
+                x.append(bytes_)
             else:
                 flops = 2 * r.batch_size * h * hd * r.isl * r.isl  # causal: half of 4 b h d isl^2
                 bytes_ = r.batch_size * r.isl * (kv_width * KV_BYTES[cls] + 2 * h * hd * 2)
