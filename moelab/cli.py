@@ -17,6 +17,7 @@ COMMANDS = {
     "gamma": "moelab.commands.gamma",
     "tipping": "moelab.commands.tipping",
     "plan": "moelab.commands.plan",
+    "fit": "moelab.commands.fit",
     "presets": "moelab.commands.presets",
     "sweep": "moelab.commands.sweep",
     "ep": "moelab.commands.ep",

@@ -1,0 +1,233 @@
+"""`moelab fit`: a user's own benchmark runs against moelab's prediction, and an engine
+profile's factors fitted to them.
+
+Each run (costmodel/engine_results.py) is predicted pass by pass with the planner
+(`moelab.plan`): the strategy that matches the engine's deployment gives a step time and its
+terms (compute_s, stream_s, cpu_s, ...). A profile multiplies each term by scale[term] before
+the strategy combines them (`combine`, the same sums and maxima as costmodel/plan.py), then
+adds per_step_s + per_layer_s x layers. A run informs the factor of the term that dominates
+its predicted time (at least half of the summed terms); a factor is fitted only from the runs
+it dominates, by least squares on log(measured / predicted). docs/fit.md has the details.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from moelab.costmodel.engine_results import Run
+from moelab.costmodel.predict.profile import TERMS, VERSION, load_profile
+from moelab.costmodel.specs import SpecError
+
+DOMINANT = 0.5  # a run informs a factor when that term is at least half of its summed terms
+
+
+def combine(strategy: str, terms: dict) -> float:
+    """A strategy's step from its terms, as costmodel/plan.py joins them (`_ep_step`,
+    `_hybrid_step`, offload's sum): repeated here so the fit can try thousands of candidate
+    scales without re-running the planner; tests/test_fit.py checks it against the planner
+    under a profile. EP adds compute, the TP all-reduce and the collectives' latency to the
+    slower all-to-all leg; offload adds compute and the stream; CPU experts and the hybrid add
+    the GPU's own work to the slower of the GPU's experts and the CPU's (with its round trip)."""
+    t = {k: terms.get(k, 0.0) for k in TERMS}
+    if strategy == "ep":
+        return t["compute_s"] + t["tp_allreduce_s"] + t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
+    if strategy == "offload":
+        return t["compute_s"] + t["stream_s"]
+    if strategy in ("cpu-experts", "hybrid"):
+        return t["compute_s"] + max(t["gpu_experts_s"], t["link_s"] + t["cpu_s"])
+    raise SpecError(f"strategy: unknown {strategy!r}")
+
+
+def apply_profile(strategy: str, terms: dict, layers: int, profile: dict | None) -> float:
+    """The step of one pass under a profile's scale and fixed costs (None: the terms' own step)."""
+    if not profile:
+        return combine(strategy, terms)
+    scale = profile.get("scale", {})
+    fixed = profile.get("fixed", {})
+    scaled = {k: v * scale.get(k, 1.0) for k, v in terms.items()}
+    return combine(strategy, scaled) + fixed.get("per_step_s", 0.0) + fixed.get("per_layer_s", 0.0) * layers
+
+
+# --- the model a run names ---------------------------------------------------------------------
+
+
+def preset_for(model_id: str) -> str | None:
+    """The preset or config.json a file's model id names: a local config path, a preset of
+    that name (an HF id's last part, lowercased), or the preset whose source is that HF id."""
+    from pathlib import Path
+
+    from moelab.costmodel.presets import PRESETS, model_names
+
+    p = Path(model_id)
+    try:
+        if p.is_dir() and (p / "config.json").is_file():
+            return str(p / "config.json")
+        if p.suffix == ".json" and p.is_file():
+            return str(p)
+    except (OSError, ValueError):  # a name too long for a path, or with a NUL: not a path
+        pass
+    names = model_names()
+    base = model_id.rstrip("/").split("/")[-1].lower()
+    if base in names:
+        return base
+    pattern = re.compile(r"huggingface\.co/" + re.escape(model_id.strip("/")) + r"(?![\w.-])", re.I)
+    for name in names:
+        if pattern.search((PRESETS / "models" / f"{name}.json").read_text()):
+            return name
+    return None
+
+
+# --- predictions ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What the files lack, from the command line (moelab plan's flags)."""
+    system: str
+    cpu: str
+    model: str | None = None
+    gpus: int | None = None
+    engine: str | None = None  # whose efficiencies predict the runs [each run's own engine]
+    expert_dtype: str | None = None
+    cpu_expert_dtype: str = "int8"
+    kv_dtype: str = "bf16"
+    host_mem: float = 2000e9
+
+
+@dataclass
+class Prediction:
+    model: str
+    gpus: int
+    strategy: str
+    parts: list = field(default_factory=list)  # (count, strategy, terms, layers, step_s, bound_s)
+    terms: dict = field(default_factory=dict)   # count-weighted sum over the passes
+    step_s: float = 0.0
+    bound_s: float = 0.0
+    informs: list = field(default_factory=list)
+    dominant_share: float = 0.0
+
+    def under(self, profile: dict | None) -> float:
+        return sum(c * apply_profile(s, t, layers, profile) for c, s, t, layers, _, _ in self.parts)
+
+
+def predict_run(run: Run, setup: Setup, plan: Callable, profile: dict | None = None) -> Prediction | None:
+    """moelab's prediction of a run with its engine's efficiencies (and a profile on top, if
+    given), pass by pass with `plan` (`moelab.plan`, passed in: the cost model does not import
+    the API above it); None, with run.skip set, when the strategy does not fit this hardware.
+    A model that is no MoE, or none at all, is an error."""
+    from moelab.costmodel.presets import load_model
+
+    if run.skip:
+        return None
+    model = (preset_for(run.model) if run.model else None) or setup.model
+    if model is None:
+        named = f"names model {run.model!r}, which is no preset or config.json" if run.model \
+            else "names no model"
+        raise SpecError(f"result file: {run.file} {run.label} {named}: give --model")
+    try:
+        spec = load_model(model)
+    except SpecError as e:
+        raise SpecError(f"result file: {run.file} {run.label}: model {model}: {e}") from None
+    gpus = run.gpus or setup.gpus or 1
+    strategy = run.strategy
+    if run.cpu_moe_layers and run.cpu_moe_layers < spec.n_moe_layers:
+        strategy = "hybrid"
+        note = (f"n_cpu_moe {run.cpu_moe_layers} of {spec.n_moe_layers} MoE layers: predicted as "
+                "moelab's hybrid, which picks its own split of experts between GPU and CPU")
+        if note not in run.notes:
+            run.notes.append(note)
+    pred = Prediction(model=model, gpus=gpus, strategy=strategy)
+    layers = spec.n_layers or spec.n_moe_layers
+    for p in run.passes:
+        kw = dict(decode_batch=p.n) if p.decode else dict(tokens=p.n)
+        r = plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
+                     expert_dtype=setup.expert_dtype, cpu_expert_dtype=setup.cpu_expert_dtype,
+                     kv_dtype=setup.kv_dtype, host_mem=setup.host_mem,
+                     engine=setup.engine or run.engine, profile=profile, **kw)
+        s = next(x for x in r["strategies"] if x["name"] == strategy)
+        if not s["feasible"]:
+            run.skip = f"moelab's {strategy} does not fit this hardware: {s['reason']}"
+            return None
+        pred.parts.append((p.count, strategy, s["terms"], layers, s["step_s"], s["bound_step_s"]))
+        for k, v in s["terms"].items():
+            pred.terms[k] = pred.terms.get(k, 0.0) + p.count * v
+        pred.step_s += p.count * s["step_s"]
+        pred.bound_s += p.count * s["bound_step_s"]
+    total = sum(pred.terms.values())
+    top = max(pred.terms, key=pred.terms.get)
+    pred.dominant_share = pred.terms[top] / total if total > 0 else 0.0
+    pred.informs = [top] if pred.dominant_share >= DOMINANT else []
+    return pred
+
+
+# --- the fit -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fit:
+    scale: dict        # fitted factors only; every other term stays at 1
+    uncertainty: dict  # term -> standard error of log(scale) (~ its relative std), None under 3 runs
+    runs_per_term: dict
+    residuals: list    # log(measured / predicted) per run after the fit (None: not predicted)
+
+
+def fit_scales(measured: list[float], informs: list[list[str]],
+               predict: Callable[[int, dict], float]) -> Fit:
+    """Factors for the informed terms: for each, the scale minimising the squared log residuals
+    of the runs it informs, the others held (a few sweeps, for runs that mix terms).
+    `predict(i, profile)` is run i's predicted time under a profile {"scale": {...}}."""
+    from scipy.optimize import minimize_scalar
+
+    by_term: dict[str, list[int]] = {}
+    for i, terms in enumerate(informs):
+        for t in terms:
+            by_term.setdefault(t, []).append(i)
+    scale = {t: 1.0 for t in by_term}
+
+    def sq(t, x):
+        prof = {"scale": {**scale, t: math.exp(x)}}
+        return sum((math.log(measured[i]) - math.log(predict(i, prof))) ** 2 for i in by_term[t])
+
+    for _ in range(8):
+        change = 0.0
+        for t in sorted(by_term):
+            x = minimize_scalar(lambda x, t=t: sq(t, x), bounds=(-12, 12), method="bounded",
+                                options={"xatol": 1e-10}).x
+            change = max(change, abs(x - math.log(scale[t])))
+            scale[t] = math.exp(x)
+        if change < 1e-8:
+            break
+    uncertainty = {}
+    for t, idx in by_term.items():
+        if len(idx) < 3:
+            uncertainty[t] = None
+            continue
+        # One parameter in log space: se = residual std / sqrt(sum of squared elasticities),
+        # the elasticity d log(pred) / d log(scale) by a central difference.
+        prof = {"scale": dict(scale)}
+        res = [math.log(measured[i] / predict(i, prof)) for i in idx]
+        h = 1e-4
+
+        def log_pred(i, dx, t=t):
+            return math.log(predict(i, {"scale": {**scale, t: scale[t] * math.exp(dx)}}))
+        el = [(log_pred(i, h) - log_pred(i, -h)) / (2 * h) for i in idx]
+        s2 = sum(r * r for r in res) / (len(idx) - 1)
+        uncertainty[t] = math.sqrt(s2 / sum(e * e for e in el)) if any(el) else None
+    prof = {"scale": dict(scale)}
+    residuals = [math.log(m / predict(i, prof)) for i, m in enumerate(measured)]
+    return Fit(scale=scale, uncertainty=uncertainty, runs_per_term={t: len(v) for t, v in by_term.items()},
+               residuals=residuals)
+
+
+def make_profile(engine: str, fit: Fit, fitted_from: list[dict], source: str) -> dict:
+    """The profile `moelab plan --profile` reads (checked by its own loader before it is written)."""
+    profile = {"moelab_profile": VERSION, "engine": engine,
+            "scale": {t: fit.scale[t] for t in sorted(fit.scale)},
+            "fixed": {"per_step_s": 0.0, "per_layer_s": 0.0},
+            "uncertainty": {t: fit.uncertainty.get(t) for t in sorted(fit.scale)},
+            "fitted_from": fitted_from, "source": source}
+    load_profile(profile)
+    return profile
