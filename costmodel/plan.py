@@ -1,4 +1,4 @@
-"""Which deployment to pick: EP, offload, CPU experts or a hybrid, each with memory and step time.
+"""Which deployment to pick: EP, expert TP, offload, CPU experts or a hybrid, each with memory and step time.
 
 The traffic is the deployment's: `tokens` tokens per forward pass (a prefill chunk, or a
 decode batch of `sequences` sequences at `context` tokens each). Each strategy spreads it:
@@ -7,6 +7,9 @@ decode batch of `sequences` sequences at `context` tokens each). Each strategy s
   attention data-parallel (weights replicated, tokens split) or tensor-parallel inside a
   node (weights split, one all-reduce per layer), whichever fits and is faster.
       step = compute(busiest rank) + L [dispatch + combine]          (overlapped: max)
+- **tp**: one instance over R GPUs of one node, each GPU holding 1/R of every expert (the
+  SGLang default `--tp 8` without EP); attention tensor- or data-parallel.
+      step = compute(attention, experts / R) + all-reduces over NVLink (plan_tp)
 - **offload**: one instance per GPU (tokens split); non-expert weights and KV resident,
   the HBM left caches the hottest experts; missing used experts stream from host DRAM.
       step = compute + L misses (alpha_pcie + S_E f_E / b_stream)
@@ -38,7 +41,7 @@ from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 CPU_DTYPE_BYTES = {"bf16": 2.0, "int8": 8.5 / 8, "int4": 4.5 / 8}
 # int4 is unpacked to int8 for the matrix units (AMX/VNNI have no int4 multiply).
 CPU_COMPUTE_DTYPE = {"bf16": "bf16", "int8": "int8", "int4": "int8"}
-STRATEGIES = ("ep", "offload", "cpu-experts", "hybrid")
+STRATEGIES = ("ep", "tp", "offload", "cpu-experts", "hybrid")
 SKEWED = "zipf:1.2"  # what --routing skewed means
 HBM_UTILIZATION = 0.9  # share of HBM an engine may fill (vLLM's --gpu-memory-utilization default)
 
@@ -352,7 +355,7 @@ def ep_comm_time(p: Plan, tokens_per_rank: float, ranks: int, imbalance: float |
             "fanout": legs.tiers.ranks, "imbalance": legs.imbalance * scale}
 
 
-# --- the four strategies -----------------------------------------------------------------------
+# --- the strategies ---------------------------------------------------------------------------
 
 
 def _result(name, gpus, feasible, reason, step=None, overlap=None, bound="", mem=None,
@@ -395,7 +398,8 @@ def plan_ep(p: Plan) -> dict:
     n = _share(p.tokens, R)
     kv_gpu = (_share(p.sequences, R) * memory.kv_bytes(p.cfg, p.context, p.kv_dtype) if p.decode
               else p.kv_total() / R)
-    buffers = 2 * _share(p.tokens, R) * m.top_k * m.hidden * m.f_a  # send + receive rows
+    # send + receive rows of the all-to-all; one GPU has none
+    buffers = 2 * _share(p.tokens, R) * m.top_k * m.hidden * m.f_a if R > 1 else 0.0
     # The busiest rank's share: the closed form's for uniform (and the seed's worst-case)
     # routing, the routing's own for a skewed one (its experts round-robin over the ranks).
     skewed = p.routing.q is not None and p.routing.name != "uniform"
@@ -417,11 +421,9 @@ def plan_ep(p: Plan) -> dict:
             options.append((mode, need, total, None))
             continue
         work = non_expert_work(p, n * split, non_expert / split, kv_gpu * kv_copies, split)
-        tp = 0.0
-        if split > 1:  # one ring all-reduce of the node's activations per layer, over NVLink
-            L_all = m.n_layers or m.n_moe_layers
-            tp = L_all * (p.alpha_scale_up
-                          + 2 * (split - 1) / split * n * split * m.hidden * m.f_a / p.b_up)
+        # TP attention: one all-reduce of the node's activations per layer (after o_proj);
+        # the MoE's all-to-all takes the place of the MLP's.
+        tp = tp_allreduce_time(p, n * split, split, m.n_layers or m.n_moe_layers)
         ex = expert_work(p, rows, local_used)
         compute = work.time(p.system) + ex.time(p.system) + tp
         options.append((mode, need, total, (compute, work + ex, tp)))
@@ -451,6 +453,81 @@ def plan_ep(p: Plan) -> dict:
                            step, overlap, bound, mem_for(need, total), p.tokens, terms=terms,
                            attention=mode, imbalance=imb, fanout=comm["fanout"],
                            ep_comm_s=comm["comm_s"]))
+
+
+def tp_allreduce_time(p: Plan, tokens: float, ranks: int, count: float) -> float:
+    """`count` ring all-reduces of `tokens` activation rows over `ranks` GPUs inside a node:
+    each alpha_scale_up + 2 (R - 1) / R x tokens x hidden x f_a / B_nvlink."""
+    if ranks <= 1:
+        return 0.0
+    m = p.model
+    return count * (p.alpha_scale_up + 2 * (ranks - 1) / ranks * tokens * m.hidden * m.f_a / p.b_up)
+
+
+def plan_tp(p: Plan) -> dict:
+    """Expert tensor parallelism: one instance over R GPUs of one node, each GPU holding 1/R of
+    every expert (gate/up by columns, down by rows), so every GPU sees every token.
+
+    Attention tensor-parallel (weights and KV heads split, 2 all-reduces per layer: after
+    o_proj and after the MoE/MLP down projection, as vLLM's and SGLang's TP models do) or
+    data-parallel (weights replicated, tokens split; the MoE layers gather all tokens and
+    scatter the partial sums back: the bytes of one all-reduce, two latencies), whichever fits
+    and is faster.
+        step = attention work + expert work / R + all-reduces       (no overlap: each
+        all-reduce's result is the next operation's input)
+    """
+    m, R = p.model, p.gpus
+    if p.gpus_per_node < R:
+        return _result("tp", R, False, f"expert tensor parallelism over {R} GPUs spans nodes of "
+                       f"{p.gpus_per_node}: not modelled (TP runs inside one NVLink domain)")
+    w_all = memory.weights_bytes(p.cfg, m)
+    experts = memory.expert_weights_bytes(m)
+    non_expert = w_all - experts
+    used, _ = p.routing.used(p.tokens, m.top_k, m.n_experts)
+    rows = p.tokens * m.top_k
+    # 1/R of each used expert's weights and FLOPs; the activations are read and written
+    # whole on every GPU (input rows in, partial output rows out), hence the second term.
+    ex = (expert_work(p, rows / R, used / R)
+          + Work(bytes=m.n_moe_layers * 2 * rows * (1 - 1 / R) * m.hidden * m.f_a))
+    L_all = m.n_layers or m.n_moe_layers
+    kv_seq = memory.kv_bytes(p.cfg, p.context, p.kv_dtype)
+    options = []
+    modes = [("tensor-parallel attention", R)] + ([("data-parallel attention", 1)] if R > 1 else [])
+    for mode, split in modes:
+        if split > 1:
+            kv = p.kv_total() / kv_head_split(p.cfg, split)  # split by KV head; MLA's replicated
+            work = non_expert_work(p, p.tokens, non_expert / split, kv, split)
+            tp = tp_allreduce_time(p, p.tokens, R, 2 * L_all)
+        else:
+            n = _share(p.tokens, R)
+            kv = _share(p.sequences, R) * kv_seq if p.decode else p.kv_total() / R
+            work = non_expert_work(p, n, non_expert, kv)
+            tp = (tp_allreduce_time(p, p.tokens, R, m.n_moe_layers)
+                  + (m.n_moe_layers * p.alpha_scale_up if R > 1 else 0.0))
+        need = {"experts": experts / R, "non_expert": non_expert / split, "kv": kv}
+        total = sum(need.values())
+        fit = total <= p.usable_hbm
+        compute = work.time(p.system) + ex.time(p.system)
+        options.append((mode, need, total, (compute, work + ex, tp) if fit else None))
+    fits = [o for o in options if o[3] is not None]
+
+    def mem_for(need, total):
+        return {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},
+                "gpu_total_needed": total * R, "weights_total": w_all}
+    if not fits:
+        mode, need, total, _ = min(options, key=lambda o: o[2])
+        return _result("tp", R, False,
+                       f"does not fit: needs {_gb(total)} per GPU (experts {_gb(need['experts'])} + "
+                       f"non-expert {_gb(need['non_expert'])} + KV {_gb(need['kv'])}, {mode}) > "
+                       f"{_gb(p.usable_hbm)} usable ({p.hbm_utilization:g} x {_gb(p.system.hbm_bytes)})",
+                       mem=mem_for(need, total))
+    mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0] + o[3][2])
+    step = compute + tp
+    terms = {"compute_s": compute, "tp_allreduce_s": tp}
+    return _slo(p, _result("tp", R, True, f"{mode}, each of {m.n_experts} experts split over {R} GPUs "
+                                          f"(1/{R} of every expert per GPU)",
+                           step, step, _bound(terms, work.bound(p.system)), mem_for(need, total),
+                           p.tokens, terms=terms, attention=mode, imbalance=1.0))
 
 
 def kv_head_split(cfg: dict, tp: int) -> int:
@@ -618,8 +695,8 @@ def best_replicas(p: Plan, strategy) -> dict:
 
 
 def plan_all(p: Plan) -> dict:
-    """The four strategies, ranked: feasible first, then by tokens/s per GPU."""
-    strategies = [plan_ep(p), best_replicas(p, plan_offload), best_replicas(p, plan_cpu_experts),
+    """The five strategies, ranked: feasible first, then by tokens/s per GPU."""
+    strategies = [plan_tp(p), plan_ep(p), best_replicas(p, plan_offload), best_replicas(p, plan_cpu_experts),
                   best_replicas(p, plan_hybrid)]
     ranked = sorted(strategies, key=lambda s: (not s["feasible"], -(s["tokens_per_s_per_gpu"] or 0)))
     best = ranked[0]["name"] if ranked[0]["feasible"] else None
