@@ -40,6 +40,7 @@ EXPERT_DTYPE = {"fp8": "fp8", "fp8_block": "fp8", "nvfp4": "nvfp4"}
 ENGINE = {"vllm": "vllm", "sglang": "sglang", "trtllm": "trtllm"}  # row backend -> plan's engine=
 # GB200's NVLink domain is the NVL72 rack, not the 4-GPU compute tray (the preset's description).
 NVLINK_DOMAIN = {"gb200": 72}
+BY = ("all", "backend", "system", "model", "batch_range", "strategy")  # the error tables' groupings
 BATCH_RANGES = ((1, 7), (8, 31), (32, 127), (128, 511), (512, None))
 QUICK_ROWS = 20
 
@@ -195,12 +196,12 @@ SERIES = {"pred": ("{phase}_pred_ms", None), "roofline": ("{phase}_roofline_ms",
 
 
 def error_tables(records: list[dict]) -> dict:
-    """{phase: {by: {group: {series: {n, median, p90}}}}}, by = all | backend | system | model | batch."""
+    """{phase: {by: {group: {series: {n, median, p90}}}}}, by one of BY."""
     tables = {}
     for phase in ("tpot", "ttft"):
         meas = f"silicon_{phase}_ms"
         per = {}
-        for by in ("all", "backend", "system", "model", "batch_range"):
+        for by in BY:
             groups = {}
             for r in records:
                 groups.setdefault("all" if by == "all" else r[by], []).append(r)
@@ -304,8 +305,7 @@ def _section(result: dict, records: list[dict]) -> str:
               "with `--aic`; see docs/validation.md).")
     prov = result["provenance"]
     tables = "\n\n".join(f"**{phase.upper()} by {by}**\n\n{_table(t, phase, by)}"
-                         for phase in ("tpot", "ttft") for by in ("all", "backend", "system", "model",
-                                                                  "batch_range"))
+                         for phase in ("tpot", "ttft") for by in BY)
     ratio = {ph: _median_ratio(records, ph) for ph in ("tpot", "ttft")}
     return f"""
 Measured TPOT and TTFT of {prov['package']} {prov['version']}'s silicon sample ({prov['license']};
