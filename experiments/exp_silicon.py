@@ -298,8 +298,9 @@ def _section(result: dict, records: list[dict]) -> str:
                       f"**{'pass' if v['pass'] else 'miss'}**" for k, v in g.items())
     skipped = "\n".join(f"- {k}: {v}" for k, v in result["skipped"].items()) or "- none"
     aic_rows = sum(r.get("aic_tpot_ms") is not None for r in records)
-    anchor = (f"aiconfigurator's own static estimate (column `aic`) is there for {aic_rows} of the rows, "
-              "computed by the extraction script with the package's estimator."
+    anchor = (f"aiconfigurator's own static estimate (column `aic`) is there for {aic_rows} of the "
+              "predicted rows, computed by the extraction script with the package's estimator; "
+              "`pred_on_aic_rows` is plan on the same rows."
               if aic_rows else
               "aiconfigurator's own estimate is not in the extracted CSV (the extraction script adds it "
               "with `--aic`; see docs/validation.md).")
@@ -316,8 +317,10 @@ fitted on them. TPOT = the decode step of the global batch at context isl + osl/
 prefill pass of the batch's prompts. `pred` = plan's `step_s`, `roofline` = its `bound_step_s`
 (the same figure while plan has no efficiency layer), |error| = |predicted / measured - 1|. Plan
 chose the measured attention layout (TP or DP) on {result['attention_as_measured']} of the predicted
-rows. {anchor} The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and
-{ratio['ttft']:.2f} for TTFT: below 1, plan is faster than the engines.
+rows. The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and {ratio['ttft']:.2f} for
+TTFT: below 1, plan is faster than the engines.
+
+{anchor}
 
 Goals (prediction, all rows):
 
