@@ -1,4 +1,4 @@
-"""Which deployment to pick: EP, offload, CPU experts or a hybrid, each with memory and step time.
+"""Which deployment to pick: EP, expert TP, offload, CPU experts or a hybrid, each with memory and step time.
 
 The traffic is the deployment's: `tokens` tokens per forward pass (a prefill chunk, or a
 decode batch of `sequences` sequences at `context` tokens each). Each strategy spreads it:
@@ -7,6 +7,9 @@ decode batch of `sequences` sequences at `context` tokens each). Each strategy s
   attention data-parallel (weights replicated, tokens split) or tensor-parallel inside a
   node (weights split, one all-reduce per layer), whichever fits and is faster.
       step = compute(busiest rank) + L [dispatch + combine]          (overlapped: max)
+- **tp**: one instance over R GPUs of one node, each GPU holding 1/R of every expert (the
+  SGLang default `--tp 8` without EP); attention tensor- or data-parallel.
+      step = compute(attention, experts / R) + all-reduces over NVLink (plan_tp)
 - **offload**: one instance per GPU (tokens split); non-expert weights and KV resident,
   the HBM left caches the hottest experts; missing used experts stream from host DRAM.
       step = compute + L misses (alpha_pcie + S_E f_E / b_stream)
@@ -41,7 +44,7 @@ from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 CPU_DTYPE_BYTES = {"bf16": 2.0, "int8": 8.5 / 8, "int4": 4.5 / 8}
 # int4 is unpacked to int8 for the matrix units (AMX/VNNI have no int4 multiply).
 CPU_COMPUTE_DTYPE = {"bf16": "bf16", "int8": "int8", "int4": "int8"}
-STRATEGIES = ("ep", "offload", "cpu-experts", "hybrid")
+STRATEGIES = ("ep", "tp", "offload", "cpu-experts", "hybrid")
 SKEWED = "zipf:1.2"  # what --routing skewed means
 HBM_UTILIZATION = 0.9  # share of HBM an engine may fill (vLLM's --gpu-memory-utilization default)
 
@@ -467,23 +470,33 @@ def _a2a_curve(p: Plan):
     return efficiency.curve(p.system.name, p.engine, cls, "bf16")
 
 
-def tp_allreduce_time(p: Plan, tokens: float, split: int) -> float:
-    """One all-reduce of `tokens` tokens' activations per layer over `split` GPUs of one node:
-    ring roofline 2 (s-1)/s bytes / B_nvlink + NVLink's latency; an engine's prediction adds
-    its custom all-reduce's measured floor and runs the bytes at its measured efficiency."""
+def tp_allreduce_time(p: Plan, tokens: float, split: int, count: float | None = None) -> float:
+    """`count` all-reduces (default: one per layer) of `tokens` tokens' activations over `split`
+    GPUs of one node: each the ring roofline 2 (s-1)/s bytes / B_nvlink + NVLink's latency; an
+    engine's prediction pays its custom all-reduce's measured floor and runs the bytes at its
+    measured efficiency."""
     if split <= 1:
         return 0.0
     m = p.model
-    L_all = m.n_layers or m.n_moe_layers
+    count = (m.n_layers or m.n_moe_layers) if count is None else count
     nbytes = tokens * m.hidden * m.f_a
     ring = 2 * (split - 1) / split * nbytes / p.b_up
     if p.engine == "ideal":
-        return L_all * (p.alpha_scale_up + ring)
+        return count * (allreduce_latency(p) + ring)
     c, _ = efficiency.curve(p.system.name, p.engine, "allreduce", "bf16")
-    return L_all * (max(p.alpha_scale_up, efficiency.floor_s(c)) + ring / efficiency.at(c, nbytes))
+    return count * (allreduce_latency(p) + ring / efficiency.at(c, nbytes))
 
 
-# --- the four strategies -----------------------------------------------------------------------
+def allreduce_latency(p: Plan) -> float:
+    """One all-reduce's latency inside a node: NVLink's (the roofline's), or the engine's
+    custom all-reduce's measured floor where that is longer."""
+    if p.engine == "ideal":
+        return p.alpha_scale_up
+    c, _ = efficiency.curve(p.system.name, p.engine, "allreduce", "bf16")
+    return max(p.alpha_scale_up, efficiency.floor_s(c))
+
+
+# --- the strategies ---------------------------------------------------------------------------
 
 
 def _result(name, gpus, feasible, reason, step=None, overlap=None, bound="", mem=None,
@@ -526,7 +539,8 @@ def plan_ep(p: Plan) -> dict:
     n = _share(p.tokens, R)
     kv_gpu = (_share(p.sequences, R) * memory.kv_bytes(p.cfg, p.context, p.kv_dtype) if p.decode
               else p.kv_total() / R)
-    buffers = 2 * _share(p.tokens, R) * m.top_k * m.hidden * m.f_a  # send + receive rows
+    # send + receive rows of the all-to-all; one GPU has none
+    buffers = 2 * _share(p.tokens, R) * m.top_k * m.hidden * m.f_a if R > 1 else 0.0
     # The busiest rank's share: the closed form's for uniform (and the seed's worst-case)
     # routing, the routing's own for a skewed one (its experts round-robin over the ranks).
     skewed = p.routing.q is not None and p.routing.name != "uniform"
@@ -584,6 +598,75 @@ def _ep_step(t: dict) -> tuple[float, float]:
     comm = t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
     compute = t["compute_s"] + t["tp_allreduce_s"]
     return compute + comm, max(compute, comm)
+
+
+def plan_tp(p: Plan) -> dict:
+    """Expert tensor parallelism: one instance over R GPUs of one node, each GPU holding 1/R of
+    every expert (gate/up by columns, down by rows), so every GPU sees every token.
+
+    Attention tensor-parallel (weights and KV heads split, 2 all-reduces per layer: after
+    o_proj and after the MoE/MLP down projection, as vLLM's and SGLang's TP models do) or
+    data-parallel (weights replicated, tokens split; the MoE layers gather all tokens and
+    scatter the partial sums back: the bytes of one all-reduce, two latencies), whichever fits
+    and is faster.
+        step = attention work + expert work / R + all-reduces       (no overlap: each
+        all-reduce's result is the next operation's input)
+    """
+    m, R = p.model, p.gpus
+    if p.gpus_per_node < R:
+        return _result("tp", R, False, f"expert tensor parallelism over {R} GPUs spans nodes of "
+                       f"{p.gpus_per_node}: not modelled (TP runs inside one NVLink domain)")
+    w_all = memory.weights_bytes(p.cfg, m)
+    experts = memory.expert_weights_bytes(m)
+    non_expert = w_all - experts
+    used, _ = p.routing.used(p.tokens, m.top_k, m.n_experts)
+    rows = p.tokens * m.top_k
+    # 1/R of each used expert's weights and FLOPs; the activations are read and written
+    # whole on every GPU (input rows in, partial output rows out), hence the second term.
+    held = m.n_experts / R  # the grouped GEMM runs at rows / E tokens per (sliced) expert
+    ex = (expert_work(p, rows / R, used / R, held)
+          + Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), rows / R / held,
+                         bytes=m.n_moe_layers * 2 * rows * (1 - 1 / R) * m.hidden * m.f_a)))
+    L_all = m.n_layers or m.n_moe_layers
+    kv_seq = memory.kv_bytes(p.cfg, p.context, p.kv_dtype)
+    options = []
+    modes = [("tensor-parallel attention", R)] + ([("data-parallel attention", 1)] if R > 1 else [])
+    for mode, split in modes:
+        if split > 1:
+            kv = p.kv_total() / kv_head_split(p.cfg, split)  # split by KV head; MLA's replicated
+            work = non_expert_work(p, p.tokens, non_expert / split, kv, split)
+            tp = tp_allreduce_time(p, p.tokens, R, 2 * L_all)
+        else:
+            n = _share(p.tokens, R)
+            kv = _share(p.sequences, R) * kv_seq if p.decode else p.kv_total() / R
+            work = non_expert_work(p, n, non_expert, kv)
+            # gather + scatter: one all-reduce's bytes and its latency, plus one more latency
+            tp = (tp_allreduce_time(p, p.tokens, R, m.n_moe_layers)
+                  + (m.n_moe_layers * allreduce_latency(p) if R > 1 else 0.0))
+        need = {"experts": experts / R, "non_expert": non_expert / split, "kv": kv}
+        total = sum(need.values())
+        fit = total <= p.usable_hbm
+        compute = work.predict(p) + ex.predict(p)
+        options.append((mode, need, total, (compute, work + ex, tp) if fit else None))
+    fits = [o for o in options if o[3] is not None]
+
+    def mem_for(need, total):
+        return {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},
+                "gpu_total_needed": total * R, "weights_total": w_all}
+    if not fits:
+        mode, need, total, _ = min(options, key=lambda o: o[2])
+        return _result("tp", R, False,
+                       f"does not fit: needs {_gb(total)} per GPU (experts {_gb(need['experts'])} + "
+                       f"non-expert {_gb(need['non_expert'])} + KV {_gb(need['kv'])}, {mode}) > "
+                       f"{_gb(p.usable_hbm)} usable ({p.hbm_utilization:g} x {_gb(p.system.hbm_bytes)})",
+                       mem=mem_for(need, total))
+    mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0] + o[3][2])
+    terms = {"compute_s": compute, "tp_allreduce_s": tp}
+    step, overlap, terms = _combine(p, terms, lambda t: (t["compute_s"] + t["tp_allreduce_s"],) * 2)
+    return _slo(p, _result("tp", R, True, f"{mode}, each of {m.n_experts} experts split over {R} GPUs "
+                                          f"(1/{R} of every expert per GPU)",
+                           step, overlap, _bound(terms, work.bound(p.system)), mem_for(need, total),
+                           p.tokens, terms=terms, attention=mode, imbalance=1.0))
 
 
 def kv_head_split(cfg: dict, tp: int) -> int:
@@ -856,8 +939,8 @@ def efficiency_sources(p: Plan, result: dict) -> list:
 
 
 def plan_all(p: Plan) -> dict:
-    """The four strategies, ranked: feasible first, then by tokens/s per GPU."""
-    strategies = [with_bound(p, plan_ep, plan_ep(p))] + [
+    """The five strategies, ranked: feasible first, then by tokens/s per GPU."""
+    strategies = [with_bound(p, plan_tp, plan_tp(p)), with_bound(p, plan_ep, plan_ep(p))] + [
         with_bound(p, s, best_replicas(p, s)) for s in (plan_offload, plan_cpu_experts, plan_hybrid)]
     ranked = sorted(strategies, key=lambda s: (not s["feasible"], -(s["tokens_per_s_per_gpu"] or 0)))
     best = ranked[0]["name"] if ranked[0]["feasible"] else None

@@ -20,9 +20,9 @@ DEPENDS = (
     "moelab.costmodel.specs",
     "moelab.costmodel.hf_config",
 )
-LABELS = {"ep": "EP", "offload": "OFF", "cpu-experts": "CPU", "hybrid": "HYB", None: "none"}
-COLORS = {"ep": "#d62728", "offload": "#1f77b4", "cpu-experts": "#2ca02c", "hybrid": "#ff7f0e",
-          None: "#bbbbbb"}
+LABELS = {"ep": "EP", "tp": "TP", "offload": "OFF", "cpu-experts": "CPU", "hybrid": "HYB", None: "none"}
+COLORS = {"ep": "#d62728", "tp": "#9467bd", "offload": "#1f77b4", "cpu-experts": "#2ca02c",
+          "hybrid": "#ff7f0e", None: "#bbbbbb"}
 
 
 def INPUTS(cfg):

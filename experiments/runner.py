@@ -46,6 +46,7 @@ EXPERIMENTS = {
     "validation": "moelab.experiments.exp_validation",
     "kernels": "moelab.experiments.exp_kernels",
     "decision-map": "moelab.experiments.exp_decision_map",
+    "silicon": "moelab.experiments.exp_silicon",
 }
 
 DEFAULT_ROOT = Path("out") / "experiments"

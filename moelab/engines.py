@@ -44,6 +44,14 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
                     "vLLM keeps the offloaded GiB of weights in CPU memory and reads them every "
                     "pass (UVA); which weights it offloads is its choice, not the plan's hottest "
                     "experts, so expect the no-cache figure; one engine per GPU")
+        if name == "tp":
+            # Without --enable-expert-parallel the expert layers form one TP group of DP x TP
+            # GPUs (docs.vllm.ai serving/data_parallel_deployment).
+            dp = s.get("attention", "").startswith("data")
+            flags = [f"--data-parallel-size {gpus}"] if dp else [f"--tensor-parallel-size {gpus}"]
+            flags += [f"--gpu-memory-utilization {util:g}", f"--max-model-len {ctx}"]
+            flags += [f"--kv-cache-dtype {kv}"] if kv else []
+            return flags, "vLLM: experts tensor-parallel over all GPUs (no expert parallelism)"
         return [], f"vLLM cannot run routed experts on the CPU ({name}): use llama.cpp or KTransformers"
     if engine == "sglang":
         if name == "ep":
@@ -53,6 +61,12 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
                 flags += [f"--dp-size {gpus}", "--enable-dp-attention"]
             flags += ["--moe-a2a-backend deepep", f"--mem-fraction-static {util:g}"]
             return flags, "SGLang: DeepEP all-to-all; data-parallel attention when the plan chose it"
+        if name == "tp":
+            flags = [f"--tp-size {gpus}"]
+            if s.get("attention", "").startswith("data"):
+                flags += [f"--dp-size {gpus}", "--enable-dp-attention"]
+            flags += [f"--mem-fraction-static {util:g}"]
+            return flags, "SGLang: experts tensor-parallel (no --ep-size)"
         return [], (f"SGLang's documented server arguments we read have no flag for {name}; "
                     "its CPU-expert path runs through KTransformers")
     # llama.cpp

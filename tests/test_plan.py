@@ -109,12 +109,15 @@ def test_emit_flags_per_strategy():
     from moelab.engines import launch_flags
 
     r = moelab.plan("deepseek-r1", "h200-sxm", gpus=8, decode_batch=64, context=4096)
-    assert r.best == "ep"
-    flags, _ = launch_flags(r, "vllm")
+    flags, _ = launch_flags(r, "vllm", "ep")
     assert "--enable-expert-parallel" in flags
-    flags, _ = launch_flags(r, "sglang")
+    flags, _ = launch_flags(r, "sglang", "ep")
     assert "--ep-size 8" in flags
-    flags, note = launch_flags(r, "llama.cpp")
+    flags, _ = launch_flags(r, "vllm", "tp")
+    assert "--enable-expert-parallel" not in flags
+    flags, _ = launch_flags(r, "sglang", "tp")
+    assert "--tp-size 8" in flags and not any(f.startswith("--ep-size") for f in flags)
+    flags, note = launch_flags(r, "llama.cpp", "ep")
     assert flags == [] and "no expert parallelism" in note
     flags, _ = launch_flags(r, "llama.cpp", "offload")
     assert "--cpu-moe" in flags and any(f.startswith("--moe-cache-mib") for f in flags)

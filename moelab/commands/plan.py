@@ -1,8 +1,8 @@
-"""`moelab plan`: which deployment to pick (EP, offload, CPU experts, hybrid), memory included."""
+"""`moelab plan`: which deployment to pick (EP, expert TP, offload, CPU experts, hybrid), memory included."""
 
 from __future__ import annotations
 
-HELP = "which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid"
+HELP = "which deployment gives the most tokens/s per GPU: EP, expert TP, offload, CPU experts or a hybrid"
 
 
 def add_arguments(p):
