@@ -16,6 +16,8 @@ if [ $# -eq 0 ]; then
     PYTHON=$bare PYTHONPATH=$site bash ci/gpu-check --dry-run > /tmp/moelab-gpu-check-dry-run.log 2>&1 \
         || { tail -40 /tmp/moelab-gpu-check-dry-run.log; echo "ci/gpu-check --dry-run failed"; exit 1; }
     echo "ci/gpu-check --dry-run: ok"
-    set -- -m "not slow"
+    # Two workers, one per core: a serial run keeps ~1.1 of the 2 cores busy (XLA compiles
+    # and numpy loops on one thread most of the time).
+    set -- -m "not slow" -n 2
 fi
 .venv/bin/python -m pytest -q --timeout=900 "$@"
