@@ -48,11 +48,11 @@ class Requests:
 
     prompt: int
     output: int
-    batch: int
+    decode_batch: int
     tokens: int
 
     def __post_init__(self):
-        for f in ("prompt", "output", "batch", "tokens"):
+        for f in ("prompt", "output", "decode_batch", "tokens"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SpecError(f"{f}: must be an integer >= 1, got {v!r}")
@@ -80,7 +80,7 @@ def request_figures(req: Requests, a: dict, b: dict, gpus: int | None = None,
     decode_s = req.output * b["step_s"]
     if gpus is None:  # the deployment's GPUs (a small decode batch may keep some idle)
         gpus = max(a["gpus"], b["gpus"])
-        gpu_s = gpus * (a["step_s"] * req.prompt / req.tokens + b["step_s"] * req.output / req.batch)
+        gpu_s = gpus * (a["step_s"] * req.prompt / req.tokens + b["step_s"] * req.output / req.decode_batch)
     else:
         rate = min(a["pool_gpus"] * a["tokens_per_s_per_gpu"] / req.prompt,
                    b["pool_gpus"] * b["tokens_per_s_per_gpu"] / req.output, rate_cap)
@@ -187,13 +187,13 @@ def disaggregated(pp: planner.Plan, pd: planner.Plan, req: Requests, kv_bytes: f
     out = {"kind": "disaggregated", "gpus": G}
     if G < 2:
         return {**out, "feasible": False, "reason": "a prefill pool and a decode pool need 2 GPUs or more"}
-    step = 1 if G <= 16 else min(G, pp.gpus_per_node)  # larger systems: whole nodes per pool
+    step = max(1, G // 8)  # at most 8 splits: every split up to 8 GPUs, then every G/8
     s = pp.system
     kv_s = s.alpha_net + kv_bytes / s.b_net
     best = None
     for gp in range(step, G, step):
-        a = _best(planner.plan_all(replace(pp, gpus=gp, replicas=None)))
-        b = _best(planner.plan_all(replace(pd, gpus=G - gp, replicas=None)))
+        a = _pool_best(replace(pp, gpus=gp, replicas=None))
+        b = _pool_best(replace(pd, gpus=G - gp, replicas=None))
         if a is None or b is None:
             continue
         a, b = {**a, "pool_gpus": gp}, {**b, "pool_gpus": G - gp}
@@ -209,8 +209,15 @@ def disaggregated(pp: planner.Plan, pd: planner.Plan, req: Requests, kv_bytes: f
             "kv_rate_cap_per_s": cap, **fig}
 
 
-def _best(ranking: dict) -> dict | None:
-    return next((r for r in ranking["strategies"] if r["feasible"]), None) if ranking["best"] else None
+def _pool_best(p: planner.Plan) -> dict | None:
+    """plan_all's first feasible strategy, its roofline computed for it alone (a pool's)."""
+    results = {name: (fn(p) if name in ("ep", "tp") else planner.best_replicas(p, fn))
+               for name, fn in STRATEGY.items()}
+    fits = [(name, r) for name, r in results.items() if r["feasible"]]
+    if not fits:
+        return None
+    name, r = max(fits, key=lambda x: x[1]["tokens_per_s_per_gpu"])
+    return planner.with_bound(p, STRATEGY[name], r)
 
 
 def combine(pp: planner.Plan, pd: planner.Plan, req: Requests) -> dict:
@@ -226,7 +233,7 @@ def combine(pp: planner.Plan, pd: planner.Plan, req: Requests) -> dict:
     options.append(disaggregated(pp, pd, req, kv_bytes))
     options.sort(key=lambda o: (not o["feasible"], -(o.get("output_tokens_per_s_per_gpu") or 0)))
     same = [o for o in options if o["kind"] == "same" and o["feasible"]]
-    return {"prompt_tokens": req.prompt, "output_tokens": req.output, "decode_batch": req.batch,
+    return {"prompt_tokens": req.prompt, "output_tokens": req.output, "decode_batch": req.decode_batch,
             "prefill_tokens_per_pass": req.tokens, "prefill_passes": req.prefill_passes,
             "decode_context": req.decode_context,
             "options": options,

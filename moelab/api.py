@@ -378,10 +378,10 @@ def _plan_phases(one: dict, phase: str, prompt: int | None, output: int | None) 
         raise SpecError("slo: a step budget is per phase (TTFT or TPOT): not yet with phase both")
     prompt = DEFAULT_PREFILL_TOKENS if prompt is None else prompt
     req = phases.Requests(prompt=prompt, output=1 if output is None else output,
-                          batch=1 if one["decode_batch"] is None else one["decode_batch"],
+                          decode_batch=1 if one["decode_batch"] is None else one["decode_batch"],
                           tokens=prompt if one["tokens"] is None else one["tokens"])
     pre = {**one, "tokens": req.tokens, "decode_batch": None, "context": req.prompt}
-    dec = {**one, "tokens": None, "decode_batch": req.batch, "context": req.decode_context}
+    dec = {**one, "tokens": None, "decode_batch": req.decode_batch, "context": req.decode_context}
     if phase == "prefill":
         return _plan_one(**pre)[0]
     if phase == "decode":
@@ -391,7 +391,7 @@ def _plan_phases(one: dict, phase: str, prompt: int | None, output: int | None) 
     return Report(
         model=r_pre["model"], engine=r_pre["engine"], engine_note=r_pre["engine_note"],
         system=r_pre["system"], host=r_pre["host"],
-        workload={"phase": "both", "prompt": req.prompt, "output": req.output, "decode_batch": req.batch,
+        workload={"phase": "both", "prompt": req.prompt, "output": req.output, "decode_batch": req.decode_batch,
                   "prefill_tokens_per_pass": req.tokens, "decode_context": req.decode_context},
         phases={"prefill": r_pre, "decode": r_dec},
         combined=phases.combine(p_pre, p_dec, req))

@@ -81,6 +81,8 @@ def compute(args):
         for flag, v in (("--prompt", args.prompt), ("--output", args.output)):
             if v is not None:
                 raise SpecError(f"{flag} {v}: a request's length goes with --phase prefill|decode|both")
+    if args.phase == "both" and args.slo_ms is not None:
+        raise SpecError("--slo-ms: a step budget is per phase (TTFT or TPOT): not yet with --phase both")
     if args.phase == "both" and args.emit:
         raise SpecError("--emit: launch flags for one phase at a time (--phase prefill or decode), "
                         "not yet for --phase both")
