@@ -144,12 +144,34 @@ def _reserve(p: planner.Plan, nbytes: float) -> planner.Plan | None:
     return replace(p, hbm_utilization=left / p.system.hbm_bytes) if left > 0 else None
 
 
-def one_deployment(pp: planner.Plan, pd: planner.Plan, req: Requests, a_name: str, b_name: str,
-                   gpus: int) -> dict:
+class _Runs:
+    """Each (phase, strategy, GPUs, HBM taken by the other phase) planned once: the options
+    share them."""
+
+    def __init__(self, pp: planner.Plan, pd: planner.Plan):
+        self.plans, self.done = {"prefill": pp, "decode": pd}, {}
+
+    def __call__(self, phase: str, name: str, gpus: int, reserve: float = 0.0) -> dict | None:
+        key = (phase, name, gpus, reserve)
+        if key not in self.done:
+            p = _reserve(self.plans[phase], reserve) if reserve else self.plans[phase]
+            self.done[key] = None if p is None else STRATEGY[name](replace(p, replicas=gpus))
+        return self.done[key]
+
+    def bound(self, phase: str, name: str, gpus: int, reserve: float) -> float:
+        """The roofline of a run (planner.with_bound), computed for the options kept only."""
+        r = self.done[(phase, name, gpus, reserve)]
+        if "bound_step_s" not in r:
+            planner.with_bound(_reserve(self.plans[phase], reserve) if reserve else self.plans[phase],
+                               STRATEGY[name], r)
+        return r["bound_step_s"]
+
+
+def one_deployment(run: _Runs, req: Requests, a_name: str, b_name: str, gpus: int) -> dict:
     """Prefill with `a_name`, decode with `b_name`, on the same `gpus` GPUs, both memories at once."""
+    pp = run.plans["prefill"]
     kind = "same" if a_name == b_name else "switch"
-    a0 = STRATEGY[a_name](replace(pp, replicas=gpus))
-    b0 = STRATEGY[b_name](replace(pd, replicas=gpus))
+    a0, b0 = run("prefill", a_name, gpus), run("decode", b_name, gpus)
     out = {"kind": kind, "gpus": gpus}
     for phase, r in (("prefill", a0), ("decode", b0)):
         if not r["feasible"]:
@@ -157,9 +179,8 @@ def one_deployment(pp: planner.Plan, pd: planner.Plan, req: Requests, a_name: st
                     "prefill": _phase(a0), "decode": _phase(b0)}
     # Each phase planned with the other's state off its HBM, so that their resident experts
     # leave room for both states (W_a + S_a + S_b <= U and W_b + S_b + S_a <= U).
-    ppr, pdr = _reserve(pp, _state(b0)), _reserve(pd, _state(a0))
-    a = STRATEGY[a_name](replace(ppr, replicas=gpus)) if ppr else None
-    b = STRATEGY[b_name](replace(pdr, replicas=gpus)) if pdr else None
+    keys = (("prefill", a_name, gpus, _state(b0)), ("decode", b_name, gpus, _state(a0)))
+    a, b = run(*keys[0]), run(*keys[1])
     if a is None or b is None or not a["feasible"] or not b["feasible"]:
         return {**out, "feasible": False, "prefill": _phase(a0), "decode": _phase(b0),
                 "reason": f"both phases at once do not fit: prefill state {planner._gb(_state(a0))} "
@@ -173,10 +194,8 @@ def one_deployment(pp: planner.Plan, pd: planner.Plan, req: Requests, a_name: st
                 else f"{planner._gb(host)} host memory > {planner._gb(pp.host_mem)}")
         return {**out, "feasible": False, "reason": f"both phases at once do not fit: {what}",
                 "prefill": _phase(a), "decode": _phase(b), "memory": mem}
-    planner.with_bound(ppr, STRATEGY[a_name], a)
-    planner.with_bound(pdr, STRATEGY[b_name], b)
     return {**out, "gpus": max(a["gpus"], b["gpus"]), "feasible": True, "reason": "", "prefill": _phase(a),
-            "decode": _phase(b), "memory": mem, **request_figures(req, a, b)}
+            "decode": _phase(b), "memory": mem, **request_figures(req, a, b), "_keys": keys}
 
 
 def disaggregated(pp: planner.Plan, pd: planner.Plan, req: Requests, kv_bytes: float) -> dict:
@@ -187,7 +206,7 @@ def disaggregated(pp: planner.Plan, pd: planner.Plan, req: Requests, kv_bytes: f
     out = {"kind": "disaggregated", "gpus": G}
     if G < 2:
         return {**out, "feasible": False, "reason": "a prefill pool and a decode pool need 2 GPUs or more"}
-    step = max(1, G // 8)  # at most 8 splits: every split up to 8 GPUs, then every G/8
+    step = max(1, G // 8)  # every split below 16 GPUs, then about 8 of them (steps of G // 8)
     s = pp.system
     kv_s = s.alpha_net + kv_bytes / s.b_net
     best = None
@@ -224,11 +243,16 @@ def combine(pp: planner.Plan, pd: planner.Plan, req: Requests) -> dict:
     """Every way to serve both phases, ranked by output tokens/s per GPU: each strategy for
     both (`same`), each switch between the single-GPU strategies, and disaggregated pools."""
     pairs = [(n, n) for n in STRATEGY] + [(a, b) for a in SWITCHABLE for b in SWITCHABLE if a != b]
-    options = []
+    options, run = [], _Runs(pp, pd)
     for a_name, b_name in pairs:
-        tries = [one_deployment(pp, pd, req, a_name, b_name, g) for g in _counts(pp, a_name)]
+        tries = [one_deployment(run, req, a_name, b_name, g) for g in _counts(pp, a_name)]
         fits = [t for t in tries if t["feasible"]]
-        options.append(max(fits, key=lambda t: t["output_tokens_per_s_per_gpu"]) if fits else tries[-1])
+        kept = max(fits, key=lambda t: t["output_tokens_per_s_per_gpu"]) if fits else tries[-1]
+        for key in kept.get("_keys", ()):
+            kept[key[0]]["bound_step_s"] = run.bound(*key)
+        options.append(kept)
+    for o in options:
+        o.pop("_keys", None)
     kv_bytes = memory.kv_bytes(pp.cfg, req.prompt, pp.kv_dtype)
     options.append(disaggregated(pp, pd, req, kv_bytes))
     options.sort(key=lambda o: (not o["feasible"], -(o.get("output_tokens_per_s_per_gpu") or 0)))

@@ -391,8 +391,9 @@ def _plan_phases(one: dict, phase: str, prompt: int | None, output: int | None) 
     return Report(
         model=r_pre["model"], engine=r_pre["engine"], engine_note=r_pre["engine_note"],
         system=r_pre["system"], host=r_pre["host"],
-        workload={"phase": "both", "prompt": req.prompt, "output": req.output, "decode_batch": req.decode_batch,
-                  "prefill_tokens_per_pass": req.tokens, "decode_context": req.decode_context},
+        workload={"phase": "both", "prompt": req.prompt, "output": req.output,
+                  "decode_batch": req.decode_batch, "prefill_tokens_per_pass": req.tokens,
+                  "decode_context": req.decode_context},
         phases={"prefill": r_pre, "decode": r_dec},
         combined=phases.combine(p_pre, p_dec, req))
 

@@ -1,4 +1,4 @@
-"""`plan --phase both`: prefill and decode each with its strategy, joined per request (costmodel/phases.py)."""
+"""`plan --phase both`: prefill and decode, each its strategy, joined per request (costmodel/phases.py)."""
 
 from __future__ import annotations
 
@@ -63,12 +63,15 @@ def test_the_best_per_phase_choice_beats_or_equals_the_best_single_strategy(gpus
     c = r.combined
     feasible = [o for o in c["options"] if o["feasible"]]
     same = [o for o in feasible if o["kind"] == "same"]
-    assert c["best_single"]["output_tokens_per_s_per_gpu"] == max(o["output_tokens_per_s_per_gpu"] for o in same)
-    assert c["best"]["output_tokens_per_s_per_gpu"] == max(o["output_tokens_per_s_per_gpu"] for o in feasible)
-    assert c["best"]["output_tokens_per_s_per_gpu"] >= c["best_single"]["output_tokens_per_s_per_gpu"]
+    tps = "output_tokens_per_s_per_gpu"
+    assert c["best_single"][tps] == max(o[tps] for o in same)
+    assert c["best"][tps] == max(o[tps] for o in feasible)
+    assert c["best"][tps] >= c["best_single"][tps]
     for o in feasible:  # every option's throughput is its GPU-seconds per request's
         assert o["output_tokens_per_s_per_gpu"] == pytest.approx(256 / o["gpu_s_per_request"], rel=1e-12)
         assert o["request_s"] == pytest.approx(o["prefill_s"] + o["kv_transfer_s"] + o["decode_s"], rel=1e-12)
+        for phase in ("prefill", "decode"):  # the roofline beside each phase's prediction
+            assert o[phase]["bound_step_s"] <= o[phase]["step_s"] * (1 + 1e-12)
 
 
 def test_deepseek_r1_on_one_gpu_prefills_layerwise_on_the_gpu_and_decodes_on_the_cpu():
@@ -122,8 +125,8 @@ def test_disaggregated_pools_pay_the_kv_transfer():
     rate = min(d["prefill"]["tokens_per_s_per_gpu"] / P, d["decode"]["tokens_per_s_per_gpu"] / O,
                r.system["b_net"] / kv)
     assert d["output_tokens_per_s_per_gpu"] == pytest.approx(rate * O / 2, rel=1e-12)
-    assert d["request_s"] == pytest.approx(d["prefill"]["step_s"] + d["kv_transfer_s"] + O * d["decode"]["step_s"],
-                                           rel=1e-12)
+    by_hand = d["prefill"]["step_s"] + d["kv_transfer_s"] + O * d["decode"]["step_s"]
+    assert d["request_s"] == pytest.approx(by_hand, rel=1e-12)
     one = moelab.plan(QWEN, gpus=1, engine="vllm", phase="both", prompt=P, output=O, decode_batch=B)
     d1 = next(o for o in one.combined["options"] if o["kind"] == "disaggregated")
     assert not d1["feasible"] and "2 GPUs" in d1["reason"]
@@ -153,3 +156,24 @@ def test_bad_phase_flags_one_line_exit_2(argv, flag, capsys):
     assert main(["plan", "--model", QWEN, "--gpus", "1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].partition("error: ")[2].startswith(flag), err
+
+
+def test_every_json_key_of_phase_both_is_in_the_contracts(capsys):
+    # as tests/test_docs.py does for the single-phase runs: each key, at any depth, in backticks
+    import json
+    import re
+    from pathlib import Path
+
+    contracts = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
+    documented = set(re.findall(r"`([\w]+)`", contracts))
+
+    def keys(x):
+        if isinstance(x, dict):
+            return set(x) | {k for v in x.values() for k in keys(v)}
+        return keys(x[0]) if isinstance(x, list) and x else set()
+
+    assert main(["plan", "--json", "--model", QWEN, "--gpus", "2", "--engine", "vllm", "--phase", "both",
+                 "--prompt", "2048", "--output", "128", "--decode-batch", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {o["kind"] for o in out["combined"]["options"] if o["feasible"]} >= {"same", "disaggregated"}
+    assert not keys(out) - documented, sorted(keys(out) - documented)
