@@ -208,7 +208,7 @@ def print_phases(out: dict) -> None:
     for col, just in (("#", "right"), ("kind", "left"), ("GPUs", "right"), ("prefill", "left"),
                       ("step", "right"), ("roofline", "right"), ("decode", "left"), ("step", "right"),
                       ("roofline", "right"), ("request", "right"), ("per GPU", "right")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=just, no_wrap=True)
     for i, o in enumerate(c["options"], 1):
         ok = o["feasible"]
         a, b = o.get("prefill") or {}, o.get("decode") or {}
@@ -217,7 +217,7 @@ def print_phases(out: dict) -> None:
                   _seconds(a.get("step_s") if ok else None), _seconds(a.get("bound_step_s") if ok else None),
                   b.get("name", "—"), _seconds(b.get("step_s") if ok else None),
                   _seconds(b.get("bound_step_s") if ok else None),
-                  _seconds(o.get("request_s")), fmt(o["output_tokens_per_s_per_gpu"]) if ok else "—")
+                  _long(o.get("request_s")), fmt(o["output_tokens_per_s_per_gpu"]) if ok else "—")
     console.print(t)
     for i, o in enumerate(c["options"], 1):
         if o["feasible"]:
@@ -236,10 +236,15 @@ def print_phases(out: dict) -> None:
     if single is not None:
         console.print(f"best single strategy: {single['prefill']['name']} on {single['gpus']} GPUs, "
                       f"{fmt(single['output_tokens_per_s_per_gpu'])} output tokens/s per GPU, "
-                      f"{_seconds(single['request_s'])} per request", highlight=False)
+                      f"{_long(single['request_s'])} per request", highlight=False)
     a, b = best["prefill"], best["decode"]
     console.print(f"best: {best['kind']}, prefill {a['name']} ({a['mode']}) / "
                   f"decode {b['name']} ({b['mode']}), "
                   f"{fmt(best['output_tokens_per_s_per_gpu'])} output tokens/s per GPU "
-                  f"({fmt(best['tokens_per_s_per_gpu'])} with the prompt), {_seconds(best['request_s'])} "
+                  f"({fmt(best['tokens_per_s_per_gpu'])} with the prompt), {_long(best['request_s'])} "
                   "per request", highlight=False)
+
+
+def _long(x: float | None) -> str:
+    """A request's time: ms, s, then whole seconds (no exponent)."""
+    return _seconds(x) if x is None or x < 100 else f"{x:,.0f} s"
