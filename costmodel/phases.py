@@ -99,7 +99,7 @@ def mode(r: dict) -> str:
     if name == "offload":
         return f"{r.get('resident_per_layer', 0)} experts per layer resident, the rest streamed"
     if "stream_s" in r.get("terms", {}):
-        return "layerwise GPU prefill (experts streamed to the GPU)"
+        return "layerwise GPU prefill: experts streamed to the GPU"
     on_gpu = r.get("gpu_experts_per_layer", 0)
     return f"{on_gpu} experts per layer on the GPU, the rest on the CPU" if on_gpu else "experts on the CPU"
 

@@ -200,8 +200,10 @@ def print_phases(out: dict) -> None:
     for phase in ("prefill", "decode"):
         r = out["phases"][phase]
         best = next((s for s in r["strategies"] if s["name"] == r["best"]), None)
-        alone = (f"{best['name']} on {best['gpus']} GPU{'s' if best['gpus'] > 1 else ''}, step "
-                 f"{_seconds(best['step_s'])}, {fmt(best['tokens_per_s_per_gpu'])} tokens/s per GPU"
+        from moelab.costmodel.phases import mode
+
+        alone = (f"{best['name']} on {best['gpus']} GPU{'s' if best['gpus'] > 1 else ''} ({mode(best)}), "
+                 f"step {_seconds(best['step_s'])}, {fmt(best['tokens_per_s_per_gpu'])} tokens/s per GPU"
                  if best else "nothing fits")
         console.print(f"{phase} alone: {alone}", highlight=False)
     t = Table()
