@@ -3,7 +3,8 @@
 `moelab plan --phase both` plans the prefill (passes of N prompt tokens, context P) and the
 decode (steps of a batch of B sequences) on the same hardware, then joins them per request:
 
-    request_s = prefill passes x prefill step + O x decode step      (one request's latency)
+    request_s = prefill passes x prefill step + O x decode step      (one request's latency;
+                the decode's stall while the same GPUs prefill others apart: decode_stall_s)
     gpu_s     = g_p x t_p x P / N + g_d x t_d x O / B                (GPU-seconds per request:
                 its share of the prefill passes and of the decode steps)
     output tokens/s per GPU = O / gpu_s;  tokens/s per GPU = (P + O) / gpu_s
@@ -78,15 +79,20 @@ def request_figures(req: Requests, a: dict, b: dict, gpus: int | None = None,
     `rate_cap` (the KV link's), and every GPU of both pools counts."""
     prefill_s = req.prefill_passes * a["step_s"]
     decode_s = req.output * b["step_s"]
+    stall = 0.0
     if gpus is None:  # the deployment's GPUs (a small decode batch may keep some idle)
         gpus = max(a["gpus"], b["gpus"])
         gpu_s = gpus * (a["step_s"] * req.prompt / req.tokens + b["step_s"] * req.output / req.decode_batch)
+        # While a request decodes, its B batch-mates are replaced once on average (Little's
+        # law), and the same GPUs prefill those B prompts: its decode waits that long.
+        stall = req.decode_batch * req.prompt / req.tokens * a["step_s"]
     else:
         rate = min(a["pool_gpus"] * a["tokens_per_s_per_gpu"] / req.prompt,
                    b["pool_gpus"] * b["tokens_per_s_per_gpu"] / req.output, rate_cap)
         gpu_s = gpus / rate
     return {"prefill_s": prefill_s, "kv_transfer_s": kv_transfer_s, "decode_s": decode_s,
-            "request_s": prefill_s + kv_transfer_s + decode_s, "gpu_s_per_request": gpu_s,
+            "request_s": prefill_s + kv_transfer_s + decode_s, "decode_stall_s": stall,
+            "gpu_s_per_request": gpu_s,
             "output_tokens_per_s_per_gpu": req.output / gpu_s,
             "tokens_per_s_per_gpu": (req.prompt + req.output) / gpu_s}
 

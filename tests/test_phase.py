@@ -44,6 +44,8 @@ def test_request_time_and_throughput_by_hand_from_the_two_single_phase_plans():
     assert same["prefill"]["step_s"] == pytest.approx(t_p, rel=1e-12)
     assert same["decode"]["step_s"] == pytest.approx(t_d, rel=1e-12)
     assert same["request_s"] == pytest.approx(4 * t_p + O * t_d, rel=1e-12)
+    # and its decode waits while the GPU prefills its B batch-mates' successors, 4 passes each
+    assert same["decode_stall_s"] == pytest.approx(B * 4 * t_p, rel=1e-12)
     # GPU-seconds per request: a quarter of each of 4 passes' worth of prompt... i.e. P/N
     # passes, and 1/B of each of O decode steps (B requests share a step)
     gpu_s = t_p * P / N + t_d * O / B
@@ -119,7 +121,7 @@ def test_disaggregated_pools_pay_the_kv_transfer():
     d = next(o for o in r.combined["options"] if o["kind"] == "disaggregated")
     assert d["feasible"] and d["prefill"]["pool_gpus"] + d["decode"]["pool_gpus"] == 2
     kv = P * QWEN_KV_PER_TOKEN
-    assert d["kv_bytes_per_request"] == kv
+    assert d["kv_bytes_per_request"] == kv and d["decode_stall_s"] == 0
     assert d["kv_transfer_s"] == pytest.approx(r.system["alpha_net_s"] + kv / r.system["b_net"], rel=1e-12)
     # one GPU each: the slower pool sets the request rate (the network carries far more)
     rate = min(d["prefill"]["tokens_per_s_per_gpu"] / P, d["decode"]["tokens_per_s_per_gpu"] / O,

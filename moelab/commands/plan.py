@@ -225,7 +225,9 @@ def print_phases(out: dict) -> None:
         if o["feasible"]:
             console.print(f"{i}. {o['kind']}: prefill {o['prefill']['mode']}; decode {o['decode']['mode']}"
                           + (f"; KV {o['kv_bytes_per_request'] / 1e9:,.3g} GB per request over the network, "
-                             f"{_seconds(o['kv_transfer_s'])}" if o["kind"] == "disaggregated" else ""),
+                             f"{_seconds(o['kv_transfer_s'])}" if o["kind"] == "disaggregated" else
+                             f"; the decode also stalls {_long(o['decode_stall_s'])} per request while the "
+                             "same GPUs prefill other prompts"),
                           highlight=False, soft_wrap=True)
         else:
             console.print(f"—  {o['kind']} {o.get('prefill', {}).get('name', '')}"
