@@ -103,11 +103,17 @@ def mode(r: dict) -> str:
     if name in ("ep", "tp"):
         return r.get("attention", "")
     if name == "offload":
+        if r.get("resident_fraction") == 1:
+            return "all experts resident, none streamed"
         return f"{r.get('resident_per_layer', 0)} experts per layer resident, the rest streamed"
     if "stream_s" in r.get("terms", {}):
         return "layerwise GPU prefill: experts streamed to the GPU"
     on_gpu = r.get("gpu_experts_per_layer", 0)
-    return f"{on_gpu} experts per layer on the GPU, the rest on the CPU" if on_gpu else "experts on the CPU"
+    if not on_gpu:
+        return "experts on the CPU"
+    if r.get("cpu_used_per_layer", 1) == 0:
+        return "all experts on the GPU"
+    return f"{on_gpu} experts per layer on the GPU, the rest on the CPU"
 
 
 def _phase(r: dict) -> dict:

@@ -238,7 +238,8 @@ def print_phases(out: dict) -> None:
         console.print("best: nothing serves both phases", highlight=False)
         return
     if single is not None:
-        console.print(f"best single strategy: {single['prefill']['name']} on {single['gpus']} GPUs, "
+        console.print(f"best single strategy: {single['prefill']['name']} on {single['gpus']} "
+                      f"GPU{'s' if single['gpus'] > 1 else ''}, "
                       f"{fmt(single['output_tokens_per_s_per_gpu'])} output tokens/s per GPU, "
                       f"{_long(single['request_s'])} per request", highlight=False)
     a, b = best["prefill"], best["decode"]
