@@ -311,7 +311,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          nominal: bool = False, host_link: str | None = None, network: str | None = None,
          hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
          cache_steps: int = 0, seed: int = 0, engine: str | None = None,
-         profile=None) -> Report:
+         profile=None, phase: str | None = None, prompt: int | None = None,
+         output: int | None = None) -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -338,7 +339,70 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     profile: a user profile (path or dict, costmodel/predict/profile.py) whose factors scale
     the predicted terms. Each strategy reports step_s (the prediction) and bound_step_s (the
     roofline). Returns a Report with the keys of `moelab plan --json`.
+
+    phase: None (one pass as above), or a workload of requests of `prompt` tokens (default
+    4096) and `output` tokens each: "prefill" (passes of `tokens` prompt tokens, default the
+    prompt, at context prompt), "decode" (steps of decode_batch sequences, default 1, at the
+    mean context prompt + output // 2), or "both": the two rankings under `phases` and, under
+    `combined`, every way to serve both (one strategy, a per-phase switch, disaggregated
+    pools) per request (costmodel/phases.py).
     """
+    # the arguments of one pass (everything but the phase workload), passed on as they are
+    one = {k: v for k, v in locals().items() if k not in ("phase", "prompt", "output")}
+    if phase is None:
+        for name, v in (("prompt", prompt), ("output", output)):
+            if v is not None:
+                raise SpecError(f"{name}: a request's {name} length goes with phase "
+                                "(prefill, decode or both)")
+        return _plan_one(**one)[0]
+    return _plan_phases(one, phase, prompt, output)
+
+
+def _plan_phases(one: dict, phase: str, prompt: int | None, output: int | None) -> Report:
+    """plan(phase=...): the requests' prefill, decode, or both joined (costmodel/phases.py)."""
+    from moelab.costmodel import phases
+
+    if phase not in ("prefill", "decode", "both"):
+        raise SpecError(f"phase: unknown {phase!r} (prefill | decode | both)")
+    if one["context"] is not None:
+        raise SpecError(f"context: with phase, the context follows from the prompt and output "
+                        f"(prefill: prompt; decode: prompt + output // 2), got context={one['context']}")
+    if phase == "prefill" and (one["decode_batch"] is not None or output is not None):
+        raise SpecError("phase: prefill takes prompt and tokens, not "
+                        f"{'decode_batch' if one['decode_batch'] is not None else 'output'}")
+    if phase == "decode" and one["tokens"] is not None:
+        raise SpecError("tokens: prefill tokens per pass go with phase prefill or both, not decode")
+    if phase != "prefill" and output is None:
+        raise SpecError(f"output: phase {phase} needs the output tokens per request")
+    if phase == "both" and one["slo"] is not None:
+        raise SpecError("slo: a step budget is per phase (TTFT or TPOT): not yet with phase both")
+    prompt = DEFAULT_PREFILL_TOKENS if prompt is None else prompt
+    req = phases.Requests(prompt=prompt, output=1 if output is None else output,
+                          decode_batch=1 if one["decode_batch"] is None else one["decode_batch"],
+                          tokens=prompt if one["tokens"] is None else one["tokens"])
+    pre = {**one, "tokens": req.tokens, "decode_batch": None, "context": req.prompt}
+    dec = {**one, "tokens": None, "decode_batch": req.decode_batch, "context": req.decode_context}
+    if phase == "prefill":
+        return _plan_one(**pre)[0]
+    if phase == "decode":
+        return _plan_one(**dec)[0]
+    r_pre, p_pre = _plan_one(**pre)
+    r_dec, p_dec = _plan_one(**dec)
+    return Report(
+        model=r_pre["model"], engine=r_pre["engine"], engine_note=r_pre["engine_note"],
+        system=r_pre["system"], host=r_pre["host"],
+        workload={"phase": "both", "prompt": req.prompt, "output": req.output,
+                  "decode_batch": req.decode_batch, "prefill_tokens_per_pass": req.tokens,
+                  "decode_context": req.decode_context},
+        phases={"prefill": r_pre, "decode": r_dec},
+        combined=phases.combine(p_pre, p_dec, req))
+
+
+def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, host_mem,
+              gpus_per_host_link, tokens, decode_batch, context, routing, slo, kv_dtype,
+              cpu_expert_dtype, expert_dtype, nominal, host_link, network, hbm_utilization,
+              host_dram_bw, cache_steps, seed, engine, profile):
+    """One pass (prefill or decode): the Report of `plan` and the Plan it ranked."""
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
     from moelab.costmodel.closed_form import evaluate
@@ -447,7 +511,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         gamma={"gamma": g.gamma, "decision": g.decision, "t_p_overhead_s": g.t_p_overhead,
                "t_ep_overhead_s": g.t_ep_overhead, "ep_ranks": gpus,
                "resident_fraction": offload.get("resident_fraction", 0.0)},
-    )
+    ), p
 
 
 def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:

@@ -38,6 +38,13 @@ def add_arguments(p):
     w.add_argument("--decode-batch", type=int, metavar="B", help="sequences per decode step")
     w.add_argument("--context", type=int, metavar="C",
                    help="context tokens per sequence [decode 4096, prefill --tokens]")
+    w.add_argument("--phase", choices=("prefill", "decode", "both"),
+                   help="plan for requests of --prompt and --output tokens: their prefill (passes of "
+                        "--tokens, default one prompt), their decode (steps of --decode-batch at context "
+                        "prompt + output/2), or both, joined per request (docs/plan.md)")
+    w.add_argument("--prompt", type=int, metavar="P", help="with --phase: prompt tokens per request [4096]")
+    w.add_argument("--output", type=int, metavar="O",
+                   help="with --phase decode or both: output tokens per request")
     w.add_argument("--routing", default="uniform",
                    help="worst | uniform | skewed (zipf:1.2) | zipf:S | hist:FILE (.npy/.json) | "
                         "trace:FILE (a recorded routing, JSON) [uniform]")
@@ -70,6 +77,15 @@ def compute(args):
     if args.host_dram_gbps is not None and not args.host_dram_gbps > 0:
         raise SpecError(f"--host-dram-gbps: must be > 0, got {args.host_dram_gbps}")
     dram = args.host_dram_gbps * 1e9 if args.host_dram_gbps is not None else None
+    if args.phase is None:
+        for flag, v in (("--prompt", args.prompt), ("--output", args.output)):
+            if v is not None:
+                raise SpecError(f"{flag} {v}: a request's length goes with --phase prefill|decode|both")
+    if args.phase == "both" and args.slo_ms is not None:
+        raise SpecError("--slo-ms: a step budget is per phase (TTFT or TPOT): not yet with --phase both")
+    if args.phase == "both" and args.emit:
+        raise SpecError("--emit: launch flags for one phase at a time (--phase prefill or decode), "
+                        "not yet for --phase both")
     return api.plan(args.model, args.system, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                     cpu=args.cpu, cpu_isa=args.cpu_isa,
                     cpu_sockets=args.cpu_sockets, host_mem=args.host_mem_gb * 1e9,
@@ -79,13 +95,15 @@ def compute(args):
                     kv_dtype=args.kv_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
                     expert_dtype=args.expert_dtype, nominal=args.nominal, host_dram_bw=dram,
                     cache_steps=args.cache_steps, seed=args.seed, engine=args.engine,
-                    profile=args.profile)
+                    profile=args.profile, phase=args.phase, prompt=args.prompt, output=args.output)
 
 
 def run(args) -> int:
     out = compute(args)
     if args.json:
         print(out.to_json())
+    elif "combined" in out:
+        print_phases(out)
     else:
         print_table(out)
     if args.emit:
@@ -158,3 +176,80 @@ def _seconds(x: float | None) -> str:
     if x is None:
         return "—"
     return f"{x * 1e3:,.3g} ms" if x < 1 else f"{x:,.3g} s"
+
+
+def print_phases(out: dict) -> None:
+    """--phase both: each way to serve both phases, per phase its strategy, step and roofline,
+    joined per request."""
+    from rich.table import Table
+
+    from moelab.show import console as make_console
+    from moelab.show import fmt
+
+    w, sy, c = out["workload"], out["system"], out["combined"]
+    console = make_console()
+    passes = f"{c['prefill_passes']} passes of {w['prefill_tokens_per_pass']:,}" \
+        if c["prefill_passes"] > 1 else f"passes of {w['prefill_tokens_per_pass']:,} tokens"
+    console.print(f"plan: {out['model']} on {sy['gpus']} x {sy['name']}, host {out['host']['cpu']}: "
+                  f"requests of {w['prompt']:,} prompt + {w['output']:,} output tokens; prefill {passes}, "
+                  f"decode batch {w['decode_batch']:,} at mean context {w['decode_context']:,}",
+                  highlight=False)
+    console.print(f"engine: {out['engine']} ({out['engine_note']}); step = the engine's prediction, "
+                  "roofline = the bound; per GPU = output tokens/s per GPU (all tokens: JSON "
+                  "tokens_per_s_per_gpu)", highlight=False)
+    for phase in ("prefill", "decode"):
+        r = out["phases"][phase]
+        best = next((s for s in r["strategies"] if s["name"] == r["best"]), None)
+        from moelab.costmodel.phases import mode
+
+        alone = (f"{best['name']} on {best['gpus']} GPU{'s' if best['gpus'] > 1 else ''} ({mode(best)}), "
+                 f"step {_seconds(best['step_s'])}, {fmt(best['tokens_per_s_per_gpu'])} tokens/s per GPU"
+                 if best else "nothing fits")
+        console.print(f"{phase} alone: {alone}", highlight=False)
+    t = Table()
+    for col, just in (("#", "right"), ("kind", "left"), ("GPUs", "right"), ("prefill", "left"),
+                      ("step", "right"), ("roofline", "right"), ("decode", "left"), ("step", "right"),
+                      ("roofline", "right"), ("request", "right"), ("per GPU", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for i, o in enumerate(c["options"], 1):
+        ok = o["feasible"]
+        a, b = o.get("prefill") or {}, o.get("decode") or {}
+        gpus = f"{a['pool_gpus']}+{b['pool_gpus']}" if ok and "pool_gpus" in a else str(o["gpus"])
+        t.add_row(str(i) if ok else "—", o["kind"], gpus, a.get("name", "—"),
+                  _seconds(a.get("step_s") if ok else None), _seconds(a.get("bound_step_s") if ok else None),
+                  b.get("name", "—"), _seconds(b.get("step_s") if ok else None),
+                  _seconds(b.get("bound_step_s") if ok else None),
+                  _long(o.get("request_s")), fmt(o["output_tokens_per_s_per_gpu"]) if ok else "—")
+    console.print(t)
+    for i, o in enumerate(c["options"], 1):
+        if o["feasible"]:
+            console.print(f"{i}. {o['kind']}: prefill {o['prefill']['mode']}; decode {o['decode']['mode']}"
+                          + (f"; KV {o['kv_bytes_per_request'] / 1e9:,.3g} GB per request over the network, "
+                             f"{_seconds(o['kv_transfer_s'])}" if o["kind"] == "disaggregated" else
+                             f"; the decode also stalls {_long(o['decode_stall_s'])} per request while the "
+                             "same GPUs prefill other prompts"),
+                          highlight=False, soft_wrap=True)
+        else:
+            console.print(f"—  {o['kind']} {o.get('prefill', {}).get('name', '')}"
+                          f"{'/' + o['decode']['name'] if 'decode' in o else ''}: {o['reason']}",
+                          highlight=False, soft_wrap=True)
+    single, best = c["best_single"], c["best"]
+    if best is None:
+        console.print("best: nothing serves both phases", highlight=False)
+        return
+    if single is not None:
+        console.print(f"best single strategy: {single['prefill']['name']} on {single['gpus']} "
+                      f"GPU{'s' if single['gpus'] > 1 else ''}, "
+                      f"{fmt(single['output_tokens_per_s_per_gpu'])} output tokens/s per GPU, "
+                      f"{_long(single['request_s'])} per request", highlight=False)
+    a, b = best["prefill"], best["decode"]
+    console.print(f"best: {best['kind']}, prefill {a['name']} ({a['mode']}) / "
+                  f"decode {b['name']} ({b['mode']}), "
+                  f"{fmt(best['output_tokens_per_s_per_gpu'])} output tokens/s per GPU "
+                  f"({fmt(best['tokens_per_s_per_gpu'])} with the prompt), {_long(best['request_s'])} "
+                  "per request", highlight=False)
+
+
+def _long(x: float | None) -> str:
+    """A request's time: ms, s, then whole seconds (no exponent)."""
+    return _seconds(x) if x is None or x < 100 else f"{x:,.0f} s"
