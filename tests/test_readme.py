@@ -130,7 +130,12 @@ def test_own_machine_section_runs_as_written(tmp_path):
     for name in ("my-gpu.json", "my-cpu.json", "cpu.json", "profile.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "my-cpu.json").read_text())["dram_MTps"] == 6000  # the edit
-    assert json.loads((tmp_path / "profile.json").read_text())["engine"] == "vllm"
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert profile["engine"] == "vllm"
+    # the figures the prose restates are the profile's
+    prose = " ".join((ROOT / "README.md").read_text().split("## Plan for your own machine", 1)[1].split())
+    factor, se = profile["scale"]["compute_s"], profile["uncertainty"]["compute_s"]
+    assert f"took {factor:.1f} times" in prose and f"log {se:.2f}, about ±{se:.0%}" in prose
 
 
 @pytest.mark.slow
