@@ -56,7 +56,9 @@ def _load_pt(path: str) -> dict:
     try:  # weights_only: plain tensors, lists and dicts only; nothing in the file is run
         raw = torch.load(p, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
+            zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError) as e:
+        # A file that is no pickle reaches the weights-only unpickler as arbitrary opcodes: a
+        # text file fails there with KeyError (a memo index), others with Index- or TypeError.
         _fail(path, f"is not a torch.save file torch can read safely ({type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''})")
     if not isinstance(raw, dict):

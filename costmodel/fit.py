@@ -30,14 +30,15 @@ def combine(strategy: str, terms: dict) -> float:
     scales without re-running the planner; tests/test_fit.py checks it against the planner
     under a profile. EP adds compute, the TP all-reduce and the collectives' latency to the
     slower all-to-all leg; offload adds compute and the stream; CPU experts and the hybrid add
-    the GPU's own work to the slower of the GPU's experts and the CPU's (with its round trip)."""
+    the GPU's own work to the slowest of the GPU's experts, the CPU's (with its round trip) and,
+    in a layerwise prefill, the experts streamed to the GPU."""
     t = {k: terms.get(k, 0.0) for k in TERMS}
     if strategy == "ep":
         return t["compute_s"] + t["tp_allreduce_s"] + t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
     if strategy == "offload":
         return t["compute_s"] + t["stream_s"]
-    if strategy in ("cpu-experts", "hybrid"):
-        return t["compute_s"] + max(t["gpu_experts_s"], t["link_s"] + t["cpu_s"])
+    if strategy in ("cpu-experts", "hybrid"):  # stream_s: KTransformers-style layerwise prefill
+        return t["compute_s"] + max(t["gpu_experts_s"], t["link_s"] + t["cpu_s"], t["stream_s"])
     raise SpecError(f"strategy: unknown {strategy!r}")
 
 

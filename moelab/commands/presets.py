@@ -35,8 +35,8 @@ def rows(kind: str) -> dict:
             s = load_system(name)
             out["systems"].append({
                 "name": name, "b_pcie": s.b_pcie, "b_net": s.b_net, "host_link": s.host_link,
-                "network": s.network, "hbm_bw": s.hbm_bw, "peak_flops": s.peak_flops,
-                "gpus_per_node": s.gpus_per_node, "source": s.source})
+                "network": s.network, "hbm_bytes": s.hbm_bytes, "hbm_bw": s.hbm_bw,
+                "peak_flops": s.peak_flops, "gpus_per_node": s.gpus_per_node, "source": s.source})
     if kind in ("cpus", "all"):
         from moelab.costmodel.presets import cpu_names, cpu_table, load_cpu
 
@@ -77,14 +77,14 @@ def run(args) -> int:
                       f"{m['expert_bytes'] / 1e6:.1f} MB")
         out.print(t)
     if "systems" in data:
-        t = Table(title="systems (nominal links; --measured-links for measured)",
-                  title_justify="left")
-        for col in ("name", "host link", "B_pcie", "network", "B_net", "HBM", "bf16"):
+        # the links' nominal bandwidths: plan uses measured ones unless --nominal, gamma with --measured-links
+        t = Table(title="systems (nominal link bandwidths)", title_justify="left")
+        for col in ("name", "memory", "memory BW", "host link", "B_pcie", "network", "B_net", "bf16"):
             t.add_column(col)
         for s in data["systems"]:
-            t.add_row(s["name"], s["host_link"], f"{s['b_pcie'] / 1e9:g} GB/s", s["network"],
-                      f"{s['b_net'] / 1e9:g} GB/s", f"{s['hbm_bw'] / 1e12:g} TB/s",
-                      f"{s['peak_flops'] / 1e12:g} TFLOP/s")
+            t.add_row(s["name"], f"{s['hbm_bytes'] / 1e9:g} GB", f"{s['hbm_bw'] / 1e12:g} TB/s",
+                      s["host_link"], f"{s['b_pcie'] / 1e9:g} GB/s", s["network"],
+                      f"{s['b_net'] / 1e9:g} GB/s", f"{s['peak_flops'] / 1e12:g} TFLOP/s")
         out.print(t)
     if "cpus" in data:
         t = Table(title="CPUs per node, for moelab plan --cpu (nominal DRAM; matrix peak at base clock)",
