@@ -949,6 +949,17 @@ def _more_misses(rows: list[dict]) -> str:
             "tutorial lose its own NUMA figure (12.208 / 8.73) when predicted out of sample and scale "
             "linearly in sockets, so their DRAM time is optimistic by up to 2 / 1.4."
         )
+        dec = [r for r in cpu if "decode_batch" in r["predictor"]["plan"] and r.get("roofline_terms")]
+        if dec:
+            ratios = [r["plan_terms"]["compute_s"] / r["roofline_terms"]["compute_s"] for r in dec]
+            out += (
+                " In decode the GPU's own work (attention and dense layers of one token on the 4090D, "
+                "which has no per-operation tables: the default efficiencies) takes "
+                f"x{min(ratios):.2f} to x{max(ratios):.2f} its roofline time: this term, not the CPU's, "
+                f"puts the decode rows at {_pct(min(r['error'] for r in dec))} to "
+                f"{_pct(max(r['error'] for r in dec))} (no consumer-card measurement of these kernels is "
+                "in the facts)."
+            )
     return out
 
 
@@ -1030,6 +1041,7 @@ def _ep_terms(rows: list[dict]) -> str:
     return (
         "\n\n*Expert parallelism, the term that misses*: every row is predicted with the engine its source "
         "ran (SGLang; DeepSeek's and RTP-LLM's in-house engines, not among the profiles, at SGLang's). "
+        "The roofline column is what plan predicted before the engines' efficiencies existed. "
         f"The engine's achieved efficiencies make each pass's compute x{min(factors):.2f} to "
         f"x{max(factors):.2f} the roofline's (grouped expert GEMMs, attention and dense GEMMs at the "
         "efficiencies of costmodel/predict/efficiency.json; H800 has no tables and takes the median "
