@@ -161,6 +161,14 @@ prefill), which is where the hybrid wins a large prefill on one GPU.
                          + "---|" * len(xs) + "\n")
             for y in ys:
                 parts.append(f"| {y:,} | " + " | ".join(LABELS[cell[(x, y)]["best"]] for x in xs) + " |\n")
+    cell = next((r for r in rows if r["plane"] == "tokens_x_gpus" and r["model"] == "mixtral-8x7b"
+                 and r.get("tokens") == max(cfg["tokens"]) and r.get("gpus") == 1), None)
+    if cell is not None and cell["step_s"]:
+        n = cell["tokens"]
+        parts.append(f"\nMixtral-8x7B prefill of {n:,} tokens on one GPU: {LABELS[cell['best']]} at "
+                     f"{n / cell['step_s']:,.0f} tokens/s predicted (bound: {cell['bound']}); its roofline "
+                     f"(`bound_step_s`) would give {n / cell['bound_step_s']:,.0f}. The map's cells are the "
+                     "predictions, not the CPU's or the GPU's peak.\n")
     regions = {}
     for r in rows:
         regions.setdefault((r["model"], r["plane"]), set()).add(LABELS[r["best"]])
