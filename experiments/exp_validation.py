@@ -835,6 +835,10 @@ def e2e_notes(r: dict) -> str:
         + (f", {_pct(r['error'])}" if r["error"] is not None else "")
         + "."
     )
+    if pred.get("engine_is"):
+        parts.append(f"Engine: {r.get('engine') or 'none (gamma)'}: {pred['engine_is']}.")
+    if r.get("slo_bound"):
+        parts.append(f"SLO-bound: {r['slo_bound']}.")
     if r.get("predicted_overlap") is not None:
         lo, hi = r["predicted"], r["predicted_overlap"]
         where = "between" if lo <= r["measured"] <= hi else ("below" if r["measured"] < lo else "above")
