@@ -46,6 +46,12 @@ CPU_DTYPE_BYTES = {"bf16": 2.0, "int8": 8.5 / 8, "int4": 4.5 / 8}
 CPU_COMPUTE_DTYPE = {"bf16": "bf16", "int8": "int8", "int4": "int8"}
 STRATEGIES = ("ep", "tp", "offload", "cpu-experts", "hybrid")
 SKEWED = "zipf:1.2"  # what --routing skewed means
+PREFILL_ATTENTION = ("fused", "eager")
+# Eager attention (scores materialised in HBM), bytes per head and query-key pair: KTransformers'
+# forward_chunck (ktransformers/operators/attention.py, before V0.2.1's Triton MLA) writes the
+# two score matmuls (2 + 2 B, bf16), adds them (reads 4, writes 2), scales (2 + 2), adds the
+# mask (2 + 2), softmax in fp32 (reads 2, writes 4), casts back (4 + 2) and the PV einsum reads 2.
+EAGER_SCORE_BYTES = 2 + 2 + (4 + 2) + (2 + 2) + (2 + 2) + (2 + 4) + (4 + 2) + 2
 HBM_UTILIZATION = 0.9  # share of HBM an engine may fill (vLLM's --gpu-memory-utilization default)
 
 
@@ -260,6 +266,7 @@ class Plan:
     replicas: int | None = None  # single-GPU strategies: instances (GPUs used); None: all
     engine: str = "ideal"  # whose achieved efficiencies (costmodel/predict); ideal: the roofline
     profile: Profile | None = None  # a user's fitted factors (predict/profile.py), on top of the engine's
+    prefill_attention: str = "fused"  # fused (flash) kernels | eager (scores in HBM; _eager_attention_s)
 
     def __post_init__(self):
         for f in ("gpus", "gpus_per_node", "tokens", "sequences", "gpus_per_host_link"):
@@ -280,6 +287,9 @@ class Plan:
         memory.dtype_bytes(self.kv_dtype, "kv_dtype")
         if self.engine not in ENGINES:
             raise SpecError(f"engine: unknown {self.engine!r} (known: {', '.join(ENGINES)})")
+        if self.prefill_attention not in PREFILL_ATTENTION:
+            raise SpecError(f"prefill_attention: unknown {self.prefill_attention!r} "
+                            f"(known: {', '.join(PREFILL_ATTENTION)})")
 
     # --- shared quantities ----------------------------------------------------------------
 
@@ -762,15 +772,19 @@ def _cpu_expert_time(p: Plan, n: float, used: float, per_node: int) -> tuple[flo
     flops, flops_measured = p.cpu.matmul_rate(p.cpu_expert_dtype, p.nominal)
     bw, bw_measured = p.cpu.weight_bandwidth(p.cpu_expert_dtype, p.nominal)
     flops, bw = flops / per_node, bw / per_node
+    serial = False
     if p.engine != "ideal":
         a = _cpu_factors(p)
         if not flops_measured:
             flops *= a.matmul_efficiency
+            # a kernel rate on cached data (KTransformers' AMX): its blocks come from DRAM first
+            serial = a.serial_dram
         if not bw_measured:
             bw *= a.dram_fraction * a.numa_scale / p.cpu.sockets
     t_mem = used * m.expert_params * f / bw
     t_flop = 2 * n * m.top_k * m.expert_params / flops
-    return max(t_mem, t_flop), ("CPU DRAM bandwidth" if t_mem >= t_flop else "CPU matrix throughput")
+    kind = "CPU DRAM bandwidth" if t_mem >= t_flop else "CPU matrix throughput"
+    return (t_mem + t_flop if serial else max(t_mem, t_flop)), kind
 
 
 def _cpu_factors(p: Plan) -> cpu_achieved.Achieved:
@@ -811,6 +825,9 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         r_max = min(m.n_experts, int((p.usable_hbm - gpu_need) // m.expert_bytes) // m.n_moe_layers)
     gpu_part = non_expert_work(p, n, non_expert, kv)
     t_gpu = gpu_part.predict(p)
+    eager = _eager_attention_s(p, gpu_part)
+    if eager is not None:  # eager attention replaces the fused kernels' part
+        t_gpu = Work.of(*(q for q in gpu_part.parts if q.cls != "attn_prefill")).predict(p)
     best = None
     for r in range(r_max + 1):  # every split: the step need not be monotone in r
         used, cpu_used = p.routing.used(n, m.top_k, m.n_experts, r)
@@ -825,6 +842,8 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         if lw is not None and max(lw) < max(t_gexp, link + t_cpu):  # the GPU computes all, streamed
             terms = {"compute_s": t_gpu, "cpu_s": 0.0, "link_s": 0.0, "gpu_experts_s": L * lw[1],
                      "stream_s": L * lw[0]}
+        if eager is not None:
+            terms["eager_attention_s"] = eager
         step, overlap, terms = _combine(p, terms, _hybrid_step)
         if best is None or step < best[0] - 1e-15:
             best = (step, overlap, terms, r, cpu_kind, used, cpu_used)
@@ -882,7 +901,25 @@ def _hybrid_step(t: dict) -> tuple[float, float]:
     KTransformers' layerwise prefill the CPU's share is 0 and each layer's expert copies
     (stream_s) overlap the GPU's expert work."""
     experts = max(t["gpu_experts_s"], t["link_s"] + t["cpu_s"], t.get("stream_s", 0.0))
-    return t["compute_s"] + experts, max(t["compute_s"], experts)
+    gpu = t["compute_s"] + t.get("eager_attention_s", 0.0)
+    return gpu + experts, max(gpu, experts)
+
+
+def _eager_attention_s(p: Plan, gpu_part: Work) -> float | None:
+    """Eager prefill attention, all layers (None for fused kernels or decode): the scores of
+    every query-key pair of the prompt are computed as batched GEMMs, the masked half included
+    (the fused count in `gpu_part` is causal: tokens x (context - tokens / 2) pairs), at the
+    engine's GEMM efficiency, and written to and read from HBM, EAGER_SCORE_BYTES per head and
+    pair, at the GPU's HBM bandwidth. It replaces the fused attention part of `gpu_part`."""
+    if p.decode or p.prefill_attention != "eager":
+        return None
+    heads, _, _ = memory._heads(memory._flatten(p.cfg))
+    held = max(1.0, p.context - min(p.tokens, p.context) / 2)
+    flops = sum(q.flops for q in gpu_part.parts if q.cls == "attn_prefill") * p.context / held
+    gemm = Work.of(Part("gemm", "bf16", p.tokens, flops=flops)).predict(p)
+    pairs = p.tokens * p.context  # each prompt token against its whole prompt
+    layers = p.model.n_layers or p.model.n_moe_layers
+    return gemm + layers * heads * pairs * EAGER_SCORE_BYTES / p.system.hbm_bw
 
 
 def plan_cpu_experts(p: Plan) -> dict:

@@ -84,7 +84,9 @@ def run(cfg: dict, ctx) -> None:
 def _row(plane, model, r, **coords):
     best = r["best"]
     s = next((x for x in r["strategies"] if x["name"] == best), None) if best else None
-    return {"plane": plane, "model": model, **coords, "best": best,
+    return {"plane": plane, "model": model, **coords, "best": best, "engine": r["engine"],
+            "engine_note": r.get("engine_note"),
+            "step_s": s.get("step_s") if s else None, "bound_step_s": s.get("bound_step_s") if s else None,
             "tokens_per_s_per_gpu": s["tokens_per_s_per_gpu"] if s else None,
             "gpus_used": s["gpus"] if s else None, "bound": s["bound"] if s else None,
             "ep_feasible": any(x["name"] == "ep" and x["feasible"] for x in r["strategies"])}
@@ -134,15 +136,20 @@ def _plot(ctx, cfg, rows, plane, xkey, ykey, xlabel, ylabel):
 
 
 def _section(cfg, rows) -> str:
-    parts = [f"""`moelab.plan` on {cfg["system"]} nodes with {cfg["cpu"]} hosts, {cfg["routing"]} routing.
+    engines = sorted({(r["engine"], r["engine_note"]) for r in rows})
+    said = "; ".join(f"{e} ({note})" for e, note in engines)
+    parts = [f"""`moelab.plan` on {cfg["system"]} nodes with {cfg["cpu"]} hosts, {cfg["routing"]} routing,
+at plan's default engine: {said}. Every cell is a prediction (`step_s`, the engine's achieved
+efficiencies), not the roofline (`bound_step_s`, kept in the rows).
 Each cell holds the strategy with the most tokens/s per GPU that fits (EP = expert parallelism over
 the GPUs, OFF = offload with a resident hot-expert cache, CPU = routed experts on the CPU, HYB =
 hottest experts on the GPU and the rest on the CPU; none = nothing fits), then that rate.
 The objective is tokens/s per GPU: EP uses all the GPUs of its row, the single-GPU
 strategies as many as pay (`gpus_used` in the rows; often one GPU with the whole host).
-CPU times are rooflines at the CPU's peak (no sourced efficiency): the CPU and hybrid
-regions are upper bounds (the validation experiment sets plan against KTransformers'
-published throughputs).
+CPU experts run at the achieved figures of costmodel/predict/cpu.json (an engine without CPU
+kernels of its own runs them through KTransformers' kt-kernel, so gets KTransformers' figures);
+long prefills may stream the experts to the GPU layer by layer (KTransformers' layerwise
+prefill), which is where the hybrid wins a large prefill on one GPU.
 """]
     planes = (("tokens_x_gpus", "tokens", "gpus", "prefill tokens per pass (columns) x GPUs (rows)"),
               ("batch_x_dram", "batch", "dram_GBps", "decode batch (columns) x host DRAM GB/s (rows)"))
@@ -154,6 +161,14 @@ published throughputs).
                          + "---|" * len(xs) + "\n")
             for y in ys:
                 parts.append(f"| {y:,} | " + " | ".join(LABELS[cell[(x, y)]["best"]] for x in xs) + " |\n")
+    cell = next((r for r in rows if r["plane"] == "tokens_x_gpus" and r["model"] == "mixtral-8x7b"
+                 and r.get("tokens") == max(cfg["tokens"]) and r.get("gpus") == 1), None)
+    if cell is not None and cell["step_s"]:
+        n = cell["tokens"]
+        parts.append(f"\nMixtral-8x7B prefill of {n:,} tokens on one GPU: {LABELS[cell['best']]} at "
+                     f"{n / cell['step_s']:,.0f} tokens/s predicted (bound: {cell['bound']}); its roofline "
+                     f"(`bound_step_s`) would give {n / cell['bound_step_s']:,.0f}. The map's cells are the "
+                     "predictions, not the CPU's or the GPU's peak.\n")
     regions = {}
     for r in rows:
         regions.setdefault((r["model"], r["plane"]), set()).add(LABELS[r["best"]])

@@ -426,8 +426,10 @@ def plan_prediction(plan, predictor: dict, settings: dict, source: str | None = 
         "plan_terms": strategy.get("terms"),
         "roofline": value,
     }
-    if args.get("engine", "ideal") != "ideal":
-        extra["roofline"], _ = _plan_value(plan, predictor, settings, {**args, "engine": "ideal"})
+    extra["engine"] = strategy.get("engine", args.get("engine"))
+    if extra["engine"] != "ideal":  # the roofline beside it: the same plan at engine "ideal"
+        extra["roofline"], ideal = _plan_value(plan, predictor, settings, {**args, "engine": "ideal"})
+        extra["roofline_terms"] = ideal.get("terms")
     if strategy.get("cpu_efficiency"):
         extra["cpu_efficiency"] = strategy["cpu_efficiency"]
     if strategy.get("step_s") and strategy.get("step_overlap_s"):
@@ -518,6 +520,9 @@ def end_to_end_rows(pub, plan=None) -> list[dict]:
             "predictor": pred,
             "not_modelled": r.get("not_modelled", []),
             "substitutes": r.get("substitutes", {}),
+            "slo_bound": r.get("slo_bound"),
+            "engine": (pred.get("plan") or {}).get("engine"),
+            "engine_is": pred.get("engine_is"),
         }
         if pred["tool"] == "plan" and plan is None:
             value, status = None, PENDING
@@ -600,15 +605,36 @@ def network_bounds(pub, b_net: float) -> list[dict]:
 # --- statistics -------------------------------------------------------------------------------------
 
 
+# Goals per end-to-end kind (issue 19): median |error| out of sample.
+E2E_GOALS = {"e2e-ep": 0.15, "e2e-offload": 0.25, "e2e-cpu-experts": 0.25}
+
+
 def stats_by_kind(rows: list[dict]) -> dict:
-    """Per kind: median and max |error| over rows that have a prediction and were not fitted to themselves."""
+    """Per kind: median and max |error| over rows that have a prediction and were not fitted to
+    themselves. End-to-end kinds also get their goal, and the median over the saturated rows
+    alone: a row with `slo_bound` (a production average or a run under a latency limit) measures
+    at most the capacity plan predicts, so it is counted apart, with how many of them plan
+    predicts below what was measured (a miss even as a lower bound)."""
     out = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
         rs = [r for r in rows if r["kind"] == kind]
         tested = [abs(r["error"]) for r in rs if not r["fitted"] and r["error"] is not None]
+        if kind in E2E_GOALS:
+            ok = [r for r in rs if not r["fitted"] and r["error"] is not None]
+            sat = [abs(r["error"]) for r in ok if not r.get("slo_bound")]
+            slo = [r for r in ok if r.get("slo_bound")]
+            median = statistics.median(tested) if tested else None
+            out[kind] = {
+                "goal_median_abs_error": E2E_GOALS[kind],
+                "goal_met": None if median is None else median <= E2E_GOALS[kind],
+                "median_abs_error_saturated": statistics.median(sat) if sat else None,
+                "slo_bound_rows": len(slo),
+                "slo_bound_predicted_below": sum(r["error"] < 0 for r in slo),
+            }
         roof = [abs(r["roofline_error"]) for r in rs
                 if not r["fitted"] and r.get("roofline_error") is not None]
         out[kind] = {
+            **out.get(kind, {}),
             "rows": len(rs),
             "tested": len(tested),
             "fitted": sum(r["fitted"] for r in rs),
@@ -809,6 +835,10 @@ def e2e_notes(r: dict) -> str:
         + (f", {_pct(r['error'])}" if r["error"] is not None else "")
         + "."
     )
+    if pred.get("engine_is"):
+        parts.append(f"Engine: {r.get('engine') or 'none (gamma)'}: {pred['engine_is']}.")
+    if r.get("slo_bound"):
+        parts.append(f"SLO-bound: {r['slo_bound']}.")
     if r.get("predicted_overlap") is not None:
         lo, hi = r["predicted"], r["predicted_overlap"]
         where = "between" if lo <= r["measured"] <= hi else ("below" if r["measured"] < lo else "above")
@@ -881,8 +911,8 @@ def _decode_step(r: dict) -> str:
     return (
         f"Step: {fmt(r['settings']['decode_batch_per_gpu'])} sequences per GPU at {fmt(per_gpu)} tokens/s "
         f"per GPU is a {fmt(1e3 * step)} ms step; plan's serial step is {fmt(1e3 * r['plan_step_s'])} ms "
-        f"({fmt(1e3 * compute)} ms compute at the datasheet peaks, {fmt(1e3 * (r['plan_step_s'] - compute))} "
-        "ms communication after it)."
+        f"({fmt(1e3 * compute)} ms compute at {r.get('engine')}'s achieved efficiencies, "
+        f"{fmt(1e3 * (r['plan_step_s'] - compute))} ms communication after it)."
     )
 
 
@@ -910,7 +940,7 @@ def _more_misses(rows: list[dict]) -> str:
         )
     v3 = [r for r in rows if r["name"].startswith("KTransformers V0.3") and r["predicted"]]
     if len(v3) >= 3 and all(r.get("cpu_efficiency") for r in v3):
-        out += _amx_prefill_miss(v3)
+        out += _amx_prefill_terms(v3)
     cpu = [r for r in rows if r["kind"] == "e2e-cpu-experts" and r["predicted"] and r.get("cpu_efficiency")]
     if cpu:
         errs = [r["error"] for r in cpu]
@@ -923,36 +953,112 @@ def _more_misses(rows: list[dict]) -> str:
             "tutorial lose its own NUMA figure (12.208 / 8.73) when predicted out of sample and scale "
             "linearly in sockets, so their DRAM time is optimistic by up to 2 / 1.4."
         )
+        dec = [r for r in cpu if "decode_batch" in r["predictor"]["plan"] and r.get("roofline_terms")]
+        if dec:
+            ratios = [r["plan_terms"]["compute_s"] / r["roofline_terms"]["compute_s"] for r in dec]
+            out += (
+                " In decode the GPU's own work (attention and dense layers of one token on the 4090D, "
+                "which has no per-operation tables: the default efficiencies) takes "
+                f"x{min(ratios):.2f} to x{max(ratios):.2f} its roofline time: this term, not the CPU's, "
+                f"puts the decode rows at {_pct(min(r['error'] for r in dec))} to "
+                f"{_pct(max(r['error'] for r in dec))} (no consumer-card measurement of these kernels is "
+                "in the facts)."
+            )
     return out
 
 
-def _amx_prefill_miss(v3: list[dict]) -> str:
-    """The AMX prefill rows: the marginal time per prompt token, measured and in plan's terms."""
+def _amx_prefill_terms(v3: list[dict]) -> str:
+    """The AMX prefill rows in plan's terms against the measured time per prompt, and a check of
+    the structure: a least-squares fit of the measured times to a + b n + c n^2 (diagnostic only:
+    nothing of it enters a prediction)."""
+    import numpy as np
+
+    from moelab.show import fmt
+
     pts = sorted((r["settings"]["prompt_tokens"], r) for r in v3)
     lines = []
-    for (n1, r1), (n2, r2) in zip(pts, pts[1:], strict=False):
-        measured = (n2 / r2["measured"] - n1 / r1["measured"]) / (n2 - n1)
-        t1, t2 = r1["plan_terms"], r2["plan_terms"]
-        cpu = (t2["cpu_s"] - t1["cpu_s"]) / (n2 - n1)
-        rest = (sum(t2.values()) - sum(t1.values())) / (n2 - n1) - cpu
-        lines.append(f"{n1}-{n2} tokens: measured {1e3 * measured:.2f} ms, plan {1e3 * cpu:.2f} ms on the "
-                     f"CPU + {1e3 * rest:.2f} ms on the GPU and link")
+    for n, r in pts:
+        t = r["plan_terms"]
+        lines.append(f"{n:,} tokens: measured {fmt(n / r['measured'])} s; plan {fmt(n / r['predicted'])} s = "
+                     f"GPU dense layers {fmt(t['compute_s'])} + eager attention "
+                     f"{fmt(t.get('eager_attention_s', 0.0))} + CPU experts {fmt(t['cpu_s'])} + link "
+                     f"{fmt(t['link_s'])} ({_pct(r['error'])})")
+    n = np.array([float(k) for k, _ in pts])
+    times = np.array([k / r["measured"] for k, r in pts])
+    a, b, c = np.linalg.lstsq(np.c_[np.ones_like(n), n, n**2], times, rcond=None)[0]
     u = _cpu_use(v3[0])
     eff = v3[0]["cpu_efficiency"]["matmul_efficiency"]
-    per_token_ms = 1e3 * 2 * u["weights"] / (u["peak"] * eff)
+    amx_ms = 1e3 * 2 * u["weights"] / (u["peak"] * eff)
     errs = [r["error"] for r in v3]
     return (
-        "\n\n*KTransformers V0.3 prefill (AMX), the term that misses*: plan's CPU time per prompt is the "
-        "longer of reading every used expert once from DRAM and the multiplies at KTransformers' "
-        f"published AMX kernel rate ({eff:.3g} of the int8 peak, 35 TOPS, doc/en/AMX.md), "
-        f"{per_token_ms:.2f} ms per prompt token. Marginal time per added prompt token: "
-        + "; ".join(lines)
-        + f". Errors {_pct(min(errs))} to {_pct(max(errs))}, growing with the prompt: plan reads each "
-        "expert once per prompt and adds little per token, while the measured runs add several times the "
-        "kernel's rate per token. "
-        "Either the AMX kernel runs inside this prefill well below the 35 TOPS it reached alone, or the "
-        "RTX 4090D's attention and dense layers run well below their datasheet peaks (plan's GPU side); "
-        "no sourced figure separates the two, so neither is tuned to these rows."
+        "\n\n*KTransformers V0.3 prefill (AMX), its settings modelled*: the tutorial's V0.3-Preview "
+        "binary predates V0.2.1, which 'Integrated the highly efficient Triton MLA Kernel from the sglang "
+        "project, enable much longer context length' (V0.2.0 ran out of GPU memory at 8K; V0.3 'requires "
+        "more VRAM for longer prompt'), so its prefill attention is KTransformers' eager absorbed MLA "
+        "(ktransformers/operators/attention.py, forward_chunck): every query-key pair of the prompt, the "
+        "masked half included, as batched matmuls at the engine's GEMM efficiency, and the scores written "
+        "to and read from the 4090D's memory (plan.EAGER_SCORE_BYTES per head and pair, counted from the "
+        "code's operations). On the CPU the AMX kernel brings each block of weights from DRAM into L2 and "
+        "multiplies it there (doc/en/AMX.md, '2. Cache-friendly AMX Kernel'), so DRAM time and matrix "
+        f"time add: each used expert read once per prompt, then the multiplies at 35 TOPS ({eff:.3g} of the "
+        f"int8 peak, {amx_ms:.2f} ms per prompt token). Per row: " + "; ".join(lines)
+        + f". Errors {_pct(min(errs))} to {_pct(max(errs))}. Check of the structure (not used to "
+        f"predict): the measured times fit a + b n + c n^2 with a = {fmt(a)} s per prompt (plan: every "
+        f"expert read once), b = {fmt(1e3 * b)} ms per token (plan: {amx_ms:.2f} ms of AMX multiplies + "
+        f"the GPU's dense layers), c = {fmt(1e9 * c)} ns per token squared (plan: the eager attention). "
+        "The structure was chosen after seeing the four rows (before it, the prediction overlapped DRAM "
+        "with the multiplies and counted fused attention, and missed by more as the prompt grew); no "
+        "figure was fitted to them."
+    )
+
+
+def _ep_comm(t: dict) -> float:
+    return t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
+
+
+def _ep_terms(rows: list[dict]) -> str:
+    """The EP rows, term by term: compute and communication at the roofline and at the engine's
+    achieved efficiencies, and the errors at plan's serial and overlapped steps."""
+    import statistics
+
+    from moelab.show import fmt
+
+    ep = [r for r in rows if r["kind"] == "e2e-ep" and r["predicted"] and r.get("roofline_terms")]
+    if not ep:
+        return ""
+    out = ["| point | engine | roofline error | error (serial step) | error (overlapped step) | "
+           "compute, roofline -> engine [ms] | communication, roofline -> engine [ms] |",
+           "|---|---|---|---|---|---|---|"]
+    factors, overlap = [], []
+    for r in ep:
+        t, t0 = r["plan_terms"], r["roofline_terms"]
+        c, c0 = t["compute_s"] + t["tp_allreduce_s"], t0["compute_s"] + t0["tp_allreduce_s"]
+        factors.append(c / c0)
+        ov = r["predicted_overlap"] / r["measured"] - 1 if r.get("predicted_overlap") else None
+        overlap.append(ov)
+        out.append(f"| {r['name']}{' (SLO-bound)' if r.get('slo_bound') else ''} | {r['engine']} | "
+                   f"{_pct(r['roofline_error'])} | {_pct(r['error'])} | {_pct(ov)} | "
+                   f"{fmt(1e3 * c0)} -> {fmt(1e3 * c)} (x{c / c0:.2f}) | "
+                   f"{fmt(1e3 * _ep_comm(t0))} -> {fmt(1e3 * _ep_comm(t))} |")
+    ov_med = statistics.median(abs(x) for x in overlap if x is not None)
+    below = sum(r["error"] < 0 for r in ep)
+    return (
+        "\n\n*Expert parallelism, the term that misses*: every row is predicted with the engine its source "
+        "ran (SGLang; DeepSeek's and RTP-LLM's in-house engines, not among the profiles, at SGLang's). "
+        "The roofline column is what plan predicted before the engines' efficiencies existed. "
+        f"The engine's achieved efficiencies make each pass's compute x{min(factors):.2f} to "
+        f"x{max(factors):.2f} the roofline's (grouped expert GEMMs, attention and dense GEMMs at the "
+        "efficiencies of costmodel/predict/efficiency.json; H800 has no tables and takes the median "
+        "curves), while the communication changes little. At the roofline the compute was too fast and "
+        "the serial communication too slow, and the two cancelled (roofline median "
+        f"{_pct(statistics.median(abs(r['roofline_error']) for r in ep)).lstrip('+')}); at the achieved "
+        f"compute the serial step is too slow in {below} of {len(ep)} rows. Every source runs two "
+        "micro-batches that overlap communication with computation, which plan's serial step does not "
+        f"model; at plan's overlapped step (all communication hidden) the median |error| is "
+        f"{_pct(ov_med).lstrip('+')}, the decode rows then too fast. The measured figures lie between the "
+        "two steps in most rows: a model of two-batch overlap (what it hides, and the SMs the "
+        "communication kernels take from compute) is the missing term; no sourced figure for it is in "
+        "the facts, so nothing is tuned.\n\n" + "\n".join(out)
     )
 
 
@@ -1043,7 +1149,19 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
         f"**End-to-end statistics** over the {e2e_stats['tested']} rows with a prediction (none fitted): "
         f"median |error| {_pct(e2e_stats['median_abs_error']).lstrip('+')}, max "
         f"{_pct(e2e_stats['max_abs_error']).lstrip('+')} (goal: median <= "
-        f"{100 * e2e_stats['goal_median_abs_error']:.0f}%); {e2e_stats['pending']} rows pending."
+        f"{100 * e2e_stats['goal_median_abs_error']:.0f}%); {e2e_stats['pending']} rows pending.\n\n"
+        "**Goals per kind** (median |error|, out of sample; SLO-bound rows, production averages or runs "
+        "under latency limits, measure at most the capacity plan predicts, so the median over the "
+        "saturated rows stands beside):\n\n"
+        "| kind | goal | median abs. error, roofline | median abs. error | saturated rows only | "
+        "SLO-bound rows (predicted below measured) | met |\n|---|---|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {k} | {100 * s['goal_median_abs_error']:.0f}% | "
+            f"{_pct(s['median_abs_error_roofline']).lstrip('+')} | "
+            f"{_pct(s['median_abs_error']).lstrip('+')} | "
+            f"{_pct(s['median_abs_error_saturated']).lstrip('+')} | {s['slo_bound_rows']} "
+            f"({s['slo_bound_predicted_below']}) | {'yes' if s['goal_met'] else 'no'} |"
+            for k, s in stats.items() if "goal_median_abs_error" in s)
     )
     off = {
         r["predictor"]["gamma"]["model"]: r
@@ -1070,7 +1188,7 @@ def _section(pub, rows, stats, e2e_stats, links, bounds, plan_available) -> str:
             " the two cancelling, not the model being right. The host link (PCIe Gen4 at the measured "
             f"{fmt(mx['gamma_terms']['b_pcie'] / 1e9)} GB/s) is assumed: the source does not state it."
         )
-    offload_misses += _more_misses(rows)
+    offload_misses += _more_misses(rows) + _ep_terms(rows)
     source_lines = "\n".join(f"- {k}: {v['cite']} ({v['place']})" for k, v in srcs.items())
     return f"""
 Facts: `costmodel/presets/published.json` (every figure with its source id and the place in it) and

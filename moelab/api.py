@@ -311,8 +311,8 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          nominal: bool = False, host_link: str | None = None, network: str | None = None,
          hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
          cache_steps: int = 0, seed: int = 0, engine: str | None = None,
-         profile=None, phase: str | None = None, prompt: int | None = None,
-         output: int | None = None) -> Report:
+         profile=None, prefill_attention: str = "fused", phase: str | None = None,
+         prompt: int | None = None, output: int | None = None) -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -337,7 +337,9 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     efficiencies predict the step (vllm | sglang | trtllm | ktransformers | llama.cpp | ideal,
     ideal = the roofline; default: the profile's engine, else the best supported for the GPU);
     profile: a user profile (path or dict, costmodel/predict/profile.py) whose factors scale
-    the predicted terms. Each strategy reports step_s (the prediction) and bound_step_s (the
+    the predicted terms. prefill_attention: fused (flash kernels) | eager (the CPU-expert
+    strategies' GPU materialises the prompt's attention scores in HBM, as KTransformers before
+    V0.2.1). Each strategy reports step_s (the prediction) and bound_step_s (the
     roofline). Returns a Report with the keys of `moelab plan --json`.
 
     phase: None (one pass as above), or a workload of requests of `prompt` tokens (default
@@ -401,7 +403,7 @@ def _plan_phases(one: dict, phase: str, prompt: int | None, output: int | None) 
 def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, host_mem,
               gpus_per_host_link, tokens, decode_batch, context, routing, slo, kv_dtype,
               cpu_expert_dtype, expert_dtype, nominal, host_link, network, hbm_utilization,
-              host_dram_bw, cache_steps, seed, engine, profile):
+              host_dram_bw, cache_steps, seed, engine, profile, prefill_attention="fused"):
     """One pass (prefill or decode): the Report of `plan` and the Plan it ranked."""
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
@@ -463,7 +465,8 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
         host_mem=host_mem, gpus_per_host_link=gpus_per_host_link, kv_dtype=kv_dtype,
         cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
         # NVLink's latency inside a node: no published figure (systems.json latency_us null), 0
-        alpha_scale_up=0.0, hbm_utilization=hbm_utilization, engine=engine, profile=prof)
+        alpha_scale_up=0.0, hbm_utilization=hbm_utilization, engine=engine, profile=prof,
+        prefill_attention=prefill_attention)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:

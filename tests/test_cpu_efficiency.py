@@ -167,16 +167,76 @@ def pub():
     return json.loads((PRESETS / "published.json").read_text())
 
 
-def test_ktransformers_v03_amx_prefill_1k_within_25_percent(pub):
-    # The done-when row: DeepSeek-V3 prefill, 2 x Xeon Gold 6454S, AMX int8, RTX 4090D, 969 tokens.
-    row = next(r for r in pub["end_to_end"]["rows"] if r["name"].startswith("KTransformers V0.3 prefill, 1K"))
-    args = row["predictor"]["plan"]
-    assert (args["system"], args["engine"], args["cpu_isa"]) == ("rtx-4090d", "ktransformers", "amx")
-    s = next(x for x in moelab.plan(**args).strategies if x["name"] == "cpu-experts")
-    assert abs(s["tokens_per_s"] / row["measured"] - 1) <= 0.25
+def test_ktransformers_v03_amx_prefill_within_25_percent_out_of_sample(pub):
+    # The done-when rows: DeepSeek-V3 prefill, 2 x Xeon Gold 6454S, AMX int8, RTX 4090D, 1K-8K
+    # prompts, each predicted without any figure of its own source (the KTransformers tutorial).
+    rows = [r for r in pub["end_to_end"]["rows"] if r["name"].startswith("KTransformers V0.3 prefill")]
+    assert len(rows) == 4
+    for row in rows:
+        args = row["predictor"]["plan"]
+        assert (args["system"], args["engine"], args["cpu_isa"], args["prefill_attention"]) == \
+            ("rtx-4090d", "ktransformers", "amx", "eager")
+        with cpu.leaving_out(row["source"]):
+            s = next(x for x in moelab.plan(**args).strategies if x["name"] == "cpu-experts")
+        assert abs(s["tokens_per_s"] / row["measured"] - 1) <= 0.25, row["name"]
+        assert s["bound_step_s"] <= s["step_s"]
+    args = rows[0]["predictor"]["plan"]
     ideal = moelab.plan(**{**args, "engine": "ideal"})
     roof = next(x for x in ideal.strategies if x["name"] == "cpu-experts")
-    assert roof["tokens_per_s"] / row["measured"] > 3  # the roofline's 4x, for contrast
+    assert roof["tokens_per_s"] / rows[0]["measured"] > 2  # the roofline's 3x, for contrast
+
+
+def kt_prefill(engine: str, attention: str, n: int = 1000) -> dict:
+    r = moelab.plan("deepseek-v3", "rtx-4090d", gpus=1, gpus_per_node=1, tokens=n, context=n,
+                    cpu="xeon-gold-6454s", cpu_isa="amx", host_mem=1e12, cpu_expert_dtype="int8",
+                    engine=engine, prefill_attention=attention)
+    return next(x for x in r.strategies if x["name"] == "cpu-experts")
+
+
+def test_eager_prefill_attention_by_hand():
+    # DeepSeek-V3: 61 layers, 128 heads, absorbed MLA width 512 + 64. Eager attention computes
+    # every query-key pair of the prompt (4 x heads x width FLOPs per pair: scores and weighted
+    # sum) and keeps the scores in HBM: per head and pair the two score matmuls write 2 + 2 B,
+    # their sum reads 4 and writes 2, the scaling 2 + 2, the mask 2 + 2, the fp32 softmax reads 2
+    # and writes 4, the cast back 4 + 2, the PV product reads 2: 32 B.
+    n, layers, heads = 1000, 61, 128
+    sysd = json.loads((PRESETS / "systems.json").read_text())["gpus"]["rtx-4090d"]
+    peak, hbm = sysd["bf16_dense_TFLOPs"] * 1e12, sysd["hbm_TBps"] * 1e12
+    flops = 4 * heads * (512 + 64) * n * n * layers
+    expect = flops / peak + layers * heads * n * n * 32 / hbm
+    eager = kt_prefill("ideal", "eager", n)
+    assert eager["terms"]["eager_attention_s"] == pytest.approx(expect, rel=1e-9)
+    fused = kt_prefill("ideal", "fused", n)
+    assert "eager_attention_s" not in fused["terms"]
+    # the fused step counts the causal half of the pairs inside compute_s; eager replaces it
+    causal = 4 * heads * (512 + 64) * (n - n / 2) * n * layers / peak
+    assert fused["terms"]["compute_s"] - eager["terms"]["compute_s"] == pytest.approx(causal, rel=1e-6)
+    with pytest.raises(moelab.SpecError, match="prefill_attention: unknown 'lazy'"):
+        kt_prefill("ideal", "lazy")
+
+
+def test_amx_kernel_reads_dram_then_multiplies_by_hand():
+    # KTransformers' AMX rate is a kernel's on cached blocks (doc/en/AMX.md): DRAM time + matrix
+    # time per layer. 1000 tokens x 8 experts over 256: every expert used.
+    n = 1000
+    a = cpu.achieved("ktransformers", "amx", "int8", 2, planner.CPU_DTYPE_BYTES)
+    assert a.serial_dram
+    assert not cpu.achieved("ktransformers", "avx512", "int8", 2, planner.CPU_DTYPE_BYTES).serial_dram
+    with cpu.leaving_out("kt-amx"):
+        assert not cpu.achieved("ktransformers", "amx", "int8", 2, planner.CPU_DTYPE_BYTES).serial_dram
+    c = load_cpu("xeon-gold-6454s", "amx", 2)
+    dram = 2 * XEON_SOCKET * a.dram_fraction * a.numa_scale / 2
+    amx = 35e12  # the kernel's published int8 rate (its efficiency x the peak)
+    used = 256 * (1 - (1 - 8 / 256) ** n)  # experts a uniform routing touches
+    q8 = 34 / 32  # Q8_0 block: 32 int8 weights and a 2-byte scale
+    per_layer = used * S * q8 / dram + 2 * n * K * S / amx
+    s = kt_prefill("ktransformers", "fused", n)
+    assert c.matmul_flops["int8"] * a.matmul_efficiency == pytest.approx(amx, rel=1e-9)
+    assert s["terms"]["cpu_s"] == pytest.approx(L * per_layer, rel=1e-6)
+    # the roofline takes the longer of the two
+    ideal = kt_prefill("ideal", "fused", n)
+    roof = max(used * S * q8 / (2 * XEON_SOCKET), 2 * n * K * S / c.matmul_flops["int8"])
+    assert ideal["terms"]["cpu_s"] == pytest.approx(L * roof, rel=1e-6)
 
 
 def test_cpu_expert_rows_take_no_figure_from_their_own_source(pub):

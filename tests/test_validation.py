@@ -242,6 +242,43 @@ def test_statistics_exclude_fitted_and_pending_rows():
     assert s["b"]["tested"] == 0 and s["b"]["median_abs_error"] is None and s["b"]["pending"] == 1
 
 
+def test_end_to_end_statistics_per_kind_by_hand():
+    # A tiny table: EP rows with errors -0.40, +0.10, -0.15 (SLO-bound), +0.05 (SLO-bound), one
+    # fitted (not counted); offload rows +0.30, -0.10. Medians by hand:
+    #   EP, all counted: |e| = 0.40, 0.10, 0.15, 0.05 -> (0.10 + 0.15) / 2 = 0.125 -> goal 15% met;
+    #   EP, saturated only: 0.40, 0.10 -> 0.25; SLO-bound: 2 rows, 1 predicted below measured;
+    #   offload: 0.30, 0.10 -> 0.20 <= 25% met.
+    def row(kind, err, slo=None, fitted=False):
+        return {**fake(kind, err, fitted=fitted), "slo_bound": slo}
+    rows = [row("e2e-ep", -0.40), row("e2e-ep", 0.10), row("e2e-ep", -0.15, slo="production average"),
+            row("e2e-ep", 0.05, slo="under a TTFT limit"), row("e2e-ep", 3.0, fitted=True),
+            row("e2e-offload", 0.30), row("e2e-offload", -0.10)]
+    s = ev.stats_by_kind(rows)
+    ep, off = s["e2e-ep"], s["e2e-offload"]
+    assert ep["median_abs_error"] == pytest.approx(0.125) and ep["goal_median_abs_error"] == 0.15
+    assert ep["goal_met"] is True
+    assert ep["median_abs_error_saturated"] == pytest.approx(0.25)
+    assert (ep["slo_bound_rows"], ep["slo_bound_predicted_below"]) == (2, 1)
+    assert off["median_abs_error"] == pytest.approx(0.20) and off["goal_met"] is True
+    assert off["goal_median_abs_error"] == 0.25 and off["slo_bound_rows"] == 0
+    assert "goal_median_abs_error" not in ev.stats_by_kind([fake("deepep-ll", 0.1)])["deepep-ll"]
+
+
+def test_every_plan_row_names_its_engine_and_the_slo_bound_rows_say_why(pub):
+    for r in pub["end_to_end"]["rows"]:
+        pred = r["predictor"]
+        assert pred.get("engine_is"), r["name"]
+        if pred["tool"] == "plan":
+            assert pred["plan"].get("engine") in ("sglang", "vllm", "trtllm", "ktransformers", "llama.cpp"), \
+                r["name"]
+        if r["source"] in ("deepseek-day6", "rtp-llm-deepseek"):
+            assert r.get("slo_bound"), r["name"]
+    # DeepSeek's prefill figure counts cache hits: the prediction divides by the computed share,
+    # 1 - 342B / 608B input tokens (the source's own figures), about 0.437
+    ds = next(r for r in pub["end_to_end"]["rows"] if r["name"].startswith("DeepSeek prefill, production"))
+    assert 1 - ds["settings"]["served_from_cache_share"] == pytest.approx(1 - 342 / 608, abs=1e-3)
+
+
 def test_statistics_of_the_real_rows(rows):
     s = ev.stats_by_kind(rows)
     ll = sorted(abs(r["error"]) for r in rows if r["kind"] == "deepep-ll")

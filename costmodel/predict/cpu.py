@@ -166,11 +166,12 @@ class Achieved:
     engine: str  # whose figures these are
     notes: tuple[str, ...]
     sources: tuple[tuple[str, tuple[str, ...]], ...] = ()  # factor -> the source ids it used
+    serial_dram: bool = False  # the kernel reads weights from DRAM, then multiplies (times add)
 
     def as_dict(self) -> dict:
         return {"engine": self.engine, "matmul_efficiency": self.matmul_efficiency,
                 "dram_fraction": self.dram_fraction, "numa_scale": self.numa_scale,
-                "sync_per_layer_s": self.sync_s, "notes": list(self.notes),
+                "sync_per_layer_s": self.sync_s, "serial_dram": self.serial_dram, "notes": list(self.notes),
                 "sources": {k: list(v) for k, v in self.sources}}
 
 
@@ -184,8 +185,18 @@ def _achieved(engine, isa, dtype, sockets, dtype_bytes, left_out) -> Achieved:
     frac, n2 = dram_fraction(engine, dict(dtype_bytes))
     numa, n3 = numa_scale(engine, sockets)
     sync, n4 = sync_per_layer()
-    return Achieved(eff, frac, numa, sync, engine_key(engine), tuple(n for n in (n1, n2, n3, n4) if n),
-                    _sources_used(engine, isa, dtype, sockets))
+    serial = serial_with_dram(engine, isa, dtype)
+    n5 = "DRAM then matrix units, serial (a kernel rate on cached data)" if serial else ""
+    return Achieved(eff, frac, numa, sync, engine_key(engine), tuple(n for n in (n1, n2, n3, n4, n5) if n),
+                    _sources_used(engine, isa, dtype, sockets), serial)
+
+
+def serial_with_dram(engine: str, isa: str, dtype: str) -> bool:
+    """Whether the engine's matrix figure is a kernel's rate on data already in cache, its kernel
+    bringing each block of weights from DRAM before multiplying it (cpu.json `_serial_with_dram`):
+    then DRAM time and matrix time add. A figure left out gives the roofline (the longer of two)."""
+    f = table()["matmul"].get(engine_key(engine), {}).get(isa, {}).get(dtype)
+    return _usable(f) and bool(f.get("serial_with_dram"))
 
 
 def _sources_used(engine: str, isa: str, dtype: str, sockets: int) -> tuple:
