@@ -42,7 +42,14 @@ ENGINE = {"vllm": "vllm", "sglang": "sglang", "trtllm": "trtllm"}  # row backend
 NVLINK_DOMAIN = {"gb200": 72}
 BY = ("all", "backend", "system", "model", "batch_range", "strategy")  # the error tables' groupings
 BATCH_RANGES = ((1, 7), (8, 31), (32, 127), (128, 511), (512, None))
-QUICK_ROWS = 20
+QUICK_ROWS = 8  # api.plan also runs the closed-form gamma (~0.6 s a prefill pass): keep CI short
+# Prompts per run = WAVES x concurrency: the silicon sample records the concurrency
+# (silicon_concurrency=C) but not the prompt count. 10 x C is the convention of the public
+# InferenceMAX harness (InferenceMAX/InferenceMAX benchmarks/dsr1_fp8_h200_trt_slurm.sh and the
+# other benchmarks/*.sh, commit ff7e462: benchmark_serving.py with
+# --num-prompts $(( $CONC * 10 )) --max-concurrency $CONC --request-rate inf --ignore-eos),
+# taken as the stand-in for NVIDIA's unpublished one. WAVES = 1 is the burst alone.
+WAVES = 10
 
 
 def INPUTS(cfg):
@@ -122,7 +129,7 @@ def represent(row: dict) -> dict:
           "kv_dtype": "bf16"}
     if row["system"] in NVLINK_DOMAIN:
         kw["gpus_per_node"] = min(gpus, NVLINK_DOMAIN[row["system"]])
-    return {"strategy": strategy, "attention": attention, "batch": batch,
+    return {"strategy": strategy, "attention": attention, "batch": batch, "dp": dp,
             "context": row["isl"] + row["osl"] // 2, "plan": kw}
 
 
@@ -136,21 +143,50 @@ def engine_kwargs(backend: str, plan_fn) -> dict:
 
 def predict(row: dict, plan_fn=None) -> dict:
     """Predicted and roofline TPOT and TTFT (ms) for one row; raises Skip."""
+    from moelab.costmodel.plan import mean_serving_ttft
+
     if plan_fn is None:
         from moelab.api import plan as plan_fn
     rep = represent(row)
     kw = {**rep["plan"], **engine_kwargs(row["backend"], plan_fn)}
     out = {"strategy": rep["strategy"], "attention": rep["attention"], "batch": rep["batch"],
            "gpus": kw["gpus"], "engine": kw.get("engine", "")}
-    for phase, work in (("tpot", {"decode_batch": rep["batch"], "context": rep["context"]}),
-                        ("ttft", {"tokens": rep["batch"] * row["isl"], "context": row["isl"]})):
-        s = _strategy(plan_fn, rep["strategy"], **kw, **work)
-        if not s["feasible"]:
-            raise Skip(f"plan: {phase} {s['reason'].split(':')[0]}")
-        out[f"{phase}_pred_ms"] = 1e3 * s["step_s"]
-        out[f"{phase}_roofline_ms"] = 1e3 * (s.get("bound_step_s") or s["step_s"])
-        out[f"{phase}_plan_attention"] = s.get("attention", "")
+    s = _strategy(plan_fn, rep["strategy"], **kw, decode_batch=rep["batch"], context=rep["context"])
+    if not s["feasible"]:
+        raise Skip(f"plan: tpot {s['reason'].split(':')[0]}")
+    out["tpot_pred_ms"] = 1e3 * s["step_s"]
+    out["tpot_roofline_ms"] = 1e3 * (s.get("bound_step_s") or s["step_s"])
+    out["tpot_plan_attention"] = s.get("attention", "")
+    # TTFT: the mean over the burst's requests under the engine's token budget per step
+    dp, isl = rep["dp"], row["isl"]
+    budget = prefill_budget(kw.get("engine"), row["system"], dp)
+    steps = {}
+
+    def step(tokens_per_rank: int) -> dict:  # one prefill step: the DP ranks' tokens at once
+        if tokens_per_rank not in steps:
+            got = _strategy(plan_fn, rep["strategy"], **kw, tokens=tokens_per_rank * dp, context=isl)
+            if not got["feasible"]:
+                raise Skip(f"plan: ttft {got['reason'].split(':')[0]}")
+            steps[tokens_per_rank] = got
+        return steps[tokens_per_rank]
+    requests = row["batch_size"]  # per DP rank
+    for col, key, decode in (("pred", "step_s", s["step_s"]),
+                             ("roofline", "bound_step_s", s.get("bound_step_s") or s["step_s"])):
+        out[f"ttft_{col}_ms"] = 1e3 * mean_serving_ttft(
+            lambda t, key=key: step(t).get(key) or step(t)["step_s"], requests, isl, budget, WAVES, decode)
+    out["ttft_plan_attention"] = step(min(requests * isl, budget or requests * isl)).get("attention", "")
+    out["prefill_budget"] = budget or 0
     return out
+
+
+def prefill_budget(engine: str | None, system: str, dp: int) -> int | None:
+    """Prompt tokens per step of one DP rank under the engine's default (None: one pass)."""
+    if not engine:
+        return None
+    from moelab.costmodel.predict import efficiency
+    from moelab.costmodel.presets import load_system
+
+    return efficiency.prefill_budget(engine, load_system(system).hbm_bytes, dp)[0]
 
 
 @functools.lru_cache(maxsize=4096)

@@ -288,3 +288,18 @@ def test_engines_name_their_tables():
     mla = next(s["source"] for s in src["vllm"]["efficiency_sources"] if s["op"] == "mla_decode")
     assert mla.startswith("all-framework default") and "no vllm mla_decode" in mla
     assert src["sglang"]["step_s"] == src["ktransformers"]["step_s"]
+
+
+def test_prefill_budget_engine_defaults():
+    from moelab.costmodel.predict import efficiency
+
+    # vLLM serve: 8192 on >= 70 GiB GPUs; SGLang: 8192 below 160 GiB (H200: 141 GB = 131 GiB),
+    # 16384 above (B200: 180 GB = 168 GiB), divided over DP ranks; TRT-LLM: 8192 per rank
+    assert efficiency.prefill_budget("vllm", 80e9)[0] == 8192
+    assert efficiency.prefill_budget("vllm", 40e9)[0] == 2048
+    assert efficiency.prefill_budget("vllm", 180e9, dp=8)[0] == 8192
+    assert efficiency.prefill_budget("sglang", 141e9)[0] == 8192
+    assert efficiency.prefill_budget("sglang", 180e9)[0] == 16384
+    assert efficiency.prefill_budget("sglang", 180e9, dp=8)[0] == 2048
+    assert efficiency.prefill_budget("trtllm", 141e9, dp=4)[0] == 8192
+    assert efficiency.prefill_budget("ideal", 80e9)[0] is None
