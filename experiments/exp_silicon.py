@@ -10,8 +10,14 @@ represent is predicted:
   TP (tp = R) or all DP (attention_dp = R). Anything else is skipped and counted by reason.
 - TPOT = the decode step of the global batch B = batch_size x attention_dp at a context of
   isl + osl / 2 (the mean over the generation).
-- TTFT = one prefill pass of the batch's B prompts of isl tokens (static batching, the burst
-  a concurrency-B benchmark starts with; aiconfigurator's static mode models the same).
+- TTFT = the mean over a serving run's requests (the rows are serving runs at concurrency B,
+  not static batches; aiconfigurator's static mode, the `aic` column, counts one pass of all
+  B prompts instead): the engine prefills at most its default token budget per step
+  (efficiency.prefill_budget, sourced in engines/*.json); the first wave of B requests
+  arrives together and request i completes with step ceil(i isl / budget); the later
+  WAVES - 1 waves arrive in the groups those steps made, each group after half a decode
+  step (plan.mean_serving_ttft; WAVES below). Each step's time is plan's prefill step for
+  its tokens (all DP ranks' at once) at a context of isl.
 - prediction = the strategy's `step_s`; roofline = its `bound_step_s` where plan reports it
   (else `step_s`: the two are the same model until the efficiency layer lands).
 """
@@ -61,7 +67,8 @@ def INPUTS(cfg):
 
 def config(quick: bool) -> dict:
     return {"rows": "experiments/data/silicon_rows.csv", "quick_rows": QUICK_ROWS if quick else None,
-            "context": "isl + osl // 2", "ttft": "prefill of B x isl tokens", "kv_dtype": "bf16",
+            "context": "isl + osl // 2", "ttft": "mean over WAVES x B requests, engine token budget",
+            "waves": WAVES, "kv_dtype": "bf16",
             "goals": GOALS}
 
 
@@ -349,8 +356,9 @@ Measured TPOT and TTFT of {prov['package']} {prov['version']}'s silicon sample (
 {prov['counts']['rows_in_file']:,} rows): {result['rows_in_csv']:,} aggregated-serving rows of preset
 models on preset GPUs extracted ({result['disaggregated_not_extracted']:,} disaggregated rows left out).
 Of the {result['rows_considered']:,} rows considered, plan predicts {result['predicted']:,}; nothing is
-fitted on them. TPOT = the decode step of the global batch at context isl + osl/2; TTFT = one
-prefill pass of the batch's prompts. `pred` = plan's `step_s`, `roofline` = its `bound_step_s`
+fitted on them. TPOT = the decode step of the global batch at context isl + osl/2; TTFT = the
+mean over a run of {WAVES} x B requests under the engine's default token budget per step (first
+wave together, later ones in the groups it made; docs/validation.md). `pred` = plan's `step_s`, `roofline` = its `bound_step_s`
 (the same figure while plan has no efficiency layer), |error| = |predicted / measured - 1|. Plan
 chose the measured attention layout (TP or DP) on {result['attention_as_measured']} of the predicted
 rows. The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and {ratio['ttft']:.2f} for
