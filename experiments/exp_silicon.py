@@ -7,7 +7,9 @@ represent is predicted:
 
 - GPUs R = tp x attention-DP (= moe_tp x moe_ep); experts fully expert-parallel (moe_ep = R)
   is the `ep` strategy, fully tensor-parallel (moe_tp = R) the `tp` strategy; attention all
-  TP (tp = R) or all DP (attention_dp = R). Anything else is skipped and counted by reason.
+  TP (tp = R) or all DP (attention_dp = R). A row without its attention-DP size gets
+  moe_tp x moe_ep / tp where that is a whole number (the expert layout spans all GPUs;
+  counted as `dp_inferred`). Anything else is skipped and counted by reason.
 - TPOT = the decode step of the global batch B = batch_size x attention_dp at a context of
   isl + osl / 2 (the mean over the generation).
 - TTFT = the mean over a serving run's requests (the rows are serving runs at concurrency B,
@@ -115,6 +117,9 @@ class Skip(Exception):
 def represent(row: dict) -> dict:
     """The row as plan's arguments: strategy, attention, GPUs, dtypes, decode batch and context."""
     tp, dp, etp, ep = (row[k] for k in ("tp_size", "attention_dp_size", "moe_tp_size", "moe_ep_size"))
+    inferred = dp is None and None not in (tp, etp, ep) and tp > 0 and (etp * ep) % tp == 0
+    if inferred:  # the expert layout spans all GPUs: tp x DP = moe_tp x moe_ep gives the DP size
+        dp = etp * ep // tp
     if None in (tp, dp, etp, ep, row["isl"], row["osl"], row["batch_size"]):
         raise Skip("incomplete parallelism or lengths")
     if (row["pp_size"] or 1) != 1:
@@ -136,7 +141,7 @@ def represent(row: dict) -> dict:
           "kv_dtype": "bf16"}
     if row["system"] in NVLINK_DOMAIN:
         kw["gpus_per_node"] = min(gpus, NVLINK_DOMAIN[row["system"]])
-    return {"strategy": strategy, "attention": attention, "batch": batch, "dp": dp,
+    return {"strategy": strategy, "attention": attention, "batch": batch, "dp": dp, "dp_inferred": inferred,
             "context": row["isl"] + row["osl"] // 2, "plan": kw}
 
 
@@ -157,6 +162,7 @@ def predict(row: dict, plan_fn=None) -> dict:
     rep = represent(row)
     kw = {**rep["plan"], **engine_kwargs(row["backend"], plan_fn)}
     out = {"strategy": rep["strategy"], "attention": rep["attention"], "batch": rep["batch"],
+           "dp_inferred": rep["dp_inferred"],
            "gpus": kw["gpus"], "engine": kw.get("engine", "")}
     s = _strategy(plan_fn, rep["strategy"], **kw, decode_batch=rep["batch"], context=rep["context"])
     if not s["feasible"]:
@@ -308,7 +314,8 @@ def run(cfg: dict, ctx) -> None:
     result = {"rows_in_csv": len(load_rows()), "rows_considered": len(rows), "predicted": len(records),
               "skipped": dict(sorted(skipped.items())), "disaggregated_not_extracted":
               provenance["counts"]["by_mode"].get("disagg", 0), "errors": tables, "goals": goals,
-              "attention_as_measured": attention_match, "provenance": provenance}
+              "attention_as_measured": attention_match, "provenance": provenance,
+              "attention_dp_inferred": sum(bool(r["dp_inferred"]) for r in records)}
     ctx.json("silicon_errors.json", result)
     ctx.summary.update({f"{k}_pass": v["pass"] for k, v in goals.items()})
     ctx.summary.update({"predicted": len(records), "skipped": sum(skipped.values())})
@@ -358,10 +365,11 @@ models on preset GPUs extracted ({result['disaggregated_not_extracted']:,} disag
 Of the {result['rows_considered']:,} rows considered, plan predicts {result['predicted']:,}; nothing is
 fitted on them. TPOT = the decode step of the global batch at context isl + osl/2; TTFT = the
 mean over a run of {WAVES} x B requests under the engine's default token budget per step (first
-wave together, later ones in the groups it made; docs/validation.md). `pred` = plan's `step_s`, `roofline` = its `bound_step_s`
-(the same figure while plan has no efficiency layer), |error| = |predicted / measured - 1|. Plan
+wave together, later ones in the groups it made; docs/validation.md). `pred` = plan's `step_s`,
+`roofline` = its `bound_step_s`, |error| = |predicted / measured - 1|. Plan
 chose the measured attention layout (TP or DP) on {result['attention_as_measured']} of the predicted
-rows. The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and {ratio['ttft']:.2f} for
+rows; {result['attention_dp_inferred']} rows lacked their attention-DP size and got moe_tp x moe_ep /
+tp. The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and {ratio['ttft']:.2f} for
 TTFT: below 1, plan is faster than the engines.
 
 {anchor}

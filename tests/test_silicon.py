@@ -72,10 +72,16 @@ def test_row_mapping():
     assert (ep["strategy"], ep["attention"], ep["batch"]) == ("ep", "data-parallel attention", 32)
     gb = ex.represent(row(system="gb200", tp_size=16, moe_tp_size=1, moe_ep_size=16))
     assert gb["plan"]["gpus_per_node"] == 16 and gb["plan"]["gpus"] == 16
+    # no attention-DP size: 8 expert GPUs over tp 8 -> DP 1; over tp 2 -> DP 4 (then TP x DP mixed)
+    dp1 = ex.represent(row(attention_dp_size=None))
+    assert (dp1["dp"], dp1["dp_inferred"], dp1["attention"]) == (1, True, "tensor-parallel attention")
+    assert ex.represent(row(tp_size=1, attention_dp_size=None, moe_tp_size=1, moe_ep_size=8))["dp"] == 8
     for bad, why in ((dict(moe_tp_size=4, moe_ep_size=2), "experts TP x EP"),
+                     (dict(attention_dp_size=None, tp_size=2), "attention TP x DP"),
                      (dict(tp_size=4, attention_dp_size=2), "attention TP x DP"),
                      (dict(moe_tp_size=4), "expert GPUs"),
-                     (dict(attention_dp_size=None), "incomplete"),
+                     (dict(tp_size=None), "incomplete"),
+                     (dict(attention_dp_size=None, tp_size=3), "incomplete"),
                      (dict(moe_quant_mode="int4_wo"), "expert dtype")):
         with pytest.raises(ex.Skip, match=why):
             ex.represent(row(**bad))
