@@ -56,6 +56,35 @@ def curve(gpu: str, engine_name: str, cls: str, dtype: str) -> tuple[dict | None
     return None, f"no curve for {cls}[{dtype}]: roofline"
 
 
+def gemm_curve(gpu: str, engine_name: str, dtype: str, nk: float) -> tuple[dict | None, str]:
+    """The GEMM curve for weights of nk = N x K elements: the gemm_nk<b> curve of the nearest
+    size bin b (even log2, within the bins the tables hold), else the all-shapes gemm curve."""
+    if nk > 0:
+        b = 2 * round(math.log(nk, 4))
+        bins = sorted(int(k[7:]) for k in _gemm_bins(gpu, engine_name, dtype))
+        if bins:
+            c, why = curve(gpu, engine_name, f"gemm_nk{min(max(b, bins[0]), bins[-1])}", dtype)
+            if c is not None:
+                return c, why
+    return curve(gpu, engine_name, "gemm", dtype)
+
+
+@functools.cache
+def _gemm_bins(gpu: str, engine_name: str, dtype: str) -> tuple:
+    """The gemm_nk<b> classes with a curve for this dtype where `curve` would look (the GPU's
+    framework table, else the defaults)."""
+    fw, d = engine(engine_name)["tables"], data()
+    if fw is None:
+        return ()
+    pools = [d["gpus"].get(gpu, {}).get("frameworks", {}).get(fw, {}) if fw != "any" else {},
+             d["defaults"].get(fw, {}), d["defaults"].get("any", {})]
+    for pool in pools:
+        names = tuple(k for k, v in pool.items() if k.startswith("gemm_nk") and dtype in v)
+        if names:
+            return names
+    return ()
+
+
 def at(c: dict | None, x: float) -> float:
     """The curve's efficiency at shape x (log-x interpolation, clamped at the ends); 1 if None."""
     if c is None:
