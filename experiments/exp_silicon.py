@@ -32,7 +32,7 @@ from pathlib import Path
 
 NAME = "silicon"
 SUMMARY = "plan's TPOT/TTFT against 1,370 measured vLLM/SGLang/TRT-LLM rows (aiconfigurator-core sample)"
-VERSION = "1"
+VERSION = "2"
 DEPENDS = (
     "moelab.api",
     "moelab.costmodel.plan",
