@@ -332,6 +332,12 @@ class Part:
     flops: float = 0.0
     flops_fp8: float = 0.0
     bytes: float = 0.0
+    nk: float = 0.0  # a GEMM's weight elements N x K on this GPU (its curve's size bin); 0: any
+
+    def curve(self, p: Plan):
+        if self.cls == "gemm":
+            return efficiency.gemm_curve(p.system.name, p.engine, self.dtype, self.nk)
+        return efficiency.curve(p.system.name, p.engine, self.cls, self.dtype)
 
     def roofline(self, system: SystemSpec) -> float:
         return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
@@ -367,9 +373,7 @@ class Work:
         other is >= it, since sum max(f_i, b_i) >= max(sum f_i, sum b_i) and efficiency <= 1."""
         if p.engine == "ideal":
             return self.time(p.system)
-        return sum(q.roofline(p.system) / efficiency.at(efficiency.curve(p.system.name, p.engine, q.cls,
-                                                                           q.dtype)[0], q.x)
-                   for q in self.parts)
+        return sum(q.roofline(p.system) / efficiency.at(q.curve(p)[0], q.x) for q in self.parts)
 
     def bound(self, system: SystemSpec) -> str:
         compute = self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8
@@ -411,15 +415,45 @@ def non_expert_work(p: Plan, tokens: float, weight_bytes: float, kv_bytes: float
     core = attention_core_flops(p, tokens) / split
     act = 2 * tokens * p.model.hidden * p.model.f_a * (p.model.n_layers or p.model.n_moe_layers) / split
     fp8 = dtype == "fp8"
-    gemm = Part("gemm", "fp8" if fp8 else "bf16", tokens, flops=0 if fp8 else linear,
-                flops_fp8=linear if fp8 else 0.0, bytes=weight_bytes + act)
+    # one part per weight matrix shape, each at the curve of its size on this GPU; the FLOPs
+    # and bytes shared out by the matrices' parameters
+    shapes = gemm_shapes(p)
+    total = sum(count * nk for count, nk in shapes)
+    gemms = [Part("gemm", "fp8" if fp8 else "bf16", tokens, flops=0 if fp8 else linear * w,
+                  flops_fp8=linear * w if fp8 else 0.0, bytes=(weight_bytes + act) * w, nk=nk / split)
+             for count, nk in shapes for w in (count * nk / total,)]
     mla = memory.is_mla(memory._flatten(p.cfg))
     # a decode kernel's shape: the KV bytes it reads per layer; a prefill kernel's: its tokens
     layers = p.model.n_layers or p.model.n_moe_layers
     attn = Part(("mla_decode" if mla else "attn_decode") if p.decode else "attn_prefill",
                 "fp8" if p.kv_dtype == "fp8" else "bf16",
                 kv_bytes / layers if p.decode else tokens, flops=core, bytes=kv_bytes)
-    return Work.of(gemm, attn)
+    return Work.of(*gemms, attn)
+
+
+def gemm_shapes(p: Plan) -> list[tuple[int, int]]:
+    """(matrices per pass, N x K elements) of the non-expert weight matrices, as the checkpoint
+    holds them (the config's shapes; engines that fuse q/k/v or gate/up run fewer, larger
+    GEMMs): attention (MLA: q_a, q_b or q, kv_a, kv_b, o; else q, k, v, o), shared-expert and
+    dense-MLP matrices, routers and lm_head."""
+    cfg = memory._flatten(p.cfg)
+    m = p.model
+    d, layers, L = m.hidden, m.n_layers or m.n_moe_layers, m.n_moe_layers
+    h, kv, hd = memory._heads(cfg)
+    if memory.is_mla(cfg):
+        nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+        r_kv, r_q = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
+        q = [d * r_q, r_q * h * (nope + rope)] if r_q else [d * h * (nope + rope)]
+        attn = q + [d * (r_kv + rope), r_kv * h * (nope + v), h * v * d]
+    else:
+        attn = [d * h * hd, d * kv * hd, d * kv * hd, h * hd * d]
+    mats = 3 if m.gated else 2
+    n_dense, width = memory.dense_mlp_layers(cfg, m)
+    vocab = memory._get(cfg, "vocab_size", "padded_vocab_size", default=0)
+    shapes = [(layers, nk) for nk in attn]
+    shapes += [(L * mats, d * m.shared_intermediate), (n_dense * mats, d * width),
+               (L, m.n_experts * d), (1, vocab * d)]
+    return [(c, nk) for c, nk in shapes if c and nk]
 
 
 def expert_work(p: Plan, rows: float, used_experts: float, held_experts: float | None = None) -> Work:
@@ -971,8 +1005,46 @@ def efficiency_sources(p: Plan, result: dict) -> list:
         used.append((efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"], "bf16"))
         if result.get("attention") == "tensor-parallel attention":
             used.append(("allreduce", "bf16"))
-    return [{"op": cls, "dtype": dt, "source": efficiency.curve(p.system.name, p.engine, cls, dt)[1]}
+    return [{"op": cls, "dtype": dt, "source": (efficiency.gemm_curve(p.system.name, p.engine, dt, 0)
+                                                 if cls == "gemm" else
+                                                 efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
             for cls, dt in used]
+
+
+def mean_burst_ttft(step, requests: int, prompt: int, budget: int | None) -> float:
+    """Mean time to first token of `requests` prompts of `prompt` tokens that arrive together,
+    when the engine prefills at most `budget` tokens per step, first come first served
+    (chunked prefill); `step(tokens)` is one step's time. Request i (1-based) completes with
+    step s_i = ceil(i prompt / budget); every step is full (`budget` tokens) but the last, of
+    T - (S - 1) budget tokens, S = ceil(T / budget), T = requests x prompt. So TTFT_i =
+    s_i step(budget), or (S - 1) step(budget) + step(last) for the requests the last step
+    completes; the mean is over i. budget None: one pass of all T tokens, which every request
+    waits for (about twice the mean at large T / budget). The decode steps of requests already
+    prefilled, which share later steps, are left out."""
+    total = requests * prompt
+    if budget is None or total <= budget:
+        return step(total)
+    S = -(-total // budget)
+    full, last = step(budget), step(total - (S - 1) * budget)
+    done = [-(-i * prompt // budget) for i in range(1, requests + 1)]
+    return sum((s - 1) * full + last if s == S else s * full for s in done) / requests
+
+
+def mean_serving_ttft(step, requests: int, prompt: int, budget: int | None, waves: int = 1,
+                      decode_s: float = 0.0) -> float:
+    """Mean TTFT of a closed-loop benchmark at concurrency `requests` that sends `waves` x
+    `requests` prompts of equal length and equal output length: the first wave arrives
+    together (`mean_burst_ttft`); a request of a later wave arrives when one of the previous
+    wave finishes, and those finish in the groups their prefill steps made (the requests one
+    budget completes together, min(requests, budget // prompt), at least 1), so each later
+    group is a burst of its own, which also waits for the decode step in flight (on average
+    half of one, `decode_s`). The mean is over all waves x requests."""
+    burst = mean_burst_ttft(step, requests, prompt, budget)
+    if waves <= 1:
+        return burst
+    group = requests if budget is None else min(requests, max(1, budget // prompt))
+    steady = mean_burst_ttft(step, group, prompt, budget) + decode_s / 2
+    return (burst + (waves - 1) * steady) / waves
 
 
 def plan_all(p: Plan) -> dict:

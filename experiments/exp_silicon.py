@@ -7,11 +7,19 @@ represent is predicted:
 
 - GPUs R = tp x attention-DP (= moe_tp x moe_ep); experts fully expert-parallel (moe_ep = R)
   is the `ep` strategy, fully tensor-parallel (moe_tp = R) the `tp` strategy; attention all
-  TP (tp = R) or all DP (attention_dp = R). Anything else is skipped and counted by reason.
+  TP (tp = R) or all DP (attention_dp = R). A row without its attention-DP size gets
+  moe_tp x moe_ep / tp where that is a whole number (the expert layout spans all GPUs;
+  counted as `dp_inferred`). Anything else is skipped and counted by reason.
 - TPOT = the decode step of the global batch B = batch_size x attention_dp at a context of
   isl + osl / 2 (the mean over the generation).
-- TTFT = one prefill pass of the batch's B prompts of isl tokens (static batching, the burst
-  a concurrency-B benchmark starts with; aiconfigurator's static mode models the same).
+- TTFT = the mean over a serving run's requests (the rows are serving runs at concurrency B,
+  not static batches; aiconfigurator's static mode, the `aic` column, counts one pass of all
+  B prompts instead): the engine prefills at most its default token budget per step
+  (efficiency.prefill_budget, sourced in engines/*.json); the first wave of B requests
+  arrives together and request i completes with step ceil(i isl / budget); the later
+  WAVES - 1 waves arrive in the groups those steps made, each group after half a decode
+  step (plan.mean_serving_ttft; WAVES below). Each step's time is plan's prefill step for
+  its tokens (all DP ranks' at once) at a context of isl.
 - prediction = the strategy's `step_s`; roofline = its `bound_step_s` where plan reports it
   (else `step_s`: the two are the same model until the efficiency layer lands).
 """
@@ -24,7 +32,7 @@ from pathlib import Path
 
 NAME = "silicon"
 SUMMARY = "plan's TPOT/TTFT against 1,370 measured vLLM/SGLang/TRT-LLM rows (aiconfigurator-core sample)"
-VERSION = "1"
+VERSION = "2"
 DEPENDS = (
     "moelab.api",
     "moelab.costmodel.plan",
@@ -42,7 +50,14 @@ ENGINE = {"vllm": "vllm", "sglang": "sglang", "trtllm": "trtllm"}  # row backend
 NVLINK_DOMAIN = {"gb200": 72}
 BY = ("all", "backend", "system", "model", "batch_range", "strategy")  # the error tables' groupings
 BATCH_RANGES = ((1, 7), (8, 31), (32, 127), (128, 511), (512, None))
-QUICK_ROWS = 20
+QUICK_ROWS = 8  # api.plan also runs the closed-form gamma (~0.6 s a prefill pass): keep CI short
+# Prompts per run = WAVES x concurrency: the silicon sample records the concurrency
+# (silicon_concurrency=C) but not the prompt count. 10 x C is the convention of the public
+# InferenceMAX harness (InferenceMAX/InferenceMAX benchmarks/dsr1_fp8_h200_trt_slurm.sh and the
+# other benchmarks/*.sh, commit ff7e462: benchmark_serving.py with
+# --num-prompts $(( $CONC * 10 )) --max-concurrency $CONC --request-rate inf --ignore-eos),
+# taken as the stand-in for NVIDIA's unpublished one. WAVES = 1 is the burst alone.
+WAVES = 10
 
 
 def INPUTS(cfg):
@@ -54,7 +69,8 @@ def INPUTS(cfg):
 
 def config(quick: bool) -> dict:
     return {"rows": "experiments/data/silicon_rows.csv", "quick_rows": QUICK_ROWS if quick else None,
-            "context": "isl + osl // 2", "ttft": "prefill of B x isl tokens", "kv_dtype": "bf16",
+            "context": "isl + osl // 2", "ttft": "mean over WAVES x B requests, engine token budget",
+            "waves": WAVES, "kv_dtype": "bf16",
             "goals": GOALS}
 
 
@@ -101,6 +117,9 @@ class Skip(Exception):
 def represent(row: dict) -> dict:
     """The row as plan's arguments: strategy, attention, GPUs, dtypes, decode batch and context."""
     tp, dp, etp, ep = (row[k] for k in ("tp_size", "attention_dp_size", "moe_tp_size", "moe_ep_size"))
+    inferred = dp is None and None not in (tp, etp, ep) and tp > 0 and (etp * ep) % tp == 0
+    if inferred:  # the expert layout spans all GPUs: tp x DP = moe_tp x moe_ep gives the DP size
+        dp = etp * ep // tp
     if None in (tp, dp, etp, ep, row["isl"], row["osl"], row["batch_size"]):
         raise Skip("incomplete parallelism or lengths")
     if (row["pp_size"] or 1) != 1:
@@ -122,7 +141,7 @@ def represent(row: dict) -> dict:
           "kv_dtype": "bf16"}
     if row["system"] in NVLINK_DOMAIN:
         kw["gpus_per_node"] = min(gpus, NVLINK_DOMAIN[row["system"]])
-    return {"strategy": strategy, "attention": attention, "batch": batch,
+    return {"strategy": strategy, "attention": attention, "batch": batch, "dp": dp, "dp_inferred": inferred,
             "context": row["isl"] + row["osl"] // 2, "plan": kw}
 
 
@@ -136,21 +155,51 @@ def engine_kwargs(backend: str, plan_fn) -> dict:
 
 def predict(row: dict, plan_fn=None) -> dict:
     """Predicted and roofline TPOT and TTFT (ms) for one row; raises Skip."""
+    from moelab.costmodel.plan import mean_serving_ttft
+
     if plan_fn is None:
         from moelab.api import plan as plan_fn
     rep = represent(row)
     kw = {**rep["plan"], **engine_kwargs(row["backend"], plan_fn)}
     out = {"strategy": rep["strategy"], "attention": rep["attention"], "batch": rep["batch"],
+           "dp_inferred": rep["dp_inferred"],
            "gpus": kw["gpus"], "engine": kw.get("engine", "")}
-    for phase, work in (("tpot", {"decode_batch": rep["batch"], "context": rep["context"]}),
-                        ("ttft", {"tokens": rep["batch"] * row["isl"], "context": row["isl"]})):
-        s = _strategy(plan_fn, rep["strategy"], **kw, **work)
-        if not s["feasible"]:
-            raise Skip(f"plan: {phase} {s['reason'].split(':')[0]}")
-        out[f"{phase}_pred_ms"] = 1e3 * s["step_s"]
-        out[f"{phase}_roofline_ms"] = 1e3 * (s.get("bound_step_s") or s["step_s"])
-        out[f"{phase}_plan_attention"] = s.get("attention", "")
+    s = _strategy(plan_fn, rep["strategy"], **kw, decode_batch=rep["batch"], context=rep["context"])
+    if not s["feasible"]:
+        raise Skip(f"plan: tpot {s['reason'].split(':')[0]}")
+    out["tpot_pred_ms"] = 1e3 * s["step_s"]
+    out["tpot_roofline_ms"] = 1e3 * (s.get("bound_step_s") or s["step_s"])
+    out["tpot_plan_attention"] = s.get("attention", "")
+    # TTFT: the mean over the burst's requests under the engine's token budget per step
+    dp, isl = rep["dp"], row["isl"]
+    budget = prefill_budget(kw.get("engine"), row["system"], dp)
+    steps = {}
+
+    def step(tokens_per_rank: int) -> dict:  # one prefill step: the DP ranks' tokens at once
+        if tokens_per_rank not in steps:
+            got = _strategy(plan_fn, rep["strategy"], **kw, tokens=tokens_per_rank * dp, context=isl)
+            if not got["feasible"]:
+                raise Skip(f"plan: ttft {got['reason'].split(':')[0]}")
+            steps[tokens_per_rank] = got
+        return steps[tokens_per_rank]
+    requests = row["batch_size"]  # per DP rank
+    for col, key, decode in (("pred", "step_s", s["step_s"]),
+                             ("roofline", "bound_step_s", s.get("bound_step_s") or s["step_s"])):
+        out[f"ttft_{col}_ms"] = 1e3 * mean_serving_ttft(
+            lambda t, key=key: step(t).get(key) or step(t)["step_s"], requests, isl, budget, WAVES, decode)
+    out["ttft_plan_attention"] = step(min(requests * isl, budget or requests * isl)).get("attention", "")
+    out["prefill_budget"] = budget or 0
     return out
+
+
+def prefill_budget(engine: str | None, system: str, dp: int) -> int | None:
+    """Prompt tokens per step of one DP rank under the engine's default (None: one pass)."""
+    if not engine:
+        return None
+    from moelab.costmodel.predict import efficiency
+    from moelab.costmodel.presets import load_system
+
+    return efficiency.prefill_budget(engine, load_system(system).hbm_bytes, dp)[0]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -265,7 +314,8 @@ def run(cfg: dict, ctx) -> None:
     result = {"rows_in_csv": len(load_rows()), "rows_considered": len(rows), "predicted": len(records),
               "skipped": dict(sorted(skipped.items())), "disaggregated_not_extracted":
               provenance["counts"]["by_mode"].get("disagg", 0), "errors": tables, "goals": goals,
-              "attention_as_measured": attention_match, "provenance": provenance}
+              "attention_as_measured": attention_match, "provenance": provenance,
+              "attention_dp_inferred": sum(bool(r["dp_inferred"]) for r in records)}
     ctx.json("silicon_errors.json", result)
     ctx.summary.update({f"{k}_pass": v["pass"] for k, v in goals.items()})
     ctx.summary.update({"predicted": len(records), "skipped": sum(skipped.values())})
@@ -313,11 +363,13 @@ Measured TPOT and TTFT of {prov['package']} {prov['version']}'s silicon sample (
 {prov['counts']['rows_in_file']:,} rows): {result['rows_in_csv']:,} aggregated-serving rows of preset
 models on preset GPUs extracted ({result['disaggregated_not_extracted']:,} disaggregated rows left out).
 Of the {result['rows_considered']:,} rows considered, plan predicts {result['predicted']:,}; nothing is
-fitted on them. TPOT = the decode step of the global batch at context isl + osl/2; TTFT = one
-prefill pass of the batch's prompts. `pred` = plan's `step_s`, `roofline` = its `bound_step_s`
-(the same figure while plan has no efficiency layer), |error| = |predicted / measured - 1|. Plan
+fitted on them. TPOT = the decode step of the global batch at context isl + osl/2; TTFT = the
+mean over a run of {WAVES} x B requests under the engine's default token budget per step (first
+wave together, later ones in the groups it made; docs/validation.md). `pred` = plan's `step_s`,
+`roofline` = its `bound_step_s`, |error| = |predicted / measured - 1|. Plan
 chose the measured attention layout (TP or DP) on {result['attention_as_measured']} of the predicted
-rows. The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and {ratio['ttft']:.2f} for
+rows; {result['attention_dp_inferred']} rows lacked their attention-DP size and got moe_tp x moe_ep /
+tp. The median predicted / measured ratio is {ratio['tpot']:.2f} for TPOT and {ratio['ttft']:.2f} for
 TTFT: below 1, plan is faster than the engines.
 
 {anchor}

@@ -288,3 +288,47 @@ def test_engines_name_their_tables():
     mla = next(s["source"] for s in src["vllm"]["efficiency_sources"] if s["op"] == "mla_decode")
     assert mla.startswith("all-framework default") and "no vllm mla_decode" in mla
     assert src["sglang"]["step_s"] == src["ktransformers"]["step_s"]
+
+
+def test_prefill_budget_engine_defaults():
+    from moelab.costmodel.predict import efficiency
+
+    # vLLM serve: 8192 on >= 70 GiB GPUs; SGLang: 8192 below 160 GiB (H200: 141 GB = 131 GiB),
+    # 16384 above (B200: 180 GB = 168 GiB), divided over DP ranks; TRT-LLM: 8192 per rank
+    assert efficiency.prefill_budget("vllm", 80e9)[0] == 8192
+    assert efficiency.prefill_budget("vllm", 40e9)[0] == 2048
+    assert efficiency.prefill_budget("vllm", 180e9, dp=8)[0] == 8192
+    assert efficiency.prefill_budget("sglang", 141e9)[0] == 8192
+    assert efficiency.prefill_budget("sglang", 180e9)[0] == 16384
+    assert efficiency.prefill_budget("sglang", 180e9, dp=8)[0] == 2048
+    assert efficiency.prefill_budget("trtllm", 141e9, dp=4)[0] == 8192
+    assert efficiency.prefill_budget("ideal", 80e9)[0] is None
+
+
+def test_gemm_shapes_of_deepseek_r1_by_hand():
+    # DeepSeek-R1's config: hidden 7168, 128 heads, q_lora 1536, kv_lora 512, nope 128, rope 64,
+    # v 128; 61 layers (58 MoE, 3 dense of intermediate 18432), shared expert 2048, 256 experts,
+    # vocab 129280
+    p = planner.Plan(model=load_model("deepseek-r1"), cfg=model_config("deepseek-r1"),
+                     system=load_system("h200-sxm"), cpu=load_cpu("xeon-8470"), gpus=1, gpus_per_node=8,
+                     tokens=4, sequences=4, context=1024, decode=True,
+                     routing=planner.make_routing("uniform", 58, 256, 8), host_mem=1e12)
+    want = [(61, 7168 * 1536), (61, 1536 * 128 * 192), (61, 7168 * 576), (61, 512 * 128 * 256),
+            (61, 128 * 128 * 7168), (58 * 3, 7168 * 2048), (3 * 3, 7168 * 18432), (58, 256 * 7168),
+            (1, 129280 * 7168)]
+    assert planner.gemm_shapes(p) == want
+    # the attention matrices add up to the attention parameter group (memory.param_groups)
+    assert 61 * sum(nk for _, nk in want[:5]) == 11_413_422_080
+
+
+def test_gemm_curve_by_weight_size():
+    from moelab.costmodel.predict import efficiency
+
+    # 4 M elements (2^22) reads the gemm_nk22 curve, 100 M the nk26 one (log4 100e6 = 13.3),
+    # below the smallest bin the smallest; no size: the all-shapes curve
+    g = efficiency.data()["gpus"]["h200-sxm"]["frameworks"]["trtllm"]
+    assert efficiency.gemm_curve("h200-sxm", "trtllm", "fp8", 2**22)[0] is g["gemm_nk22"]["fp8"]
+    assert efficiency.gemm_curve("h200-sxm", "trtllm", "fp8", 100e6)[0] is g["gemm_nk26"]["fp8"]
+    assert efficiency.gemm_curve("h200-sxm", "trtllm", "fp8", 10)[0] is g["gemm_nk20"]["fp8"]
+    assert efficiency.gemm_curve("h200-sxm", "trtllm", "fp8", 0)[0] is g["gemm"]["fp8"]
+    assert efficiency.gemm_curve("h200-sxm", "ideal", "fp8", 2**22)[0] is None

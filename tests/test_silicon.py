@@ -72,10 +72,16 @@ def test_row_mapping():
     assert (ep["strategy"], ep["attention"], ep["batch"]) == ("ep", "data-parallel attention", 32)
     gb = ex.represent(row(system="gb200", tp_size=16, moe_tp_size=1, moe_ep_size=16))
     assert gb["plan"]["gpus_per_node"] == 16 and gb["plan"]["gpus"] == 16
+    # no attention-DP size: 8 expert GPUs over tp 8 -> DP 1; over tp 2 -> DP 4 (then TP x DP mixed)
+    dp1 = ex.represent(row(attention_dp_size=None))
+    assert (dp1["dp"], dp1["dp_inferred"], dp1["attention"]) == (1, True, "tensor-parallel attention")
+    assert ex.represent(row(tp_size=1, attention_dp_size=None, moe_tp_size=1, moe_ep_size=8))["dp"] == 8
     for bad, why in ((dict(moe_tp_size=4, moe_ep_size=2), "experts TP x EP"),
+                     (dict(attention_dp_size=None, tp_size=2), "attention TP x DP"),
                      (dict(tp_size=4, attention_dp_size=2), "attention TP x DP"),
                      (dict(moe_tp_size=4), "expert GPUs"),
-                     (dict(attention_dp_size=None), "incomplete"),
+                     (dict(tp_size=None), "incomplete"),
+                     (dict(attention_dp_size=None, tp_size=3), "incomplete"),
                      (dict(moe_quant_mode="int4_wo"), "expert dtype")):
         with pytest.raises(ex.Skip, match=why):
             ex.represent(row(**bad))
@@ -114,7 +120,10 @@ def test_prediction_uses_the_rows_strategy_and_step(monkeypatch):
 
     p = ex.predict(row(), fake_plan)
     assert p["tpot_pred_ms"] == pytest.approx(20) and p["tpot_roofline_ms"] == pytest.approx(10)
-    assert p["ttft_pred_ms"] == pytest.approx(500)
+    # no engine= (the stand-in takes none): no token budget, one pass of 4 x 1024 tokens (0.5 s)
+    # for the first wave; each later wave is the same pass after half a decode step (20 ms)
+    assert ex.WAVES == 10
+    assert p["ttft_pred_ms"] == pytest.approx((500 + 9 * (500 + 20 / 2)) / 10)
     assert calls[0]["decode_batch"] == 4 and calls[0]["context"] == 1536
     assert calls[1]["tokens"] == 4 * 1024 and calls[1]["context"] == 1024
 
@@ -131,3 +140,33 @@ def test_quick_run_writes_results_and_goals(tmp_path):
     for r in rows:  # the error column is the prediction against the measurement
         assert r["tpot_error"] == pytest.approx(r["tpot_pred_ms"] / r["silicon_tpot_ms"] - 1)
     assert "predicted_vs_measured.png" in out.manifest["files"]
+
+
+def test_burst_ttft_by_hand():
+    from moelab.costmodel.plan import mean_burst_ttft
+
+    def step(tokens):  # 1 ms per step + 1 ms per token
+        return 1 + tokens
+    # 4 prompts of 3 tokens, 4 tokens per step: steps of 4, 4, 4 tokens (5 ms each); the
+    # requests complete with steps 1, 2, 3, 3: 5, 10, 15, 15 ms
+    assert mean_burst_ttft(step, 4, 3, 4) == pytest.approx((5 + 10 + 15 + 15) / 4)
+    # 3 prompts of 3: steps of 4, 4, 1 tokens (5, 5, 2 ms); completions 1, 2, 3: 5, 10, 12
+    assert mean_burst_ttft(step, 3, 3, 4) == pytest.approx((5 + 10 + 12) / 3)
+    # no budget, or all within one: one pass of 12 tokens
+    assert mean_burst_ttft(step, 4, 3, None) == 13 and mean_burst_ttft(step, 4, 3, 100) == 13
+    # many requests: the mean tends to half the one pass (linear step, no per-step cost)
+    one_pass = mean_burst_ttft(lambda t: t, 1000, 100, None)
+    assert mean_burst_ttft(lambda t: t, 1000, 100, 100) / one_pass == pytest.approx(0.5005)
+
+
+def test_serving_ttft_by_hand():
+    from moelab.costmodel.plan import mean_serving_ttft
+
+    def step(tokens):
+        return 1 + tokens
+    # first wave as above (11.25 ms); later ones arrive in groups of 4 // 3 = 1 request:
+    # one pass of 3 tokens (4 ms) after half a 2 ms decode step: 5 ms; two waves: the mean
+    assert mean_serving_ttft(step, 4, 3, 4, waves=2, decode_s=2) == pytest.approx((11.25 + 5) / 2)
+    assert mean_serving_ttft(step, 4, 3, 4, waves=1, decode_s=2) == pytest.approx(11.25)
+    # no budget: a later wave is the whole burst again, plus the wait
+    assert mean_serving_ttft(step, 4, 3, None, waves=3, decode_s=2) == pytest.approx((13 + 2 * 14) / 3)

@@ -16,6 +16,8 @@ version of each table is used. Without --wheel the pinned wheel is fetched with
 Classes (x = the shape coordinate):
 - gemm[bf16|fp8]: dense GEMM, x = M (tokens); rows with N, K >= 1024 (model layers);
   roofline max(2MNK / peak, (MK + KN) w + 2MN) / HBM), the fastest kernel per shape.
+  gemm_nk<b>[bf16|fp8]: the same over the rows whose weight N K is within a factor 2 of 2^b
+  (b = 20, 22, ...): at small M the efficiency falls with the weight's size.
 - moe[bf16|fp8|int4]: grouped expert GEMM (gated, 3 matrices), balanced routing, x = tokens
   per expert (T k / E); T k rows, min(E, T k) experts read. Only rows without EP or TP
   (ep = tp = 1), whose shape is unambiguous.
@@ -111,19 +113,26 @@ def _read(path):
 
 
 def gemm(path, s, root) -> dict:
+    """{"gemm": {dtype: curve}} over all weight shapes, and {"gemm_nk<b>": {dtype: curve}} for
+    the rows whose weight N K is within a factor 2 of 2^b (b even): at a small M a GEMM's
+    efficiency depends on its weight size (a 4 M-element weight is mostly fixed latency)."""
+    import numpy as np
+
     d = _read(path)
     d = d[d.gemm_dtype.isin(GEMM_DTYPES) & (d.n >= MIN_NK) & (d.k >= MIN_NK)].copy()
     d["cls"] = d.gemm_dtype.map(GEMM_DTYPES)
     d = d.groupby(["cls", "m", "n", "k"], as_index=False).latency.min()  # the fastest kernel
-    out = {}
+    d["nk_bin"] = 2 * np.round(np.log(d.n * d.k) / np.log(4)).astype(int)
+    out: dict = {}
     for cls, g in d.groupby("cls"):
         w = WEIGHT_BYTES[cls]
         peak = s.peak_flops_fp8 if cls == "fp8" else s.peak_flops
-        roof = [max(2 * m * n * k / peak, ((m * k + k * n) * w + 2 * m * n) / s.hbm_bw)
-                for m, n, k in zip(g.m, g.n, g.k, strict=True)]
-        c = _curve(g.m, roof, g.latency * 1e-3, path, root)
-        if c:
-            out[cls] = c
+        g = g.assign(roof=[max(2 * m * n * k / peak, ((m * k + k * n) * w + 2 * m * n) / s.hbm_bw)
+                           for m, n, k in zip(g.m, g.n, g.k, strict=True)])
+        for name, rows in [("gemm", g)] + [(f"gemm_nk{b}", r) for b, r in g.groupby("nk_bin")]:
+            c = _curve(rows.m, rows.roof, rows.latency * 1e-3, path, root)
+            if c:
+                out.setdefault(name, {})[cls] = c
     return out
 
 
@@ -278,7 +287,7 @@ def derive_gpu(root: Path, gpu: str, s) -> dict:
         classes = {}
         p = newest(root, gpu, "gemm", fw, "gemm_perf.parquet")
         if p:
-            classes["gemm"] = gemm(p, s, root)
+            classes.update(gemm(p, s, root))
         p = newest(root, gpu, "moe", fw, "moe_perf.parquet")
         if p:
             classes["moe"] = moe(p, s, root)

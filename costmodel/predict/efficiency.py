@@ -10,6 +10,7 @@ default across all frameworks -> none (efficiency 1, the roofline).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import math
@@ -55,21 +56,48 @@ def curve(gpu: str, engine_name: str, cls: str, dtype: str) -> tuple[dict | None
     return None, f"no curve for {cls}[{dtype}]: roofline"
 
 
+def gemm_curve(gpu: str, engine_name: str, dtype: str, nk: float) -> tuple[dict | None, str]:
+    """The GEMM curve for weights of nk = N x K elements: the gemm_nk<b> curve of the nearest
+    size bin b (even log2, within the bins the tables hold), else the all-shapes gemm curve."""
+    if nk > 0:
+        b = 2 * round(math.log(nk, 4))
+        bins = sorted(int(k[7:]) for k in _gemm_bins(gpu, engine_name, dtype))
+        if bins:
+            c, why = curve(gpu, engine_name, f"gemm_nk{min(max(b, bins[0]), bins[-1])}", dtype)
+            if c is not None:
+                return c, why
+    return curve(gpu, engine_name, "gemm", dtype)
+
+
+@functools.cache
+def _gemm_bins(gpu: str, engine_name: str, dtype: str) -> tuple:
+    """The gemm_nk<b> classes with a curve for this dtype where `curve` would look (the GPU's
+    framework table, else the defaults)."""
+    fw, d = engine(engine_name)["tables"], data()
+    if fw is None:
+        return ()
+    pools = [d["gpus"].get(gpu, {}).get("frameworks", {}).get(fw, {}) if fw != "any" else {},
+             d["defaults"].get(fw, {}), d["defaults"].get("any", {})]
+    for pool in pools:
+        names = tuple(k for k, v in pool.items() if k.startswith("gemm_nk") and dtype in v)
+        if names:
+            return names
+    return ()
+
+
 def at(c: dict | None, x: float) -> float:
     """The curve's efficiency at shape x (log-x interpolation, clamped at the ends); 1 if None."""
     if c is None:
         return 1.0
     xs, es = c["x"], c["eff"]
+    x = float(x)  # a numpy scalar would make every comparison below slow
     if x <= xs[0]:
         return es[0]
     if x >= xs[-1]:
         return es[-1]
-    lx = math.log(x)
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            a, b = math.log(xs[i - 1]), math.log(xs[i])
-            return es[i - 1] + (es[i] - es[i - 1]) * (lx - a) / (b - a)
-    return es[-1]
+    i = bisect.bisect_left(xs, x)  # xs[i - 1] < x <= xs[i]
+    a, b = math.log(xs[i - 1]), math.log(xs[i])
+    return es[i - 1] + (es[i] - es[i - 1]) * (math.log(x) - a) / (b - a)
 
 
 def floor_s(c: dict | None) -> float:
@@ -90,6 +118,22 @@ def default_engine(gpu: str) -> tuple[str, str]:
         return best, f"the default: its tables cover the most op classes on {gpu} ({count(best)} curves)"
     return best, (f"the default; no per-operation tables for {gpu}: default efficiencies ({best}'s curves, "
                   f"the median across {', '.join(sorted(d['gpus']))})")
+
+
+def prefill_budget(engine_name: str, hbm_bytes: float, dp: int = 1) -> tuple[int | None, str]:
+    """(prompt tokens one data-parallel rank prefills per step, source) under the engine's
+    default token budget (vLLM max_num_batched_tokens, SGLang chunked_prefill_size, TRT-LLM
+    max_num_tokens; engines/<name>.json, tiers by the GPU's memory in GiB); (None, why) for an
+    engine without one (a prefill is then one pass). A budget the engine shares over its DP
+    ranks ("per": "global", SGLang's) is divided by dp, as the engine does."""
+    b = engine(engine_name).get("prefill_budget")
+    if b is None:
+        return None, f"{engine_name}: no token budget (one pass)"
+    gib = hbm_bytes / 2**30
+    tokens = next(t for limit, t in b["tiers"] if limit is None or gib < limit)
+    if b["per"] == "global":
+        tokens = max(1, tokens // dp)
+    return tokens, b["source"]
 
 
 def dtype_class(dtype: str) -> str:
