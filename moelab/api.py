@@ -407,7 +407,7 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
     """One pass (prefill or decode): the Report of `plan` and the Plan it ranked."""
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
-    from moelab.costmodel.closed_form import evaluate
+    from moelab.costmodel.closed_form import pass_overheads
     from moelab.costmodel.presets import load_cpu, model_config
 
     if isinstance(model, ModelSpec):
@@ -473,11 +473,14 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
         raise SpecError(f"cache_steps: must be an integer >= 0, got {cache_steps!r}")
     if cache_steps and offload["feasible"]:
         offload["cache_simulation"] = _simulate_offload_cache(p, offload, cache_steps, seed)
+    # The seed's gamma for this pass: only its two overheads (evaluate's tipping-point
+    # searches, which plan never shows, cost most of a plan's time).
     w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
-    g = evaluate(m, s.with_(gpus_per_node=p.gpus_per_node), w,
-                 Options(ep_ranks=gpus if gpus > 1 else None,
-                         resident_fraction=offload.get("resident_fraction", 0.0),
-                         routing="uniform" if routing == "uniform" else "worst"))
+    _, t_p, t_ep = (w.passes * float(x) for x in pass_overheads(
+        m, s.with_(gpus_per_node=p.gpus_per_node),
+        Options(ep_ranks=gpus if gpus > 1 else None, resident_fraction=offload.get("resident_fraction", 0.0),
+                routing="uniform" if routing == "uniform" else "worst"), w.tokens_per_pass))
+    g_gamma = t_p / t_ep if t_ep > 0 else float("inf")
     return Report(
         model=m.name,
         weights_bytes=memory.weights_bytes(cfg, m),
@@ -511,8 +514,8 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
         profile=prof.to_dict() if prof is not None else None,
         strategies=result["strategies"],
         best=result["best"],
-        gamma={"gamma": g.gamma, "decision": g.decision, "t_p_overhead_s": g.t_p_overhead,
-               "t_ep_overhead_s": g.t_ep_overhead, "ep_ranks": gpus,
+        gamma={"gamma": g_gamma, "decision": "offload" if g_gamma < 1 else "ep", "t_p_overhead_s": t_p,
+               "t_ep_overhead_s": t_ep, "ep_ranks": gpus,
                "resident_fraction": offload.get("resident_fraction", 0.0)},
     ), p
 
