@@ -126,12 +126,9 @@ def link_inputs(name: str = "h100-sxm", host_link: str | None = None,
 
 
 def _system_from_file(path: str) -> SystemSpec:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise SpecError(f"system: cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(f"system: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    from moelab.costmodel.jsonfile import read_json  # size, encoding, depth, truncation: one line
+
+    data = read_json(path, "system")
     if not isinstance(data, dict):
         raise SpecError(f"system: {path} must hold a JSON object")
     known = set(SystemSpec.__dataclass_fields__)

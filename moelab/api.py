@@ -16,7 +16,21 @@ import json
 import math
 from collections.abc import Callable
 
-from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload, parse_routing
+from moelab.costmodel.specs import (
+    GPUS_WHY,
+    MAX_DRAW_ELEMENTS,
+    MAX_GPUS,
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    TOKENS_WHY,
+    ModelSpec,
+    Options,
+    SpecError,
+    SystemSpec,
+    Workload,
+    check_count,
+    parse_routing,
+)
 
 CLOSED_FORM_ROUTINGS = ("worst", "uniform")
 DEFAULT_PREFILL_TOKENS = 4096
@@ -142,6 +156,11 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     w = workload(tokens, decode, batch, steps)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
+    check_seed(seed)
+    if samples and not is_trace:
+        check_monte_carlo(m, w, samples, ep_ranks)
+    if overlap:
+        check_timeline(m, microbatches)
     if routing not in CLOSED_FORM_ROUTINGS:
         parse_routing(routing)  # an unknown name is an error before anything else is said
         if samples == 0 and not is_trace:
@@ -221,6 +240,41 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
         # + 0.0 turns a -0.0 (a zero elasticity reached from below) into 0.0
         out["sensitivities"] = {k: v + 0.0 for k, v in elasticities(m, s, w, options).items()}
     return out
+
+
+# The Monte Carlo's and the timeline's sizes, checked before jax is imported or anything drawn.
+MAX_SAMPLE_LAYERS = 2**31 - 1  # JAX indexes the sample-layers (samples x L) with int32
+MAX_TIMELINE_EVENTS = 2**22  # transfers and computes the overlap timeline schedules (Python)
+
+
+def check_seed(seed) -> None:
+    """A random seed jax and numpy both take: an integer in [0, 2^32)."""
+    check_count("seed", seed, 2**32 - 1, ", the largest seed (32 bits)", at_least=0)
+
+
+def check_monte_carlo(m: ModelSpec, w: Workload, samples: int, ep_ranks: int | None) -> None:
+    """Samples, and what one sampled layer holds: N_t tokens (R N_t for the busiest rank) of
+    up to E scores each."""
+    check_count("samples", samples, MAX_SAMPLES, ", the most Monte Carlo samples moelab draws")
+    if samples * m.n_moe_layers > MAX_SAMPLE_LAYERS:
+        raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} MoE layers > {MAX_SAMPLE_LAYERS:,} "
+                        "sampled layers, the most the Monte Carlo indexes (32-bit)")
+    tokens = w.tokens_per_pass * max(ep_ranks or 1, 1)
+    if tokens * m.n_experts > MAX_DRAW_ELEMENTS:
+        what = f"{w.tokens_per_pass:,} tokens" + (f" x {ep_ranks} EP ranks" if (ep_ranks or 1) > 1 else "")
+        raise SpecError(f"samples: a sampled layer of {what} x {m.n_experts} experts = "
+                        f"{tokens * m.n_experts:,} scores > {MAX_DRAW_ELEMENTS:,}, the most the "
+                        "Monte Carlo holds at once; give fewer tokens (or ranks)")
+
+
+def check_timeline(m: ModelSpec, microbatches) -> None:
+    """--overlap schedules every expert copy and micro-batch of every layer, one by one."""
+    check_count("microbatches", microbatches, 2**10, ", the most micro-batches the timeline splits")
+    events = m.n_moe_layers * (m.n_experts + 2 * microbatches)
+    if events > MAX_TIMELINE_EVENTS:
+        raise SpecError(f"overlap: {m.n_moe_layers} layers x ({m.n_experts} experts + "
+                        f"{2 * microbatches} micro-batch steps) = {events:,} events > "
+                        f"{MAX_TIMELINE_EVENTS:,}, the most the timeline schedules")
 
 
 def ep_terms(r, m) -> dict:
@@ -338,6 +392,23 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
 
     if isinstance(model, ModelSpec):
         raise SpecError("model: plan counts memory from the config.json: give a preset name or a path")
+    # Every count before anything is built: the planner keeps arrays and loops per GPU.
+    check_count("gpus", gpus, MAX_GPUS, GPUS_WHY)
+    for name, value in (("gpus_per_node", gpus_per_node), ("cpu_sockets", cpu_sockets),
+                        ("gpus_per_host_link", gpus_per_host_link)):
+        if value is not None:
+            check_count(name, value, MAX_GPUS, GPUS_WHY)
+    for name, value in (("tokens", tokens), ("decode_batch", decode_batch)):
+        if value is not None:
+            check_count(name, value, MAX_TOKENS, TOKENS_WHY)
+    if context is not None:
+        check_count("context", context, MAX_TOKENS, TOKENS_WHY, at_least=0)
+    check_seed(seed)
+    for name, value in (("host_mem", host_mem), ("hbm_utilization", hbm_utilization),
+                        ("host_dram_bw", host_dram_bw), ("slo", slo)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or value <= 0):
+            raise SpecError(f"{name}: must be a finite number > 0, got {value!r}")
     if tokens is not None and decode_batch is not None:
         raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
     m = model_spec(model, expert_dtype)
@@ -377,6 +448,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:
         raise SpecError(f"cache_steps: must be an integer >= 0, got {cache_steps!r}")
     if cache_steps and offload["feasible"]:
+        check_cache_simulation(m, -(-n // offload["gpus"]), cache_steps)
         offload["cache_simulation"] = _simulate_offload_cache(p, offload, cache_steps, seed)
     w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
     g = evaluate(m, s.with_(gpus_per_node=p.gpus_per_node), w,
@@ -414,6 +486,19 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
                "t_ep_overhead_s": g.t_ep_overhead, "ep_ranks": gpus,
                "resident_fraction": offload.get("resident_fraction", 0.0)},
     )
+
+
+MAX_CACHE_DRAWS = 2**32  # Gumbel scores the cache simulation draws (numpy, about a minute)
+
+
+def check_cache_simulation(m: ModelSpec, tokens: int, steps: int) -> None:
+    """cache_steps passes of `tokens` tokens (one offload GPU's share) draw tokens x E scores
+    in every layer of every pass."""
+    draws = steps * m.n_moe_layers * tokens * m.n_experts
+    if draws > MAX_CACHE_DRAWS:
+        raise SpecError(f"cache_steps: {steps:,} passes x {m.n_moe_layers} layers x {tokens:,} tokens "
+                        f"x {m.n_experts} experts = {draws:,} draws > {MAX_CACHE_DRAWS:,}, the most "
+                        "the cache simulation draws")
 
 
 def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
