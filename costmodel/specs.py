@@ -28,17 +28,19 @@ DTYPE_BYTES: dict[str, float] = {
 # each message states it. They sit far above any model or machine of today (published MoE
 # models: <= 384 routed experts, <= 100 layers, hidden <= 2^14; the largest clusters ~2^17
 # GPUs), and low enough that what moelab allocates or loops over per unit stays bounded.
-MAX_EXPERTS = 2**16  # routed experts per layer: plan and routing keep [L, E] arrays, the
-#                      Monte Carlo [tokens, E] scores; 2^16 x 2^12 layers x 8 B = 2 GiB at most
+MAX_EXPERTS = 2**12  # routed experts per layer (and replica slots): the busiest-rank model keeps an
+#                      [E, E + replicas] int64 table (128 MiB at 2^12, 32 GiB at 2^16), plan and
+#                      routing [L, E] arrays, the Monte Carlo [tokens, E] scores
 MAX_LAYERS = 2**12  # decoder layers: config layouts, the planner and the Monte Carlo loop per layer
 MAX_WIDTH = 2**24  # hidden, intermediate, heads, head and LoRA dims: 3 d I <= 2^50 stays exact
 #                    in float64 and int64 (16M, a thousand times today's widest, 2^14)
 MAX_TOKENS = 2**40  # tokens per pass, decode batch, steps, context (1.1e12): k N <= 2^56 fits
 #                     int64; the closed form holds nothing per token
-MAX_GPUS = 2**20  # EP ranks, GPUs of a plan, GPUs per node: the EP terms keep arrays of R + 1
-#                   (8 MiB) and the placement loops over ranks
+MAX_GPUS = 2**14  # EP ranks, GPUs of a plan, GPUs per node: the busiest-rank model's work grows
+#                   with the ranks (`gamma --ep-ranks 16384` ~15 s, 65536 ~45 s on 2 cores)
 GPUS_WHY = ", the most GPUs moelab models"
 TOKENS_WHY = ", the most tokens moelab counts exactly"
+MAX_PLACEMENT_STEPS = 2**22  # (E + replicas) x R: the replica placement's greedy loop (Python)
 MAX_SAMPLES = 10**7  # Monte Carlo samples: each keeps [samples, L] counts, and JAX indexes the
 #                      sample-layers with int32 (samples x L < 2^31, checked in api.gamma)
 MAX_DRAW_ELEMENTS = 2**28  # elements one Monte Carlo layer-sample holds: tokens x E scores
@@ -76,6 +78,14 @@ def _check(name: str, value, *, positive=False, integer=False, at_least=None, at
         if not why:
             raise SpecError(f"{name}: must be <= {at_most}, got {value!r}")
         raise SpecError(f"{name}: {value!r} > {at_most:,}{why}")
+
+
+def check_placement(n_experts: int, ranks: int | None, redundant: int) -> None:
+    """Replica slots are placed one by one over every rank: (E + N) R steps in Python."""
+    steps = (n_experts + redundant) * (ranks or 0) if redundant else 0
+    if steps > MAX_PLACEMENT_STEPS:
+        raise SpecError(f"redundant_experts: ({n_experts} experts + {redundant} replicas) x {ranks} ranks = "
+                        f"{steps:,} placement steps > {MAX_PLACEMENT_STEPS:,}, the most moelab runs")
 
 
 def check_count(name: str, value, limit: int, why: str, *, at_least: int = 1) -> None:
@@ -269,7 +279,8 @@ class Options:
         if self.dispatch_mode not in DISPATCH_MODES:
             raise SpecError(f"dispatch_mode: {self.dispatch_mode!r} is not one of "
                             f"{', '.join(DISPATCH_MODES)}")
-        _check("redundant_experts", self.redundant_experts, integer=True)
+        _check("redundant_experts", self.redundant_experts, integer=True, at_most=MAX_EXPERTS,
+               why=", the most replica slots moelab places")
         if self.redundant_experts and not self.ep_ranks:
             raise SpecError("redundant_experts: needs EP ranks (--ep-ranks R)")
         if self.routing not in ("worst", "uniform"):

@@ -29,6 +29,7 @@ from moelab.costmodel.specs import (
     SystemSpec,
     Workload,
     check_count,
+    check_placement,
     parse_routing,
 )
 
@@ -157,6 +158,7 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
     check_seed(seed)
+    check_placement(m.n_experts, ep_ranks, redundant_experts)
     if samples and not is_trace:
         check_monte_carlo(m, w, samples, ep_ranks)
     if overlap:
@@ -397,7 +399,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     for name, value in (("gpus_per_node", gpus_per_node), ("cpu_sockets", cpu_sockets),
                         ("gpus_per_host_link", gpus_per_host_link)):
         if value is not None:
-            check_count(name, value, MAX_GPUS, GPUS_WHY)
+            check_count(name, value, MAX_GPUS, GPUS_WHY if "gpus" in name else ", the most moelab models")
     for name, value in (("tokens", tokens), ("decode_batch", decode_batch)):
         if value is not None:
             check_count(name, value, MAX_TOKENS, TOKENS_WHY)
@@ -448,7 +450,6 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:
         raise SpecError(f"cache_steps: must be an integer >= 0, got {cache_steps!r}")
     if cache_steps and offload["feasible"]:
-        check_cache_simulation(m, -(-n // offload["gpus"]), cache_steps)
         offload["cache_simulation"] = _simulate_offload_cache(p, offload, cache_steps, seed)
     w = Workload(decode=True, batch=n) if decode else Workload(tokens=n)
     g = evaluate(m, s.with_(gpus_per_node=p.gpus_per_node), w,
@@ -488,17 +489,30 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     )
 
 
-MAX_CACHE_DRAWS = 2**32  # Gumbel scores the cache simulation draws (numpy, about a minute)
+# The cache simulation (Python, one access at a time, each eviction a scan of the slots) and
+# the routing it draws (numpy Gumbel scores, tokens x E per layer of every pass): each bound
+# keeps it to about half a minute on one core (~0.4 ms a layer, ~0.1 µs a slot scanned).
+MAX_CACHE_LAYERS = 2**16  # layers of all passes
+MAX_CACHE_WORK = 2**28  # accesses x slots
+MAX_CACHE_DRAWS = 2**30  # Gumbel scores
 
 
-def check_cache_simulation(m: ModelSpec, tokens: int, steps: int) -> None:
-    """cache_steps passes of `tokens` tokens (one offload GPU's share) draw tokens x E scores
-    in every layer of every pass."""
+def check_cache_simulation(m: ModelSpec, tokens: int, steps: int, slots: int) -> None:
+    """cache_steps passes of `tokens` tokens (one offload GPU's share) through `slots` slots:
+    every layer of every pass touches up to min(k N, E) experts and draws N x E scores."""
+    passes = f"{steps:,} passes x {m.n_moe_layers} layers"
+    if steps * m.n_moe_layers > MAX_CACHE_LAYERS:
+        raise SpecError(f"cache_steps: {passes} = {steps * m.n_moe_layers:,} > {MAX_CACHE_LAYERS:,}, "
+                        "the most layers the cache simulation runs")
+    used = min(m.top_k * tokens, m.n_experts)
+    work = steps * m.n_moe_layers * used * slots
+    if work > MAX_CACHE_WORK:
+        raise SpecError(f"cache_steps: {passes} x {used:,} experts x {slots:,} slots = {work:,} "
+                        f"> {MAX_CACHE_WORK:,}, the most the cache simulation runs")
     draws = steps * m.n_moe_layers * tokens * m.n_experts
     if draws > MAX_CACHE_DRAWS:
-        raise SpecError(f"cache_steps: {steps:,} passes x {m.n_moe_layers} layers x {tokens:,} tokens "
-                        f"x {m.n_experts} experts = {draws:,} draws > {MAX_CACHE_DRAWS:,}, the most "
-                        "the cache simulation draws")
+        raise SpecError(f"cache_steps: {passes} x {tokens:,} tokens x {m.n_experts} experts = "
+                        f"{draws:,} draws > {MAX_CACHE_DRAWS:,}, the most the cache simulation draws")
 
 
 def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
@@ -510,6 +524,7 @@ def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
     m = p.model
     n = -(-p.tokens // offload["gpus"])
     slots = offload["resident_per_layer"] * m.n_moe_layers + 2  # cache + the staging pair
+    check_cache_simulation(m, n, steps, slots)
     trace = planner.sample_steps(p.routing, m.n_moe_layers, m.n_experts, m.top_k, n, steps, seed)
     steps = len(trace) // m.n_moe_layers  # a recorded trace may hold fewer passes
     if steps == 0:
