@@ -105,6 +105,8 @@ def do_import(args) -> dict:
                 rec = json.loads(text)
             except ValueError as e:
                 raise SpecError(f"log: line {n} is not JSON: {e}") from None
+            except RecursionError:
+                raise SpecError(f"log: line {n} nests its JSON too deeply to read") from None
             layer = _field(rec, args.layer_field, n)
             ids = np.asarray(_field(rec, args.ids_field, n))
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
