@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moelab.costmodel.jsonfile import read_json
-from moelab.costmodel.specs import MAX_EXPERTS, MAX_LAYERS, MAX_WIDTH, ModelSpec, SpecError
+from moelab.costmodel.specs import MAX_EXPERTS, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, ModelSpec, SpecError
 
 EXPERTS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
 TOP_K = ("num_experts_per_tok", "experts_per_token", "moe_top_k", "num_experts_per_token")
@@ -50,6 +50,46 @@ def _int(name: str, value, what: str, limit: int | None = None, why: str = "the 
     if value > limit:
         raise SpecError(f"config.json: {name} ({what}) {value} > {limit:,}, {why}")
     return value
+
+
+# Every count moelab reads from a config (here and in memory.py) -> (what it is, its limit):
+# where present and not null, a whole number in [0, limit], checked before anything uses it.
+_WIDTH = ("hidden_size", "d_model", "n_embd", "intermediate_size", "moe_intermediate_size",
+          "ffn_hidden_size", "intermediate_size_mlp", "shared_expert_intermediate_size",
+          "num_attention_heads", "n_heads", "num_key_value_heads", "head_dim", "kv_lora_rank",
+          "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "vocab_size",
+          "padded_vocab_size")
+COUNT_FIELDS = {
+    **{n: ("width", MAX_WIDTH, "the widest moelab computes exactly") for n in _WIDTH},
+    **{n: ("layer count", MAX_LAYERS, "the most layers moelab loops over")
+       for n in (*LAYERS, "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
+                 "interleave_moe_layer_step", "num_nextn_predict_layers", "nope_layer_interval")},
+    **{n: ("experts", MAX_EXPERTS, "the most moelab allocates per layer")
+       for n in (*EXPERTS, *TOP_K, "n_shared_experts", "n_group", "topk_group")},
+    **{n: ("tokens", MAX_TOKENS, "the most tokens moelab counts exactly")
+       for n in ("sliding_window", "attention_chunk_size")},
+}
+
+
+def check_fields(flat: dict) -> None:
+    """Each count of COUNT_FIELDS in `flat` (a flattened config) is a whole number in range."""
+    for name, (what, limit, why) in COUNT_FIELDS.items():
+        if flat.get(name) is not None:
+            _int(name, flat[name], what, limit, why)
+
+
+def check_memory_fields(cfg: dict) -> None:
+    """What memory.py needs besides the counts: attention heads to count the attention
+    weights, and an MLA config's head dims."""
+    flat = _flatten(cfg)
+    check_fields(flat)
+    if not (flat.get("num_attention_heads") or flat.get("n_heads")):
+        raise SpecError("config.json: no attention heads (num_attention_heads >= 1): the memory "
+                        "count needs them")
+    if flat.get("kv_lora_rank"):
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if flat.get(name) is None:
+                raise SpecError(f"config.json: an MLA config (kv_lora_rank) needs {name}")
 
 
 def _opt(cfg: dict, name: str, what: str, default: int = 0, limit: int | None = None) -> int:
@@ -107,6 +147,7 @@ def model_from_config(cfg, name: str = "config.json", source: str = "") -> Model
     if not isinstance(cfg, dict):
         raise SpecError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
     flat = _flatten(cfg)
+    check_fields(flat)
     n_experts = _first(flat, EXPERTS, "routed experts", required=False)
     if not n_experts:
         model_type = flat.get("model_type", "unknown model_type")

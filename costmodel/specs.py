@@ -41,8 +41,8 @@ MAX_GPUS = 2**14  # EP ranks, GPUs of a plan, GPUs per node: the busiest-rank mo
 GPUS_WHY = ", the most GPUs moelab models"
 TOKENS_WHY = ", the most tokens moelab counts exactly"
 MAX_PLACEMENT_STEPS = 2**22  # (E + replicas) x R: the replica placement's greedy loop (Python)
-MAX_SAMPLES = 10**7  # Monte Carlo samples: each keeps [samples, L] counts, and JAX indexes the
-#                      sample-layers with int32 (samples x L < 2^31, checked in api.gamma)
+MAX_SAMPLES = 10**6  # Monte Carlo samples (api.check_monte_carlo also bounds samples x layers,
+#                      kept as [samples, L] float64 arrays, and the draws of the whole run)
 MAX_DRAW_ELEMENTS = 2**28  # elements one Monte Carlo layer-sample holds: tokens x E scores
 #                            (1 GiB of float32); past it a sampled pass does not fit in memory
 

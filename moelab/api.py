@@ -245,7 +245,9 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
 
 
 # The Monte Carlo's and the timeline's sizes, checked before jax is imported or anything drawn.
-MAX_SAMPLE_LAYERS = 2**31 - 1  # JAX indexes the sample-layers (samples x L) with int32
+MAX_SAMPLE_LAYERS = 2**24  # samples x L: kept as several [samples, L] float64 arrays (128 MiB each)
+MAX_MONTE_CARLO_DRAWS = 2**34  # samples x L x N_t x k expert picks: a few minutes on 2 cores
+#                                (deepseek-r1 at 4096 tokens: 9,000 samples; ~23 ms each, zipf)
 MAX_TIMELINE_EVENTS = 2**22  # transfers and computes the overlap timeline schedules (Python)
 
 
@@ -260,7 +262,12 @@ def check_monte_carlo(m: ModelSpec, w: Workload, samples: int, ep_ranks: int | N
     check_count("samples", samples, MAX_SAMPLES, ", the most Monte Carlo samples moelab draws")
     if samples * m.n_moe_layers > MAX_SAMPLE_LAYERS:
         raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} MoE layers > {MAX_SAMPLE_LAYERS:,} "
-                        "sampled layers, the most the Monte Carlo indexes (32-bit)")
+                        "sampled layers, the most the Monte Carlo keeps")
+    draws = samples * m.n_moe_layers * w.tokens_per_pass * m.top_k
+    if draws > MAX_MONTE_CARLO_DRAWS:
+        raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} layers x {w.tokens_per_pass:,} tokens "
+                        f"x k={m.top_k} = {draws:,} expert picks > {MAX_MONTE_CARLO_DRAWS:,}, the most "
+                        "the Monte Carlo draws in one run")
     tokens = w.tokens_per_pass * max(ep_ranks or 1, 1)
     if tokens * m.n_experts > MAX_DRAW_ELEMENTS:
         what = f"{w.tokens_per_pass:,} tokens" + (f" x {ep_ranks} EP ranks" if (ep_ranks or 1) > 1 else "")
@@ -390,6 +397,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
     from moelab.costmodel.closed_form import evaluate
+    from moelab.costmodel.hf_config import check_memory_fields
     from moelab.costmodel.presets import load_cpu, model_config
 
     if isinstance(model, ModelSpec):
@@ -415,6 +423,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
         raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
     m = model_spec(model, expert_dtype)
     cfg = model_config(model)
+    check_memory_fields(cfg)
     if isinstance(cpu, planner.CpuSpec) and (cpu_isa, cpu_sockets) != (None, None):
         raise SpecError(f"{'cpu_isa' if cpu_isa is not None else 'cpu_sockets'}: only with a CPU "
                         "preset name (a CpuSpec carries its own figures)")
