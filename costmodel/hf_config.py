@@ -65,7 +65,8 @@ COUNT_FIELDS = {
        for n in (*LAYERS, "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
                  "interleave_moe_layer_step", "num_nextn_predict_layers", "nope_layer_interval")},
     **{n: ("experts", MAX_EXPERTS, "the most moelab allocates per layer")
-       for n in (*EXPERTS, *TOP_K, "n_shared_experts", "n_group", "topk_group")},
+       for n in (*TOP_K, "n_shared_experts", "n_group", "topk_group")},
+    **{n: ("routed experts", MAX_EXPERTS, "the most moelab allocates per layer") for n in EXPERTS},
     **{n: ("tokens", MAX_TOKENS, "the most tokens moelab counts exactly")
        for n in ("sliding_window", "attention_chunk_size")},
 }
