@@ -213,15 +213,13 @@ def _load_hist(path: str) -> np.ndarray:
 
 
 def _load_json(path: str):
-    import json
     from pathlib import Path
+
+    from moelab.costmodel.jsonfile import read_json
 
     if not Path(path).is_file():
         raise SpecError(f"routing: no such file {path!r}")
-    try:
-        return json.loads(Path(path).read_text())
-    except (ValueError, OSError) as e:
-        raise SpecError(f"routing: cannot read {path}: {e}") from None
+    return read_json(path, "routing")  # size, encoding, depth and truncation: one line
 
 
 def _trace_routing(spec: str, path: str, n_layers: int, n_experts: int, k: int) -> Routing:

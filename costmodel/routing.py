@@ -30,10 +30,8 @@ logits:PATH.npy | hist:PATH.npy/.json.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from functools import lru_cache
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -776,11 +774,19 @@ def worst_case(n_layers: int, tokens: int, n_experts: int, k: int) -> np.ndarray
 
 def load_array(path: str) -> np.ndarray:
     """A .npy array, or a JSON list (of lists) of numbers."""
+    import os
+
+    from moelab.costmodel.jsonfile import MAX_BYTES, read_json
+
+    if path.endswith(".json"):  # size, encoding, depth and truncation: one line
+        data = read_json(path, "routing")
+    elif os.path.isfile(path) and os.path.getsize(path) > MAX_BYTES:
+        raise SpecError(f"routing: {path} is {os.path.getsize(path):,} bytes; the limit is {MAX_BYTES:,}")
     try:
         if path.endswith(".json"):
-            return np.asarray(json.loads(Path(path).read_text()), dtype=np.float64)
+            return np.asarray(data, dtype=np.float64)
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise SpecError(f"routing: cannot read {path!r}: {e}") from None
 
 

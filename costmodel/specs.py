@@ -23,6 +23,30 @@ DTYPE_BYTES: dict[str, float] = {
 }
 
 
+# --- Limits on every size a user can type ------------------------------------------------------
+# Each is checked here (or in api.py for the Monte Carlo's) before anything is allocated, and
+# each message states it. They sit far above any model or machine of today (published MoE
+# models: <= 384 routed experts, <= 100 layers, hidden <= 2^14; the largest clusters ~2^17
+# GPUs), and low enough that what moelab allocates or loops over per unit stays bounded.
+MAX_EXPERTS = 2**12  # routed experts per layer (and replica slots): the busiest-rank model keeps an
+#                      [E, E + replicas] int64 table (128 MiB at 2^12, 32 GiB at 2^16), plan and
+#                      routing [L, E] arrays, the Monte Carlo [tokens, E] scores
+MAX_LAYERS = 2**12  # decoder layers: config layouts, the planner and the Monte Carlo loop per layer
+MAX_WIDTH = 2**24  # hidden, intermediate, heads, head and LoRA dims: 3 d I <= 2^50 stays exact
+#                    in float64 and int64 (16M, a thousand times today's widest, 2^14)
+MAX_TOKENS = 2**40  # tokens per pass, decode batch, steps, context (1.1e12): k N <= 2^56 fits
+#                     int64; the closed form holds nothing per token
+MAX_GPUS = 2**14  # EP ranks, GPUs of a plan, GPUs per node: the busiest-rank model's work grows
+#                   with the ranks (`gamma --ep-ranks 16384` ~15 s, 65536 ~45 s on 2 cores)
+GPUS_WHY = ", the most GPUs moelab models"
+TOKENS_WHY = ", the most tokens moelab counts exactly"
+MAX_PLACEMENT_STEPS = 2**22  # (E + replicas) x R: the replica placement's greedy loop (Python)
+MAX_SAMPLES = 10**6  # Monte Carlo samples (api.check_monte_carlo also bounds samples x layers,
+#                      kept as [samples, L] float64 arrays, and the draws of the whole run)
+MAX_DRAW_ELEMENTS = 2**28  # elements one Monte Carlo layer-sample holds: tokens x E scores
+#                            (1 GiB of float32); past it a sampled pass does not fit in memory
+
+
 class SpecError(ValueError):
     """Bad input. The message names the field; the CLI prints it and exits with code 2."""
 
@@ -35,10 +59,12 @@ def dtype_bytes(name: str, field_name: str = "dtype") -> float:
         raise SpecError(f"{field_name}: unknown dtype {name!r} (known: {known})") from None
 
 
-def _check(name: str, value, *, positive=False, integer=False, at_least=None, at_most=None):
+def _check(name: str, value, *, positive=False, integer=False, at_least=None, at_most=None,
+           why: str = ""):
+    """A number in range; `why` says, after the limit, what the upper limit protects."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpecError(f"{name}: expected a number, got {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (an int of any size is finite)
         raise SpecError(f"{name}: must be finite, got {value!r}")
     if integer and value != int(value):
         raise SpecError(f"{name}: must be an integer, got {value!r}")
@@ -49,7 +75,22 @@ def _check(name: str, value, *, positive=False, integer=False, at_least=None, at
     if value < 0:
         raise SpecError(f"{name}: must be >= 0, got {value!r}")
     if at_most is not None and value > at_most:
-        raise SpecError(f"{name}: must be <= {at_most}, got {value!r}")
+        if not why:
+            raise SpecError(f"{name}: must be <= {at_most}, got {value!r}")
+        raise SpecError(f"{name}: {value!r} > {at_most:,}{why}")
+
+
+def check_placement(n_experts: int, ranks: int | None, redundant: int) -> None:
+    """Replica slots are placed one by one over every rank: (E + N) R steps in Python."""
+    steps = (n_experts + redundant) * (ranks or 0) if redundant else 0
+    if steps > MAX_PLACEMENT_STEPS:
+        raise SpecError(f"redundant_experts: ({n_experts} experts + {redundant} replicas) x {ranks} ranks = "
+                        f"{steps:,} placement steps > {MAX_PLACEMENT_STEPS:,}, the most moelab runs")
+
+
+def check_count(name: str, value, limit: int, why: str, *, at_least: int = 1) -> None:
+    """An integer count from the user (a flag or API argument) in [at_least, limit]."""
+    _check(name, value, integer=True, at_least=at_least, at_most=limit, why=why)
 
 
 @dataclass(frozen=True)
@@ -85,12 +126,23 @@ class ModelSpec:
     source: str = ""
 
     def __post_init__(self):
-        for f in ("n_moe_layers", "n_experts", "top_k", "hidden", "expert_intermediate"):
-            _check(f, getattr(self, f), positive=True, integer=True)
-        for f in ("n_layers", "n_shared_experts", "shared_intermediate", "n_heads", "n_kv_heads",
+        per_layer = ", the most moelab allocates per layer"
+        _check("n_experts", self.n_experts, positive=True, integer=True, at_most=MAX_EXPERTS,
+               why=per_layer)
+        _check("top_k", self.top_k, positive=True, integer=True)
+        for f in ("n_moe_layers", "n_layers"):
+            _check(f, getattr(self, f), positive=f == "n_moe_layers", integer=True,
+                   at_most=MAX_LAYERS, why=", the most layers moelab loops over")
+        _check("n_shared_experts", self.n_shared_experts, integer=True, at_most=MAX_EXPERTS,
+               why=per_layer)
+        wide = ", the widest moelab computes exactly"
+        for f in ("hidden", "expert_intermediate"):
+            _check(f, getattr(self, f), positive=True, integer=True, at_most=MAX_WIDTH, why=wide)
+        for f in ("shared_intermediate", "n_heads", "n_kv_heads",
                   "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                   "qk_rope_head_dim", "v_head_dim", "dense_intermediate"):
-            _check(f, getattr(self, f), integer=True)
+            limit = MAX_WIDTH * (MAX_EXPERTS if f == "shared_intermediate" else 1)
+            _check(f, getattr(self, f), integer=True, at_most=limit, why=wide)
         if self.top_k > self.n_experts:
             raise SpecError(f"top_k: k={self.top_k} exceeds the {self.n_experts} experts (E)")
         if self.n_layers and self.n_layers < self.n_moe_layers:
@@ -153,7 +205,8 @@ class SystemSpec:
             _check(f, getattr(self, f), positive=True)
         for f in ("alpha_pcie", "alpha_net"):
             _check(f, getattr(self, f))
-        _check("gpus_per_node", self.gpus_per_node, positive=True, integer=True)
+        _check("gpus_per_node", self.gpus_per_node, positive=True, integer=True, at_most=MAX_GPUS,
+               why=GPUS_WHY)
 
     def with_(self, **changes) -> SystemSpec:
         return replace(self, **changes)
@@ -174,9 +227,10 @@ class Workload:
 
     def __post_init__(self):
         # A prefill needs a token; a decode workload carries no prefill tokens (0).
-        _check("tokens", self.tokens, integer=True, at_least=0 if self.decode else 1)
-        _check("batch", self.batch, positive=True, integer=True)
-        _check("steps", self.steps, positive=True, integer=True)
+        _check("tokens", self.tokens, integer=True, at_least=0 if self.decode else 1,
+               at_most=MAX_TOKENS, why=TOKENS_WHY)
+        _check("batch", self.batch, positive=True, integer=True, at_most=MAX_TOKENS, why=TOKENS_WHY)
+        _check("steps", self.steps, positive=True, integer=True, at_most=MAX_TOKENS, why=TOKENS_WHY)
 
     @property
     def tokens_per_pass(self) -> int:
@@ -216,7 +270,8 @@ class Options:
         if self.fanout is not None:
             _check("fanout", self.fanout, positive=True)
         if self.ep_ranks is not None:
-            _check("ep_ranks", self.ep_ranks, positive=True, integer=True)
+            _check("ep_ranks", self.ep_ranks, positive=True, integer=True, at_most=MAX_GPUS,
+               why=GPUS_WHY)
         _check("resident_fraction", self.resident_fraction, at_most=1.0)
         for f in ("dispatch_dtype", "combine_dtype"):
             if getattr(self, f) is not None:
@@ -224,7 +279,8 @@ class Options:
         if self.dispatch_mode not in DISPATCH_MODES:
             raise SpecError(f"dispatch_mode: {self.dispatch_mode!r} is not one of "
                             f"{', '.join(DISPATCH_MODES)}")
-        _check("redundant_experts", self.redundant_experts, integer=True)
+        _check("redundant_experts", self.redundant_experts, integer=True, at_most=MAX_EXPERTS,
+               why=", the most replica slots moelab places")
         if self.redundant_experts and not self.ep_ranks:
             raise SpecError("redundant_experts: needs EP ranks (--ep-ranks R)")
         if self.routing not in ("worst", "uniform"):

@@ -16,13 +16,13 @@ first two from the JAX reference's per-layer statistics (`reference.layer_stats`
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moelab.costmodel.jsonfile import read_json
 from moelab.costmodel.specs import SpecError
 
 
@@ -57,8 +57,8 @@ def load(path: str) -> Trace:
             with np.load(p, allow_pickle=False) as z:
                 raw = {name: z[name] for name in z.files}
             raw = {n: (v.item() if v.ndim == 0 else v) for n, v in raw.items()}
-        else:
-            raw = json.loads(p.read_text())
+        else:  # size, encoding, depth and truncation: one line
+            raw = read_json(p, "routing: trace")
     except (OSError, ValueError) as e:
         _fail(path, f"cannot read it: {e}")
     if not isinstance(raw, dict):

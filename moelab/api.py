@@ -16,7 +16,22 @@ import json
 import math
 from collections.abc import Callable
 
-from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec, Workload, parse_routing
+from moelab.costmodel.specs import (
+    GPUS_WHY,
+    MAX_DRAW_ELEMENTS,
+    MAX_GPUS,
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    TOKENS_WHY,
+    ModelSpec,
+    Options,
+    SpecError,
+    SystemSpec,
+    Workload,
+    check_count,
+    check_placement,
+    parse_routing,
+)
 
 CLOSED_FORM_ROUTINGS = ("worst", "uniform")
 DEFAULT_PREFILL_TOKENS = 4096
@@ -142,6 +157,12 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
     w = workload(tokens, decode, batch, steps)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise SpecError(f"samples: must be an integer >= 0, got {samples!r}")
+    check_seed(seed)
+    check_placement(m.n_experts, ep_ranks, redundant_experts)
+    if samples and not is_trace:
+        check_monte_carlo(m, w, samples, ep_ranks)
+    if overlap:
+        check_timeline(m, microbatches)
     if routing not in CLOSED_FORM_ROUTINGS:
         parse_routing(routing)  # an unknown name is an error before anything else is said
         if samples == 0 and not is_trace:
@@ -221,6 +242,48 @@ def gamma(model: str | ModelSpec = "deepseek-r1", system: str | SystemSpec = "h1
         # + 0.0 turns a -0.0 (a zero elasticity reached from below) into 0.0
         out["sensitivities"] = {k: v + 0.0 for k, v in elasticities(m, s, w, options).items()}
     return out
+
+
+# The Monte Carlo's and the timeline's sizes, checked before jax is imported or anything drawn.
+MAX_SAMPLE_LAYERS = 2**24  # samples x L: kept as several [samples, L] float64 arrays (128 MiB each)
+MAX_MONTE_CARLO_DRAWS = 2**34  # samples x L x N_t x k expert picks: a few minutes on 2 cores
+#                                (deepseek-r1 at 4096 tokens: 9,000 samples; ~23 ms each, zipf)
+MAX_TIMELINE_EVENTS = 2**22  # transfers and computes the overlap timeline schedules (Python)
+
+
+def check_seed(seed) -> None:
+    """A random seed jax and numpy both take: an integer in [0, 2^32)."""
+    check_count("seed", seed, 2**32 - 1, ", the largest seed (32 bits)", at_least=0)
+
+
+def check_monte_carlo(m: ModelSpec, w: Workload, samples: int, ep_ranks: int | None) -> None:
+    """Samples, and what one sampled layer holds: N_t tokens (R N_t for the busiest rank) of
+    up to E scores each."""
+    check_count("samples", samples, MAX_SAMPLES, ", the most Monte Carlo samples moelab draws")
+    if samples * m.n_moe_layers > MAX_SAMPLE_LAYERS:
+        raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} MoE layers > {MAX_SAMPLE_LAYERS:,} "
+                        "sampled layers, the most the Monte Carlo keeps")
+    draws = samples * m.n_moe_layers * w.tokens_per_pass * m.top_k
+    if draws > MAX_MONTE_CARLO_DRAWS:
+        raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} layers x {w.tokens_per_pass:,} tokens "
+                        f"x k={m.top_k} = {draws:,} expert picks > {MAX_MONTE_CARLO_DRAWS:,}, the most "
+                        "the Monte Carlo draws in one run")
+    tokens = w.tokens_per_pass * max(ep_ranks or 1, 1)
+    if tokens * m.n_experts > MAX_DRAW_ELEMENTS:
+        what = f"{w.tokens_per_pass:,} tokens" + (f" x {ep_ranks} EP ranks" if (ep_ranks or 1) > 1 else "")
+        raise SpecError(f"samples: a sampled layer of {what} x {m.n_experts} experts = "
+                        f"{tokens * m.n_experts:,} scores > {MAX_DRAW_ELEMENTS:,}, the most the "
+                        "Monte Carlo holds at once; give fewer tokens (or ranks)")
+
+
+def check_timeline(m: ModelSpec, microbatches) -> None:
+    """--overlap schedules every expert copy and micro-batch of every layer, one by one."""
+    check_count("microbatches", microbatches, 2**10, ", the most micro-batches the timeline splits")
+    events = m.n_moe_layers * (m.n_experts + 2 * microbatches)
+    if events > MAX_TIMELINE_EVENTS:
+        raise SpecError(f"overlap: {m.n_moe_layers} layers x ({m.n_experts} experts + "
+                        f"{2 * microbatches} micro-batch steps) = {events:,} events > "
+                        f"{MAX_TIMELINE_EVENTS:,}, the most the timeline schedules")
 
 
 def ep_terms(r, m) -> dict:
@@ -408,14 +471,33 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
     from moelab.costmodel.closed_form import pass_overheads
+    from moelab.costmodel.hf_config import check_memory_fields
     from moelab.costmodel.presets import load_cpu, model_config
 
     if isinstance(model, ModelSpec):
         raise SpecError("model: plan counts memory from the config.json: give a preset name or a path")
+    # Every count before anything is built: the planner keeps arrays and loops per GPU.
+    check_count("gpus", gpus, MAX_GPUS, GPUS_WHY)
+    for name, value in (("gpus_per_node", gpus_per_node), ("cpu_sockets", cpu_sockets),
+                        ("gpus_per_host_link", gpus_per_host_link)):
+        if value is not None:
+            check_count(name, value, MAX_GPUS, GPUS_WHY if "gpus" in name else ", the most moelab models")
+    for name, value in (("tokens", tokens), ("decode_batch", decode_batch)):
+        if value is not None:
+            check_count(name, value, MAX_TOKENS, TOKENS_WHY)
+    if context is not None:
+        check_count("context", context, MAX_TOKENS, TOKENS_WHY, at_least=0)
+    check_seed(seed)
+    for name, value in (("host_mem", host_mem), ("hbm_utilization", hbm_utilization),
+                        ("host_dram_bw", host_dram_bw), ("slo", slo)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or value <= 0):
+            raise SpecError(f"{name}: must be a finite number > 0, got {value!r}")
     if tokens is not None and decode_batch is not None:
         raise SpecError("tokens: give prefill tokens per pass or a decode batch, not both")
     m = model_spec(model, expert_dtype)
     cfg = model_config(model)
+    check_memory_fields(cfg)
     if isinstance(cpu, planner.CpuSpec) and (cpu_isa, cpu_sockets) != (None, None):
         raise SpecError(f"{'cpu_isa' if cpu_isa is not None else 'cpu_sockets'}: only with a CPU "
                         "preset name (a CpuSpec carries its own figures)")
@@ -520,6 +602,32 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
     ), p
 
 
+# The cache simulation (Python, one access at a time, each eviction a scan of the slots) and
+# the routing it draws (numpy Gumbel scores, tokens x E per layer of every pass): each bound
+# keeps it to about half a minute on one core (~0.4 ms a layer, ~0.1 µs a slot scanned).
+MAX_CACHE_LAYERS = 2**16  # layers of all passes
+MAX_CACHE_WORK = 2**28  # accesses x slots
+MAX_CACHE_DRAWS = 2**30  # Gumbel scores
+
+
+def check_cache_simulation(m: ModelSpec, tokens: int, steps: int, slots: int) -> None:
+    """cache_steps passes of `tokens` tokens (one offload GPU's share) through `slots` slots:
+    every layer of every pass touches up to min(k N, E) experts and draws N x E scores."""
+    passes = f"{steps:,} passes x {m.n_moe_layers} layers"
+    if steps * m.n_moe_layers > MAX_CACHE_LAYERS:
+        raise SpecError(f"cache_steps: {passes} = {steps * m.n_moe_layers:,} > {MAX_CACHE_LAYERS:,}, "
+                        "the most layers the cache simulation runs")
+    used = min(m.top_k * tokens, m.n_experts)
+    work = steps * m.n_moe_layers * used * slots
+    if work > MAX_CACHE_WORK:
+        raise SpecError(f"cache_steps: {passes} x {used:,} experts x {slots:,} slots = {work:,} "
+                        f"> {MAX_CACHE_WORK:,}, the most the cache simulation runs")
+    draws = steps * m.n_moe_layers * tokens * m.n_experts
+    if draws > MAX_CACHE_DRAWS:
+        raise SpecError(f"cache_steps: {passes} x {tokens:,} tokens x {m.n_experts} experts = "
+                        f"{draws:,} draws > {MAX_CACHE_DRAWS:,}, the most the cache simulation draws")
+
+
 def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
     """LRU and Belady hit rates of the offload GPU's expert slots over a concrete routing, and
     the stream time each would give (the planner itself pins the hottest experts)."""
@@ -529,6 +637,7 @@ def _simulate_offload_cache(p, offload: dict, steps: int, seed: int) -> dict:
     m = p.model
     n = -(-p.tokens // offload["gpus"])
     slots = offload["resident_per_layer"] * m.n_moe_layers + 2  # cache + the staging pair
+    check_cache_simulation(m, n, steps, slots)
     trace = planner.sample_steps(p.routing, m.n_moe_layers, m.n_experts, m.top_k, n, steps, seed)
     steps = len(trace) // m.n_moe_layers  # a recorded trace may hold fewer passes
     if steps == 0:

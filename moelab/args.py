@@ -15,6 +15,7 @@ from moelab.costmodel.specs import (
     SpecError,
     SystemSpec,
     Workload,
+    check_placement,
 )
 
 DTYPES = sorted(DTYPE_BYTES)
@@ -125,6 +126,7 @@ def build_specs(args) -> tuple[ModelSpec, SystemSpec, Workload, Options]:
         "alpha_net", "gpus_per_node")})
     workload = api.workload(kw.get("tokens"), kw.get("decode", False), kw.get("batch", 1),
                             kw.get("steps", 1))
+    check_placement(model.n_experts, kw["ep_ranks"], kw["redundant_experts"])
     options = Options(fanout=kw["fanout"], ep_ranks=kw["ep_ranks"],
                       dispatch_dtype=kw["dispatch_dtype"], combine_dtype=kw["combine_dtype"],
                       resident_fraction=kw["resident_fraction"],

@@ -145,13 +145,19 @@ def _dispatch_combine(folder: str) -> dict:
     """Dispatch and combine GB/s from the rows of their benchmarks' last run in `folder`."""
     from pathlib import Path
 
+    from moelab.costmodel.jsonfile import read_json
+    from moelab.costmodel.specs import SpecError
+
     out = {}
     for name in ("dispatch", "combine"):
         path = Path(folder) / f"bench_{name}.json"
         try:
-            rows = json.loads(path.read_text())
-        except (OSError, ValueError) as e:  # a missing or cut-off file is reported, not fatal
-            out[name] = {"skipped": f"{path}: {type(e).__name__}: {e}"}
+            rows = read_json(path, f"bench_{name}")
+        except SpecError as e:  # a missing, cut-off or huge file is reported, not fatal
+            out[name] = {"skipped": str(e)}
+            continue
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            out[name] = {"skipped": f"{path}: expected a JSON list of rows"}
             continue
         # The kernel's achieved B/s per shape (rows without one: no GPU, or a failed check).
         shapes = {str(r.get("shape", i)): r["bandwidth_Bps"] for i, r in enumerate(rows)

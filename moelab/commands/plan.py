@@ -72,7 +72,7 @@ def compute(args):
 
     if args.slo_ms is not None and not args.slo_ms > 0:
         raise SpecError(f"--slo-ms: must be > 0, got {args.slo_ms}")
-    if not args.host_mem_gb > 0:
+    if not 0 < args.host_mem_gb < float("inf"):
         raise SpecError(f"--host-mem-gb: must be > 0, got {args.host_mem_gb}")
     if args.host_dram_gbps is not None and not args.host_dram_gbps > 0:
         raise SpecError(f"--host-dram-gbps: must be > 0, got {args.host_dram_gbps}")

@@ -44,6 +44,9 @@ LABEL_AXES = {
 OUTPUTS = ("gamma", "n_ue", "fanout", "fanout_nodes", "imbalance", "t_p_overhead",
            "t_ep_overhead", "t_ep_net", "t_ep_nvlink")
 LEGS = {0: "", 1: "network", 2: "nvlink"}  # formula's ep_leg
+# Configurations of one sweep: each is a CSV row held in memory (~100 B) and a jit lane;
+# 2^22 rows are ~0.5 GB of text.
+MAX_CONFIGURATIONS = 2**22
 
 
 def add_arguments(p):
@@ -97,6 +100,9 @@ def parse_values(flag: str, text: str) -> list[float]:
             start, stop, count = float(start), float(stop), int(count)
             if kind not in ("log", "lin") or count < 1:
                 raise ValueError
+            if count > MAX_CONFIGURATIONS:
+                raise SpecError(f"{name}: {count:,} points > {MAX_CONFIGURATIONS:,}, the most "
+                                "configurations a sweep evaluates")
             if kind == "log" and (start <= 0 or stop <= 0):
                 raise SpecError(f"{name}: a log range needs positive ends, got {text!r}")
             space = np.geomspace if kind == "log" else np.linspace
@@ -116,6 +122,12 @@ def parse_values(flag: str, text: str) -> list[float]:
         raise SpecError(f"{name}: must lie in [0, 1]")
     if flag in ("gpus_per_node", "batch") and min(values) < 1:
         raise SpecError(f"{name}: must be >= 1, got {text!r}")
+    if flag in WHOLE:  # counts: the limits moelab gamma applies (costmodel/specs.py)
+        from moelab.costmodel.specs import GPUS_WHY, MAX_GPUS, MAX_TOKENS, TOKENS_WHY
+
+        limit, why = (MAX_TOKENS, TOKENS_WHY) if flag in ("tokens", "batch") else (MAX_GPUS, GPUS_WHY)
+        if max(values) > limit:
+            raise SpecError(f"{name}: {max(values):g} > {limit:,}{why}")
     return values
 
 
@@ -139,6 +151,7 @@ def build_grid(args):
         raise SpecError("--batch: a decode batch goes with --decode (prefill: --tokens)")
     if args.steps < 1 or (args.steps != 1 and not args.decode):
         raise SpecError(f"--steps: decode steps, >= 1 and with --decode, got {args.steps}")
+    Workload(decode=True, steps=args.steps)  # its limit, as moelab gamma
     routings, traces = routing_axis(names(args.routing), models)
     if traces and "per-rank" in names(args.dispatch_mode or ""):
         raise SpecError("--dispatch-mode: per-rank needs the inter-node rank count per token, "
@@ -170,6 +183,10 @@ def build_grid(args):
                 values, note = whole(flag, values)
                 notes += [note] if note else []
             axes.append(sw.number_axis(column, param, values, scale))
+    n = sw.grid_size(axes)
+    if n > MAX_CONFIGURATIONS:
+        raise SpecError(f"sweep: the axes make {n:,} configurations > {MAX_CONFIGURATIONS:,}, the "
+                        "most a sweep evaluates (one CSV row each)")
     return base, axes, notes, traces
 
 
