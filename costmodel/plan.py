@@ -299,7 +299,8 @@ class Plan:
         memory.dtype_bytes(self.kv_dtype, "kv_dtype")
         if self.engine not in ENGINES:
             raise SpecError(f"engine: unknown {self.engine!r} (known: {', '.join(ENGINES)})")
-        if isinstance(self.micro_batches, bool) or self.micro_batches not in MICRO_BATCHES:
+        mb = self.micro_batches
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb not in MICRO_BATCHES:
             raise SpecError(f"micro_batches: must be 1 (serial) or 2 (two-batch overlap), got "
                             f"{self.micro_batches!r}")
         if self.prefill_attention not in PREFILL_ATTENTION:
