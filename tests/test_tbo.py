@@ -19,6 +19,28 @@ def test_tbo_step_by_hand_two_layers():
     assert planner.tbo_step(2.0, 6.0, 1) == pytest.approx(7.0)
 
 
+def _simulate_two_batches(c: float, m: float, layers: int) -> float:
+    """Brute force: micro-batches A and B each run compute c then communication m per layer, in
+    that order; one compute lane and one communication lane, each serving A then B per layer
+    (the alternation SGLang's executor imposes). Each op starts when its lane and its own
+    micro-batch's previous op are free."""
+    lane = {"compute": 0.0, "comm": 0.0}
+    done = {"A": 0.0, "B": 0.0}
+    for _ in range(layers):
+        for mb in ("A", "B"):
+            for kind, t in (("compute", c), ("comm", m)):
+                start = max(lane[kind], done[mb])
+                lane[kind] = done[mb] = start + t
+    return max(done.values())
+
+
+@pytest.mark.parametrize("c,m,layers", [(2.0, 1.0, 2), (1.0, 3.0, 1), (0.3, 0.3, 61), (1e-4, 0.2, 3),
+                                        (0.7, 0.0, 10), (1.7, 0.4, 58), (0.4, 1.7, 58)])
+def test_tbo_step_is_the_simulated_schedule(c, m, layers):
+    sim = _simulate_two_batches(c, m, layers)
+    assert planner.tbo_step(2 * layers * c, 2 * layers * m, layers) == pytest.approx(sim, rel=1e-12)
+
+
 @pytest.mark.parametrize("compute,comm,layers", [(8.0, 4.0, 2), (2.0, 6.0, 1), (5.0, 5.0, 61),
                                                   (1e-3, 7.0, 3), (3.0, 0.0, 10)])
 def test_tbo_step_between_overlap_and_serial(compute, comm, layers):
