@@ -52,6 +52,17 @@ PREFILL_ATTENTION = ("fused", "eager")
 # two score matmuls (2 + 2 B, bf16), adds them (reads 4, writes 2), scales (2 + 2), adds the
 # mask (2 + 2), softmax in fp32 (reads 2, writes 4), casts back (4 + 2) and the PV einsum reads 2.
 EAGER_SCORE_BYTES = 2 + 2 + (4 + 2) + (2 + 2) + (2 + 2) + (2 + 4) + (4 + 2) + 2
+MICRO_BATCHES = (1, 2)  # EP micro-batches: serial, or two-batch overlap (no source runs more)
+# Two-batch overlap in prefill: DeepEP's normal (high-throughput) kernels run on SMs of their
+# own while the other micro-batch computes, so the computation gets the rest. DeepSeek's
+# prefill overlap diagram labels them "Computation (108 SMs)" and "Communication (24 SMs)"
+# on its H800s (open-infra-index 202502OpenSourceWeek/day_6 ... inference_system_overview.md,
+# "Prefilling Phase" figure; its labels as transcribed at
+# timkellogg.me/threads/2025-03-01-deepseek-did-the-one-more-thing-but-guys-che); SGLang does
+# the same (operations_strategy.py, _compute_moe_deepseek_blog_prefill: deep_gemm_num_sms =
+# SMs - DeepEP's num_sms). Decode's low-latency kernels hold no SMs while in flight (DeepSeek
+# profile-data README, Decoding), so decode keeps them all.
+TBO_PREFILL_COMPUTE_SMS, TBO_PREFILL_TOTAL_SMS = 108, 108 + 24
 HBM_UTILIZATION = 0.9  # share of HBM an engine may fill (vLLM's --gpu-memory-utilization default)
 
 
@@ -265,6 +276,7 @@ class Plan:
     engine: str = "ideal"  # whose achieved efficiencies (costmodel/predict); ideal: the roofline
     profile: Profile | None = None  # a user's fitted factors (predict/profile.py), on top of the engine's
     prefill_attention: str = "fused"  # fused (flash) kernels | eager (scores in HBM; _eager_attention_s)
+    micro_batches: int = 1  # EP: 2 = two-batch overlap (SGLang --enable-two-batch-overlap; tbo_step)
 
     def __post_init__(self):
         for f in ("gpus", "gpus_per_node", "tokens", "sequences", "gpus_per_host_link"):
@@ -285,6 +297,10 @@ class Plan:
         memory.dtype_bytes(self.kv_dtype, "kv_dtype")
         if self.engine not in ENGINES:
             raise SpecError(f"engine: unknown {self.engine!r} (known: {', '.join(ENGINES)})")
+        mb = self.micro_batches
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb not in MICRO_BATCHES:
+            raise SpecError(f"micro_batches: must be 1 (serial) or 2 (two-batch overlap), got "
+                            f"{self.micro_batches!r}")
         if self.prefill_attention not in PREFILL_ATTENTION:
             raise SpecError(f"prefill_attention: unknown {self.prefill_attention!r} "
                             f"(known: {', '.join(PREFILL_ATTENTION)})")
@@ -586,10 +602,14 @@ def plan_ep(p: Plan) -> dict:
     # The busiest rank's share: the closed form's for uniform (and the seed's worst-case)
     # routing, the routing's own for a skewed one (its experts round-robin over the ranks).
     skewed = p.routing.q is not None and p.routing.name != "uniform"
-    comm = ep_comm_time(p, n, R, p.routing.imbalance(R, m.top_k, m.n_experts) if skewed else None)
+    # Two-batch overlap: each micro-batch carries half the tokens (and sequences) through its
+    # own compute and dispatch/combine; the terms below are both halves' sum (tbo_step).
+    mb = p.micro_batches
+    comm = ep_comm_time(p, n / mb, R, p.routing.imbalance(R, m.top_k, m.n_experts) if skewed else None)
+    comm = {**comm, **{k: mb * comm[k] for k in ("network_s", "nvlink_s", "latency_s", "comm_s")}}
     imb = comm["imbalance"]
-    used, _ = p.routing.used(p.tokens, m.top_k, m.n_experts)
-    rows = p.tokens * m.top_k / R * imb
+    used, _ = p.routing.used(p.tokens / mb, m.top_k, m.n_experts)
+    rows = p.tokens / mb * m.top_k / R * imb
     local_used = min(used / R * imb, _share(m.n_experts, R))
     options = []
     modes = [("data-parallel attention", 1)] + ([("tensor-parallel attention", G)] if G > 1 else [])
@@ -603,10 +623,11 @@ def plan_ep(p: Plan) -> dict:
         if total > p.usable_hbm:
             options.append((mode, need, total, None))
             continue
-        work = non_expert_work(p, n * split, non_expert / split, kv_gpu * kv_copies, split)
-        tp = tp_allreduce_time(p, n * split, split)  # the node's activations, once per layer
+        # one micro-batch: its tokens and its sequences' KV; every micro-batch reads the weights
+        work = non_expert_work(p, n * split / mb, non_expert / split, kv_gpu * kv_copies / mb, split)
+        tp = mb * tp_allreduce_time(p, n * split / mb, split)  # the node's activations, once per layer
         ex = expert_work(p, rows, local_used, m.n_experts / R)
-        compute = work.predict(p) + ex.predict(p) + tp
+        compute = mb * (work.predict(p) + ex.predict(p)) * _tbo_sm_slowdown(p) + tp
         options.append((mode, need, total, (compute, work + ex, tp)))
     fits = [o for o in options if o[3] is not None]
 
@@ -626,20 +647,58 @@ def plan_ep(p: Plan) -> dict:
     mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0])
     terms = {"compute_s": compute - tp, "tp_allreduce_s": tp, "network_s": comm["network_s"],
              "nvlink_s": comm["nvlink_s"], "ep_latency_s": comm["latency_s"]}
-    step, overlap, terms = _combine(p, terms, _ep_step)
+    step, overlap, terms = _combine(p, terms, lambda t: _ep_step(t, mb, m.n_moe_layers))
     bound = _bound(terms, work.bound(p.system))
     return _slo(p, _result("ep", R, True, f"{mode}, {m.n_experts} experts over {R} GPUs "
-                                          f"({_share(m.n_experts, R)} per GPU), busiest rank x{imb:.3g}",
+                                          f"({_share(m.n_experts, R)} per GPU), busiest rank x{imb:.3g}"
+                                          + (", two-batch overlap" if mb == 2 else ""),
                            step, overlap, bound, mem_for(need, total), p.tokens, terms=terms,
                            attention=mode, imbalance=imb, fanout=comm["fanout"],
-                           ep_comm_s=comm["comm_s"]))
+                           ep_comm_s=comm["comm_s"], micro_batches=mb))
 
 
-def _ep_step(t: dict) -> tuple[float, float]:
-    """EP: compute and all-reduce, then dispatch and combine (their latency + the slower leg)."""
+def _ep_step(t: dict, micro_batches: int = 1, layers: int = 1) -> tuple[float, float]:
+    """EP: compute and all-reduce, then dispatch and combine (their latency + the slower leg);
+    with two micro-batches, the two-batch-overlap pipeline of both halves' terms (tbo_step)."""
     comm = t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
     compute = t["compute_s"] + t["tp_allreduce_s"]
-    return compute + comm, max(compute, comm)
+    if micro_batches == 1:
+        return compute + comm, max(compute, comm)
+    return tbo_step(compute, comm, layers), max(compute, comm)
+
+
+def tbo_step(compute: float, comm: float, layers: int) -> float:
+    """Step of two-batch overlap (TBO), from both micro-batches' totals over all layers.
+
+    The schedule is SGLang's (python/sglang/srt/operations_strategy.py: each MoE layer of a
+    micro-batch runs its computation, then its dispatch and combine, with yield points between
+    them; the executor alternates the two micro-batches, so one's computation runs while the
+    other's communication is in flight), after DeepSeek's dual micro-batch overlap
+    (profile-data README). With c and m one micro-batch's computation and communication per
+    MoE layer (c = compute / 2L, m = comm / 2L: each half evaluated at its own shape before),
+    the compute stream runs A1 | B1 A2 | B2 A3 ... and the communication stream A1 | B1 ...
+    one slot behind: the first slot is A's computation alone, the last B's communication
+    alone, and each of the 2L - 1 slots between holds one computation and the other
+    micro-batch's communication, the slower deciding:
+
+        step = c + m + (2L - 1) max(c, m)
+
+    One layer: c + max(c, m) + m. It lies between max(compute, comm) and compute + comm when
+    each half costs half of the whole; it is more when halving the batch costs efficiency
+    (the weights are read once per micro-batch). Coarse: the source's finer stages (attention
+    split from the experts, dispatch from combine) can balance a little better; the dense
+    layers' computation is spread over the MoE layers."""
+    L = max(1, layers)
+    c, m = compute / (2 * L), comm / (2 * L)
+    return c + m + (2 * L - 1) * max(c, m)
+
+
+def _tbo_sm_slowdown(p: Plan) -> float:
+    """How much slower computation runs under two-batch overlap in prefill: DeepEP's normal
+    kernels hold their SMs (TBO_PREFILL_*); 1 for decode and without overlap."""
+    if p.micro_batches == 1 or p.decode:
+        return 1.0
+    return TBO_PREFILL_TOTAL_SMS / TBO_PREFILL_COMPUTE_SMS
 
 
 def plan_tp(p: Plan) -> dict:

@@ -375,7 +375,7 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
          hbm_utilization: float = 0.9, host_dram_bw: float | None = None,
          cache_steps: int = 0, seed: int = 0, engine: str | None = None,
          profile=None, prefill_attention: str = "fused", phase: str | None = None,
-         prompt: int | None = None, output: int | None = None) -> Report:
+         prompt: int | None = None, output: int | None = None, micro_batches: int = 1) -> Report:
     """Which deployment gives the most tokens/s per GPU: EP, offload, CPU experts or a hybrid.
 
     model: preset name or path to a HF config.json (memory is counted from the config).
@@ -402,8 +402,10 @@ def plan(model: str = "deepseek-r1", system: str | SystemSpec = "h100-sxm", *, g
     profile: a user profile (path or dict, costmodel/predict/profile.py) whose factors scale
     the predicted terms. prefill_attention: fused (flash kernels) | eager (the CPU-expert
     strategies' GPU materialises the prompt's attention scores in HBM, as KTransformers before
-    V0.2.1). Each strategy reports step_s (the prediction) and bound_step_s (the
-    roofline). Returns a Report with the keys of `moelab plan --json`.
+    V0.2.1). micro_batches: 2 runs EP with two-batch overlap (SGLang's
+    --enable-two-batch-overlap, DeepSeek's dual micro-batch overlap: plan.tbo_step); 1 (the
+    default, as in SGLang) runs it serially. Each strategy reports step_s (the prediction) and
+    bound_step_s (the roofline). Returns a Report with the keys of `moelab plan --json`.
 
     phase: None (one pass as above), or a workload of requests of `prompt` tokens (default
     4096) and `output` tokens each: "prefill" (passes of `tokens` prompt tokens, default the
@@ -466,7 +468,8 @@ def _plan_phases(one: dict, phase: str, prompt: int | None, output: int | None) 
 def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, host_mem,
               gpus_per_host_link, tokens, decode_batch, context, routing, slo, kv_dtype,
               cpu_expert_dtype, expert_dtype, nominal, host_link, network, hbm_utilization,
-              host_dram_bw, cache_steps, seed, engine, profile, prefill_attention="fused"):
+              host_dram_bw, cache_steps, seed, engine, profile, prefill_attention="fused",
+              micro_batches=1):
     """One pass (prefill or decode): the Report of `plan` and the Plan it ranked."""
     from moelab.costmodel import memory
     from moelab.costmodel import plan as planner
@@ -548,7 +551,7 @@ def _plan_one(model, system, *, gpus, gpus_per_node, cpu, cpu_isa, cpu_sockets, 
         cpu_expert_dtype=cpu_expert_dtype, slo_s=slo, nominal=nominal,
         # NVLink's latency inside a node: no published figure (systems.json latency_us null), 0
         alpha_scale_up=0.0, hbm_utilization=hbm_utilization, engine=engine, profile=prof,
-        prefill_attention=prefill_attention)
+        prefill_attention=prefill_attention, micro_batches=micro_batches)
     result = planner.plan_all(p)
     offload = next(x for x in result["strategies"] if x["name"] == "offload")
     if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 0:

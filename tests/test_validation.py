@@ -430,9 +430,11 @@ def test_with_plan_each_row_is_predicted_from_its_stated_arguments(pub):
     calls = []
     rows = ev.end_to_end_rows(pub, plan=fake_plan(calls))
     specs = pub["end_to_end"]["rows"]
-    # one call per plan row, and one more at the roofline (engine "ideal") for a row with an engine
+    # one call per plan row, one more at the roofline (engine "ideal") for a row with an engine,
+    # and one more serially (micro_batches 1) for a row run with two-batch overlap
     assert len(calls) == sum(s["predictor"]["tool"] == "plan" for s in specs) + sum(
-        s["predictor"].get("plan", {}).get("engine", "ideal") != "ideal" for s in specs)
+        s["predictor"].get("plan", {}).get("engine", "ideal") != "ideal" for s in specs) + sum(
+        s["predictor"].get("plan", {}).get("micro_batches", 1) != 1 for s in specs)
     for r, spec in zip(rows, specs, strict=True):
         assert r["status"] == "predicted"
         if spec["predictor"]["tool"] != "plan":

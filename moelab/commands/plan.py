@@ -59,6 +59,9 @@ def add_arguments(p):
     e.add_argument("--engine", choices=("vllm", "sglang", "trtllm", "ktransformers", "llama.cpp", "ideal"),
                    help="whose achieved efficiencies predict the step; ideal = the roofline "
                         "[the profile's, else the best supported for the GPU]")
+    e.add_argument("--micro-batches", type=int, choices=(1, 2), default=1, metavar="{1,2}",
+                   help="EP: 2 = two-batch overlap (SGLang --enable-two-batch-overlap, DeepSeek's "
+                        "dual micro-batch overlap), 1 = serial, SGLang's default [1]")
     e.add_argument("--profile", metavar="FILE",
                    help="a user profile (moelab fit writes it) scaling the predicted terms")
     p.add_argument("--json", action="store_true", help="print JSON (SI units)")
@@ -95,7 +98,8 @@ def compute(args):
                     kv_dtype=args.kv_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
                     expert_dtype=args.expert_dtype, nominal=args.nominal, host_dram_bw=dram,
                     cache_steps=args.cache_steps, seed=args.seed, engine=args.engine,
-                    profile=args.profile, phase=args.phase, prompt=args.prompt, output=args.output)
+                    profile=args.profile, phase=args.phase, prompt=args.prompt, output=args.output,
+                    micro_batches=args.micro_batches)
 
 
 def run(args) -> int:
