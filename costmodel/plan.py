@@ -632,14 +632,10 @@ def plan_ep(p: Plan) -> dict:
     fits = [o for o in options if o[3] is not None]
 
     def mem_for(need, total):
-        return {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},
-                "gpu_total_needed": total * R, "weights_total": w_all}
+        return _instance_memory(p, need, total, R, w_all)
     if not fits:
         mode, need, total, _ = min(options, key=lambda o: o[2])
-        why = (f"does not fit: needs {_gb(total)} per GPU (experts {_gb(need['experts'])} + "
-               f"non-expert {_gb(need['non_expert'])} + KV {_gb(need['kv'])} + buffers "
-               f"{_gb(need['a2a_buffers'])}, {mode}) > {_gb(p.usable_hbm)} usable "
-               f"({p.hbm_utilization:g} x {_gb(p.system.hbm_bytes)})")
+        why = _does_not_fit(p, need, total, mode)
         if w_all + p.kv_total() > R * p.usable_hbm:
             why += (f"; weights {_gb(w_all)} + KV {_gb(p.kv_total())} exceed all {R} GPUs' "
                     f"{_gb(R * p.usable_hbm)}")
@@ -752,15 +748,10 @@ def plan_tp(p: Plan) -> dict:
     fits = [o for o in options if o[3] is not None]
 
     def mem_for(need, total):
-        return {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},
-                "gpu_total_needed": total * R, "weights_total": w_all}
+        return _instance_memory(p, need, total, R, w_all)
     if not fits:
         mode, need, total, _ = min(options, key=lambda o: o[2])
-        return _result("tp", R, False,
-                       f"does not fit: needs {_gb(total)} per GPU (experts {_gb(need['experts'])} + "
-                       f"non-expert {_gb(need['non_expert'])} + KV {_gb(need['kv'])}, {mode}) > "
-                       f"{_gb(p.usable_hbm)} usable ({p.hbm_utilization:g} x {_gb(p.system.hbm_bytes)})",
-                       mem=mem_for(need, total))
+        return _result("tp", R, False, _does_not_fit(p, need, total, mode), mem=mem_for(need, total))
     mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0] + o[3][2])
     terms = {"compute_s": compute, "tp_allreduce_s": tp}
     step, overlap, terms = _combine(p, terms, lambda t: (t["compute_s"] + t["tp_allreduce_s"],) * 2)
@@ -768,6 +759,20 @@ def plan_tp(p: Plan) -> dict:
                                           f"(1/{R} of every expert per GPU)",
                            step, overlap, _bound(terms, work.bound(p.system)), mem_for(need, total),
                            p.tokens, terms=terms, attention=mode, imbalance=1.0))
+
+
+def _instance_memory(p: Plan, need: dict, total: float, gpus: int, weights: float) -> dict:
+    """The memory of one instance over `gpus` GPUs: each GPU's parts, what it needs and can use."""
+    return {"gpu_each": {**need, "needed": total, "available": p.usable_hbm},
+            "gpu_total_needed": total * gpus, "weights_total": weights}
+
+
+def _does_not_fit(p: Plan, need: dict, total: float, mode: str) -> str:
+    """Why an instance does not fit one GPU, with its parts (ep's all-to-all buffers where it has them)."""
+    labels = (("experts", "experts"), ("non_expert", "non-expert"), ("kv", "KV"), ("a2a_buffers", "buffers"))
+    parts = " + ".join(f"{label} {_gb(need[key])}" for key, label in labels if key in need)
+    return (f"does not fit: needs {_gb(total)} per GPU ({parts}, {mode}) > {_gb(p.usable_hbm)} usable "
+            f"({p.hbm_utilization:g} x {_gb(p.system.hbm_bytes)})")
 
 
 def kv_head_split(cfg: dict, tp: int) -> int:
