@@ -33,8 +33,17 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
             flags += [f"--data-parallel-size {gpus}"] if dp else [f"--tensor-parallel-size {gpus}"]
             flags += [f"--gpu-memory-utilization {util:g}", f"--max-model-len {ctx}"]
             flags += [f"--kv-cache-dtype {kv}"] if kv else []
-            return flags, ("vLLM: EP over the data-parallel (or tensor-parallel) group; for "
-                           "multi-node decode add --all2all-backend deepep_low_latency")
+            note = ("vLLM: EP over the data-parallel (or tensor-parallel) group; for "
+                    "multi-node decode add --all2all-backend deepep_low_latency")
+            if s.get("micro_batches") == 2:
+                # vLLM's dual batch overlap needs DP > 1 with EP (docs/design/dbo.md)
+                if dp and gpus > 1:
+                    flags.append("--enable-dbo")
+                    note += "; --enable-dbo: dual batch overlap (needs a DeepEP all2all backend)"
+                else:
+                    note += ("; the plan's two-batch overlap is not emitted: vLLM's --enable-dbo "
+                             "needs data-parallel attention over more than one GPU")
+            return flags, note
         if name == "offload":
             gpu = s["memory"]["gpu_each"]
             resident = gpu["available"] - gpu["non_expert"] - gpu["kv"] - gpu["staging"]
@@ -60,6 +69,8 @@ def launch_flags(report: dict, engine: str, strategy: str | None = None) -> tupl
             if dp:
                 flags += [f"--dp-size {gpus}", "--enable-dp-attention"]
             flags += ["--moe-a2a-backend deepep", f"--mem-fraction-static {util:g}"]
+            if s.get("micro_batches") == 2:  # the plan's two-batch overlap (--micro-batches 2)
+                flags.append("--enable-two-batch-overlap")
             return flags, "SGLang: DeepEP all-to-all; data-parallel attention when the plan chose it"
         if name == "tp":
             flags = [f"--tp-size {gpus}"]

@@ -127,6 +127,22 @@ def test_emit_flags_per_strategy():
     assert "--cpu-moe" in flags
 
 
+def test_emit_two_batch_overlap_only_with_micro_batches_2():
+    from moelab.engines import launch_flags
+
+    kw = dict(gpus=8, decode_batch=64, context=4096)
+    serial = moelab.plan("deepseek-r1", "h200-sxm", **kw)
+    tbo = moelab.plan("deepseek-r1", "h200-sxm", micro_batches=2, **kw)
+    assert "--enable-two-batch-overlap" not in launch_flags(serial, "sglang", "ep")[0]
+    assert "--enable-two-batch-overlap" in launch_flags(tbo, "sglang", "ep")[0]
+    assert "--enable-dbo" not in launch_flags(serial, "vllm", "ep")[0]
+    ep = next(s for s in tbo["strategies"] if s["name"] == "ep")
+    flags, note = launch_flags(tbo, "vllm", "ep")
+    # vLLM's DBO runs only with data-parallel attention over more than one GPU (docs/engines.md)
+    assert ("--enable-dbo" in flags) == ep["attention"].startswith("data")
+    assert "--enable-dbo" in flags or "not emitted" in note
+
+
 # --- memory: feasibility flips exactly where the arithmetic says ---------------------------
 
 
