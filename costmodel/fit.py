@@ -173,6 +173,7 @@ class Fit:
     uncertainty: dict  # term -> standard error of log(scale) (~ its relative std), None under 3 runs
     runs_per_term: dict
     residuals: list    # log(measured / predicted) per run after the fit (None: not predicted)
+    refused: dict = field(default_factory=dict)  # term -> why it was not fitted
 
 
 def fit_scales(measured: list[float], informs: list[list[str]],
@@ -186,6 +187,13 @@ def fit_scales(measured: list[float], informs: list[list[str]],
     for i, terms in enumerate(informs):
         for t in terms:
             by_term.setdefault(t, []).append(i)
+    # A factor whose term leaves every prediction it would fit unchanged (a term of 0, or the
+    # smaller side of a max) has no minimum: the search would drift to its bound. Refuse it.
+    refused = {}
+    for t in sorted(by_term):
+        if all(predict(i, {"scale": {t: 2.0}}) == predict(i, {"scale": {}}) for i in by_term[t]):
+            refused[t] = f"doubling {t} leaves the prediction of its {len(by_term[t])} run(s) unchanged"
+            del by_term[t]
     scale = {t: 1.0 for t in by_term}
 
     def sq(t, x):
@@ -220,7 +228,7 @@ def fit_scales(measured: list[float], informs: list[list[str]],
     prof = {"scale": dict(scale)}
     residuals = [math.log(m / predict(i, prof)) for i, m in enumerate(measured)]
     return Fit(scale=scale, uncertainty=uncertainty, runs_per_term={t: len(v) for t, v in by_term.items()},
-               residuals=residuals)
+               residuals=residuals, refused=refused)
 
 
 def make_profile(engine: str, fit: Fit, fitted_from: list[dict], source: str) -> dict:

@@ -138,6 +138,22 @@ def test_fit_recovers_factors_from_a_stub():
     assert fit.runs_per_term == {"compute_s": 3, "cpu_s": 1}
 
 
+def test_fit_refuses_a_factor_that_changes_nothing():
+    # Run 0: compute 1 + max(network 0.2, nvlink 0.5): network_s is the smaller side of the max,
+    # so scaling it by 2 (0.4 < 0.5) changes nothing; run 1's cpu_s term is 0. Both refused;
+    # compute_s from run 2 (measured 3 x 2.0 + 0.1 = 6.1, predicted 2.0 x s + 0.1) is s = 3.
+    terms = [{"compute_s": 1.0, "network_s": 0.2, "nvlink_s": 0.5}, {"compute_s": 1.0, "cpu_s": 0.0},
+             {"compute_s": 2.0, "network_s": 0.1}]
+
+    def stub(i, prof):
+        t = {k: v * prof["scale"].get(k, 1.0) for k, v in terms[i].items()}
+        return F.combine("ep", t) + t.get("cpu_s", 0.0)
+
+    fit = F.fit_scales([5.0, 7.0, 6.1], [["network_s"], ["cpu_s"], ["compute_s"]], stub)
+    assert set(fit.refused) == {"network_s", "cpu_s"} and fit.scale == {"compute_s": pytest.approx(3.0)}
+    assert fit.runs_per_term == {"compute_s": 1}
+
+
 def test_fit_uncertainty_from_log_residuals():
     # Four runs of one term, measured 2 T exp(e): log-space least squares gives exactly 2 (the
     # e average to 0), and its standard error sqrt(sum e^2 / 3 / 4) = 0.0456435 by hand.

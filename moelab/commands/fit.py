@@ -108,7 +108,7 @@ def compute(args) -> dict:
                        fitted_s=F.predict_run(r, setup, api.plan, profile).step_s, informs=p.informs,
                        dominant_share=p.dominant_share, terms=p.terms)
         rows.append(row)
-    return {"runs": rows, "profile": profile, "runs_per_term": fit.runs_per_term}
+    return {"runs": rows, "profile": profile, "runs_per_term": fit.runs_per_term, "refused": fit.refused}
 
 
 def run(args) -> int:
@@ -154,6 +154,8 @@ def _print(out: dict, path: str | None) -> None:
         n = out["runs_per_term"][t]
         unc = f", std of log {u:.3g}" if u is not None else " (no uncertainty under 3 runs)"
         print(f"  {t} x {s:.4g} from {n} run{'s' if n > 1 else ''}{unc}")
+    for t, why in out["refused"].items():
+        print(f"  {t} not fitted: {why}")
     stayed = [t for t in TERMS if t not in prof["scale"]]
     print(f"  stayed at 1: {', '.join(stayed)}; per_step_s and per_layer_s 0 (not fitted)")
     if path:
