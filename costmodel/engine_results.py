@@ -54,6 +54,7 @@ class Run:
     model: str | None = None  # the file's model id (resolved to a preset or config later)
     gpus: int | None = None
     cpu_moe_layers: int = 0  # llama.cpp's n_cpu_moe: the first layers' experts on the CPU
+    expert_dtype: str | None = None  # the weights' storage, where the file says (llama-bench)
     notes: list[str] = field(default_factory=list)
     skip: str | None = None  # why this run cannot be predicted (printed, not fitted)
 
@@ -245,9 +246,41 @@ def _llama_bench(path, label, rec, **_) -> list[Run]:
               strategy="cpu-experts" if ncmoe else "ep", cpu_moe_layers=ncmoe,
               notes=[f"model_type {rec.get('model_type')!r}, size {rec.get('model_size')}, "
                      f"n_threads {rec.get('n_threads')}, ngl {ngl}, n_cpu_moe {ncmoe}"])
+    run.expert_dtype, how = gguf_dtype(rec.get("model_type"), rec.get("model_size"),
+                                       rec.get("model_n_params"))
+    run.notes.append(f"weights {run.expert_dtype}: {how}" if run.expert_dtype
+                     else f"weights: the model's config dtype ({how})")
     if not str(rec.get("gpu_info") or "").strip() or ngl == 0:
         run.skip = "no layer on a GPU (gpu_info empty or n_gpu_layers 0): moelab models no CPU-only run"
     return [run]
+
+
+# Bits per weight at or under which a GGUF file is predicted as the planner's int4 (Q2..Q5
+# k-quants, IQ quants: 2.5..5.5 bits with their scales), else int8 (Q6_K 6.56, Q8_0 8.5), else
+# bf16 (F16, BF16: 16). The planner has no 5- or 6-bit storage; these are the nearest.
+INT4_MAX_BPW = 6.0
+INT8_MAX_BPW = 12.0
+
+
+def gguf_dtype(model_type: str | None, model_size, n_params) -> tuple[str | None, str]:
+    """(planner dtype, how) of a llama-bench model: from bits per weight 8 x model_size /
+    model_n_params where both are numbers, else from the quant type named in model_type
+    (e.g. "qwen3moe 30B.A3B Q4_K - Medium"); (None, why) when neither says."""
+    import re
+
+    def number(v):
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+    size, params = number(model_size), number(n_params)
+    if size and params and math.isfinite(8 * size / params):
+        bpw = 8 * size / params
+        dtype = "int4" if bpw <= INT4_MAX_BPW else "int8" if bpw <= INT8_MAX_BPW else "bf16"
+        return dtype, f"{bpw:.3g} bits per weight (8 x model_size / model_n_params)"
+    m = re.search(r"\b(I?Q(\d)|BF16|F16|F32)", model_type or "", re.I)
+    if m:
+        bits = int(m.group(2)) if m.group(2) else 16
+        dtype = "int4" if bits <= 5 else "int8" if bits <= 8 else "bf16"
+        return dtype, f"model_type {model_type!r}"
+    return None, "neither model_size / model_n_params nor model_type names the quantization"
 
 
 def _trtllm(path, label, rec, *, batch, **_) -> list[Run]:

@@ -21,6 +21,9 @@ from moelab.costmodel.engine_results import Run
 from moelab.costmodel.predict.profile import TERMS, VERSION, load_profile
 from moelab.costmodel.specs import SpecError
 
+# A GGUF file's weights on the GPU, as the planner's GPU dtype of about the same bytes per weight:
+# Q4_K is 4.5 bits like nvfp4, Q8_0 8.5 bits, nearest fp8's 8 (the GPU dtypes have no int4/int8).
+GPU_DTYPE = {"int4": "nvfp4", "int8": "fp8", "bf16": "bf16"}
 DOMINANT = 0.5  # a run informs a factor when that term is at least half of its summed terms
 
 
@@ -92,8 +95,8 @@ class Setup:
     model: str | None = None
     gpus: int | None = None
     engine: str | None = None  # whose efficiencies predict the runs [each run's own engine]
-    expert_dtype: str | None = None
-    cpu_expert_dtype: str = "int8"
+    expert_dtype: str | None = None      # [the file's (llama-bench), else the config's]
+    cpu_expert_dtype: str | None = None  # [the file's, else int8]
     kv_dtype: str = "bf16"
     host_mem: float = 2000e9
 
@@ -140,12 +143,19 @@ def predict_run(run: Run, setup: Setup, plan: Callable, profile: dict | None = N
                 "moelab's hybrid, which picks its own split of experts between GPU and CPU")
         if note not in run.notes:
             run.notes.append(note)
+    if run.expert_dtype and not setup.expert_dtype:
+        cpu_dtype = setup.cpu_expert_dtype or run.expert_dtype
+        note = (f"predicted with expert_dtype {GPU_DTYPE[run.expert_dtype]} on the GPU, "
+                f"cpu_expert_dtype {cpu_dtype} (the file's {run.expert_dtype})")
+        if note not in run.notes:
+            run.notes.append(note)
     pred = Prediction(model=model, gpus=gpus, strategy=strategy)
     layers = spec.n_layers or spec.n_moe_layers
     for p in run.passes:
         kw = dict(decode_batch=p.n) if p.decode else dict(tokens=p.n)
         r = plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
-                     expert_dtype=setup.expert_dtype, cpu_expert_dtype=setup.cpu_expert_dtype,
+                     expert_dtype=setup.expert_dtype or GPU_DTYPE.get(run.expert_dtype),
+                     cpu_expert_dtype=setup.cpu_expert_dtype or run.expert_dtype or "int8",
                      kv_dtype=setup.kv_dtype, host_mem=setup.host_mem,
                      engine=setup.engine or run.engine, profile=profile, **kw)
         s = next(x for x in r["strategies"] if x["name"] == strategy)

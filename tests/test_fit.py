@@ -84,6 +84,41 @@ def test_llama_bench_jsonl_and_avg_ts(tmp_path):
     assert "CPU-only" in read_runs(str(f))[0].skip
 
 
+def test_llama_bench_weights_from_bits_per_weight():
+    from moelab.costmodel.engine_results import gguf_dtype
+
+    json_runs = read_runs(str(DATA / "llama-bench.json"))
+    jsonl_runs = read_runs(str(DATA / "llama-bench.jsonl"))
+    # Q8_0 file: 8 x 32,483,932,160 B / 30,532,122,624 params = 8.511 bits per weight -> int8;
+    # Q4_K_M file: 8 x 18,556,686,336 / 30,532,122,624 = 4.862 -> int4
+    assert {r.expert_dtype for r in json_runs} == {"int8"}
+    assert {r.expert_dtype for r in jsonl_runs} == {"int4"}
+    assert any("8.51 bits per weight" in n for n in json_runs[0].notes)
+    assert any("4.86 bits per weight" in n for n in jsonl_runs[0].notes)
+    # 16 bits per weight (an F16 file: 2 B a parameter) is bf16; 6.5625 (Q6_K) is int8
+    assert gguf_dtype(None, 2 * 10**9, 10**9)[0] == "bf16"
+    assert gguf_dtype(None, 6.5625e9 / 8, 1e9)[0] == "int8"
+    # without sizes, the quant type in model_type
+    assert [gguf_dtype(t, None, None)[0] for t in ("qwen3moe 30B.A3B Q4_K - Medium", "x IQ3_XXS",
+                                                   "x Q8_0", "x BF16", "x")] == ["int4", "int4", "int8",
+                                                                                 "bf16", None]
+
+
+def test_llama_bench_weights_reach_the_planner():
+    import moelab
+
+    (run,) = [r for r in read_runs(str(DATA / "llama-bench.jsonl")) if r.label == "#2 tg128"]
+    pred = F.predict_run(run, F.Setup(system="h100-sxm", cpu="epyc-9654", model="qwen3-30b-a3b"), moelab.plan)
+    kw = dict(gpus=1, cpu="epyc-9654", decode_batch=1, context=64, engine="llama.cpp")
+    # int4 on the GPU is the planner's nvfp4 (4.5 bits a weight, as Q4_K)
+    int4 = next(s for s in moelab.plan("qwen3-30b-a3b", "h100-sxm", expert_dtype="nvfp4",
+                                       cpu_expert_dtype="int4", **kw)["strategies"]
+                if s["name"] == pred.strategy)
+    bf16 = next(s for s in moelab.plan("qwen3-30b-a3b", "h100-sxm", **kw)["strategies"]
+                if s["name"] == pred.strategy)
+    assert pred.step_s == pytest.approx(int4["step_s"], rel=1e-12) and int4["step_s"] < bf16["step_s"]
+
+
 def test_trtllm_report():
     runs = _by_label(read_runs(str(DATA / "trtllm.json")))
     t, d = runs["#1 throughput"], runs["#1 decode"]

@@ -29,9 +29,10 @@ def add_arguments(p):
                    help="sequences decoded together, where the file does not record it")
     g.add_argument("--input-len", type=int, metavar="N", help="prompt tokens (vllm bench throughput)")
     g.add_argument("--output-len", type=int, metavar="N", help="output tokens (vllm bench throughput)")
-    g.add_argument("--expert-dtype", choices=DTYPES, help="expert weight dtype [config]")
-    g.add_argument("--cpu-expert-dtype", default="int8", choices=("int8", "int4", "bf16"),
-                   help="expert weights on the CPU [int8]")
+    g.add_argument("--expert-dtype", choices=DTYPES,
+                   help="expert weight dtype [llama-bench: the file's quantization; else config]")
+    g.add_argument("--cpu-expert-dtype", choices=("int8", "int4", "bf16"),
+                   help="expert weights on the CPU [llama-bench: the file's quantization; else int8]")
     g.add_argument("--kv-dtype", default="bf16", choices=DTYPES, help="KV cache dtype [bf16]")
     g.add_argument("--host-mem-gb", type=float, default=2000, metavar="GB", help="host DRAM [2000]")
     p.add_argument("--out", metavar="FILE", help="write the fitted profile here (JSON)")
@@ -54,7 +55,7 @@ def _source(args) -> str:
     for flag, default in (("system", None), ("cpu", None), ("model", None), ("engine", None),
                           ("gpus", None), ("tp", None), ("ep", None), ("batch", None),
                           ("input_len", None), ("output_len", None), ("expert_dtype", None),
-                          ("cpu_expert_dtype", "int8"), ("kv_dtype", "bf16"), ("host_mem_gb", 2000),
+                          ("cpu_expert_dtype", None), ("kv_dtype", "bf16"), ("host_mem_gb", 2000),
                           ("out", None)):
         v = getattr(args, flag)
         if v is not None and v != default:
