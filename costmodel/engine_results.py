@@ -50,13 +50,35 @@ class Run:
     measured_s: float        # the time `passes` took, as the file gives it
     what: str                # how it was read, e.g. "mean TPOT 12.5 ms at concurrency 8"
     passes: list[Pass]
-    strategy: str = "ep"     # the planner's strategy that matches the engine's deployment
+    strategy: str | None = None  # the planner's strategy of the engine's deployment (None: unrecorded)
+    why: str = ""            # where `strategy` came from (printed)
+    chosen: bool = False     # strategy settled against the hardware (costmodel/fit.py)
     model: str | None = None  # the file's model id (resolved to a preset or config later)
     gpus: int | None = None
     cpu_moe_layers: int = 0  # llama.cpp's n_cpu_moe: the first layers' experts on the CPU
     expert_dtype: str | None = None  # the weights' storage, where the file says (llama-bench)
     notes: list[str] = field(default_factory=list)
     skip: str | None = None  # why this run cannot be predicted (printed, not fitted)
+
+
+def serving_strategy(tp, ep, enable_ep=None) -> tuple[str | None, str]:
+    """The planner's strategy of a serving engine's recorded parallelism: experts
+    tensor-parallel over the TP group unless expert parallelism spans it (the engines' default
+    without EP: SGLang ep_size 1, vLLM without --enable-expert-parallel, TensorRT-LLM
+    moe_ep_size 1); (None, why) when the record does not say or the split is one moelab does
+    not model (EP over part of the TP group)."""
+    def size(v):
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+    tp, ep = size(tp), size(ep)
+    if tp is None:
+        return None, "the file records no tensor-parallel size"
+    if tp == 1 and ep in (None, 1):
+        return "ep", "one GPU: tp and ep are the same (no communication)"
+    if enable_ep is True or ep == tp:
+        return "ep", f"expert parallel over the TP group (tp_size {tp}, ep_size {ep or tp})"
+    if ep in (None, 1) and enable_ep is not True:
+        return "tp", f"tp_size {tp} without expert parallelism: experts tensor-parallel (engine default)"
+    return None, f"ep_size {ep} with tp_size {tp} (EP over part of the TP group) is not modelled"
 
 
 def read_runs(path: str, *, batch: int | None = None, input_len: int | None = None,
@@ -144,6 +166,7 @@ def _serving(path, label, rec, *, kind, batch, **_) -> list[Run]:
     """vLLM `bench serve` and SGLang `bench_serving`: mean TPOT is one decode step of the
     concurrent sequences; with one sequence at a time, mean TTFT is one prompt's prefill."""
     engine = "vllm" if kind == "vllm-serve" else "sglang"
+    strategy, why = None, "the file records no parallelism"  # vLLM's result has none
     completed = _num(path, label, rec, "completed", positive=True)
     mean_in = _num(path, label, rec, "total_input_tokens", positive=True) / completed
     mean_out = _num(path, label, rec, "total_output_tokens", positive=True) / completed
@@ -174,15 +197,17 @@ def _serving(path, label, rec, *, kind, batch, **_) -> list[Run]:
             if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1:
                 gpus = tp  # SGLang's DP attention and EP run inside the TP group's GPUs
                 notes.append(f"server_info: tp {tp}, ep {ep}, dp {dp}")
+            strategy, why = serving_strategy(tp, ep)
     ctx = round(mean_in + mean_out / 2)  # a decode step's mean context over the output
     runs = [Run(path, f"{label} decode", engine, tpot,
                 f"mean TPOT {tpot * 1e3:.4g} ms, batch {b} ({how}), context {ctx}",
-                [Pass(1, True, b, ctx)], model=model, gpus=gpus, notes=notes)]
+                [Pass(1, True, b, ctx)], model=model, gpus=gpus, notes=notes, strategy=strategy, why=why)]
     if ttft is not None and ttft > 0 and b == 1:
         n = round(mean_in)
         runs.append(Run(path, f"{label} prefill", engine, ttft / 1e3,
                         f"mean TTFT {ttft:.4g} ms, one prompt of {n} tokens",
-                        [Pass(1, False, n, n)], model=model, gpus=gpus, notes=list(notes)))
+                        [Pass(1, False, n, n)], model=model, gpus=gpus, notes=list(notes),
+                        strategy=strategy, why=why))
     return runs
 
 
@@ -193,7 +218,8 @@ def _waves(path, label, engine, model, gpus, elapsed, n_req, b, n_in, n_out, wha
     b = max(1, min(b, n_req))
     waves = math.ceil(n_req / b)
     passes = [Pass(waves, False, b * n_in, n_in), Pass(waves * n_out, True, b, round(n_in + n_out / 2))]
-    return Run(path, f"{label} throughput", engine, elapsed, what, passes, model=model, gpus=gpus)
+    return Run(path, f"{label} throughput", engine, elapsed, what, passes, model=model, gpus=gpus,
+               why="the file records no parallelism")
 
 
 def _vllm_throughput(path, label, rec, *, batch, input_len, output_len, **_) -> list[Run]:
@@ -244,6 +270,7 @@ def _llama_bench(path, label, rec, **_) -> list[Run]:
         name += f"@d{depth}"
     run = Run(path, f"{label} {name}", "llama.cpp", measured, what, passes, gpus=None,
               strategy="cpu-experts" if ncmoe else "ep", cpu_moe_layers=ncmoe,
+              why=f"n_cpu_moe {ncmoe}: " + ("routed experts on the CPU" if ncmoe else "all on the GPU"),
               notes=[f"model_type {rec.get('model_type')!r}, size {rec.get('model_size')}, "
                      f"n_threads {rec.get('n_threads')}, ngl {ngl}, n_cpu_moe {ncmoe}"])
     run.expert_dtype, how = gguf_dtype(rec.get("model_type"), rec.get("model_size"),
@@ -308,11 +335,13 @@ def _trtllm(path, label, rec, *, batch, **_) -> list[Run]:
                    f"{per_gpu:.4g} output tokens/s per GPU x {gpus} GPUs: {elapsed:.4g} s for {n_req} "
                    f"requests of {n_in:.0f}+{n_out:.0f} tokens, batch {b} (mean concurrency)")]
     runs[0].notes += notes
+    runs[0].strategy, runs[0].why = serving_strategy(world.get("tp_size"), world.get("ep_size"))
     stream = rec.get("streaming_metrics")
     if isinstance(stream, dict) and stream.get("avg_tpot_ms"):
         tpot = _num(path, f"{label} streaming_metrics", stream, "avg_tpot_ms", positive=True) / 1e3
         ctx = round(n_in + n_out / 2)
         runs.append(Run(path, f"{label} decode", "trtllm", tpot,
                         f"mean TPOT {tpot * 1e3:.4g} ms, batch {b}, context {ctx}",
-                        [Pass(1, True, b, ctx)], model=model, gpus=gpus, notes=list(notes)))
+                        [Pass(1, True, b, ctx)], model=model, gpus=gpus, notes=list(notes),
+                        strategy=runs[0].strategy, why=runs[0].why))
     return runs

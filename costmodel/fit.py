@@ -25,6 +25,9 @@ from moelab.costmodel.specs import SpecError
 # Q4_K is 4.5 bits like nvfp4, Q8_0 8.5 bits, nearest fp8's 8 (the GPU dtypes have no int4/int8).
 GPU_DTYPE = {"int4": "nvfp4", "int8": "fp8", "bf16": "bf16"}
 DOMINANT = 0.5  # a run informs a factor when that term is at least half of its summed terms
+# The planner's strategies each engine can run, where the file does not say which it ran
+# (costmodel/predict's engine names; moelab/engines.py emits their flags).
+ENGINE_STRATEGIES = {"vllm": ("ep", "tp", "offload"), "sglang": ("ep", "tp"), "trtllm": ("ep", "tp")}
 
 
 def combine(strategy: str, terms: dict) -> float:
@@ -38,6 +41,8 @@ def combine(strategy: str, terms: dict) -> float:
     t = {k: terms.get(k, 0.0) for k in TERMS}
     if strategy == "ep":
         return t["compute_s"] + t["tp_allreduce_s"] + t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
+    if strategy == "tp":  # each all-reduce's result is the next operation's input: no overlap
+        return t["compute_s"] + t["tp_allreduce_s"]
     if strategy == "offload":
         return t["compute_s"] + t["stream_s"]
     if strategy in ("cpu-experts", "hybrid"):  # stream_s: KTransformers-style layerwise prefill
@@ -95,6 +100,8 @@ class Setup:
     model: str | None = None
     gpus: int | None = None
     engine: str | None = None  # whose efficiencies predict the runs [each run's own engine]
+    tp: int | None = None      # --tp / --ep: the parallelism of runs whose file does not record it
+    ep: int | None = None
     expert_dtype: str | None = None      # [the file's (llama-bench), else the config's]
     cpu_expert_dtype: str | None = None  # [the file's, else int8]
     kv_dtype: str = "bf16"
@@ -136,31 +143,33 @@ def predict_run(run: Run, setup: Setup, plan: Callable, profile: dict | None = N
     except SpecError as e:
         raise SpecError(f"result file: {run.file} {run.label}: model {model}: {e}") from None
     gpus = run.gpus or setup.gpus or 1
-    strategy = run.strategy
-    if run.cpu_moe_layers and run.cpu_moe_layers < spec.n_moe_layers:
-        strategy = "hybrid"
-        note = (f"n_cpu_moe {run.cpu_moe_layers} of {spec.n_moe_layers} MoE layers: predicted as "
-                "moelab's hybrid, which picks its own split of experts between GPU and CPU")
-        if note not in run.notes:
-            run.notes.append(note)
     if run.expert_dtype and not setup.expert_dtype:
         cpu_dtype = setup.cpu_expert_dtype or run.expert_dtype
         note = (f"predicted with expert_dtype {GPU_DTYPE[run.expert_dtype]} on the GPU, "
                 f"cpu_expert_dtype {cpu_dtype} (the file's {run.expert_dtype})")
         if note not in run.notes:
             run.notes.append(note)
-    pred = Prediction(model=model, gpus=gpus, strategy=strategy)
     layers = spec.n_layers or spec.n_moe_layers
-    for p in run.passes:
+
+    def plan_pass(p):
         kw = dict(decode_batch=p.n) if p.decode else dict(tokens=p.n)
-        r = plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
-                     expert_dtype=setup.expert_dtype or GPU_DTYPE.get(run.expert_dtype),
-                     cpu_expert_dtype=setup.cpu_expert_dtype or run.expert_dtype or "int8",
-                     kv_dtype=setup.kv_dtype, host_mem=setup.host_mem,
-                     engine=setup.engine or run.engine, profile=profile, **kw)
+        return plan(model, setup.system, gpus=gpus, cpu=setup.cpu, context=p.context,
+                    expert_dtype=setup.expert_dtype or GPU_DTYPE.get(run.expert_dtype),
+                    cpu_expert_dtype=setup.cpu_expert_dtype or run.expert_dtype or "int8",
+                    kv_dtype=setup.kv_dtype, host_mem=setup.host_mem,
+                    engine=setup.engine or run.engine, profile=profile, **kw)
+
+    if not run.chosen:  # once, without the profile: re-predictions keep the deployment
+        _choose_strategy(run, setup, spec, gpus, plan_pass)
+        if run.skip:
+            return None
+    strategy = run.strategy
+    pred = Prediction(model=model, gpus=gpus, strategy=strategy)
+    for p in run.passes:
+        r = plan_pass(p)
         s = next(x for x in r["strategies"] if x["name"] == strategy)
         if not s["feasible"]:
-            run.skip = f"moelab's {strategy} does not fit this hardware: {s['reason']}"
+            run.skip = f"does not fit: moelab's {strategy} ({run.why}) at this pass: {s['reason']}"
             return None
         pred.parts.append((p.count, strategy, s["terms"], layers, s["step_s"], s["bound_step_s"]))
         for k, v in s["terms"].items():
@@ -172,6 +181,48 @@ def predict_run(run: Run, setup: Setup, plan: Callable, profile: dict | None = N
     pred.dominant_share = pred.terms[top] / total if total > 0 else 0.0
     pred.informs = [top] if pred.dominant_share >= DOMINANT else []
     return pred
+
+
+def _choose_strategy(run: Run, setup: Setup, spec, gpus: int, plan_pass: Callable) -> None:
+    """Set run.strategy (and run.why, a note) to the planner strategy the engine ran: the
+    file's record (engine_results), else --tp/--ep, else the best feasible one the planner
+    ranks of those the engine runs; a recorded serving strategy that does not fit this hardware
+    falls back to that best one (said why). llama.cpp's n_cpu_moe below the MoE layers is the
+    hybrid. run.skip says so where nothing the engine runs fits."""
+    from moelab.costmodel.engine_results import serving_strategy
+
+    if run.strategy is None and (setup.tp or setup.ep):
+        run.strategy, why = serving_strategy(setup.tp or setup.ep, setup.ep)
+        run.why = f"--tp {setup.tp} --ep {setup.ep}: {why}"
+    if run.cpu_moe_layers and run.cpu_moe_layers < spec.n_moe_layers:
+        run.strategy = "hybrid"
+        run.why = (f"n_cpu_moe {run.cpu_moe_layers} of {spec.n_moe_layers} MoE layers: moelab's hybrid, "
+                   "which picks its own split of experts between GPU and CPU")
+    main = max(run.passes, key=lambda p: p.count)  # the pass that takes most of the run
+    ranked = plan_pass(main)["strategies"]  # feasible first, then by tokens/s per GPU
+    allowed = ENGINE_STRATEGIES.get(run.engine)
+    if allowed is None:  # llama.cpp: the strategy its flags name, or it does not fit
+        s = next(x for x in ranked if x["name"] == run.strategy)
+        if not s["feasible"]:
+            run.skip = f"does not fit: moelab's {run.strategy} ({run.why}): {s['reason']}"
+    else:
+        if gpus == 1:
+            allowed = tuple(a for a in allowed if a != "tp")  # one GPU: tp is ep
+        recorded = next((x for x in ranked if x["name"] == run.strategy), None)
+        if recorded is None or not recorded["feasible"]:
+            best = next((x for x in ranked if x["feasible"] and x["name"] in allowed), None)
+            if best is None:
+                why = "; ".join(f"{x['name']}: {x['reason']}" for x in ranked if x["name"] in allowed)
+                run.skip = f"does not fit: no strategy {run.engine} runs fits this hardware: {why}"
+                return
+            if recorded is None:
+                run.why = f"{run.why}: the best feasible the planner ranks of {', '.join(allowed)}"
+            else:
+                run.why = (f"{run.why}, which does not fit here ({recorded['reason']}): the best feasible "
+                           f"the planner ranks of {', '.join(allowed)}")
+            run.strategy = best["name"]
+    run.chosen = True
+    run.notes.append(f"strategy {run.strategy}: {run.why}")
 
 
 # --- the fit -------------------------------------------------------------------------------------

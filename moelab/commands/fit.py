@@ -78,7 +78,8 @@ def compute(args) -> dict:
         raise SpecError(f"--host-mem-gb: must be > 0, got {args.host_mem_gb}")
     gpus = args.gpus or (max(args.tp or 1, args.ep or 1) if (args.tp or args.ep) else None)
     setup = F.Setup(system=args.system, cpu=args.cpu, model=args.model, gpus=gpus, engine=args.engine,
-                    expert_dtype=args.expert_dtype, cpu_expert_dtype=args.cpu_expert_dtype,
+                    tp=args.tp, ep=args.ep, expert_dtype=args.expert_dtype,
+                    cpu_expert_dtype=args.cpu_expert_dtype,
                     kv_dtype=args.kv_dtype, host_mem=args.host_mem_gb * 1e9)
     runs = []
     for f in args.files:
