@@ -193,7 +193,8 @@ def _choose_strategy(run: Run, setup: Setup, spec, gpus: int, plan_pass: Callabl
 
     if run.strategy is None and (setup.tp or setup.ep):
         run.strategy, why = serving_strategy(setup.tp or setup.ep, setup.ep)
-        run.why = f"--tp {setup.tp} --ep {setup.ep}: {why}"
+        flags = " ".join(f"--{k} {v}" for k, v in (("tp", setup.tp), ("ep", setup.ep)) if v)
+        run.why = f"{flags}: {why}"
     if run.cpu_moe_layers and run.cpu_moe_layers < spec.n_moe_layers:
         run.strategy = "hybrid"
         run.why = (f"n_cpu_moe {run.cpu_moe_layers} of {spec.n_moe_layers} MoE layers: moelab's hybrid, "
@@ -206,8 +207,9 @@ def _choose_strategy(run: Run, setup: Setup, spec, gpus: int, plan_pass: Callabl
         if not s["feasible"]:
             run.skip = f"does not fit: moelab's {run.strategy} ({run.why}): {s['reason']}"
     else:
-        if gpus == 1:
-            allowed = tuple(a for a in allowed if a != "tp")  # one GPU: tp is ep
+        # One GPU: tp is ep. Several: one instance spans them (ep or tp); the planner's offload
+        # is one-GPU instances side by side, which is not the run the file measured.
+        allowed = tuple(a for a in allowed if a != ("tp" if gpus == 1 else "offload"))
         recorded = next((x for x in ranked if x["name"] == run.strategy), None)
         if recorded is None or not recorded["feasible"]:
             best = next((x for x in ranked if x["feasible"] and x["name"] in allowed), None)

@@ -139,7 +139,7 @@ def test_model_ids_name_presets():
 # --- predictions and the fit --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,gpus", [("ep", 1), ("ep", 8), ("offload", 1), ("cpu-experts", 1)])
+@pytest.mark.parametrize("name,gpus", [("ep", 1), ("ep", 8), ("tp", 8), ("offload", 1), ("cpu-experts", 1)])
 def test_combine_is_the_planners_under_a_profile(name, gpus):
     import moelab
 
@@ -151,7 +151,9 @@ def test_combine_is_the_planners_under_a_profile(name, gpus):
     base = next(s for s in moelab.plan("qwen3-30b-a3b", "h100-sxm", **kw)["strategies"] if s["name"] == name)
     got = next(s for s in moelab.plan("qwen3-30b-a3b", "h100-sxm", profile=prof, **kw)["strategies"]
                if s["name"] == name)
-    if gpus > 1:
+    if gpus > 1 and name == "tp":
+        assert base["terms"]["tp_allreduce_s"] > 0
+    elif gpus > 1:
         assert base["terms"]["nvlink_s"] > 0 and base["terms"]["ep_latency_s"] > 0
     assert F.combine(name, base["terms"]) == pytest.approx(base["step_s"], rel=1e-12)
     assert F.apply_profile(name, base["terms"], 48, prof) == pytest.approx(got["step_s"], rel=1e-12)
@@ -210,6 +212,71 @@ def test_fit_recovers_a_factor_through_the_planner():
     assert set(k for k, v in pred.terms.items() if v) == {"compute_s"}  # one GPU: no communication
     fit = F.fit_scales([1.3 * pred.step_s], [pred.informs], lambda i, prof: pred.under(prof))
     assert fit.scale["compute_s"] == pytest.approx(1.3, rel=1e-7)
+
+
+def test_serving_strategy_from_recorded_parallelism():
+    from moelab.costmodel.engine_results import serving_strategy
+
+    assert serving_strategy(2, None)[0] == "tp" and serving_strategy(2, 1)[0] == "tp"  # no EP: TP experts
+    assert serving_strategy(2, 2)[0] == "ep" and serving_strategy(8, None, enable_ep=True)[0] == "ep"
+    assert serving_strategy(1, None)[0] == "ep" and "one GPU" in serving_strategy(1, 1)[1]
+    assert serving_strategy(8, 4)[0] is None and serving_strategy(None, None)[0] is None
+    assert serving_strategy(True, 2)[0] is None  # a bool is no size
+
+
+def _plan_step(name, system="h100-sxm", **kw):
+    import moelab
+
+    r = moelab.plan("qwen3-30b-a3b", system, cpu="epyc-9654", **kw)
+    return next(s for s in r["strategies"] if s["name"] == name)
+
+
+@pytest.mark.parametrize("ep_size,strategy", [(None, "tp"), (2, "ep")])
+def test_sglang_tp_without_ep_predicted_as_tp(tmp_path, ep_size, strategy):
+    import moelab
+
+    rec = json.loads((DATA / "sglang.jsonl").read_text().splitlines()[1].replace("Infinity", "1e999"))
+    rec["server_info"]["ep_size"] = ep_size
+    f = tmp_path / "s.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    (run,) = read_runs(str(f))
+    assert run.strategy == strategy
+    pred = F.predict_run(run, F.Setup(system="h100-sxm", cpu="epyc-9654"), moelab.plan)
+    # run #2: 4 sequences at 2048 + 512 / 2 context on tp_size 2 GPUs
+    want = _plan_step(strategy, gpus=2, decode_batch=4, context=2304, engine="sglang")
+    assert pred.strategy == strategy and pred.step_s == pytest.approx(want["step_s"], rel=1e-12)
+    assert run.notes[-1].startswith(f"strategy {strategy}: ")
+
+
+def test_unrecorded_parallelism_takes_the_flags_else_the_best_feasible(capsys):
+    argv = [str(DATA / "vllm_serve.json"), *HW, "--gpus", "2"]
+    rows = _fit_json(capsys, *argv)["runs"]
+    # vLLM's file records no parallelism: on 2 GPUs the faster of ep and tp (one instance on both)
+    ep = _plan_step("ep", gpus=2, decode_batch=8, context=1152, engine="vllm")
+    tp = _plan_step("tp", gpus=2, decode_batch=8, context=1152, engine="vllm")
+    best = "ep" if ep["step_s"] < tp["step_s"] else "tp"
+    assert rows[0]["strategy"] == best and "best feasible" in rows[0]["notes"][-1]
+    rows = _fit_json(capsys, str(DATA / "vllm_serve.json"), *HW, "--tp", "2")["runs"]
+    assert rows[0]["strategy"] == "tp" and rows[0]["predicted_s"] == pytest.approx(tp["step_s"], rel=1e-12)
+    rows = _fit_json(capsys, str(DATA / "vllm_serve.json"), *HW, "--tp", "2", "--ep", "2")["runs"]
+    assert rows[0]["strategy"] == "ep" and rows[0]["predicted_s"] == pytest.approx(ep["step_s"], rel=1e-12)
+
+
+def test_consumer_card_picks_what_fits_or_says_it_does_not(capsys, tmp_path):
+    # qwen3-30b-a3b bf16: about 30.5e9 params x 2 B = 61 GB, over a 24 GB RTX 4090 (and two)
+    card = ["--system", "rtx-4090", "--cpu", "epyc-9654"]
+    assert main(["fit", str(DATA / "vllm_serve.json"), *card, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert {r["strategy"] for r in rows} == {"offload"}  # vLLM's --cpu-offload-gb: the one that fits
+    assert not _plan_step("ep", "rtx-4090", gpus=1, decode_batch=8, context=1152)["feasible"]
+    out = tmp_path / "p.json"
+    assert main(["fit", str(DATA / "sglang.jsonl"), *card, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit: no strategy sglang runs fits" in err and err.count("\n") == 1 and not out.exists()
+    # llama-bench with n_cpu_moe 48: the experts in host RAM, so it fits
+    assert main(["fit", str(DATA / "llama-bench.json"), *card, "--model", "qwen3-30b-a3b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert {r["strategy"] for r in rows} == {"cpu-experts"} and all(r["skip"] is None for r in rows)
 
 
 # --- the command --------------------------------------------------------------------------------
