@@ -277,6 +277,13 @@ def test_consumer_card_picks_what_fits_or_says_it_does_not(capsys, tmp_path):
     assert main(["fit", str(DATA / "llama-bench.json"), *card, "--model", "qwen3-30b-a3b", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["runs"]
     assert {r["strategy"] for r in rows} == {"cpu-experts"} and all(r["skip"] is None for r in rows)
+    # all on the GPU (n_cpu_moe 0): the Q4 file (about 30.5e9 x 4.5 / 8 = 17 GB) fits 21.6 GB;
+    # at bf16 (61 GB) it does not, and says so
+    jsonl = [str(DATA / "llama-bench.jsonl"), *card, "--model", "qwen3-30b-a3b"]
+    assert main(["fit", *jsonl, "--json"]) == 0
+    assert {r["strategy"] for r in json.loads(capsys.readouterr().out)["runs"]} == {"ep"}
+    assert main(["fit", *jsonl, "--expert-dtype", "bf16"]) == 2
+    assert "does not fit: moelab's ep (n_cpu_moe 0: all on the GPU)" in capsys.readouterr().err
 
 
 # --- the command --------------------------------------------------------------------------------
