@@ -17,7 +17,9 @@ the achieved rates of expert matrix products, with torch's own CPU kernels.
           scale and zero per group of 128 along K).
   One token (GEMV, bandwidth-bound): GB/s of weight bytes as the kernel stores them, the
   fastest single call over copies of the weight taken in turn, whose total is at least 4x
-  the last-level cache, so every call reads its weight from DRAM. A prefill-sized batch
+  the last-level cache in every mode (--quick takes fewer rounds, never fewer bytes: with
+  2x the cache, a quick int4 GEMV read faster than the DRAM triad, i.e. it read the cache),
+  so every call reads its weight from DRAM. A prefill-sized batch
   (256 tokens, compute-bound): ops/s, 2 M N K per product, best of repeats. No GEMM is
   written here: what is timed is torch's.
 
@@ -34,6 +36,8 @@ TRIAD_BYTES_PER_ELEMENT = 3 * 8  # STREAM's count for triad: read b and c, write
 PREFILL_TOKENS = 256
 GROUP = 128  # int4 group size along K (scale and zero per group), as llama.cpp-style formats
 MIN_LLC = 32 << 20  # when the cache size is unreadable: assume a 32 MiB last-level cache
+SIDE = {True: 2048, False: 4096}  # K = N of the products, --quick or not
+PAST_LLC = 4  # arrays streamed (triad's, the GEMV's weights together) are >= 4x the LLC (STREAM's rule)
 
 
 def last_level_cache_bytes() -> int:
@@ -123,7 +127,7 @@ def triad(quick: bool) -> dict:
     """STREAM-like triad on all of torch's threads: B/s counted as STREAM counts it."""
     import torch
 
-    n = max(4 * last_level_cache_bytes() // 8, 1 << 20)  # elements per array: each >= 4x LLC
+    n = max(PAST_LLC * last_level_cache_bytes() // 8, 1 << 20)  # elements per array: each >= 4x LLC
     a = torch.empty(n, dtype=torch.float64)
     b = torch.full((n,), 1.0, dtype=torch.float64)
     c = torch.full((n,), 2.0, dtype=torch.float64)
@@ -160,9 +164,10 @@ def triad_per_node(quick: bool) -> list[float] | None:
     return out
 
 
-def _copies(w, total_bytes: int, nbytes: int) -> list:
-    """The weight and clones of it, together at least `total_bytes`: a GEMV over them in
-    turn reads DRAM, not cache."""
+def _copies(w, total_bytes: int) -> list:
+    """The weight and clones of it, together at least `total_bytes` (the weight's own bytes;
+    its small scales are shared, so not counted): a GEMV over them in turn reads DRAM."""
+    nbytes = w.numel() * w.element_size()
     return [w] + [w.clone() for _ in range(max(-(-total_bytes // nbytes) - 1, 0))]
 
 
@@ -171,9 +176,9 @@ def matrix_products(quick: bool) -> dict:
     (a dtype whose kernel this torch lacks or refuses: its figures None and the reason)."""
     import torch
 
-    K = N = 2048 if quick else 4096
-    total = (2 if quick else 4) * last_level_cache_bytes()  # weights past the cache
-    repeats = 2 if quick else 5
+    K = N = SIDE[quick]
+    total = PAST_LLC * last_level_cache_bytes()  # weights past the cache, --quick too
+    repeats = 2 if quick else 5  # --quick is quick by fewer rounds
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PREFILL_TOKENS, K, generator=g).to(torch.bfloat16)
     x1 = x[:1].contiguous()
@@ -184,13 +189,13 @@ def matrix_products(quick: bool) -> dict:
 
     def record(dtype, gemv_kernel, gemv, weights, nbytes, matmul_kernel, matmul):
         try:
-            ws = _copies(weights, total, nbytes)
+            ws = _copies(weights, total)
             t1 = _best_over(gemv, ws, repeats)
             tb = _best(lambda: matmul(weights), 2 * repeats)
             out[dtype] = {"gemv_Bps": nbytes / t1, "matmul_ops": ops / tb,
                           "gemv_kernel": gemv_kernel, "matmul_kernel": matmul_kernel,
                           "shape": f"[{PREFILL_TOKENS} or 1, {K}] x [{N}, {K}]^T",
-                          "gemv_weight_bytes": nbytes * len(ws)}
+                          "gemv_weight_bytes": sum(v.numel() * v.element_size() for v in ws)}
         except (RuntimeError, NotImplementedError, AttributeError) as e:
             out[dtype] = {"gemv_Bps": None, "matmul_ops": None,
                           "skipped": f"{gemv_kernel} / {matmul_kernel}: {type(e).__name__}: {e}"[:300]}

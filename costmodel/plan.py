@@ -964,13 +964,38 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
         cpu_used = 0.0
     extra = {}
     if p.engine != "ideal":  # the achieved CPU figures used, with their sources
-        a = _cpu_factors(p)
-        extra["cpu_efficiency"] = a.as_dict()
-        what += f", {p.engine} ({'; '.join(a.notes)})"
+        extra["cpu_efficiency"] = _cpu_factors(p).as_dict()
+        what += f", {p.engine} ({'; '.join(_cpu_rate_notes(p))})"
     return _slo(p, _result(name, g, True, f"{what}: the CPU computes {cpu_used:,.3g} of the "
                                           f"{used:,.3g} experts used per layer",
                            step, overlap, bound, mem, p.tokens, terms=terms, gpu_experts_per_layer=r,
                            cpu_used_per_layer=cpu_used, **extra))
+
+
+def _cpu_rate_notes(p: Plan) -> list[str]:
+    """What the CPU's rates in the reason are: a measured figure (a calibrated file) named as
+    such, an engine factor quoted only where `_cpu_expert_time` applies it (not over a
+    measured rate), and the per-layer sync, which always applies."""
+    dtype, c = p.cpu_expert_dtype, p.cpu
+    flops, flops_measured = c.matmul_rate(dtype, p.nominal)
+    bw, bw_measured = c.weight_bandwidth(dtype, p.nominal)
+    notes = []
+    if flops_measured:
+        of = dtype if dtype in c.matmul_measured else CPU_COMPUTE_DTYPE[dtype]
+        notes.append(f"{of} matrix rate {flops / 1e12:.3g} T ops/s measured in {c.name} (all sockets)")
+    else:
+        notes.append(cpu_achieved.matmul_efficiency(p.engine, c.isa, CPU_COMPUTE_DTYPE[dtype])[1])
+        a = _cpu_factors(p)
+        if a.serial_dram:  # its note comes last
+            notes.append(a.notes[-1])
+    if bw_measured:
+        what = f"{dtype} one-token GEMV" if dtype in c.gemv_measured else "DRAM triad"
+        notes.append(f"{what} {bw / 1e9:.3g} GB/s measured in {c.name} (all sockets)")
+    else:
+        notes.append(cpu_achieved.dram_fraction(p.engine, CPU_DTYPE_BYTES)[1])
+        notes.append(cpu_achieved.numa_scale(p.engine, c.sockets)[1])
+    notes.append(cpu_achieved.sync_per_layer()[1])
+    return [n for n in notes if n]
 
 
 def _layerwise_prefill(p: Plan, n: int, r: int, used: float, cpu_used: float, per_node: int,

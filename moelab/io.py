@@ -22,8 +22,8 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, make_parents: bo
     try:
         if make_parents:
             path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.parent.is_dir():
-            raise FileNotFoundError(errno.ENOENT, f"folder {path.parent} does not exist", str(path))
+        else:
+            require_folder(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(path)) from None
@@ -39,6 +39,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, make_parents: bo
             raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     return path
+
+
+def require_folder(path: str | os.PathLike) -> None:
+    """An output file the user typed must go into a folder that exists (we create none they
+    did not ask for): else FileNotFoundError naming `path` as typed, which the CLI prints as
+    one line, exit 2. Commands call it before their work, so nothing is measured or written."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"folder {parent} does not exist (not created)", str(path))
 
 
 def _umask() -> int:

@@ -109,3 +109,76 @@ def test_measured_dram_above_the_nominal_is_refused(tmp_path, calibrated, capsys
 def test_calibrate_cpu_refuses_gpu_flags(capsys):
     assert main(["calibrate", "--cpu", "--system", "h100-sxm"]) == 2
     assert "--system" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_gemv_streams_at_least_4x_the_cache(monkeypatch, quick):
+    """The one-token product reads its weights from DRAM in both modes: the copies it takes in
+    turn hold >= 4x the last-level cache the module reads (--quick is quicker by rounds, not
+    bytes). Small shapes and a small cache stand in for the real ones; no timing is checked."""
+    from moelab.costmodel import cpu_bench
+
+    llc = 3 << 20
+    monkeypatch.setattr(cpu_bench, "last_level_cache_bytes", lambda: llc)
+    monkeypatch.setattr(cpu_bench, "SIDE", {True: 256, False: 512})
+    streamed = []
+    real = cpu_bench._best_over
+
+    def spy(fn, items, rounds):
+        streamed.append(sum(v.numel() * v.element_size() for v in items))
+        return real(fn, items[:1], 1)  # the bytes are what is tested, not the time
+
+    monkeypatch.setattr(cpu_bench, "_best_over", spy)
+    m = cpu_bench.matrix_products(quick)
+    side = {True: 256, False: 512}[quick]
+    per_copy = {"bf16": side * side * 2, "int8": side * side, "int4": side * side // 2}  # by hand
+    measured = [d for d in ("bf16", "int8", "int4") if m[d]["gemv_Bps"] is not None]
+    assert {"bf16", "int8"} <= set(measured) and len(streamed) == len(measured)
+    for d, total in zip(measured, streamed, strict=True):
+        assert total >= 4 * llc and total == m[d]["gemv_weight_bytes"]
+        assert total == -(-4 * llc // per_copy[d]) * per_copy[d]  # whole copies, the fewest that reach 4x
+
+
+def test_the_quick_file_says_its_gemv_weights_pass_4x_the_cache(calibrated):
+    from moelab.costmodel.cpu_bench import last_level_cache_bytes
+
+    _, data = calibrated
+    for d in ("bf16", "int8"):
+        text = data["measured"][f"gemv_measured_GBps.{d}"]
+        mib = int(text.split("copies totalling ")[1].split(" MiB")[0])
+        assert mib << 20 >= 4 * last_level_cache_bytes()
+
+
+def _cpu_reasons(cpu, engine="ktransformers", **kw) -> dict:
+    r = api.plan("qwen3-30b-a3b", "h100-sxm", cpu=cpu, gpus=1, decode_batch=1, routing="worst",
+                 cpu_expert_dtype="int8", engine=engine, **kw)
+    return {s["name"]: s["reason"] for s in r["strategies"] if s["name"] in ("cpu-experts", "hybrid")}
+
+
+def test_the_reason_names_measured_rates_and_no_factor_they_replace(calibrated):
+    """A calibrated file: the reason quotes the file's int8 matrix rate and GEMV (all sockets)
+    as measured, and neither the engine's DRAM fraction, NUMA scaling nor matrix efficiency,
+    which the measured rates replace; the per-layer sync still applies and is quoted."""
+    path, data = calibrated
+    s = data["sockets"]
+    tops = f"{data['matmul_measured_TOPS']['int8'] * s:.3g} T ops/s"
+    gbps = f"{data['gemv_measured_GBps']['int8'] * s:.3g} GB/s"
+    reasons = _cpu_reasons(str(path))
+    assert set(reasons) == {"cpu-experts", "hybrid"}
+    for reason in reasons.values():
+        assert f"int8 matrix rate {tops} measured in calibrated-cpu" in reason
+        assert f"int8 one-token GEMV {gbps} measured in calibrated-cpu" in reason
+        for factor in ("of nominal per socket", "matrix figure", "of peak", "NUMA"):
+            assert factor not in reason
+        assert "us per layer" in reason  # the sync
+
+
+def test_the_reason_of_a_preset_quotes_the_engine_factors_it_applies():
+    """A preset (nominal DRAM, peak matrix rates, nothing measured): the engine's DRAM fraction
+    and matrix efficiency are applied, so quoted; nothing is called measured."""
+    for reason in _cpu_reasons("xeon-gold-6454s", cpu_isa="amx", host_mem=1e12).values():
+        assert "of nominal per socket" in reason and "of peak" in reason
+        assert "measured in" not in reason
+    # The roofline engine applies no factor and quotes none.
+    for reason in _cpu_reasons("xeon-gold-6454s", engine="ideal", cpu_isa="amx", host_mem=1e12).values():
+        assert "nominal" not in reason and "measured in" not in reason

@@ -179,7 +179,10 @@ def run(args) -> int:
     import datetime
 
     from moelab.costmodel.presets import gpu_entry, system_from_entry
+    from moelab.io import require_folder
 
+    if args.out:
+        require_folder(args.out)  # before minutes of measurement, GPU or CPU
     if args.cpu:
         return run_cpu(args)
     m = measure(args.quick, kernels_from=args.kernels_from)

@@ -330,8 +330,11 @@ def run(args) -> int:
     import json
     import sys
 
-    from moelab.io import write_atomic
+    from moelab.io import require_folder, write_atomic
 
+    for path in (args.out, args.plot):  # both before the work: no CSV left without its plot
+        if path:
+            require_folder(path)
     columns, rows, summary = compute(args)
     for note in summary["notes"]:
         print(f"moelab sweep: note: {note}", file=sys.stderr)

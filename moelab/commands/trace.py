@@ -191,9 +191,10 @@ def _write_histogram(out: str, h) -> None:
     if out.endswith(".npy"):
         buf = io.BytesIO()
         np.save(buf, np.asarray(h, np.int64), allow_pickle=False)
-        write_atomic(out, buf.getvalue())
+        write_atomic(out, buf.getvalue(), make_parents=False)
     else:
-        write_json(out, np.asarray(h).tolist())  # [L][E], as `--routing hist:FILE.json` reads
+        # [L][E], as `--routing hist:FILE.json` reads
+        write_json(out, np.asarray(h).tolist(), make_parents=False)
 
 
 def do_import(args) -> dict:
@@ -201,8 +202,9 @@ def do_import(args) -> dict:
 
     from moelab.costmodel import trace as tr
     from moelab.costmodel.specs import SpecError
-    from moelab.io import write_atomic, write_json
+    from moelab.io import require_folder, write_atomic, write_json
 
+    require_folder(args.out)  # before the log is read: a missing folder is not created
     fmt = args.format
     if fmt == "auto":
         fmt = "sglang-dump" if args.log.endswith(".pt") else "jsonl"
@@ -241,9 +243,9 @@ def do_import(args) -> dict:
 
         buf = io.BytesIO()
         np.savez_compressed(buf, **{n: np.asarray(v) for n, v in data.items()})
-        write_atomic(args.out, buf.getvalue())
+        write_atomic(args.out, buf.getvalue(), make_parents=False)
     else:
-        write_json(args.out, data)
+        write_json(args.out, data, make_parents=False)
     return {"out": args.out, **{n: v for n, v in data.items() if n != "ids"}, **note}
 
 
