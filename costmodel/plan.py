@@ -336,6 +336,20 @@ def _combine(p: Plan, terms: dict, combine) -> tuple[float, float, dict]:
 # --- GPU compute --------------------------------------------------------------------------
 
 
+# Expert dtypes the engines run on the fp4 tensor cores (both operands fp4, the fp4 peak): NVFP4
+# experts, activations quantized to NVFP4 too (TRT-LLM's Sm100 block-scaled grouped GEMMs, SGLang's
+# and vLLM's cutlass fp4 MoE). MXFP4 experts (gpt-oss) run with bf16 or mxfp8 activations, so at
+# most at the fp8 rate: they stay in the bf16 lane as before.
+FP4_EXPERTS = ("nvfp4",)
+
+
+def compute_s(system: SystemSpec, flops: float, flops_fp8: float = 0.0, flops_fp4: float = 0.0) -> float:
+    """Seconds for FLOPs at their peaks, one lane per dtype. No fp4 tensor path (peak 0): fp4 at
+    the fp8 peak (which is the bf16 one where there is no fp8 path either)."""
+    return (flops / system.peak_flops + flops_fp8 / system.peak_flops_fp8
+            + flops_fp4 / (system.peak_flops_fp4 or system.peak_flops_fp8))
+
+
 @dataclass(frozen=True)
 class Part:
     """One operation class of a Work, with the shape its efficiency curve is read at."""
@@ -347,6 +361,7 @@ class Part:
     flops_fp8: float = 0.0
     bytes: float = 0.0
     nk: float = 0.0  # a GEMM's weight elements N x K on this GPU (its curve's size bin); 0: any
+    flops_fp4: float = 0.0  # FLOPs at the fp4 peak (FP4_EXPERTS)
 
     def curve(self, p: Plan):
         if self.cls == "gemm":
@@ -354,8 +369,7 @@ class Part:
         return efficiency.curve(p.system.name, p.engine, self.cls, self.dtype)
 
     def roofline(self, system: SystemSpec) -> float:
-        return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
-                   self.bytes / system.hbm_bw)
+        return max(compute_s(system, self.flops, self.flops_fp8, self.flops_fp4), self.bytes / system.hbm_bw)
 
 
 @dataclass(frozen=True)
@@ -366,20 +380,20 @@ class Work:
     flops_fp8: float = 0.0  # FLOPs that run at the fp8 peak (fp8 weights)
     bytes: float = 0.0
     parts: tuple = ()  # the same FLOPs and bytes by operation class (Part), for the prediction
+    flops_fp4: float = 0.0  # FLOPs that run at the fp4 peak (FP4_EXPERTS)
 
     def __add__(self, other: Work) -> Work:
         return Work(self.flops + other.flops, self.flops_fp8 + other.flops_fp8, self.bytes + other.bytes,
-                    self.parts + other.parts)
+                    self.parts + other.parts, self.flops_fp4 + other.flops_fp4)
 
     @staticmethod
     def of(*parts: Part) -> Work:
         return Work(sum(q.flops for q in parts), sum(q.flops_fp8 for q in parts),
-                    sum(q.bytes for q in parts), tuple(parts))
+                    sum(q.bytes for q in parts), tuple(parts), sum(q.flops_fp4 for q in parts))
 
     def time(self, system: SystemSpec) -> float:
         """Roofline: the FLOPs at their peaks, or the HBM bytes, whichever is slower."""
-        return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
-                   self.bytes / system.hbm_bw)
+        return max(compute_s(system, self.flops, self.flops_fp8, self.flops_fp4), self.bytes / system.hbm_bw)
 
     def predict(self, p: Plan) -> float:
         """The engine's prediction: each part's roofline / its achieved efficiency at its shape,
@@ -390,7 +404,7 @@ class Work:
         return sum(q.roofline(p.system) / efficiency.at(q.curve(p)[0], q.x) for q in self.parts)
 
     def bound(self, system: SystemSpec) -> str:
-        compute = self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8
+        compute = compute_s(system, self.flops, self.flops_fp8, self.flops_fp4)
         return "GPU compute" if compute >= self.bytes / system.hbm_bw else "HBM bandwidth"
 
 
@@ -476,11 +490,13 @@ def expert_work(p: Plan, rows: float, used_experts: float, held_experts: float |
     expert the grouped GEMM runs at."""
     m = p.model
     flops = 2 * rows * m.expert_params * m.n_moe_layers
-    fp8 = m.expert_dtype == "fp8"
+    # the lane the FLOPs run in: fp8 experts at the fp8 peak, NVFP4 at the fp4 one, others at bf16
+    lane = "fp8" if m.expert_dtype == "fp8" else "fp4" if m.expert_dtype in FP4_EXPERTS else "bf16"
     bytes_ = m.n_moe_layers * (used_experts * m.expert_bytes + 2 * rows * m.hidden * m.f_a)
     x = rows / (held_experts or m.n_experts)
-    return Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), x, flops=0 if fp8 else flops,
-                        flops_fp8=flops if fp8 else 0.0, bytes=bytes_))
+    return Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), x,
+                        flops=flops if lane == "bf16" else 0.0, flops_fp8=flops if lane == "fp8" else 0.0,
+                        flops_fp4=flops if lane == "fp4" else 0.0, bytes=bytes_))
 
 
 # --- EP communication (the one place issue 10's two-tier terms will replace) ---------------
@@ -1067,10 +1083,13 @@ def efficiency_sources(p: Plan, result: dict) -> list:
         used.append((efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"], "bf16"))
         if result.get("attention") == "tensor-parallel attention":
             used.append(("allreduce", "bf16"))
-    return [{"op": cls, "dtype": dt, "source": (efficiency.gemm_curve(p.system.name, p.engine, dt, 0)
-                                                 if cls == "gemm" else
-                                                 efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
-            for cls, dt in used]
+    out = [{"op": cls, "dtype": dt, "source": (efficiency.gemm_curve(p.system.name, p.engine, dt, 0)
+                                                if cls == "gemm" else
+                                                efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
+           for cls, dt in used]
+    if p.model.expert_dtype == "nvfp4":  # the moe entry: its curve stands in for a missing nvfp4 one
+        out[2]["source"] += f"; {efficiency.NVFP4_NOTE}"
+    return out
 
 
 def mean_burst_ttft(step, requests: int, prompt: int, budget: int | None) -> float:
