@@ -336,18 +336,28 @@ def _combine(p: Plan, terms: dict, combine) -> tuple[float, float, dict]:
 # --- GPU compute --------------------------------------------------------------------------
 
 
-# Expert dtypes the engines run on the fp4 tensor cores (both operands fp4, the fp4 peak): NVFP4
-# experts, activations quantized to NVFP4 too (TRT-LLM's Sm100 block-scaled grouped GEMMs, SGLang's
-# and vLLM's cutlass fp4 MoE). MXFP4 experts (gpt-oss) run with bf16 or mxfp8 activations, so at
-# most at the fp8 rate: they stay in the bf16 lane as before.
+# Expert dtypes the engines run on the fp4 tensor cores (both operands fp4, the fp4 peak) where the
+# GPU has them: NVFP4 experts with activations quantized to NVFP4 too (TRT-LLM's Sm100 block-scaled
+# grouped GEMMs, SGLang's and vLLM's cutlass_moe_fp4). Without an fp4 path (Hopper, Ada, Ampere)
+# engines run NVFP4 weight-only, dequantized into bf16 MMAs (Marlin W4A16: SGLang PR #19652,
+# TRT-LLM PR #13476), so those stay in the bf16 lane, as MXFP4 experts do everywhere (gpt-oss runs
+# with bf16 or mxfp8 activations: at most the fp8 rate).
 FP4_EXPERTS = ("nvfp4",)
 
 
 def compute_s(system: SystemSpec, flops: float, flops_fp8: float = 0.0, flops_fp4: float = 0.0) -> float:
     """Seconds for FLOPs at their peaks, one lane per dtype. No fp4 tensor path (peak 0): fp4 at
-    the fp8 peak (which is the bf16 one where there is no fp8 path either)."""
+    the bf16 peak, as the weight-only kernels run it (expert_lane puts nothing there then)."""
     return (flops / system.peak_flops + flops_fp8 / system.peak_flops_fp8
-            + flops_fp4 / (system.peak_flops_fp4 or system.peak_flops_fp8))
+            + flops_fp4 / (system.peak_flops_fp4 or system.peak_flops))
+
+
+def expert_lane(p: Plan) -> tuple[str, str]:
+    """(FLOP lane, efficiency class) of the routed experts: fp8 at the fp8 peak; NVFP4 at the fp4
+    peak where the GPU has one; all else (bf16, MXFP4, NVFP4 without an fp4 path) at bf16."""
+    dt = p.model.expert_dtype
+    fp4 = dt in FP4_EXPERTS and p.system.peak_flops_fp4 > 0
+    return ("fp8" if dt == "fp8" else "fp4" if fp4 else "bf16"), efficiency.dtype_class(dt, fp4)
 
 
 @dataclass(frozen=True)
@@ -490,11 +500,10 @@ def expert_work(p: Plan, rows: float, used_experts: float, held_experts: float |
     expert the grouped GEMM runs at."""
     m = p.model
     flops = 2 * rows * m.expert_params * m.n_moe_layers
-    # the lane the FLOPs run in: fp8 experts at the fp8 peak, NVFP4 at the fp4 one, others at bf16
-    lane = "fp8" if m.expert_dtype == "fp8" else "fp4" if m.expert_dtype in FP4_EXPERTS else "bf16"
+    lane, cls = expert_lane(p)
     bytes_ = m.n_moe_layers * (used_experts * m.expert_bytes + 2 * rows * m.hidden * m.f_a)
     x = rows / (held_experts or m.n_experts)
-    return Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), x,
+    return Work.of(Part("moe", cls, x,
                         flops=flops if lane == "bf16" else 0.0, flops_fp8=flops if lane == "fp8" else 0.0,
                         flops_fp4=flops if lane == "fp4" else 0.0, bytes=bytes_))
 
@@ -738,7 +747,7 @@ def plan_tp(p: Plan) -> dict:
     # whole on every GPU (input rows in, partial output rows out), hence the second term.
     held = m.n_experts / R  # the grouped GEMM runs at rows / E tokens per (sliced) expert
     ex = (expert_work(p, rows / R, used / R, held)
-          + Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), rows / R / held,
+          + Work.of(Part("moe", expert_lane(p)[1], rows / R / held,
                          bytes=m.n_moe_layers * 2 * rows * (1 - 1 / R) * m.hidden * m.f_a)))
     L_all = m.n_layers or m.n_moe_layers
     kv_seq = memory.kv_bytes(p.cfg, p.context, p.kv_dtype)
@@ -1078,7 +1087,7 @@ def efficiency_sources(p: Plan, result: dict) -> list:
     used = [("gemm", "fp8" if dtype == "fp8" else "bf16"),
             (("mla_decode" if mla else "attn_decode") if p.decode else "attn_prefill",
              "fp8" if p.kv_dtype == "fp8" else "bf16"),
-            ("moe", efficiency.dtype_class(p.model.expert_dtype))]
+            ("moe", expert_lane(p)[1])]
     if result["name"] == "ep" and result["gpus"] > 1:
         used.append((efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"], "bf16"))
         if result.get("attention") == "tensor-parallel attention":
@@ -1087,7 +1096,7 @@ def efficiency_sources(p: Plan, result: dict) -> list:
                                                 if cls == "gemm" else
                                                 efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
            for cls, dt in used]
-    if p.model.expert_dtype == "nvfp4":  # the moe entry: its curve stands in for a missing nvfp4 one
+    if expert_lane(p)[0] == "fp4":  # the moe entry: its curve stands in for a missing nvfp4 one
         out[2]["source"] += f"; {efficiency.NVFP4_NOTE}"
     return out
 

@@ -194,7 +194,8 @@ class SystemSpec:
     hbm_bw: float = 3.35e12  # HBM bandwidth, B/s (roofline for T_B)
     peak_flops: float = 989e12  # dense bf16 FLOP/s (roofline for T_B)
     peak_flops_fp8: float = 1979e12  # dense fp8 FLOP/s
-    # dense fp4 FLOP/s (NVFP4 experts); 0: no fp4 tensor path, fp4 runs at the fp8 peak (plan.compute_s)
+    # dense fp4 FLOP/s (NVFP4 experts); 0: no fp4 tensor path, NVFP4 runs weight-only at bf16
+    # (plan.expert_lane)
     peak_flops_fp4: float = 0.0
     hbm_bytes: float = 80e9  # HBM capacity per GPU, B (memory fit)
     gpus_per_node: int = 8

@@ -57,22 +57,21 @@ def test_fp4_lane_by_hand_on_b200():
     assert w.bound(p.system) == "GPU compute"
 
 
-@pytest.mark.parametrize("system, peak", [("h100-sxm", 1979e12), ("h200-sxm", 1979e12)])
-def test_fp4_experts_without_fp4_path_run_at_fp8_rate(system, peak):
-    # Hopper: no fp4 tensor path, so the fp4 lane runs at the datasheet's fp8 peak
+@pytest.mark.parametrize("system", ["h100-sxm", "h200-sxm", "rtx-4090"])
+def test_nvfp4_without_fp4_path_runs_weight_only_at_bf16(system):
+    # Hopper/Ada: no fp4 tensor path; engines run NVFP4 as Marlin W4A16 (bf16 MMAs), so the experts
+    # stay where they were before the lane: bf16 FLOPs, the weight-only (int4) curve
     p = make_plan(system=system, expert_dtype="nvfp4")
+    assert p.system.peak_flops_fp4 == 0
     rows = 1 << 16
     flops = 2 * rows * 3 * 7168 * 2048 * 58
-    assert planner.compute_s(p.system, 0.0, 0.0, flops) == flops / peak
     w = planner.expert_work(p, rows, 256)
-    assert w.time(p.system) == pytest.approx(flops / peak, rel=1e-12)
-
-
-def test_no_fp8_no_fp4_path_runs_at_bf16_rate():
-    # a GPU with neither (RTX 3090 preset: fp8 null -> peak_flops_fp8 = bf16 peak)
-    s = load_system("rtx-3090")
-    assert s.peak_flops_fp8 == s.peak_flops
-    assert planner.compute_s(s, 0.0, 0.0, 1e15) == 1e15 / s.peak_flops
+    assert (w.flops, w.flops_fp8, w.flops_fp4) == (flops, 0, 0)
+    assert w.parts[0].dtype == "int4"
+    bf16 = SYSTEMS["gpus"][system]["bf16_dense_TFLOPs"] * 1e12
+    assert w.time(p.system) >= flops / bf16
+    # the lane itself, handed fp4 FLOPs on such a GPU, runs them at the bf16 peak
+    assert planner.compute_s(p.system, 0.0, 0.0, 1e15) == 1e15 / bf16
 
 
 def test_mxfp4_experts_stay_in_the_bf16_lane():
@@ -83,7 +82,8 @@ def test_mxfp4_experts_stay_in_the_bf16_lane():
 
 
 def test_nvfp4_reads_fp8_curve_and_says_so():
-    assert efficiency.dtype_class("nvfp4") == "fp8"
+    assert efficiency.dtype_class("nvfp4", fp4_path=True) == "fp8"
+    assert efficiency.dtype_class("nvfp4") == "int4"
     p = make_plan(system="b200", expert_dtype="nvfp4", engine="sglang")
     r = planner.plan_ep(p)
     moe = [s for s in r["efficiency_sources"] if s["op"] == "moe"] if "efficiency_sources" in r else None
