@@ -336,6 +336,30 @@ def _combine(p: Plan, terms: dict, combine) -> tuple[float, float, dict]:
 # --- GPU compute --------------------------------------------------------------------------
 
 
+# Expert dtypes the engines run on the fp4 tensor cores (both operands fp4, the fp4 peak) where the
+# GPU has them: NVFP4 experts with activations quantized to NVFP4 too (TRT-LLM's Sm100 block-scaled
+# grouped GEMMs, SGLang's and vLLM's cutlass_moe_fp4). Without an fp4 path (Hopper, Ada, Ampere)
+# engines run NVFP4 weight-only, dequantized into bf16 MMAs (Marlin W4A16: SGLang PR #19652,
+# TRT-LLM PR #13476), so those stay in the bf16 lane, as MXFP4 experts do everywhere (gpt-oss runs
+# with bf16 or mxfp8 activations: at most the fp8 rate).
+FP4_EXPERTS = ("nvfp4",)
+
+
+def compute_s(system: SystemSpec, flops: float, flops_fp8: float = 0.0, flops_fp4: float = 0.0) -> float:
+    """Seconds for FLOPs at their peaks, one lane per dtype. No fp4 tensor path (peak 0): fp4 at
+    the bf16 peak, as the weight-only kernels run it (expert_lane puts nothing there then)."""
+    return (flops / system.peak_flops + flops_fp8 / system.peak_flops_fp8
+            + flops_fp4 / (system.peak_flops_fp4 or system.peak_flops))
+
+
+def expert_lane(p: Plan) -> tuple[str, str]:
+    """(FLOP lane, efficiency class) of the routed experts: fp8 at the fp8 peak; NVFP4 at the fp4
+    peak where the GPU has one; all else (bf16, MXFP4, NVFP4 without an fp4 path) at bf16."""
+    dt = p.model.expert_dtype
+    fp4 = dt in FP4_EXPERTS and p.system.peak_flops_fp4 > 0
+    return ("fp8" if dt == "fp8" else "fp4" if fp4 else "bf16"), efficiency.dtype_class(dt, fp4)
+
+
 @dataclass(frozen=True)
 class Part:
     """One operation class of a Work, with the shape its efficiency curve is read at."""
@@ -347,6 +371,7 @@ class Part:
     flops_fp8: float = 0.0
     bytes: float = 0.0
     nk: float = 0.0  # a GEMM's weight elements N x K on this GPU (its curve's size bin); 0: any
+    flops_fp4: float = 0.0  # FLOPs at the fp4 peak (FP4_EXPERTS)
 
     def curve(self, p: Plan):
         if self.cls == "gemm":
@@ -354,8 +379,7 @@ class Part:
         return efficiency.curve(p.system.name, p.engine, self.cls, self.dtype)
 
     def roofline(self, system: SystemSpec) -> float:
-        return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
-                   self.bytes / system.hbm_bw)
+        return max(compute_s(system, self.flops, self.flops_fp8, self.flops_fp4), self.bytes / system.hbm_bw)
 
 
 @dataclass(frozen=True)
@@ -366,20 +390,20 @@ class Work:
     flops_fp8: float = 0.0  # FLOPs that run at the fp8 peak (fp8 weights)
     bytes: float = 0.0
     parts: tuple = ()  # the same FLOPs and bytes by operation class (Part), for the prediction
+    flops_fp4: float = 0.0  # FLOPs that run at the fp4 peak (FP4_EXPERTS)
 
     def __add__(self, other: Work) -> Work:
         return Work(self.flops + other.flops, self.flops_fp8 + other.flops_fp8, self.bytes + other.bytes,
-                    self.parts + other.parts)
+                    self.parts + other.parts, self.flops_fp4 + other.flops_fp4)
 
     @staticmethod
     def of(*parts: Part) -> Work:
         return Work(sum(q.flops for q in parts), sum(q.flops_fp8 for q in parts),
-                    sum(q.bytes for q in parts), tuple(parts))
+                    sum(q.bytes for q in parts), tuple(parts), sum(q.flops_fp4 for q in parts))
 
     def time(self, system: SystemSpec) -> float:
         """Roofline: the FLOPs at their peaks, or the HBM bytes, whichever is slower."""
-        return max(self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8,
-                   self.bytes / system.hbm_bw)
+        return max(compute_s(system, self.flops, self.flops_fp8, self.flops_fp4), self.bytes / system.hbm_bw)
 
     def predict(self, p: Plan) -> float:
         """The engine's prediction: each part's roofline / its achieved efficiency at its shape,
@@ -390,7 +414,7 @@ class Work:
         return sum(q.roofline(p.system) / efficiency.at(q.curve(p)[0], q.x) for q in self.parts)
 
     def bound(self, system: SystemSpec) -> str:
-        compute = self.flops / system.peak_flops + self.flops_fp8 / system.peak_flops_fp8
+        compute = compute_s(system, self.flops, self.flops_fp8, self.flops_fp4)
         return "GPU compute" if compute >= self.bytes / system.hbm_bw else "HBM bandwidth"
 
 
@@ -476,11 +500,12 @@ def expert_work(p: Plan, rows: float, used_experts: float, held_experts: float |
     expert the grouped GEMM runs at."""
     m = p.model
     flops = 2 * rows * m.expert_params * m.n_moe_layers
-    fp8 = m.expert_dtype == "fp8"
+    lane, cls = expert_lane(p)
     bytes_ = m.n_moe_layers * (used_experts * m.expert_bytes + 2 * rows * m.hidden * m.f_a)
     x = rows / (held_experts or m.n_experts)
-    return Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), x, flops=0 if fp8 else flops,
-                        flops_fp8=flops if fp8 else 0.0, bytes=bytes_))
+    return Work.of(Part("moe", cls, x,
+                        flops=flops if lane == "bf16" else 0.0, flops_fp8=flops if lane == "fp8" else 0.0,
+                        flops_fp4=flops if lane == "fp4" else 0.0, bytes=bytes_))
 
 
 # --- EP communication (the one place issue 10's two-tier terms will replace) ---------------
@@ -722,7 +747,7 @@ def plan_tp(p: Plan) -> dict:
     # whole on every GPU (input rows in, partial output rows out), hence the second term.
     held = m.n_experts / R  # the grouped GEMM runs at rows / E tokens per (sliced) expert
     ex = (expert_work(p, rows / R, used / R, held)
-          + Work.of(Part("moe", efficiency.dtype_class(m.expert_dtype), rows / R / held,
+          + Work.of(Part("moe", expert_lane(p)[1], rows / R / held,
                          bytes=m.n_moe_layers * 2 * rows * (1 - 1 / R) * m.hidden * m.f_a)))
     L_all = m.n_layers or m.n_moe_layers
     kv_seq = memory.kv_bytes(p.cfg, p.context, p.kv_dtype)
@@ -1087,15 +1112,18 @@ def efficiency_sources(p: Plan, result: dict) -> list:
     used = [("gemm", "fp8" if dtype == "fp8" else "bf16"),
             (("mla_decode" if mla else "attn_decode") if p.decode else "attn_prefill",
              "fp8" if p.kv_dtype == "fp8" else "bf16"),
-            ("moe", efficiency.dtype_class(p.model.expert_dtype))]
+            ("moe", expert_lane(p)[1])]
     if result["name"] == "ep" and result["gpus"] > 1:
         used.append((efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"], "bf16"))
         if result.get("attention") == "tensor-parallel attention":
             used.append(("allreduce", "bf16"))
-    return [{"op": cls, "dtype": dt, "source": (efficiency.gemm_curve(p.system.name, p.engine, dt, 0)
-                                                 if cls == "gemm" else
-                                                 efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
-            for cls, dt in used]
+    out = [{"op": cls, "dtype": dt, "source": (efficiency.gemm_curve(p.system.name, p.engine, dt, 0)
+                                                if cls == "gemm" else
+                                                efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
+           for cls, dt in used]
+    if expert_lane(p)[0] == "fp4":  # the moe entry: its curve stands in for a missing nvfp4 one
+        out[2]["source"] += f"; {efficiency.NVFP4_NOTE}"
+    return out
 
 
 def mean_burst_ttft(step, requests: int, prompt: int, budget: int | None) -> float:

@@ -256,6 +256,8 @@ def system_from_entry(name: str, gpu: dict, where: str, host_link: str | None = 
         peak_flops=gpu["bf16_dense_TFLOPs"] * 1e12,
         # No fp8 tensor path (null): fp8 weights are upcast and run at the bf16 rate.
         peak_flops_fp8=(fp8 or gpu["bf16_dense_TFLOPs"]) * 1e12,
+        # No fp4 tensor path (null): 0, and NVFP4 experts run weight-only at bf16 (plan.expert_lane).
+        peak_flops_fp4=(gpu.get("fp4_dense_TFLOPs") or 0) * 1e12,
         hbm_bytes=gpu["hbm_GB"] * 1e9,
         gpus_per_node=int(gpu["gpus_per_node"]),
         host_link=link_name,

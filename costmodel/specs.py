@@ -194,6 +194,9 @@ class SystemSpec:
     hbm_bw: float = 3.35e12  # HBM bandwidth, B/s (roofline for T_B)
     peak_flops: float = 989e12  # dense bf16 FLOP/s (roofline for T_B)
     peak_flops_fp8: float = 1979e12  # dense fp8 FLOP/s
+    # dense fp4 FLOP/s (NVFP4 experts); 0: no fp4 tensor path, NVFP4 runs weight-only at bf16
+    # (plan.expert_lane)
+    peak_flops_fp4: float = 0.0
     hbm_bytes: float = 80e9  # HBM capacity per GPU, B (memory fit)
     gpus_per_node: int = 8
     host_link: str = ""
@@ -203,7 +206,7 @@ class SystemSpec:
     def __post_init__(self):
         for f in ("b_pcie", "b_net", "b_nvlink", "hbm_bw", "peak_flops", "peak_flops_fp8", "hbm_bytes"):
             _check(f, getattr(self, f), positive=True)
-        for f in ("alpha_pcie", "alpha_net"):
+        for f in ("alpha_pcie", "alpha_net", "peak_flops_fp4"):
             _check(f, getattr(self, f))
         _check("gpus_per_node", self.gpus_per_node, positive=True, integer=True, at_most=MAX_GPUS,
                why=GPUS_WHY)

@@ -136,10 +136,21 @@ def prefill_budget(engine_name: str, hbm_bytes: float, dp: int = 1) -> tuple[int
     return tokens, b["source"]
 
 
-def dtype_class(dtype: str) -> str:
-    """A weight dtype's class in the tables: fp8, 4-bit formats, or bf16 (16-bit and anything else)."""
+# NVFP4 experts on a GPU with fp4 tensor cores run W4A4 there (plan.expert_lane), not weight-only
+# like the int4 tables' kernels (int4_wo, w4a16_mxfp4); the tables hold no nvfp4 MoE class, so
+# they read the low-precision tensor-core curve there is, fp8's (efficiency vs its own peak), and
+# efficiency_sources says so. Without fp4 tensor cores NVFP4 runs weight-only: the int4 class.
+NVFP4_CLASS = "fp8"
+NVFP4_NOTE = "NVFP4 experts on fp4 tensor cores: no nvfp4 MoE table, fp8's curve at the fp4 peak"
+
+
+def dtype_class(dtype: str, fp4_path: bool = False) -> str:
+    """A weight dtype's class in the tables: fp8 (and nvfp4 where the GPU runs it on fp4 tensor
+    cores, `fp4_path`: NVFP4_CLASS), the weight-only 4-bit formats, or bf16 (anything else)."""
     if dtype == "fp8":
         return "fp8"
+    if dtype == "nvfp4" and fp4_path:
+        return NVFP4_CLASS
     if dtype in ("int4", "mxfp4", "nvfp4"):
         return "int4"
     return "bf16"
