@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moelab.costmodel.engine_results import Run
-from moelab.costmodel.predict.profile import TERMS, VERSION, load_profile
+from moelab.costmodel.predict.profile import VERSION, load_profile
 from moelab.costmodel.specs import SpecError
 
 # A GGUF file's weights on the GPU, as the planner's GPU dtype of about the same bytes per weight:
@@ -31,23 +31,12 @@ ENGINE_STRATEGIES = {"vllm": ("ep", "tp", "offload"), "sglang": ("ep", "tp"), "t
 
 
 def combine(strategy: str, terms: dict) -> float:
-    """A strategy's step from its terms, as costmodel/plan.py joins them (`_ep_step`,
-    `_hybrid_step`, offload's sum): repeated here so the fit can try thousands of candidate
-    scales without re-running the planner; tests/test_fit.py checks it against the planner
-    under a profile. EP adds compute, the TP all-reduce and the collectives' latency to the
-    slower all-to-all leg; offload adds compute and the stream; CPU experts and the hybrid add
-    the GPU's own work to the slowest of the GPU's experts, the CPU's (with its round trip) and,
-    in a layerwise prefill, the experts streamed to the GPU."""
-    t = {k: terms.get(k, 0.0) for k in TERMS}
-    if strategy == "ep":
-        return t["compute_s"] + t["tp_allreduce_s"] + t["ep_latency_s"] + max(t["network_s"], t["nvlink_s"])
-    if strategy == "tp":  # each all-reduce's result is the next operation's input: no overlap
-        return t["compute_s"] + t["tp_allreduce_s"]
-    if strategy == "offload":
-        return t["compute_s"] + t["stream_s"]
-    if strategy in ("cpu-experts", "hybrid"):  # stream_s: KTransformers-style layerwise prefill
-        return t["compute_s"] + max(t["gpu_experts_s"], t["link_s"] + t["cpu_s"], t["stream_s"])
-    raise SpecError(f"strategy: unknown {strategy!r}")
+    """A strategy's step from its terms, joined as the planner joins them
+    (`plan.strategy_step`): the fit tries thousands of candidate scales on the terms of one
+    planner run instead of re-running the planner."""
+    from moelab.costmodel.plan import strategy_step
+
+    return strategy_step(strategy, terms)[0]
 
 
 def apply_profile(strategy: str, terms: dict, layers: int, profile: dict | None) -> float:

@@ -275,3 +275,42 @@ def combine(pp: planner.Plan, pd: planner.Plan, req: Requests) -> dict:
             "options": options,
             "best": options[0] if options[0]["feasible"] else None,
             "best_single": same[0] if same else None}
+
+
+# --- a serving benchmark's time to first token ----------------------------------------------
+
+
+def mean_burst_ttft(step, requests: int, prompt: int, budget: int | None) -> float:
+    """Mean time to first token of `requests` prompts of `prompt` tokens that arrive together,
+    when the engine prefills at most `budget` tokens per step, first come first served
+    (chunked prefill); `step(tokens)` is one step's time. Request i (1-based) completes with
+    step s_i = ceil(i prompt / budget); every step is full (`budget` tokens) but the last, of
+    T - (S - 1) budget tokens, S = ceil(T / budget), T = requests x prompt. So TTFT_i =
+    s_i step(budget), or (S - 1) step(budget) + step(last) for the requests the last step
+    completes; the mean is over i. budget None: one pass of all T tokens, which every request
+    waits for (about twice the mean at large T / budget). The decode steps of requests already
+    prefilled, which share later steps, are left out."""
+    total = requests * prompt
+    if budget is None or total <= budget:
+        return step(total)
+    S = -(-total // budget)
+    full, last = step(budget), step(total - (S - 1) * budget)
+    done = [-(-i * prompt // budget) for i in range(1, requests + 1)]
+    return sum((s - 1) * full + last if s == S else s * full for s in done) / requests
+
+
+def mean_serving_ttft(step, requests: int, prompt: int, budget: int | None, waves: int = 1,
+                      decode_s: float = 0.0) -> float:
+    """Mean TTFT of a closed-loop benchmark at concurrency `requests` that sends `waves` x
+    `requests` prompts of equal length and equal output length: the first wave arrives
+    together (`mean_burst_ttft`); a request of a later wave arrives when one of the previous
+    wave finishes, and those finish in the groups their prefill steps made (the requests one
+    budget completes together, min(requests, budget // prompt), at least 1), so each later
+    group is a burst of its own, which also waits for the decode step in flight (on average
+    half of one, `decode_s`). The mean is over all waves x requests."""
+    burst = mean_burst_ttft(step, requests, prompt, budget)
+    if waves <= 1:
+        return burst
+    group = requests if budget is None else min(requests, max(1, budget // prompt))
+    steady = mean_burst_ttft(step, group, prompt, budget) + decode_s / 2
+    return (burst + (waves - 1) * steady) / waves

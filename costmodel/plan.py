@@ -36,7 +36,7 @@ from moelab.costmodel import memory
 from moelab.costmodel.closed_form import ep_legs
 from moelab.costmodel.predict import cpu as cpu_achieved
 from moelab.costmodel.predict import efficiency
-from moelab.costmodel.predict.profile import ENGINES, Profile
+from moelab.costmodel.predict.profile import ENGINES, TERMS, Profile
 from moelab.costmodel.specs import ModelSpec, Options, SpecError, SystemSpec
 
 # Bytes per weight of the CPU expert formats: llama.cpp's Q8_0 and Q4_0 blocks hold 32
@@ -331,6 +331,26 @@ def _combine(p: Plan, terms: dict, combine) -> tuple[float, float, dict]:
     step, overlap = combine(terms)
     fixed = p.profile.fixed_s(p.model.n_layers or p.model.n_moe_layers) if p.profile is not None else 0.0
     return step + fixed, overlap + fixed, terms
+
+
+def strategy_step(name: str, terms: dict, micro_batches: int = 1, layers: int = 1) -> tuple[float, float]:
+    """(step, overlapped step) of strategy `name` from its terms (seconds; a term it lacks is 0):
+    the one place each strategy joins them (the planner, and `moelab fit` trying scales).
+    ep: compute + all-reduce, then latency + the slower all-to-all leg (two-batch overlap:
+    tbo_step); tp: compute + all-reduces, no overlap; offload: compute + stream; cpu-experts
+    and hybrid: the GPU's own work, then the slowest of the GPU's experts, the CPU's with its
+    round trip, and a layerwise prefill's stream."""
+    t = dict.fromkeys(TERMS, 0.0) | terms
+    if name == "ep":
+        return _ep_step(t, micro_batches, layers)
+    if name == "tp":
+        step = t["compute_s"] + t["tp_allreduce_s"]
+        return step, step
+    if name == "offload":
+        return t["compute_s"] + t["stream_s"], max(t["compute_s"], t["stream_s"])
+    if name in ("cpu-experts", "hybrid"):
+        return _hybrid_step(t)
+    raise SpecError(f"strategy: unknown {name!r} (known: {', '.join(STRATEGIES)})")
 
 
 # --- GPU compute --------------------------------------------------------------------------
@@ -668,7 +688,7 @@ def plan_ep(p: Plan) -> dict:
     mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0])
     terms = {"compute_s": compute - tp, "tp_allreduce_s": tp, "network_s": comm["network_s"],
              "nvlink_s": comm["nvlink_s"], "ep_latency_s": comm["latency_s"]}
-    step, overlap, terms = _combine(p, terms, lambda t: _ep_step(t, mb, m.n_moe_layers))
+    step, overlap, terms = _combine(p, terms, lambda t: strategy_step("ep", t, mb, m.n_moe_layers))
     bound = _bound(terms, work.bound(p.system))
     return _slo(p, _result("ep", R, True, f"{mode}, {m.n_experts} experts over {R} GPUs "
                                           f"({_share(m.n_experts, R)} per GPU), busiest rank x{imb:.3g}"
@@ -779,7 +799,7 @@ def plan_tp(p: Plan) -> dict:
         return _result("tp", R, False, _does_not_fit(p, need, total, mode), mem=mem_for(need, total))
     mode, need, total, (compute, work, tp) = min(fits, key=lambda o: o[3][0] + o[3][2])
     terms = {"compute_s": compute, "tp_allreduce_s": tp}
-    step, overlap, terms = _combine(p, terms, lambda t: (t["compute_s"] + t["tp_allreduce_s"],) * 2)
+    step, overlap, terms = _combine(p, terms, lambda t: strategy_step("tp", t))
     return _slo(p, _result("tp", R, True, f"{mode}, each of {m.n_experts} experts split over {R} GPUs "
                                           f"(1/{R} of every expert per GPU)",
                            step, overlap, _bound(terms, work.bound(p.system)), mem_for(need, total),
@@ -866,8 +886,7 @@ def plan_offload(p: Plan) -> dict:
     work = non_expert_work(p, n, non_expert, kv) + expert_work(p, n * m.top_k, used)
     compute = work.predict(p)
     terms = {"compute_s": compute, "stream_s": stream}
-    step, overlap, terms = _combine(p, terms, lambda t: (t["compute_s"] + t["stream_s"],
-                                                         max(t["compute_s"], t["stream_s"])))
+    step, overlap, terms = _combine(p, terms, lambda t: strategy_step("offload", t))
     bound = _bound(terms, work.bound(p.system))
     if bound == "host link":
         bound = link_kind
@@ -965,7 +984,7 @@ def plan_hybrid(p: Plan, name: str = "hybrid") -> dict:
                      "stream_s": L * lw[0]}
         if eager is not None:
             terms["eager_attention_s"] = eager
-        step, overlap, terms = _combine(p, terms, _hybrid_step)
+        step, overlap, terms = _combine(p, terms, lambda t: strategy_step(name, t))
         if best is None or step < best[0] - 1e-15:
             best = (step, overlap, terms, r, cpu_kind, used, cpu_used)
     step, overlap, terms, r, cpu_kind, used, cpu_used = best
@@ -1115,8 +1134,10 @@ def efficiency_sources(p: Plan, result: dict) -> list:
             ("moe", expert_lane(p)[1])]
     if result["name"] == "ep" and result["gpus"] > 1:
         used.append((efficiency.engine(p.engine)["a2a"]["decode" if p.decode else "prefill"], "bf16"))
-        if result.get("attention") == "tensor-parallel attention":
-            used.append(("allreduce", "bf16"))
+    # all-reduces: ep's tensor-parallel attention, and every expert-TP instance over GPUs
+    if result["gpus"] > 1 and (result["name"] == "tp"
+                               or result.get("attention") == "tensor-parallel attention"):
+        used.append(("allreduce", "bf16"))
     out = [{"op": cls, "dtype": dt, "source": (efficiency.gemm_curve(p.system.name, p.engine, dt, 0)
                                                 if cls == "gemm" else
                                                 efficiency.curve(p.system.name, p.engine, cls, dt))[1]}
@@ -1124,42 +1145,6 @@ def efficiency_sources(p: Plan, result: dict) -> list:
     if expert_lane(p)[0] == "fp4":  # the moe entry: its curve stands in for a missing nvfp4 one
         out[2]["source"] += f"; {efficiency.NVFP4_NOTE}"
     return out
-
-
-def mean_burst_ttft(step, requests: int, prompt: int, budget: int | None) -> float:
-    """Mean time to first token of `requests` prompts of `prompt` tokens that arrive together,
-    when the engine prefills at most `budget` tokens per step, first come first served
-    (chunked prefill); `step(tokens)` is one step's time. Request i (1-based) completes with
-    step s_i = ceil(i prompt / budget); every step is full (`budget` tokens) but the last, of
-    T - (S - 1) budget tokens, S = ceil(T / budget), T = requests x prompt. So TTFT_i =
-    s_i step(budget), or (S - 1) step(budget) + step(last) for the requests the last step
-    completes; the mean is over i. budget None: one pass of all T tokens, which every request
-    waits for (about twice the mean at large T / budget). The decode steps of requests already
-    prefilled, which share later steps, are left out."""
-    total = requests * prompt
-    if budget is None or total <= budget:
-        return step(total)
-    S = -(-total // budget)
-    full, last = step(budget), step(total - (S - 1) * budget)
-    done = [-(-i * prompt // budget) for i in range(1, requests + 1)]
-    return sum((s - 1) * full + last if s == S else s * full for s in done) / requests
-
-
-def mean_serving_ttft(step, requests: int, prompt: int, budget: int | None, waves: int = 1,
-                      decode_s: float = 0.0) -> float:
-    """Mean TTFT of a closed-loop benchmark at concurrency `requests` that sends `waves` x
-    `requests` prompts of equal length and equal output length: the first wave arrives
-    together (`mean_burst_ttft`); a request of a later wave arrives when one of the previous
-    wave finishes, and those finish in the groups their prefill steps made (the requests one
-    budget completes together, min(requests, budget // prompt), at least 1), so each later
-    group is a burst of its own, which also waits for the decode step in flight (on average
-    half of one, `decode_s`). The mean is over all waves x requests."""
-    burst = mean_burst_ttft(step, requests, prompt, budget)
-    if waves <= 1:
-        return burst
-    group = requests if budget is None else min(requests, max(1, budget // prompt))
-    steady = mean_burst_ttft(step, group, prompt, budget) + decode_s / 2
-    return (burst + (waves - 1) * steady) / waves
 
 
 def plan_all(p: Plan) -> dict:

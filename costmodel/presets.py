@@ -202,12 +202,14 @@ def _link(ref, table: str) -> tuple[str, dict]:
     return ref, check_link(_pick(table, ref), f"preset {ref} (costmodel/presets/systems.json {table})")
 
 
-def gpu_entry(name: str) -> tuple[str, dict, str]:
-    """(name, checked entry, where) of a GPU preset or a GPU file in the presets' schema."""
+def gpu_entry(name: str, data=None) -> tuple[str, dict, str]:
+    """(name, checked entry, where) of a GPU preset or a GPU file in the presets' schema;
+    `data`: the file's JSON where the caller has read it already."""
     if is_path(name):
         from moelab.costmodel.jsonfile import read_json
 
-        data = read_json(name, "system")
+        if data is None:
+            data = read_json(name, "system")
         if not isinstance(data, dict):
             raise SpecError(f"system: {name} must hold a JSON object, got {type(data).__name__}")
         return data.get("name") or Path(name).stem, check_entry(data, GPU_SCHEMA, name, "system"), name
@@ -225,11 +227,14 @@ def load_system(name: str = "h100-sxm", host_link: str | None = None,
     wrote before issue 20) is still read as it was. `latencies=True` takes the links'
     latencies (published, fitted or measured); the seed ignores them (0).
     """
+    data = None
     if is_path(name):
-        legacy = _legacy_system(name)
-        if legacy is not None:
-            return legacy
-    return system_from_entry(*gpu_entry(name), host_link=host_link, network=network,
+        from moelab.costmodel.jsonfile import read_json
+
+        data = read_json(name, "system")
+        if isinstance(data, dict) and any(k in data for k in LEGACY_KEYS):
+            return _legacy_system(data, name)
+    return system_from_entry(*gpu_entry(name, data), host_link=host_link, network=network,
                              measured=measured, latencies=latencies)
 
 
@@ -299,13 +304,8 @@ def link_inputs(name: str = "h100-sxm", host_link: str | None = None,
 LEGACY_KEYS = ("b_pcie", "b_net")  # SystemSpec's SI fields: an old system file
 
 
-def _legacy_system(path: str) -> SystemSpec | None:
-    """An old system file (SystemSpec's fields in SI units), or None for any other file."""
-    from moelab.costmodel.jsonfile import read_json
-
-    data = read_json(path, "system")
-    if not isinstance(data, dict) or not any(k in data for k in LEGACY_KEYS):
-        return None
+def _legacy_system(data: dict, path: str) -> SystemSpec:
+    """An old system file's JSON (SystemSpec's fields in SI units: it holds b_pcie or b_net)."""
     known = list(SystemSpec.__dataclass_fields__)
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -41,7 +41,7 @@ MAX_GPUS = 2**14  # EP ranks, GPUs of a plan, GPUs per node: the busiest-rank mo
 GPUS_WHY = ", the most GPUs moelab models"
 TOKENS_WHY = ", the most tokens moelab counts exactly"
 MAX_PLACEMENT_STEPS = 2**22  # (E + replicas) x R: the replica placement's greedy loop (Python)
-MAX_SAMPLES = 10**6  # Monte Carlo samples (api.check_monte_carlo also bounds samples x layers,
+MAX_SAMPLES = 10**6  # Monte Carlo samples (check_monte_carlo also bounds samples x layers,
 #                      kept as [samples, L] float64 arrays, and the draws of the whole run)
 MAX_DRAW_ELEMENTS = 2**28  # elements one Monte Carlo layer-sample holds: tokens x E scores
 #                            (1 GiB of float32); past it a sampled pass does not fit in memory
@@ -91,6 +91,49 @@ def check_placement(n_experts: int, ranks: int | None, redundant: int) -> None:
 def check_count(name: str, value, limit: int, why: str, *, at_least: int = 1) -> None:
     """An integer count from the user (a flag or API argument) in [at_least, limit]."""
     _check(name, value, integer=True, at_least=at_least, at_most=limit, why=why)
+
+
+# The Monte Carlo's and the timeline's sizes (moelab gamma), checked before jax is imported or
+# anything drawn.
+MAX_SAMPLE_LAYERS = 2**24  # samples x L: kept as several [samples, L] float64 arrays (128 MiB each)
+MAX_MONTE_CARLO_DRAWS = 2**34  # samples x L x N_t x k expert picks: a few minutes on 2 cores
+#                                (deepseek-r1 at 4096 tokens: 9,000 samples; ~23 ms each, zipf)
+MAX_TIMELINE_EVENTS = 2**22  # transfers and computes the overlap timeline schedules (Python)
+
+
+def check_seed(seed) -> None:
+    """A random seed jax and numpy both take: an integer in [0, 2^32)."""
+    check_count("seed", seed, 2**32 - 1, ", the largest seed (32 bits)", at_least=0)
+
+
+def check_monte_carlo(m: ModelSpec, w: Workload, samples: int, ep_ranks: int | None) -> None:
+    """Samples, and what one sampled layer holds: N_t tokens (R N_t for the busiest rank) of
+    up to E scores each."""
+    check_count("samples", samples, MAX_SAMPLES, ", the most Monte Carlo samples moelab draws")
+    if samples * m.n_moe_layers > MAX_SAMPLE_LAYERS:
+        raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} MoE layers > {MAX_SAMPLE_LAYERS:,} "
+                        "sampled layers, the most the Monte Carlo keeps")
+    draws = samples * m.n_moe_layers * w.tokens_per_pass * m.top_k
+    if draws > MAX_MONTE_CARLO_DRAWS:
+        raise SpecError(f"samples: {samples:,} x {m.n_moe_layers} layers x {w.tokens_per_pass:,} tokens "
+                        f"x k={m.top_k} = {draws:,} expert picks > {MAX_MONTE_CARLO_DRAWS:,}, the most "
+                        "the Monte Carlo draws in one run")
+    tokens = w.tokens_per_pass * max(ep_ranks or 1, 1)
+    if tokens * m.n_experts > MAX_DRAW_ELEMENTS:
+        what = f"{w.tokens_per_pass:,} tokens" + (f" x {ep_ranks} EP ranks" if (ep_ranks or 1) > 1 else "")
+        raise SpecError(f"samples: a sampled layer of {what} x {m.n_experts} experts = "
+                        f"{tokens * m.n_experts:,} scores > {MAX_DRAW_ELEMENTS:,}, the most the "
+                        "Monte Carlo holds at once; give fewer tokens (or ranks)")
+
+
+def check_timeline(m: ModelSpec, microbatches) -> None:
+    """--overlap schedules every expert copy and micro-batch of every layer, one by one."""
+    check_count("microbatches", microbatches, 2**10, ", the most micro-batches the timeline splits")
+    events = m.n_moe_layers * (m.n_experts + 2 * microbatches)
+    if events > MAX_TIMELINE_EVENTS:
+        raise SpecError(f"overlap: {m.n_moe_layers} layers x ({m.n_experts} experts + "
+                        f"{2 * microbatches} micro-batch steps) = {events:,} events > "
+                        f"{MAX_TIMELINE_EVENTS:,}, the most the timeline schedules")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ represent is predicted:
   (efficiency.prefill_budget, sourced in engines/*.json); the first wave of B requests
   arrives together and request i completes with step ceil(i isl / budget); the later
   WAVES - 1 waves arrive in the groups those steps made, each group after half a decode
-  step (plan.mean_serving_ttft; WAVES below). Each step's time is plan's prefill step for
+  step (phases.mean_serving_ttft; WAVES below). Each step's time is plan's prefill step for
   its tokens (all DP ranks' at once) at a context of isl.
 - prediction = the strategy's `step_s`; roofline = its `bound_step_s` where plan reports it
   (else `step_s`: the two are the same model until the efficiency layer lands).
@@ -36,6 +36,7 @@ VERSION = "2"
 DEPENDS = (
     "moelab.api",
     "moelab.costmodel.plan",
+    "moelab.costmodel.phases",
     "moelab.costmodel.memory",
     "moelab.costmodel.closed_form",
     "moelab.costmodel.presets",
@@ -155,7 +156,7 @@ def engine_kwargs(backend: str, plan_fn) -> dict:
 
 def predict(row: dict, plan_fn=None) -> dict:
     """Predicted and roofline TPOT and TTFT (ms) for one row; raises Skip."""
-    from moelab.costmodel.plan import mean_serving_ttft
+    from moelab.costmodel.phases import mean_serving_ttft
 
     if plan_fn is None:
         from moelab.api import plan as plan_fn

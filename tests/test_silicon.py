@@ -143,7 +143,7 @@ def test_quick_run_writes_results_and_goals(tmp_path):
 
 
 def test_burst_ttft_by_hand():
-    from moelab.costmodel.plan import mean_burst_ttft
+    from moelab.costmodel.phases import mean_burst_ttft
 
     def step(tokens):  # 1 ms per step + 1 ms per token
         return 1 + tokens
@@ -160,7 +160,7 @@ def test_burst_ttft_by_hand():
 
 
 def test_serving_ttft_by_hand():
-    from moelab.costmodel.plan import mean_serving_ttft
+    from moelab.costmodel.phases import mean_serving_ttft
 
     def step(tokens):
         return 1 + tokens

@@ -133,7 +133,7 @@ def _ms(x):
 
 
 def _print(out: dict, path: str | None) -> None:
-    from moelab.costmodel.fit import TERMS
+    from moelab.costmodel.predict.profile import TERMS
 
     rows, prof = out["runs"], out["profile"]
     print(f"{'run':<34} {'measured':>11} {'predicted':>11} {'bound':>11} {'error':>8}  informs")
